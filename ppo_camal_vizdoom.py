@@ -1,0 +1,786 @@
+# PPO with CAMAL (Class Activation Map Attention Learning) on ViZDoom.
+# The critic's Grad-CAM is pulled onto the game objects that ViZDoom's labels buffer marks
+# on screen and pushed off everything else: L = L_PPO + lambda * mean_b(beta_b - alpha_b).
+# Single-file in CleanRL's style (cleanrl/ppo_atari.py); hyperparameters follow the paper's Table 8.
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+import tyro
+import vizdoom as vzd
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+SCENARIOS = {
+    "Basic": "basic.cfg",
+    "DefendLine": "defend_the_line.cfg",
+    "DefendCenter": "defend_the_center.cfg",
+    "TakeCover": "take_cover.cfg",
+}
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """use the GPU when there is one (the CPU otherwise)"""
+    capture_video: bool = False
+    """write mp4s of frame | mask | CAM to videos/{run_name}/ (env 0's rollout at the image cadence, and every evaluation episode)"""
+    save_model: bool = False
+    """save the trained agent to runs/{run_name}/{exp_name}.cleanrl_model"""
+
+    # Environment
+    env: Literal["Basic", "DefendLine", "DefendCenter", "TakeCover"] = "TakeCover"
+    """the ViZDoom scenario: Basic, DefendLine, DefendCenter or TakeCover"""
+    frame_skip: int = 4
+    """how many game tics each action is repeated for"""
+    frame_height: int = 240
+    """observation height in pixels (240 x 320 is the paper's; 60 x 80 makes quick CPU runs)"""
+    frame_width: int = 320
+    """observation width in pixels"""
+    frame_stack: int = 4
+    """how many frames the agent sees, the newest included"""
+    num_envs: int = 8
+    """the number of parallel game environments"""
+    async_envs: bool = True
+    """step the games in worker processes (gymnasium AsyncVectorEnv); faster than in-process stepping, see README"""
+
+    # PPO (the paper's Table 8)
+    total_timesteps: int = 10_000_000
+    """total timesteps of the experiment"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the optimizer"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of mini-batches"""
+    update_epochs: int = 4
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float = 0.1
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """use a clipped loss for the value function"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: Optional[float] = None
+    """the target KL divergence threshold (None: no early stopping)"""
+
+    # CAMAL
+    method: Literal["camal", "vanilla"] = "camal"
+    """camal: PPO plus the CAMAL loss; vanilla: plain PPO (attention is still measured)"""
+    camal_coef: float = 1.0
+    """lambda, the weight of the CAMAL loss (Eq. 2)"""
+    tau: float = 0.7
+    """the threshold on H for the attention IoU"""
+
+    # Logging, evaluation, checkpoints
+    image_every: int = 50
+    """log a frame | mask | CAM image to TensorBoard every this many iterations (0: never)"""
+    eval_episodes: int = 10
+    """episodes played with the trained policy at the end (0: no evaluation)"""
+    checkpoint_every: int = 0
+    """save a checkpoint every this many iterations (0: only when interrupted)"""
+    resume: Optional[str] = None
+    """a run folder (runs/{run_name}) to continue from its last checkpoint"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# CAMAL helpers. Copied unchanged into the other scripts; tests/test_shared_helpers.py keeps the
+# copies identical.
+# ---------------------------------------------------------------------------------------------
+def grad_cam(activations, score, size, to_nchw=None):
+    """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
+
+    activations: the feature map in the graph that `score` was computed from.
+    score: one target per sample (B or B x 1), e.g. the ground-truth logit or V(s).
+    size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
+    when the model's layout differs. Returns B x H x W in [0, 1]; differentiable w.r.t. the
+    model's parameters when grad mode is on (create_graph), a plain measurement under no_grad.
+    """
+    # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
+    grads = torch.autograd.grad(
+        score, activations, grad_outputs=torch.ones_like(score), create_graph=torch.is_grad_enabled(), retain_graph=True
+    )[0]
+    if to_nchw is not None:
+        activations, grads = to_nchw(activations), to_nchw(grads)
+    activations, grads = activations.float(), grads.float()
+    weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
+    cam = torch.relu((weights * activations).mean(dim=1))  # mean over k, as in Appendix C
+    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
+    return F.interpolate(cam.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def camal_terms(cam, mask):
+    """alpha (mean of H inside the mask) and beta (mean outside) per sample, Eq. 1.
+
+    A sample whose mask is empty or covers the whole map has neither: valid is False there and its
+    alpha and beta are 0 (never NaN).
+    """
+    mask = mask.to(cam.dtype)
+    n_in = mask.sum(dim=(1, 2))
+    n_out = mask[0].numel() - n_in
+    valid = (n_in > 0) & (n_out > 0)
+    alpha = (cam * mask).sum(dim=(1, 2)) / n_in.clamp(min=1)
+    beta = (cam * (1 - mask)).sum(dim=(1, 2)) / n_out.clamp(min=1)
+    zero = torch.zeros_like(alpha)
+    return torch.where(valid, alpha, zero), torch.where(valid, beta, zero), valid
+
+
+def camal_loss(cam, mask):
+    """mean over valid samples of (beta - alpha), the CAMAL term of Eq. 2 before lambda; 0 if none is valid."""
+    alpha, beta, valid = camal_terms(cam, mask)
+    return ((beta - alpha) * valid).sum() / valid.sum().clamp(min=1)
+
+
+def attention_iou(cam, mask, tau=0.7):
+    """IoU of (H > tau) with the mask per sample (Eq. 8); valid as in camal_terms."""
+    mask = mask.bool()
+    pred = cam > tau
+    inter = (pred & mask).sum(dim=(1, 2)).float()
+    union = (pred | mask).sum(dim=(1, 2)).float()
+    n_in = mask.sum(dim=(1, 2))
+    valid = (n_in > 0) & (n_in < mask[0].numel())
+    return torch.where(valid, inter / union.clamp(min=1), torch.zeros_like(inter)), valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+def labels_to_mask(labels_buffer, labels):
+    """Boolean H x W mask of the pixels that show a game object.
+
+    The object values come from `state.labels` (they change with how many objects are on screen);
+    the player's own weapon sprite (DoomPlayer), walls (0) and floors/ceilings (1) are never in it.
+    """
+    lut = np.zeros(256, dtype=bool)
+    for label in labels:
+        if label.object_name != "DoomPlayer" and label.value > 1:
+            lut[label.value] = True
+    return lut[labels_buffer]
+
+
+def render_resolution(frame_height, frame_width):
+    """The smallest ViZDoom screen resolution that covers the frame: rendering less is faster."""
+    best = None
+    for name in dir(vzd.ScreenResolution):
+        if not name.startswith("RES_"):
+            continue
+        w, h = (int(v) for v in name[4:].split("X"))
+        if w >= frame_width and h >= frame_height and (best is None or w * h < best[0]):
+            best = (w * h, getattr(vzd.ScreenResolution, name))
+    if best is None:
+        raise ValueError(f"frame {frame_height} x {frame_width} is larger than any ViZDoom screen resolution")
+    return best[1]
+
+
+class VizDoomEnv(gym.Env):
+    """One ViZDoom game: stacked grayscale frames plus the object mask of the newest frame."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, env, frame_skip, frame_height, frame_width, frame_stack):
+        self.game = vzd.DoomGame()
+        self.game.load_config(os.path.join(vzd.scenarios_path, SCENARIOS[env]))
+        self.game.set_window_visible(False)
+        self.game.set_mode(vzd.Mode.PLAYER)
+        self.game.set_screen_format(vzd.ScreenFormat.GRAY8)
+        self.game.set_screen_resolution(render_resolution(frame_height, frame_width))
+        self.game.set_labels_buffer_enabled(True)
+        self.game.init()
+        n = self.game.get_available_buttons_size()
+        self.buttons = np.eye(n, dtype=bool).tolist()  # one button per action, as in ViZDoom's examples
+        self.frame_skip, self.size = frame_skip, (frame_height, frame_width)
+        self.action_space = gym.spaces.Discrete(n)
+        self.observation_space = gym.spaces.Dict(
+            {
+                "frames": gym.spaces.Box(0, 255, (frame_stack, frame_height, frame_width), np.uint8),
+                "mask": gym.spaces.Box(0, 1, (frame_height, frame_width), np.uint8),
+            }
+        )
+        self.frames = np.zeros((frame_stack, frame_height, frame_width), np.uint8)
+        self.mask = np.zeros((frame_height, frame_width), np.uint8)
+
+    def _observe(self, reset):
+        state = self.game.get_state()
+        h, w = self.size
+        frame, labels_buffer = state.screen_buffer, state.labels_buffer
+        if frame.shape != (h, w):
+            frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
+            labels_buffer = cv2.resize(labels_buffer, (w, h), interpolation=cv2.INTER_NEAREST)
+        if reset:
+            self.frames[:] = frame
+        else:
+            self.frames[:-1] = self.frames[1:]
+            self.frames[-1] = frame
+        self.mask = labels_to_mask(labels_buffer, state.labels).astype(np.uint8)
+        return {"frames": self.frames.copy(), "mask": self.mask.copy()}
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self.game.set_seed(seed)
+        self.game.new_episode()
+        return self._observe(reset=True), {}
+
+    def step(self, action):
+        reward = self.game.make_action(self.buttons[int(action)], self.frame_skip)
+        if self.game.is_episode_finished():
+            timeout = self.game.get_episode_timeout()
+            truncated = bool(timeout) and self.game.get_episode_time() >= timeout and not self.game.is_player_dead()
+            # no state after the end: the autoreset replaces this observation anyway
+            return {"frames": self.frames.copy(), "mask": self.mask.copy()}, reward, not truncated, truncated, {}
+        return self._observe(reset=False), reward, False, False, {}
+
+    def close(self):
+        self.game.close()
+
+
+def make_env(args):
+    def thunk():
+        # Ctrl-C reaches the whole process group: the learner handles it, the games must not die first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return VizDoomEnv(args.env, args.frame_skip, args.frame_height, args.frame_width, args.frame_stack)
+
+    return thunk
+
+
+def make_envs(args):
+    fns = [make_env(args) for _ in range(args.num_envs)]
+    # SAME_STEP: the step that ends an episode already returns the next episode's first observation,
+    # as in gymnasium 0.29 that CleanRL was written against.
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if args.async_envs:
+        return gym.vector.AsyncVectorEnv(fns, shared_memory=True, autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------------
+def nature_cnn_output_size(frame_height, frame_width):
+    """Spatial size of the Nature CNN's last feature map; a clear error if the frame is too small."""
+    size = [frame_height, frame_width]
+    for kernel, stride in ((8, 4), (4, 2), (3, 1)):
+        if min(size) < kernel:
+            raise ValueError(
+                f"frame {frame_height} x {frame_width} is too small for the Nature CNN (8/4, 4/2, 3/1 convolutions): "
+                "use at least 36 x 36"
+            )
+        size = [(s - kernel) // stride + 1 for s in size]
+    return tuple(size)
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, num_actions, frame_stack, frame_height, frame_width):
+        super().__init__()
+        # CleanRL's Nature CNN; `features` ends at the last conv's ReLU, the layer Grad-CAM reads.
+        self.features = nn.Sequential(
+            layer_init(nn.Conv2d(frame_stack, 32, 8, stride=4)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+            nn.ReLU(),
+        )
+        h, w = nature_cnn_output_size(frame_height, frame_width)
+        self.head = nn.Sequential(nn.Flatten(), layer_init(nn.Linear(64 * h * w, 512)), nn.ReLU())
+        self.actor = layer_init(nn.Linear(512, num_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(512, 1), std=1)
+
+    def get_value(self, x):
+        return self.critic(self.head(self.features(x.float() / 255.0)))
+
+    def get_action_and_value(self, x, action=None):
+        """Also returns the last conv feature map A, so V(s)'s Grad-CAM comes from the same forward."""
+        feats = self.features(x.float() / 255.0)
+        hidden = self.head(feats)
+        probs = Categorical(logits=self.actor(hidden))
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden), feats
+
+
+def value_cam(agent, obs, size):
+    """Grad-CAM of V(s) for a batch of observations, as a measurement (no graph kept)."""
+    with torch.enable_grad():
+        feats = agent.features(obs.float() / 255.0)
+        value = agent.critic(agent.head(feats))
+        with torch.no_grad():
+            return grad_cam(feats, value, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: frame | mask | CAM overlay, for TensorBoard and videos
+# ---------------------------------------------------------------------------------------------
+def attention_panel(frame, mask, cam):
+    """H x 3W x 3 uint8 RGB: the frame, the mask in red over it, the CAM as a jet overlay."""
+    rgb = np.repeat(frame[..., None], 3, axis=2)
+    masked = rgb.copy()
+    masked[mask.astype(bool)] = (255, 0, 0)
+    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    overlay = np.uint8(0.5 * rgb + 0.5 * heat)
+    return np.concatenate([rgb, masked, overlay], axis=1)
+
+
+def write_video(path, panels, fps):
+    """panels: list of H x W x 3 RGB frames; upscaled (nearest) to at least 240 rows so small runs are watchable."""
+    scale = max(1, 240 // panels[0].shape[0])
+    h, w = panels[0].shape[0] * scale, panels[0].shape[1] * scale
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for p in panels:
+        writer.write(cv2.cvtColor(cv2.resize(p, (w, h), interpolation=cv2.INTER_NEAREST), cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+def evaluate(agent, envs, args, device, video_dir=None):
+    """Play `eval_episodes` episodes with the trained policy (sampled actions) on the vector env.
+
+    Env i plays a fixed quota of episodes (eval_episodes split over the envs) so that short episodes
+    are not favoured. Returns per-episode returns, lengths and mean attention IoU (None where no frame
+    of the episode had a valid mask).
+    """
+    size = (args.frame_height, args.frame_width)
+    quota = [args.eval_episodes // args.num_envs + (i < args.eval_episodes % args.num_envs) for i in range(args.num_envs)]
+    done_count = [0] * args.num_envs
+    ret, length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+    iou_sum, iou_n = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+    episodes, panels = [], []
+    obs, _ = envs.reset(seed=args.seed + 1_000_003)
+    while sum(done_count) < args.eval_episodes:
+        frames = torch.from_numpy(obs["frames"]).to(device)
+        mask = torch.from_numpy(obs["mask"]).to(device).bool()
+        with torch.enable_grad():
+            action, _, _, value, feats = agent.get_action_and_value(frames)
+            with torch.no_grad():
+                cam = grad_cam(feats, value, size)
+        iou, valid = attention_iou(cam, mask, args.tau)
+        iou, valid = iou.cpu().numpy(), valid.cpu().numpy()
+        if video_dir is not None and done_count[0] < quota[0]:
+            panels.append(attention_panel(obs["frames"][0, -1], obs["mask"][0], cam[0].cpu().numpy()))
+        obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
+        ret += reward
+        length += 1
+        iou_sum += np.where(valid, iou, 0.0)
+        iou_n += valid
+        for i in np.flatnonzero(np.logical_or(term, trunc)):
+            if done_count[i] < quota[i]:
+                ep_iou = float(iou_sum[i] / iou_n[i]) if iou_n[i] else None
+                episodes.append({"return": float(ret[i]), "length": int(length[i]), "attention_iou": ep_iou})
+                if i == 0 and video_dir is not None:
+                    write_video(os.path.join(video_dir, f"eval-episode-{done_count[0]}.mp4"), panels, 35 / args.frame_skip)
+                    panels = []
+                done_count[i] += 1
+            ret[i], length[i], iou_sum[i], iou_n[i] = 0.0, 0, 0.0, 0
+    return episodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(path, agent, optimizer, args, iteration, global_step, episodes_seen):
+    state = {
+        "args": asdict(args),
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "global_step": global_step,
+        "episodes_seen": episodes_seen,
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash while writing never leaves a broken checkpoint
+
+
+def check_args(args):
+    """Reject settings that cannot run, with a message that says why."""
+    if args.frame_height <= 0 or args.frame_width <= 0:
+        raise ValueError(f"--frame-height and --frame-width must be positive, got {args.frame_height} x {args.frame_width}")
+    nature_cnn_output_size(args.frame_height, args.frame_width)
+    render_resolution(args.frame_height, args.frame_width)
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_skip", "frame_stack"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("eval_episodes", "image_every", "checkpoint_every", "camal_coef"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.total_timesteps <= 0:
+        raise ValueError(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    batch_size = args.num_envs * args.num_steps
+    if args.total_timesteps < batch_size:
+        raise ValueError(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout (num-envs x num-steps = {batch_size})"
+        )
+    if batch_size % args.num_minibatches:
+        raise ValueError(f"num-envs x num-steps = {batch_size} does not split into {args.num_minibatches} minibatches")
+    if not 0.0 <= args.tau < 1.0:
+        raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume is not None:
+        ckpt_path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(ckpt_path):
+            fail(f"--resume {args.resume}: no checkpoint.pt there (was the run started with --checkpoint-every?)")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # the run continues with the hyperparameters it was started with
+        saved = checkpoint["args"]
+        saved.update(resume=args.resume, cuda=args.cuda)
+        args = Args(**saved)
+    try:
+        check_args(args)
+    except ValueError as e:
+        fail(str(e))
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = args.total_timesteps // args.batch_size
+
+    if checkpoint is not None:
+        run_dir = args.resume.rstrip("/")
+        run_name = os.path.basename(run_dir)
+    else:
+        run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
+        run_dir = f"runs/{run_name}"
+    os.makedirs(run_dir, exist_ok=True)
+    video_dir = None
+    if args.capture_video:
+        video_dir = f"videos/{run_name}"
+        os.makedirs(video_dir, exist_ok=True)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs = make_envs(args)
+    H, W = args.frame_height, args.frame_width
+    agent = Agent(envs.single_action_space.n, args.frame_stack, H, W).to(device)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    start_iteration, global_step, episodes_seen = 1, 0, 0
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_iteration = checkpoint["iteration"] + 1
+        global_step = checkpoint["global_step"]
+        episodes_seen = checkpoint["episodes_seen"]
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        print(f"resuming {run_name} at iteration {start_iteration}/{args.num_iterations}, global_step={global_step}")
+
+    # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves do not double
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint is not None else None)
+    if checkpoint is None:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
+
+    # First Ctrl-C (or SIGTERM from a scheduler): finish the iteration, checkpoint, exit. Second: stop now.
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        if stop_signal:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration (again to stop now)", flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    # ALGO Logic: Storage setup (frames as uint8: a quarter of float32's memory at 240 x 320)
+    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space["frames"].shape, dtype=torch.uint8, device=device)
+    masks = torch.zeros((args.num_steps, args.num_envs, H, W), dtype=torch.bool, device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
+    dones = torch.zeros((args.num_steps, args.num_envs), device=device)
+    values = torch.zeros((args.num_steps, args.num_envs), device=device)
+
+    try:
+        start_time, start_step = time.time(), global_step
+        next_obs_np, _ = envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)
+        next_obs = torch.from_numpy(next_obs_np["frames"]).to(device)
+        next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
+        next_done = torch.zeros(args.num_envs, device=device)
+        ep_return, ep_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+        recent_returns = []
+        iteration = start_iteration - 1
+
+        for iteration in range(start_iteration, args.num_iterations + 1):
+            if args.anneal_lr:
+                frac = 1.0 - (iteration - 1.0) / args.num_iterations
+                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+            for step in range(0, args.num_steps):
+                global_step += args.num_envs
+                obs[step] = next_obs
+                masks[step] = next_mask
+                dones[step] = next_done
+
+                with torch.no_grad():
+                    action, logprob, _, value, _ = agent.get_action_and_value(next_obs)
+                    values[step] = value.flatten()
+                actions[step] = action
+                logprobs[step] = logprob
+
+                next_obs_np, reward, terminations, truncations, _ = envs.step(action.cpu().numpy())
+                done = np.logical_or(terminations, truncations)
+                # clamp, not sign: keeps the size of small rewards (Table 8's [-1, 1] clip)
+                rewards[step] = torch.as_tensor(np.clip(reward, -1.0, 1.0), dtype=torch.float32, device=device)
+                next_obs = torch.from_numpy(next_obs_np["frames"]).to(device)
+                next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
+                next_done = torch.as_tensor(done, dtype=torch.float32, device=device)
+
+                # episode statistics on the unclipped game reward
+                ep_return += reward
+                ep_length += 1
+                for i in np.flatnonzero(done):
+                    writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
+                    writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
+                    recent_returns.append(ep_return[i])
+                    episodes_seen += 1
+                    ep_return[i], ep_length[i] = 0.0, 0
+
+            # bootstrap value if not done
+            with torch.no_grad():
+                next_value = agent.get_value(next_obs).reshape(1, -1)
+                advantages = torch.zeros_like(rewards)
+                lastgaelam = 0
+                for t in reversed(range(args.num_steps)):
+                    if t == args.num_steps - 1:
+                        nextnonterminal = 1.0 - next_done
+                        nextvalues = next_value
+                    else:
+                        nextnonterminal = 1.0 - dones[t + 1]
+                        nextvalues = values[t + 1]
+                    delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
+                    advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+                returns = advantages + values
+
+            # flatten the batch
+            b_obs = obs.reshape((-1,) + obs.shape[2:])
+            b_masks = masks.reshape((-1, H, W))
+            b_logprobs = logprobs.reshape(-1)
+            b_actions = actions.reshape(-1)
+            b_advantages = advantages.reshape(-1)
+            b_returns = returns.reshape(-1)
+            b_values = values.reshape(-1)
+
+            # Optimizing the policy and value network
+            b_inds = np.arange(args.batch_size)
+            clipfracs = []
+            # attention statistics summed on the device, read once per iteration (no sync per minibatch)
+            att = torch.zeros(5, device=device)  # camal_loss sum, alpha sum, beta sum, iou sum, valid count
+            n_minibatches = 0
+            for epoch in range(args.update_epochs):
+                np.random.shuffle(b_inds)
+                for start in range(0, args.batch_size, args.minibatch_size):
+                    end = start + args.minibatch_size
+                    mb_inds = b_inds[start:end]
+                    mb_masks = b_masks[mb_inds]
+
+                    _, newlogprob, entropy, newvalue, feats = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+                    logratio = newlogprob - b_logprobs[mb_inds]
+                    ratio = logratio.exp()
+
+                    with torch.no_grad():
+                        # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                        old_approx_kl = (-logratio).mean()
+                        approx_kl = ((ratio - 1) - logratio).mean()
+                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                    mb_advantages = b_advantages[mb_inds]
+                    if args.norm_adv:
+                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                    # Policy loss
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                    # Value loss
+                    newvalue = newvalue.view(-1)
+                    if args.clip_vloss:
+                        v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                        v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+                        v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                    else:
+                        v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                    entropy_loss = entropy.mean()
+                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                    # CAMAL: Grad-CAM of V(s) at the last conv layer, one backward for the whole minibatch.
+                    # Vanilla measures the same map without building the double-backward graph.
+                    with torch.set_grad_enabled(args.method == "camal"):
+                        cam = grad_cam(feats, newvalue, (H, W))
+                        camal_l = camal_loss(cam, mb_masks)
+                    if args.method == "camal":
+                        loss = loss + args.camal_coef * camal_l
+
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    optimizer.step()
+
+                    with torch.no_grad():
+                        cam = cam.detach()
+                        alpha, beta, valid = camal_terms(cam, mb_masks)
+                        iou, _ = attention_iou(cam, mb_masks, args.tau)
+                        att += torch.stack([camal_l.detach(), alpha.sum(), beta.sum(), (iou * valid).sum(), valid.sum()])
+                    n_minibatches += 1
+
+                if args.target_kl is not None and approx_kl > args.target_kl:
+                    break
+
+            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+            # TRY NOT TO MODIFY: record rewards for plotting purposes
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+            writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            camal_sum, alpha_sum, beta_sum, iou_sum, n_valid = att.tolist()
+            writer.add_scalar("losses/camal_loss", camal_sum / n_minibatches, global_step)
+            writer.add_scalar("charts/mask_valid_fraction", n_valid / (n_minibatches * args.minibatch_size), global_step)
+            if n_valid:  # no object on screen in the whole batch: nothing to report, never NaN
+                writer.add_scalar("charts/alpha", alpha_sum / n_valid, global_step)
+                writer.add_scalar("charts/beta", beta_sum / n_valid, global_step)
+                writer.add_scalar("charts/attention_iou", iou_sum / n_valid, global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.flush()  # a crash loses at most this iteration's curves
+            mean_ret = f"{np.mean(recent_returns):.2f}" if recent_returns else "-"
+            print(
+                f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+                f"episodes={len(recent_returns)} mean_return={mean_ret} "
+                f"alpha={alpha_sum / max(n_valid, 1):.3f} beta={beta_sum / max(n_valid, 1):.3f} "
+                f"iou={iou_sum / max(n_valid, 1):.3f}",
+                flush=True,
+            )
+            recent_returns = []
+
+            if args.image_every and (iteration == 1 or iteration % args.image_every == 0):
+                # up to 4 frames with objects on screen, spread over the rollout
+                has_obj = torch.nonzero(b_masks.flatten(1).any(1)).flatten().cpu()
+                pick = has_obj if len(has_obj) else torch.arange(args.batch_size)
+                pick = pick[torch.linspace(0, len(pick) - 1, min(4, len(pick))).long()].to(device)
+                cams = value_cam(agent, b_obs[pick], (H, W)).cpu().numpy()
+                panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c) for j, c in zip(pick, cams)]
+                writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
+                if video_dir is not None:  # env 0's whole rollout of this iteration
+                    cams = value_cam(agent, obs[:, 0], (H, W)).cpu().numpy()
+                    clip = [attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t]) for t in range(args.num_steps)]
+                    write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
+
+            last = iteration == args.num_iterations
+            if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (stop_signal and not last):
+                save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration, global_step, episodes_seen)
+            if stop_signal and not last:
+                print(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
+                sys.exit(128 + stop_signal[0])
+
+        if args.save_model:
+            model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+            torch.save(agent.state_dict(), model_path)
+            print(f"model saved to {model_path}")
+
+        if args.eval_episodes:
+            episodes = evaluate(agent, envs, args, device, video_dir)
+            for idx, ep in enumerate(episodes):
+                writer.add_scalar("eval/episodic_return", ep["return"], idx)
+                if ep["attention_iou"] is not None:
+                    writer.add_scalar("eval/attention_iou", ep["attention_iou"], idx)
+            ious = [ep["attention_iou"] for ep in episodes if ep["attention_iou"] is not None]
+            result = {
+                "env": args.env,
+                "method": args.method,
+                "seed": args.seed,
+                "total_timesteps": global_step,
+                "mean_return": float(np.mean([ep["return"] for ep in episodes])),
+                "mean_iou": float(np.mean(ious)) if ious else None,
+                "episodic_returns": [ep["return"] for ep in episodes],
+                "episodic_lengths": [ep["length"] for ep in episodes],
+                "episodic_iou": [ep["attention_iou"] for ep in episodes],
+                "tau": args.tau,
+                "camal_coef": args.camal_coef,
+                "run_name": run_name,
+            }
+            with open(os.path.join(run_dir, "eval.json"), "w") as f:
+                json.dump(result, f, indent=2)
+            print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
+    finally:
+        envs.close()
+        writer.close()

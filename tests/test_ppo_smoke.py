@@ -1,0 +1,68 @@
+"""Real ViZDoom runs of the whole script with tiny settings: every env, both methods."""
+import json
+
+import pytest
+
+from conftest import read_events, run_script
+
+TINY = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", "--frame-height", "60", "--frame-width", "80"]
+TRAIN_TAGS = {
+    "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
+    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
+    "losses/clipfrac", "losses/explained_variance", "losses/camal_loss", "charts/mask_valid_fraction",
+}
+ATTENTION_TAGS = {"charts/alpha", "charts/beta", "charts/attention_iou"}
+
+
+@pytest.mark.parametrize("method", ["camal", "vanilla"])
+@pytest.mark.parametrize("env", ["Basic", "DefendLine", "DefendCenter", "TakeCover"])
+def test_smoke(tmp_path, env, method):
+    extra = ["--capture-video", "--save-model"] if (env, method) == ("Basic", "camal") else []
+    proc = run_script(
+        "ppo_camal_vizdoom",
+        ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", *TINY, *extra],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith(f"{env}__ppo_camal_vizdoom__{method}__2__")
+
+    acc = read_events(run_dir)
+    tags = acc.Tags()
+    scalars = set(tags["scalars"])
+    episodes_ended = "charts/episodic_return" in scalars
+    expected = TRAIN_TAGS - ({"charts/episodic_return", "charts/episodic_length"} if not episodes_ended else set())
+    assert expected <= scalars, expected - scalars
+    assert {"eval/episodic_return"} <= scalars
+    # attention is measured in vanilla runs too; objects are on screen in every scenario's start
+    assert ATTENTION_TAGS <= scalars, ATTENTION_TAGS - scalars
+    for tag in ATTENTION_TAGS | {"losses/camal_loss"}:
+        for ev in acc.Scalars(tag):
+            assert ev.value == ev.value, f"{tag} is NaN"
+    assert [ev.step for ev in acc.Scalars("charts/SPS")] == [64, 128]
+    alpha = [ev.value for ev in acc.Scalars("charts/alpha")]
+    assert all(0.0 <= a <= 1.0 for a in alpha)
+    assert "attention/frame_mask_cam" in tags["images"]
+    image = acc.Images("attention/frame_mask_cam")[0]
+    assert image.width == 3 * 80 and image.height % 60 == 0
+    assert any("hyperparameters" in t for t in tags["tensors"])
+
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["env"] == env and result["method"] == method and result["seed"] == 2
+    assert result["total_timesteps"] == 128
+    assert len(result["episodic_returns"]) == 2 == len(result["episodic_iou"]) == len(result["episodic_lengths"])
+    assert result["mean_return"] == pytest.approx(sum(result["episodic_returns"]) / 2)
+    ious = [v for v in result["episodic_iou"] if v is not None]
+    if ious:
+        assert result["mean_iou"] == pytest.approx(sum(ious) / len(ious))
+        assert all(0.0 <= v <= 1.0 for v in ious)
+
+    if extra:
+        assert (run_dir / "ppo_camal_vizdoom.cleanrl_model").is_file()
+        videos = sorted(p.name for p in (tmp_path / "videos" / run_dir.name).iterdir())
+        assert "train-iter-000001.mp4" in videos and "eval-episode-0.mp4" in videos
+        import cv2
+
+        cap = cv2.VideoCapture(str(tmp_path / "videos" / run_dir.name / "train-iter-000001.mp4"))
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 32  # env 0's whole rollout
+        assert cap.get(cv2.CAP_PROP_FRAME_WIDTH) == 3 * cap.get(cv2.CAP_PROP_FRAME_HEIGHT) * 80 / 60

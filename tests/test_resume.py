@@ -1,0 +1,84 @@
+"""Checkpoints and --resume: a killed or interrupted run continues into the same TensorBoard run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, read_events, run_script
+
+ITERS, PER_ITER = 12, 32
+ARGS = ["--env", "Basic", "--num-envs", "2", "--num-steps", "16", "--total-timesteps", str(ITERS * PER_ITER),
+        "--frame-height", "60", "--frame-width", "80", "--eval-episodes", "1", "--image-every", "0"]
+
+
+def start(tmp_path, extra):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *ARGS, *extra],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def check_resumed_run(run_dir):
+    """One value per iteration, none twice, and the learning rate on its schedule across the break."""
+    acc = read_events(run_dir)
+    steps = [ev.step for ev in acc.Scalars("charts/SPS")]
+    assert steps == [PER_ITER * i for i in range(1, ITERS + 1)], steps
+    for ev in acc.Scalars("charts/learning_rate"):
+        iteration = ev.step // PER_ITER
+        assert abs(ev.value - 2.5e-4 * (1 - (iteration - 1) / ITERS)) < 1e-9
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["total_timesteps"] == ITERS * PER_ITER
+
+
+def test_resume_after_crash(tmp_path):
+    """Killed two iterations after a checkpoint: the resumed run re-logs those iterations once, not twice."""
+    proc = start(tmp_path, ["--checkpoint-every", "2"])
+    saved, kill_after = None, None
+    for line in proc.stdout:
+        if line.startswith("iter "):
+            iteration = int(line.split()[1].split("/")[0])
+            if saved is None:
+                found = list((tmp_path / "runs").glob("*/checkpoint.pt"))
+                if found:
+                    saved = found[0].read_bytes()  # the checkpoint as it stood then (later ones replace it)
+                    ckpt = found[0]
+                    kill_after = torch.load(found[0], weights_only=False)["iteration"] + 2
+            if kill_after is not None and iteration >= kill_after:
+                proc.kill()  # a crash: no chance to clean up
+                break
+    proc.wait()
+    assert saved is not None and kill_after < ITERS, "the run ended before it could be killed"
+    ckpt.write_bytes(saved)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == state["iteration"] * PER_ITER
+    assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
+    # the crashed run's curves already reach past the checkpoint
+    assert max(ev.step for ev in read_events(ckpt.parent).Scalars("charts/SPS")) > state["global_step"]
+
+    resumed = run_script("ppo_camal_vizdoom", ["--resume", str(ckpt.parent)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {ckpt.parent.name} at iteration {state['iteration'] + 1}/{ITERS}" in resumed.stdout
+    check_resumed_run(ckpt.parent)
+
+
+def test_interrupt_saves_and_resumes(tmp_path):
+    proc = start(tmp_path, [])  # no --checkpoint-every: Ctrl-C alone must save the run
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, out
+    assert "--resume" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert 3 <= state["iteration"] < ITERS
+    assert not (run_dir / "eval.json").exists()
+
+    resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    check_resumed_run(run_dir)
