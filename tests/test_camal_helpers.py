@@ -76,7 +76,7 @@ def test_attention_iou_nothing_above_threshold(ppo):
 # ----- grad_cam against a slow per-sample reference (Proposition 1) ------------------------------
 def reference_cam(agent, obs_one, size):
     """Textbook Grad-CAM for one sample: its own forward, its own backward of V(s)."""
-    feats = agent.features(obs_one.float() / 255.0)
+    feats = agent.get_features(obs_one)
     feats.retain_grad()
     agent.critic(agent.head(feats)).sum().backward()
     w = feats.grad.mean(dim=(2, 3))[0]  # K

@@ -17,7 +17,8 @@ ATTENTION_TAGS = {"charts/alpha", "charts/beta", "charts/attention_iou"}
 @pytest.mark.parametrize("method", ["camal", "vanilla"])
 @pytest.mark.parametrize("env", ["Basic", "DefendLine", "DefendCenter", "TakeCover"])
 def test_smoke(tmp_path, env, method):
-    extra = ["--capture-video", "--save-model"] if (env, method) == ("Basic", "camal") else []
+    # one run also covers worker-process envs (the default on machines with more than 2 cores)
+    extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
     proc = run_script(
         "ppo_camal_vizdoom",
         ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", *TINY, *extra],

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -22,21 +23,21 @@ def start(tmp_path, extra):
     )
 
 
-def check_resumed_run(run_dir):
+def check_resumed_run(run_dir, iters=ITERS, per_iter=PER_ITER):
     """One value per iteration, none twice, and the learning rate on its schedule across the break."""
     acc = read_events(run_dir)
     steps = [ev.step for ev in acc.Scalars("charts/SPS")]
-    assert steps == [PER_ITER * i for i in range(1, ITERS + 1)], steps
+    assert steps == [per_iter * i for i in range(1, iters + 1)], steps
     for ev in acc.Scalars("charts/learning_rate"):
-        iteration = ev.step // PER_ITER
-        assert abs(ev.value - 2.5e-4 * (1 - (iteration - 1) / ITERS)) < 1e-9
+        iteration = ev.step // per_iter
+        assert abs(ev.value - 2.5e-4 * (1 - (iteration - 1) / iters)) < 1e-9
     result = json.loads((run_dir / "eval.json").read_text())
-    assert result["total_timesteps"] == ITERS * PER_ITER
+    assert result["total_timesteps"] == iters * per_iter
 
 
 def test_resume_after_crash(tmp_path):
     """Killed two iterations after a checkpoint: the resumed run re-logs those iterations once, not twice."""
-    proc = start(tmp_path, ["--checkpoint-every", "2"])
+    proc = start(tmp_path, ["--checkpoint-every", "2", "--vector-env", "sync"])
     saved, kill_after = None, None
     for line in proc.stdout:
         if line.startswith("iter "):
@@ -66,19 +67,32 @@ def test_resume_after_crash(tmp_path):
 
 
 def test_interrupt_saves_and_resumes(tmp_path):
-    proc = start(tmp_path, [])  # no --checkpoint-every: Ctrl-C alone must save the run
+    """Ctrl-C reaches the learner, its env workers and the game engines; the run still saves and resumes.
+
+    Long rollouts and a one-minibatch update, so the signal lands while the workers are stepping the games.
+    """
+    iters, per_iter = 6, 2 * 256
+    args = ["--env", "Basic", "--num-envs", "2", "--num-steps", "256", "--total-timesteps", str(iters * per_iter),
+            "--update-epochs", "1", "--num-minibatches", "1", "--frame-height", "60", "--frame-width", "80",
+            "--eval-episodes", "1", "--image-every", "0", "--vector-env", "async"]
+    proc = subprocess.Popen(  # no --checkpoint-every: Ctrl-C alone must save the run
+        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+    )
     for line in proc.stdout:
-        if line.startswith("iter 3/"):
-            proc.send_signal(signal.SIGINT)
+        if line.startswith("iter 1/"):
+            time.sleep(0.1)  # into iteration 2's rollout
+            os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C
             break
     out = proc.stdout.read()
-    assert proc.wait(timeout=120) == 128 + signal.SIGINT, out
-    assert "--resume" in out
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, out[-3000:]
+    assert "Traceback" not in out and "--resume" in out
     (run_dir,) = (tmp_path / "runs").iterdir()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert 3 <= state["iteration"] < ITERS
+    assert 2 <= state["iteration"] < iters
     assert not (run_dir / "eval.json").exists()
 
     resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    check_resumed_run(run_dir)
+    check_resumed_run(run_dir, iters, per_iter)
