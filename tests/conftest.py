@@ -39,3 +39,8 @@ def read_events(run_dir):
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     return acc
+
+
+@pytest.fixture(scope="session")
+def dl():
+    return load_script("train_dl_camal")

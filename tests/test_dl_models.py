@@ -1,0 +1,67 @@
+"""All six torchvision classifiers: one CAMAL step at 224 x 224, and batch Grad-CAM against per-sample."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_script
+
+dl = load_script("train_dl_camal")
+MODELS = ["resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t"]
+
+
+def first_weight(model):
+    return next(p for p in model.net.parameters() if p.dim() > 1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=gen)
+    masks = torch.zeros(2, 224, 224, dtype=torch.bool)
+    masks[0, 40:120, 60:150] = True
+    masks[1, 100:200, 20:90] = True
+    return images, masks, torch.tensor([0, 2])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_camal_step_and_proposition_1(name, batch):
+    torch.manual_seed(0)
+    images, masks, labels = batch
+    model = dl.CamModel(name, 3, pretrained=False)
+
+    # one CAMAL training step
+    model.train()
+    logits, cam = dl.class_cam(model, images, labels, True, dl.nullcontext())
+    assert logits.shape == (2, 3) and cam.shape == (2, 224, 224)
+    assert cam.min() >= 0 and cam.max() <= 1
+    assert (cam.amax(dim=(1, 2)) > 0.5).all(), f"{name}: a CAM is all zero (the layer gets no gradient)"
+    loss = F.cross_entropy(logits, labels) + dl.camal_loss(cam, masks)
+    reg_grad = torch.autograd.grad(dl.camal_loss(cam, masks), first_weight(model), retain_graph=True)[0]
+    assert reg_grad.abs().sum() > 0, f"{name}: the CAMAL gradient does not reach the first layer"
+    loss.backward()
+    assert torch.isfinite(first_weight(model).grad).all()
+
+    # batch Grad-CAM equals one backward per sample (eval mode: BatchNorm and dropout per sample). In float64,
+    # so that float32's batch-size-dependent kernel paths (up to 8e-5 through MaxViT) cannot hide a real coupling.
+    model.eval().double()
+    _, cam_batch = dl.class_cam(model, images, labels, False, dl.nullcontext())
+    for b in range(2):
+        _, cam_one = dl.class_cam(model, images[b : b + 1], labels[b : b + 1], False, dl.nullcontext())
+        torch.testing.assert_close(cam_batch[b], cam_one[0], atol=1e-10, rtol=0)
+
+
+def test_vit_layer_choice_and_math_attention():
+    """Why the ViT CAM sits before the last block, and why CAMAL forces the math attention backend."""
+    torch.manual_seed(0)
+    model = dl.CamModel("vit_b_16", 3, pretrained=False).train()
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    out = {}
+    model.net.encoder.layers[-1].register_forward_hook(lambda m, i, o: out.setdefault("last", o))
+    logits, acts = model(dl.normalise(images))
+    grad_last = torch.autograd.grad(logits[:, 0].sum(), out["last"], retain_graph=True)[0]
+    assert grad_last[:, 1:].abs().max() == 0, "the final block's patch tokens should get no gradient"
+    assert grad_last[:, 0].abs().max() > 0
+    # without the math backend, CPU's fused attention has no double backward
+    cam = dl.grad_cam(acts, logits[:, 0], (224, 224), model.to_nchw)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        cam.sum().backward()

@@ -1,0 +1,95 @@
+"""train_dl_camal.py end to end on the built-in shapes data, its outputs, resume, and bad input."""
+import json
+
+import pytest
+import torch
+
+from conftest import read_events, run_script
+
+TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "2"]
+
+
+@pytest.mark.parametrize("method", ["camal", "suppress", "vanilla"])
+def test_shapes_end_to_end(tmp_path, method):
+    proc = run_script("train_dl_camal", ["--method", method, "--fold", "1", *TINY], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith(f"shapes__resnet18__{method}__fold1__1__")
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert (m["dataset"], m["model"], m["method"], m["fold"], m["seed"], m["epochs"]) == ("shapes", "resnet18", method, 1, 1, 2)
+    assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["test_iou"] <= 1 and m["wall_time"] > 0
+    assert set(m["per_class_accuracy"]) == {"circle", "square", "triangle"}
+    assert m["train_size"] + m["test_size"] == 18 and m["test_size"] == 6
+
+    saved = torch.load(run_dir / "model.pt", weights_only=False)
+    assert saved["architecture"] == "resnet18" and saved["classes"] == ["circle", "square", "triangle"]
+    assert saved["preprocessing"] == {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=3)
+    net.load_state_dict(saved["state_dict"])  # loads into a plain torchvision model
+
+    samples = torch.load(run_dir / "faithfulness_samples.pt", weights_only=False)
+    assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (3, 3, 224, 224)
+    assert samples["masks"].dtype == torch.uint8 and samples["masks"].shape == (3, 224, 224)
+    assert sorted(samples["labels"].tolist()) == [0, 1, 2]  # one per class
+
+    acc = read_events(run_dir)
+    scalars = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/ce", "train/regularizer", "train/alpha", "train/beta", "train/accuracy",
+                "test/accuracy", "test/attention_iou", "test/alpha", "test/beta"}
+    assert expected <= scalars, expected - scalars
+    assert [e.step for e in acc.Scalars("test/accuracy")] == [1, 2]
+    assert "test/image_mask_cam" in acc.Tags()["images"]
+    if method == "vanilla":  # CE alone
+        for lo, ce in zip(acc.Scalars("train/loss"), acc.Scalars("train/ce")):
+            assert lo.value == pytest.approx(ce.value)
+    else:
+        for lo, ce, reg in zip(acc.Scalars("train/loss"), acc.Scalars("train/ce"), acc.Scalars("train/regularizer")):
+            assert lo.value == pytest.approx(ce.value + reg.value, abs=1e-5)
+
+
+def test_folds_differ_and_fold_all(tmp_path):
+    proc = run_script("train_dl_camal", ["--fold", "all", *TINY, "--epochs", "1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert [json.loads((r / "metrics.json").read_text())["fold"] for r in runs] == [0, 1, 2]
+    picks = [torch.load(r / "faithfulness_samples.pt", weights_only=False)["images"] for r in runs]
+    assert not torch.equal(picks[0], picks[1])  # held-out samples differ between folds
+
+
+def test_resume(tmp_path):
+    first = run_script("train_dl_camal", [*TINY, "--epochs", "3", "--checkpoint-every", "1"], cwd=tmp_path)
+    assert first.returncode == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 3
+    state["epoch"] = 1  # as if it had crashed after epoch 1 (its later events are on disk)
+    torch.save(state, run_dir / "checkpoint.pt")
+    resumed = run_script("train_dl_camal", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "epoch 2/3" in resumed.stdout
+    assert [e.step for e in read_events(run_dir).Scalars("test/accuracy")] == [1, 2, 3]  # purged, not doubled
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "resnet50"], "resnet18"),
+        (["--dataset", "imagenet"], "shapes"),
+        (["--dataset", "pets"], "--data-dir"),
+        (["--dataset", "pets", "--data-dir", "no/such/dir"], "is not a folder"),
+        (["--dataset", "busi", "--data-dir", "."], "Dataset_BUSI_with_GT"),
+        (["--dataset", "shapes", "--pretrained"], "put resnet18-"),
+        (["--fold", "10"], "--fold must be 0 to 9"),
+        (["--method", "prior"], "camal"),
+        (["--weights", "nope.pth"], "no such file"),
+    ],
+)
+def test_bad_input(tmp_path, args, message):
+    proc = run_script("train_dl_camal", args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()

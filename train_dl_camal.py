@@ -1,0 +1,741 @@
+# Classifiers trained with CAMAL (Class Activation Map Attention Learning) on segmentation datasets.
+# L = CE + lambda * mean_b(beta_b - alpha_b), with the Grad-CAM of the ground-truth logits summed over the
+# batch (one backward, the paper's Eq. 4). Single-file in CleanRL's style; defaults follow the paper's Table 7.
+import json
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+import tyro
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.tensorboard import SummaryWriter
+
+MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t")
+DATASETS = ("shapes", "pets", "flowers", "busi")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
+RESIZE, CROP = 256, 224
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (initialisation, batch order)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """use the GPU when there is one (the CPU otherwise)"""
+
+    # Data
+    dataset: Literal["shapes", "pets", "flowers", "busi"] = "shapes"
+    """shapes (built in, no download), pets (Oxford-IIIT-Pet), flowers (Oxford-Flower-102) or busi"""
+    data_dir: Optional[str] = None
+    """the folder that holds the dataset's own folder (oxford-iiit-pet/, flowers-102/, Dataset_BUSI_with_GT/)"""
+    folds: int = 10
+    """k of the stratified k-fold split over the whole dataset"""
+    fold: str = "0"
+    """the held-out fold, 0 to folds-1, or `all` to run every fold in turn"""
+    split_seed: int = 0
+    """seed of the k-fold split (the same for every model and method, so folds pair up)"""
+    num_workers: int = 0
+    """DataLoader worker processes"""
+    shapes_classes: int = 4
+    """shapes: number of classes (one shape each, at most 6)"""
+    shapes_per_class: int = 40
+    """shapes: images per class"""
+    shapes_cue_prob: float = 0.9
+    """shapes: share of training images that carry their class's colour cue"""
+
+    # Model
+    model: Literal["resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t"] = "resnet18"
+    """the torchvision classifier"""
+    pretrained: bool = True
+    """start from torchvision's ImageNet weights (the paper). Shapes trains from scratch unless --pretrained is given"""
+    weights: Optional[str] = None
+    """a local ImageNet weights file for --model (otherwise torch's hub cache is searched; nothing is downloaded)"""
+
+    # Method
+    method: Literal["camal", "vanilla", "suppress"] = "camal"
+    """camal: CE + lambda*mean(beta - alpha); vanilla: CE only; suppress: CE + lambda*mean(beta)"""
+    camal_coef: float = 1.0
+    """lambda, the weight of the regulariser (Eq. 2)"""
+    tau: float = 0.7
+    """the threshold on H for the attention IoU"""
+
+    # Training (the paper's Table 7)
+    epochs: Optional[int] = None
+    """epochs (default 500 as in Table 7; 8 for shapes)"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate (default 1e-3; 1e-4 for vit_b_16, swin_v2_t and maxvit_t)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    batch_size: int = 32
+    """the mini-batch size"""
+    amp: bool = False
+    """bf16 autocast on the GPU (ignored on the CPU)"""
+
+    # Outputs
+    checkpoint_every: int = 0
+    """save a checkpoint every this many epochs (0: only when interrupted)"""
+    resume: Optional[str] = None
+    """a run folder (runs/{run_name}) to continue from its last checkpoint"""
+
+
+# ---------------------------------------------------------------------------------------------
+# CAMAL helpers, copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py checks).
+# ---------------------------------------------------------------------------------------------
+def grad_cam(activations, score, size, to_nchw=None):
+    """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
+
+    activations: the feature map in the graph that `score` was computed from.
+    score: one target per sample (B or B x 1), e.g. the ground-truth logit or V(s).
+    size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
+    when the model's layout differs. Returns B x H x W in [0, 1]; differentiable w.r.t. the
+    model's parameters when grad mode is on (create_graph), a plain measurement under no_grad.
+    """
+    # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
+    grads = torch.autograd.grad(
+        score, activations, grad_outputs=torch.ones_like(score), create_graph=torch.is_grad_enabled(), retain_graph=True
+    )[0]
+    if to_nchw is not None:
+        activations, grads = to_nchw(activations), to_nchw(grads)
+    activations, grads = activations.float(), grads.float()
+    weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
+    cam = torch.relu((weights * activations).mean(dim=1))  # mean over k, as in Appendix C
+    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
+    # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
+    # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
+    h, w = cam.shape[1:]
+    eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
+    r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
+    r_x = F.interpolate(eye(w), size=size[1], mode="linear", align_corners=False)[0].T  # W x w
+    return r_y @ cam @ r_x.T
+
+
+def camal_terms(cam, mask):
+    """alpha (mean of H inside the mask) and beta (mean outside) per sample, Eq. 1.
+
+    A sample whose mask is empty or covers the whole map has neither: valid is False there and its
+    alpha and beta are 0 (never NaN).
+    """
+    mask = mask.to(cam.dtype)
+    n_in = mask.sum(dim=(1, 2))
+    n_out = mask[0].numel() - n_in
+    valid = (n_in > 0) & (n_out > 0)
+    alpha = (cam * mask).sum(dim=(1, 2)) / n_in.clamp(min=1)
+    beta = (cam * (1 - mask)).sum(dim=(1, 2)) / n_out.clamp(min=1)
+    zero = torch.zeros_like(alpha)
+    return torch.where(valid, alpha, zero), torch.where(valid, beta, zero), valid
+
+
+def camal_loss(cam, mask):
+    """mean over valid samples of (beta - alpha), the CAMAL term of Eq. 2 before lambda; 0 if none is valid."""
+    alpha, beta, valid = camal_terms(cam, mask)
+    return ((beta - alpha) * valid).sum() / valid.sum().clamp(min=1)
+
+
+def attention_iou(cam, mask, tau=0.7):
+    """IoU of (H > tau) with the mask per sample (Eq. 8); valid as in camal_terms."""
+    mask = mask.bool()
+    pred = cam > tau
+    inter = (pred & mask).sum(dim=(1, 2)).float()
+    union = (pred | mask).sum(dim=(1, 2)).float()
+    n_in = mask.sum(dim=(1, 2))
+    valid = (n_in > 0) & (n_in < mask[0].numel())
+    return torch.where(valid, inter / union.clamp(min=1), torch.zeros_like(inter)), valid
+
+
+def regularizer(cam, mask, method):
+    """The method's attention term before lambda: mean(beta - alpha) for camal, mean(beta) for suppress."""
+    if method == "camal":
+        return camal_loss(cam, mask)
+    alpha, beta, valid = camal_terms(cam, mask)
+    return (beta * valid).sum() / valid.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: records of (image path or shapes index, mask paths, label); geometry shared by all
+# ---------------------------------------------------------------------------------------------
+def load_rgb(path):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # a clear message that names the file, whatever PIL raised
+        raise RuntimeError(f"cannot read image {path}: {e}") from e
+
+
+def load_gray(path):
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"))
+    except Exception as e:
+        raise RuntimeError(f"cannot read mask {path}: {e}") from e
+
+
+def require(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"missing file: {path}")
+    return path
+
+
+def pets_records(data_dir):
+    """Oxford-IIIT-Pet, torchvision's layout; mask = trimap foreground (1) plus boundary (3)."""
+    root = os.path.join(data_dir, "oxford-iiit-pet")
+    records, names = [], {}
+    for split in ("trainval.txt", "test.txt"):  # official lists pooled: the k-fold split decides
+        with open(require(os.path.join(root, "annotations", split))) as f:
+            for line in f:
+                if not line.strip() or line.startswith("#"):
+                    continue
+                stem, class_id = line.split()[:2]
+                label = int(class_id) - 1
+                names[label] = stem.rsplit("_", 1)[0]
+                image = require(os.path.join(root, "images", f"{stem}.jpg"))
+                trimap = require(os.path.join(root, "annotations", "trimaps", f"{stem}.png"))
+                records.append((image, (trimap,), label))
+    return records, [names[i] for i in range(len(names))]
+
+
+def flowers_records(data_dir):
+    """Oxford-Flower-102 with the segmentation archive (segmim/: background painted blue)."""
+    from scipy.io import loadmat
+
+    root = os.path.join(data_dir, "flowers-102")
+    labels = loadmat(require(os.path.join(root, "imagelabels.mat")))["labels"].ravel()
+    setid = loadmat(require(os.path.join(root, "setid.mat")))
+    ids = np.sort(np.concatenate([setid[k].ravel() for k in ("trnid", "valid", "tstid")]))
+    records = []
+    for i in ids:
+        image = require(os.path.join(root, "jpg", f"image_{i:05d}.jpg"))
+        seg = require(os.path.join(root, "segmim", f"segmim_{i:05d}.jpg"))
+        records.append((image, (seg,), int(labels[i - 1]) - 1))
+    classes = [f"flower_{k + 1:03d}" for k in range(int(labels.max()))]
+    return records, classes
+
+
+def busi_records(data_dir):
+    """BUSI: 'benign (N).png' with 'benign (N)_mask.png' and sometimes _mask_1, _mask_2 (unioned)."""
+    root = os.path.join(data_dir, "Dataset_BUSI_with_GT")
+    classes = ["benign", "malignant", "normal"]
+    records = []
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"missing folder: {folder}")
+        files = sorted(os.listdir(folder))
+        for f in files:
+            if not f.endswith(".png") or "_mask" in f:
+                continue
+            stem = f[: -len(".png")]
+            masks = tuple(os.path.join(folder, m) for m in files if m == f"{stem}_mask.png" or (m.startswith(f"{stem}_mask_") and m.endswith(".png")))
+            if not masks:
+                raise FileNotFoundError(f"missing mask for {os.path.join(folder, f)} (expected '{stem}_mask.png')")
+            records.append((os.path.join(folder, f), masks, label))
+    return records, classes
+
+
+def read_mask(dataset, paths):
+    """The discriminative region as a bool H x W array, from the dataset's own mask files."""
+    if dataset == "pets":
+        t = load_gray(paths[0])
+        return (t == 1) | (t == 3)
+    if dataset == "flowers":
+        with Image.open(paths[0]) as im:  # JPEG: blue background with compression noise, so a tolerance
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        background = (rgb[..., 2] > 150) & (rgb[..., 0] < 90) & (rgb[..., 1] < 90)
+        return ~background
+    masks = [load_gray(p) > 127 for p in paths]  # busi
+    if any(m.shape != masks[0].shape for m in masks):
+        raise RuntimeError(f"masks of different sizes: {paths}")
+    return np.logical_or.reduce(masks)
+
+
+SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond", "ring")
+CUE_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220))
+
+
+def render_shape(index, label, seed, cue_label):
+    """One 256 x 256 shapes image: a class shape on a texture, plus a colour cue of `cue_label` (None: no cue).
+
+    Deterministic in (seed, index). The object lies inside the centre 224 crop; the cue sits in a corner, away from it.
+    """
+    rng = np.random.default_rng([seed, index])
+    size = RESIZE
+    coarse = rng.uniform(60, 200, (6, 6, 3)).astype(np.float32)
+    img = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 18, (size, size, 3))
+    mask = np.zeros((size, size), np.uint8)
+    r = int(rng.integers(28, 44))
+    cx, cy = (int(v) for v in rng.integers(16 + r + 8, size - 16 - r - 8, 2))
+    if label == 0:
+        cv2.circle(mask, (cx, cy), r, 1, -1)
+    elif label == 1:
+        cv2.rectangle(mask, (cx - r, cy - r), (cx + r, cy + r), 1, -1)
+    elif label == 2:
+        cv2.fillPoly(mask, [np.array([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], np.int32)], 1)
+    elif label == 3:
+        cv2.rectangle(mask, (cx - r, cy - r // 3), (cx + r, cy + r // 3), 1, -1)
+        cv2.rectangle(mask, (cx - r // 3, cy - r), (cx + r // 3, cy + r), 1, -1)
+    elif label == 4:
+        cv2.fillPoly(mask, [np.array([(cx, cy - r), (cx - r, cy), (cx, cy + r), (cx + r, cy)], np.int32)], 1)
+    else:
+        cv2.circle(mask, (cx, cy), r, 1, -1)
+        cv2.circle(mask, (cx, cy), r // 2, 0, -1)
+    img[mask.astype(bool)] = rng.uniform(40, 230, 3)  # the object's colour says nothing about its class
+    if cue_label is not None:
+        corners = [(24, 24), (size - 48, 24), (24, size - 48), (size - 48, size - 48)]
+        far = max(corners, key=lambda c: (c[0] + 12 - cx) ** 2 + (c[1] + 12 - cy) ** 2)
+        img[far[1] : far[1] + 24, far[0] : far[0] + 24] = CUE_COLOURS[cue_label]
+    return np.clip(img, 0, 255).astype(np.uint8), mask.astype(bool)
+
+
+def shapes_records(args):
+    n = args.shapes_classes
+    if not 2 <= n <= len(SHAPE_NAMES):
+        raise ValueError(f"--shapes-classes must lie in [2, {len(SHAPE_NAMES)}], got {n}")
+    records = [(i, (), i % n) for i in range(n * args.shapes_per_class)]
+    return records, list(SHAPE_NAMES[:n])
+
+
+def dataset_records(args):
+    if args.dataset == "shapes":
+        return shapes_records(args)
+    if args.data_dir is None:
+        raise ValueError(f"--dataset {args.dataset} needs --data-dir (the folder that holds its files)")
+    if not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder")
+    return {"pets": pets_records, "flowers": flowers_records, "busi": busi_records}[args.dataset](args.data_dir)
+
+
+class SegmentationDataset(Dataset):
+    """Items: uint8 image 3 x 224 x 224 (normalised on the device), bool mask 224 x 224, label.
+
+    Resize 256, centre crop 224 for the image; the mask goes through the same geometry with nearest neighbour.
+    For shapes, `train` decides the cue: the class's own (in most images) or, held out, another class's.
+    """
+
+    def __init__(self, records, args, train):
+        self.records, self.args, self.train = records, args, train
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        path, mask_paths, label = self.records[i]
+        if self.args.dataset == "shapes":
+            rng = np.random.default_rng([self.args.split_seed, path, 1])
+            n = self.args.shapes_classes
+            if self.train:
+                cue = label if rng.random() < self.args.shapes_cue_prob else None
+            else:
+                cue = (label + 1 + int(rng.integers(0, n - 1))) % n  # always another class's cue
+            img, mask = render_shape(path, label, self.args.split_seed, cue)
+            image = torch.from_numpy(img).permute(2, 0, 1)
+        else:
+            image = TF.pil_to_tensor(load_rgb(path))
+            mask = read_mask(self.args.dataset, mask_paths)
+            if mask.shape != tuple(image.shape[1:]):
+                raise RuntimeError(f"mask {mask_paths[0]} is {mask.shape}, its image {path} is {tuple(image.shape[1:])}")
+        mask = torch.from_numpy(np.ascontiguousarray(mask))[None].to(torch.uint8)
+        image = TF.center_crop(TF.resize(image, RESIZE, antialias=True), CROP)
+        mask = TF.center_crop(TF.resize(mask, RESIZE, interpolation=TF.InterpolationMode.NEAREST), CROP)
+        return image, mask[0].bool(), label
+
+
+def stratified_folds(labels, folds, split_seed):
+    """Fold index per sample: each class shuffled with split_seed and dealt round-robin over the folds."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(split_seed)
+    fold_of = np.empty(len(labels), dtype=int)
+    offset = 0
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold_of[idx] = (np.arange(len(idx)) + offset) % folds
+        offset += len(idx)  # start the next class where this one stopped, so fold sizes stay even
+    return fold_of
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and their Grad-CAM layers
+# ---------------------------------------------------------------------------------------------
+WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "convnext_tiny": "ConvNeXt_Tiny_Weights",
+    "efficientnet_b0": "EfficientNet_B0_Weights",
+    "vit_b_16": "ViT_B_16_Weights",
+    "swin_v2_t": "Swin_V2_T_Weights",
+    "maxvit_t": "MaxVit_T_Weights",
+}
+
+
+def imagenet_state_dict(name, weights_path):
+    """ImageNet weights from --weights or torch's hub cache; never downloaded."""
+    w = getattr(torchvision.models, WEIGHTS[name]).IMAGENET1K_V1
+    filename = os.path.basename(w.url)
+    path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no ImageNet weights for {name}: put {filename} (from {w.url}) at {path}, "
+            "or pass --weights PATH, or train from scratch with --no-pretrained"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_model(name, num_classes, pretrained, weights_path=None):
+    """A torchvision classifier with its head replaced; returns (model, cam_layer, to_nchw)."""
+    model = getattr(torchvision.models, name)(weights=None)
+    if pretrained:
+        model.load_state_dict(imagenet_state_dict(name, weights_path))
+    if name == "resnet18":
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        return model, model.layer4, None
+    if name in ("convnext_tiny", "efficientnet_b0"):
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+        return model, model.features[-1], None
+    if name == "vit_b_16":
+        model.heads.head = nn.Linear(model.heads.head.in_features, num_classes)
+        side = model.image_size // model.patch_size
+        # the input of the last block: the final block's patch tokens never reach the class token
+        return model, model.encoder.layers[-2], lambda t: t[:, 1:].reshape(t.shape[0], side, side, -1).permute(0, 3, 1, 2)
+    if name == "swin_v2_t":
+        model.head = nn.Linear(model.head.in_features, num_classes)
+        return model, model.features[-1], lambda t: t.permute(0, 3, 1, 2)  # B x H x W x C
+    model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes, bias=False)  # maxvit_t
+    return model, model.blocks[-1], None
+
+
+class CamModel(nn.Module):
+    """Wraps a classifier so a forward also returns the Grad-CAM layer's output, still in the graph."""
+
+    def __init__(self, name, num_classes, pretrained, weights_path=None):
+        super().__init__()
+        self.name = name
+        self.net, layer, self.to_nchw = build_model(name, num_classes, pretrained, weights_path)
+        self._acts = None
+        layer.register_forward_hook(lambda m, i, o: setattr(self, "_acts", o))
+
+    def forward(self, x):
+        logits = self.net(x)
+        acts, self._acts = self._acts, None
+        return logits, acts
+
+    def attention_context(self, double_backward):
+        """ViT's fused scaled-dot-product attention has no double backward on some backends: use the math one."""
+        if self.name == "vit_b_16" and double_backward:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            return sdpa_kernel(SDPBackend.MATH)
+        return nullcontext()
+
+
+def normalise(images, dtype=torch.float32):
+    mean = torch.tensor(MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    return (images.to(dtype) / 255.0 - mean) / std
+
+
+def class_cam(model, images, labels, double_backward, autocast):
+    """Logits and the Grad-CAM of the ground-truth logits (summed over the batch: one backward)."""
+    with model.attention_context(double_backward), autocast:
+        logits, acts = model(normalise(images, next(model.parameters()).dtype))
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    score = logits.gather(1, labels[:, None]).squeeze(1)
+    with torch.set_grad_enabled(double_backward):
+        cam = grad_cam(acts, score, images.shape[-2:], model.to_nchw)
+    return logits, cam
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+def overlay_grid(images, masks, cams):
+    """Rows of image | mask (red) | CAM overlay (jet), as one H x W x 3 uint8 array."""
+    rows = []
+    for img, m, c in zip(images, masks, cams):
+        rgb = img.permute(1, 2, 0).numpy()
+        masked = rgb.copy()
+        masked[m.numpy()] = (0.5 * masked[m.numpy()] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+        heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * c.clamp(0, 1).numpy()), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+        rows.append(np.concatenate([rgb, masked, np.uint8(0.5 * rgb + 0.5 * heat)], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train and evaluate one fold
+# ---------------------------------------------------------------------------------------------
+def evaluate(model, loader, device, num_classes, tau, autocast):
+    """Accuracy, per-class accuracy, attention IoU, alpha and beta on the held-out fold."""
+    model.eval()
+    correct = torch.zeros(num_classes)
+    total = torch.zeros(num_classes)
+    sums = torch.zeros(4)  # iou, alpha, beta, valid count
+    for images, masks, labels in loader:
+        images, masks, labels = images.to(device), masks.to(device), labels.to(device)
+        logits, cam = class_cam(model, images, labels, False, autocast)
+        pred = logits.argmax(1)
+        for c in range(num_classes):
+            sel = labels == c
+            total[c] += sel.sum().item()
+            correct[c] += (pred[sel] == c).sum().item()
+        alpha, beta, valid = camal_terms(cam, masks)
+        iou, _ = attention_iou(cam, masks, tau)
+        sums += torch.stack([(iou * valid).sum(), alpha.sum(), beta.sum(), valid.sum()]).cpu()
+    n_valid = sums[3].item()
+    return {
+        "accuracy": (correct.sum() / total.sum().clamp(min=1)).item(),
+        "per_class_accuracy": [(correct[c] / total[c]).item() if total[c] else None for c in range(num_classes)],
+        "iou": sums[0].item() / n_valid if n_valid else None,
+        "alpha": sums[1].item() / n_valid if n_valid else None,
+        "beta": sums[2].item() / n_valid if n_valid else None,
+    }
+
+
+def faithfulness_samples(test_set, classes, seed, fold):
+    """One held-out image per class (a seeded choice that differs between folds), uint8, for eval_faithfulness.py."""
+    rng = np.random.default_rng([seed, fold])
+    by_class = {}
+    for i, (_, _, label) in enumerate(test_set.records):
+        by_class.setdefault(label, []).append(i)
+    images, masks, labels = [], [], []
+    for c in sorted(by_class):
+        img, m, y = test_set[int(rng.choice(by_class[c]))]
+        images.append(img)
+        masks.append(m.to(torch.uint8))
+        labels.append(y)
+    return {"images": torch.stack(images), "masks": torch.stack(masks), "labels": torch.tensor(labels), "classes": classes}
+
+
+def save_checkpoint(path, model, optimizer, args, epoch, global_step):
+    state = {
+        "args": asdict(args),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "global_step": global_step,
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic
+
+
+def train_fold(args, fold, records, classes, checkpoint=None):
+    """Train on every fold but `fold`, evaluate on `fold`; returns the run folder."""
+    num_classes = len(classes)
+    fold_of = stratified_folds([r[2] for r in records], args.folds, args.split_seed)
+    train_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f != fold], args, train=True)
+    test_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f == fold], args, train=False)
+    if not len(test_set) or not len(train_set):
+        raise ValueError(f"fold {fold} of {args.folds} leaves an empty train or test set ({len(records)} samples)")
+
+    if checkpoint is not None:
+        run_dir = args.resume.rstrip("/")
+        run_name = os.path.basename(run_dir)
+    else:
+        run_name = f"{args.dataset}__{args.model}__{args.method}__fold{fold}__{args.seed}__{int(time.time())}"
+        run_dir = f"runs/{run_name}"
+    os.makedirs(run_dir, exist_ok=True)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
+
+    model = CamModel(args.model, num_classes, args.pretrained, args.weights).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    start_epoch, global_step = 1, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, global_step = checkpoint["epoch"] + 1, checkpoint["global_step"]
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        print(f"resuming {run_name} at epoch {start_epoch}/{args.epochs}")
+
+    writer = SummaryWriter(run_dir, purge_step=start_epoch if checkpoint is not None else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    gen = torch.Generator().manual_seed(args.seed * 1000 + start_epoch)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                              generator=gen, drop_last=len(train_set) > args.batch_size)
+    test_loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
+    grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))
+    supervised = args.method != "vanilla"
+    start_time = time.time()
+
+    epoch, result = start_epoch - 1, None
+    for epoch in range(start_epoch, args.epochs + 1):
+        model.train()
+        sums = torch.zeros(7, device=device)  # loss, ce, reg, alpha, beta, valid count, correct
+        seen = 0
+        for images, masks, labels in train_loader:
+            images, masks, labels = images.to(device), masks.to(device), labels.to(device)
+            logits, cam = class_cam(model, images, labels, supervised, autocast)
+            ce = F.cross_entropy(logits, labels)
+            reg = regularizer(cam, masks, "camal" if args.method == "vanilla" else args.method)
+            loss = ce + args.camal_coef * reg if supervised else ce
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            global_step += 1
+            with torch.no_grad():
+                alpha, beta, valid = camal_terms(cam.detach(), masks)
+                n = len(labels)
+                sums += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n, alpha.sum(), beta.sum(),
+                                     valid.sum(), (logits.argmax(1) == labels).sum()])
+            seen += n
+        loss_s, ce_s, reg_s, alpha_s, beta_s, n_valid, correct = sums.tolist()
+        writer.add_scalar("train/loss", loss_s / seen, epoch)
+        writer.add_scalar("train/ce", ce_s / seen, epoch)
+        writer.add_scalar("train/regularizer", reg_s / seen, epoch)
+        writer.add_scalar("train/accuracy", correct / seen, epoch)
+        if n_valid:
+            writer.add_scalar("train/alpha", alpha_s / n_valid, epoch)
+            writer.add_scalar("train/beta", beta_s / n_valid, epoch)
+
+        result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
+        writer.add_scalar("test/accuracy", result["accuracy"], epoch)
+        for key in ("iou", "alpha", "beta"):
+            if result[key] is not None:
+                writer.add_scalar(f"test/{'attention_iou' if key == 'iou' else key}", result[key], epoch)
+        images, masks, labels = grid
+        _, cams = class_cam(model, images.to(device), labels.to(device), False, autocast)
+        writer.add_image("test/image_mask_cam", overlay_grid(images, masks, cams.cpu()), epoch, dataformats="HWC")
+        writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
+        writer.flush()
+        iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
+        print(f"fold {fold} epoch {epoch}/{args.epochs} loss={loss_s / seen:.4f} train_acc={correct / seen:.3f} "
+              f"test_acc={result['accuracy']:.3f} test_iou={iou}", flush=True)
+
+        stop = STOP_SIGNAL and epoch < args.epochs
+        if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stop:
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, epoch, global_step)
+        if stop:
+            writer.close()
+            print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
+            sys.exit(128 + STOP_SIGNAL[0])
+
+    if result is None:  # resumed a finished run
+        result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
+    metrics = {
+        "dataset": args.dataset, "model": args.model, "method": args.method, "fold": fold, "folds": args.folds,
+        "seed": args.seed, "split_seed": args.split_seed, "test_accuracy": result["accuracy"], "test_iou": result["iou"],
+        "test_alpha": result["alpha"], "test_beta": result["beta"],
+        "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
+        "epochs": args.epochs, "wall_time": time.time() - start_time, "tau": args.tau, "camal_coef": args.camal_coef,
+        "train_size": len(train_set), "test_size": len(test_set), "run_name": run_name,
+    }
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    torch.save({
+        "state_dict": model.net.state_dict(), "architecture": args.model, "num_classes": num_classes, "classes": classes,
+        "preprocessing": {"resize": RESIZE, "crop": CROP, "mean": MEAN, "std": STD},
+        "cam_layer": CAM_LAYERS[args.model],
+    }, os.path.join(run_dir, "model.pt"))
+    torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
+    writer.close()
+    return run_dir
+
+
+CAM_LAYERS = {
+    "resnet18": "layer4",
+    "convnext_tiny": "features[-1]",
+    "efficientnet_b0": "features[-1]",
+    "vit_b_16": "encoder.layers[-2] (patch tokens, 14 x 14)",
+    "swin_v2_t": "features[-1] (B x H x W x C)",
+    "maxvit_t": "blocks[-1]",
+}
+
+
+def check_args(args):
+    if args.folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {args.folds}")
+    if args.fold != "all" and not (args.fold.isdigit() and int(args.fold) < args.folds):
+        raise ValueError(f"--fold must be 0 to {args.folds - 1} or 'all', got {args.fold!r}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("num_workers", "checkpoint_every", "camal_coef", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if not 0.0 <= args.tau < 1.0:
+        raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise FileNotFoundError(f"--weights {args.weights}: no such file")
+
+
+STOP_SIGNAL = []
+
+
+def request_stop(signum, frame):
+    if STOP_SIGNAL:
+        raise KeyboardInterrupt
+    STOP_SIGNAL.append(signum)
+    print(f"\n{signal.Signals(signum).name}: stopping after this epoch (again to stop now)", flush=True)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    checkpoint = None
+    try:
+        if args.resume is not None:
+            path = os.path.join(args.resume, "checkpoint.pt")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            saved = checkpoint["args"]
+            saved.update(resume=args.resume, cuda=args.cuda, num_workers=args.num_workers)
+            args = Args(**saved)
+        else:
+            if args.dataset == "shapes" and "--pretrained" not in sys.argv[1:]:
+                args.pretrained = False  # toy data: from scratch unless asked, so a fresh machine needs no weights
+            if args.epochs is None:
+                args.epochs = 8 if args.dataset == "shapes" else 500
+            if args.learning_rate is None:
+                args.learning_rate = 1e-4 if args.model in ("vit_b_16", "swin_v2_t", "maxvit_t") else 1e-3
+        check_args(args)
+        records, classes = dataset_records(args)
+        if args.pretrained:
+            imagenet_state_dict(args.model, args.weights)  # fail before any training, not after
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    folds = range(args.folds) if args.fold == "all" else [int(args.fold)]
+    if checkpoint is not None:
+        folds = [checkpoint["args"]["fold"] if checkpoint["args"]["fold"] != "all" else 0]
+    for fold in folds:
+        try:
+            run_dir = train_fold(args, int(fold), records, classes, checkpoint)
+        except (FileNotFoundError, RuntimeError) as e:  # a file that went missing or is corrupt, found mid-run
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        checkpoint = None
+        print(f"fold {fold}: results in {run_dir}")
