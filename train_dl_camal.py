@@ -14,13 +14,15 @@ from typing import Literal, Optional
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 import tyro
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t")
@@ -84,7 +86,7 @@ class Args:
     weight_decay: float = 0.01
     """AdamW weight decay"""
     batch_size: int = 32
-    """the mini-batch size"""
+    """the mini-batch size (over all processes under torchrun)"""
     amp: bool = False
     """bf16 autocast on the GPU (ignored on the CPU)"""
 
@@ -170,12 +172,16 @@ def regularizer(cam, mask, method):
 # ---------------------------------------------------------------------------------------------
 # Datasets: records of (image path or shapes index, mask paths, label); geometry shared by all
 # ---------------------------------------------------------------------------------------------
+class DataError(RuntimeError):
+    """A dataset file that is there but unusable (corrupt, wrong size): the message names it."""
+
+
 def load_rgb(path):
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as e:  # a clear message that names the file, whatever PIL raised
-        raise RuntimeError(f"cannot read image {path}: {e}") from e
+        raise DataError(f"cannot read image {path}: {e}") from e
 
 
 def load_gray(path):
@@ -183,7 +189,7 @@ def load_gray(path):
         with Image.open(path) as im:
             return np.asarray(im.convert("L"))
     except Exception as e:
-        raise RuntimeError(f"cannot read mask {path}: {e}") from e
+        raise DataError(f"cannot read mask {path}: {e}") from e
 
 
 def require(path):
@@ -260,7 +266,7 @@ def read_mask(dataset, paths):
         return ~background
     masks = [load_gray(p) > 127 for p in paths]  # busi
     if any(m.shape != masks[0].shape for m in masks):
-        raise RuntimeError(f"masks of different sizes: {paths}")
+        raise DataError(f"masks of different sizes: {paths}")
     return np.logical_or.reduce(masks)
 
 
@@ -348,7 +354,7 @@ class SegmentationDataset(Dataset):
             image = TF.pil_to_tensor(load_rgb(path))
             mask = read_mask(self.args.dataset, mask_paths)
             if mask.shape != tuple(image.shape[1:]):
-                raise RuntimeError(f"mask {mask_paths[0]} is {mask.shape}, its image {path} is {tuple(image.shape[1:])}")
+                raise DataError(f"mask {mask_paths[0]} is {mask.shape}, its image {path} is {tuple(image.shape[1:])}")
         mask = torch.from_numpy(np.ascontiguousarray(mask))[None].to(torch.uint8)
         image = TF.center_crop(TF.resize(image, RESIZE, antialias=True), CROP)
         mask = TF.center_crop(TF.resize(mask, RESIZE, interpolation=TF.InterpolationMode.NEAREST), CROP)
@@ -447,10 +453,13 @@ def normalise(images, dtype=torch.float32):
     return (images.to(dtype) / 255.0 - mean) / std
 
 
-def class_cam(model, images, labels, double_backward, autocast):
-    """Logits and the Grad-CAM of the ground-truth logits (summed over the batch: one backward)."""
+def class_cam(model, images, labels, double_backward, autocast, forward=None):
+    """Logits and the Grad-CAM of the ground-truth logits (summed over the batch: one backward).
+
+    forward: what runs the batch, when it is not `model` itself (its DistributedDataParallel wrapper).
+    """
     with model.attention_context(double_backward), autocast:
-        logits, acts = model(normalise(images, next(model.parameters()).dtype))
+        logits, acts = (forward or model)(normalise(images, next(model.parameters()).dtype))
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     score = logits.gather(1, labels[:, None]).squeeze(1)
     with torch.set_grad_enabled(double_backward):
@@ -536,8 +545,16 @@ def save_checkpoint(path, model, optimizer, args, epoch, global_step):
     os.replace(path + ".tmp", path)  # atomic
 
 
+def world():
+    """(rank, number of processes): (0, 1) unless started by torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train_fold(args, fold, records, classes, checkpoint=None):
-    """Train on every fold but `fold`, evaluate on `fold`; returns the run folder."""
+    """Train on every fold but `fold`, evaluate on `fold`; returns the run folder (rank 0 writes it)."""
+    rank, world_size = world()
     num_classes = len(classes)
     fold_of = stratified_folds([r[2] for r in records], args.folds, args.split_seed)
     train_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f != fold], args, train=True)
@@ -549,15 +566,21 @@ def train_fold(args, fold, records, classes, checkpoint=None):
         run_dir = args.resume.rstrip("/")
         run_name = os.path.basename(run_dir)
     else:
-        run_name = f"{args.dataset}__{args.model}__{args.method}__fold{fold}__{args.seed}__{int(time.time())}"
+        stamp = [int(time.time())]
+        if world_size > 1:
+            dist.broadcast_object_list(stamp, src=0)  # one run name for all processes
+        run_name = f"{args.dataset}__{args.model}__{args.method}__fold{fold}__{args.seed}__{stamp[0]}"
         run_dir = f"runs/{run_name}"
-    os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
 
     model = CamModel(args.model, num_classes, args.pretrained, args.weights).to(device)
@@ -574,13 +597,20 @@ def train_fold(args, fold, records, classes, checkpoint=None):
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         print(f"resuming {run_name} at epoch {start_epoch}/{args.epochs}")
+    forward = None
+    if world_size > 1:  # all ranks start from rank 0's weights; gradients are averaged in backward
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    writer = SummaryWriter(run_dir, purge_step=start_epoch if checkpoint is not None else None)
-    if checkpoint is None:
+    writer = SummaryWriter(run_dir, purge_step=start_epoch if checkpoint is not None else None) if rank == 0 else None
+    if checkpoint is None and rank == 0:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     gen = torch.Generator().manual_seed(args.seed * 1000 + start_epoch)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-                              generator=gen, drop_last=len(train_set) > args.batch_size)
+    sampler = None
+    if world_size > 1:  # each process takes its share of every global batch
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    per_process = args.batch_size // world_size
+    train_loader = DataLoader(train_set, batch_size=per_process, shuffle=sampler is None, sampler=sampler,
+                              num_workers=args.num_workers, generator=gen, drop_last=len(train_set) > args.batch_size)
     test_loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
     grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))
     supervised = args.method != "vanilla"
@@ -589,11 +619,12 @@ def train_fold(args, fold, records, classes, checkpoint=None):
     epoch, result = start_epoch - 1, None
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
-        sums = torch.zeros(7, device=device)  # loss, ce, reg, alpha, beta, valid count, correct
-        seen = 0
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        sums = torch.zeros(9, device=device)  # loss, ce, reg, alpha, beta, valid, correct, samples, stop  # loss, ce, reg, alpha, beta, valid count, correct
         for images, masks, labels in train_loader:
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
-            logits, cam = class_cam(model, images, labels, supervised, autocast)
+            logits, cam = class_cam(model, images, labels, supervised, autocast, forward)
             ce = F.cross_entropy(logits, labels)
             reg = regularizer(cam, masks, "camal" if args.method == "vanilla" else args.method)
             loss = ce + args.camal_coef * reg if supervised else ce
@@ -605,9 +636,17 @@ def train_fold(args, fold, records, classes, checkpoint=None):
                 alpha, beta, valid = camal_terms(cam.detach(), masks)
                 n = len(labels)
                 sums += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n, alpha.sum(), beta.sum(),
-                                     valid.sum(), (logits.argmax(1) == labels).sum()])
-            seen += n
-        loss_s, ce_s, reg_s, alpha_s, beta_s, n_valid, correct = sums.tolist()
+                                     valid.sum(), (logits.argmax(1) == labels).sum(), torch.tensor(n, device=device),
+                                     torch.zeros((), device=device)])
+        sums[8] = float(bool(STOP_SIGNAL))
+        if world_size > 1:
+            dist.all_reduce(sums)  # epoch statistics over every process's samples; one stop decision for all
+        loss_s, ce_s, reg_s, alpha_s, beta_s, n_valid, correct, seen, stop_votes = sums.tolist()
+        stop = stop_votes > 0 and epoch < args.epochs
+        if rank != 0:  # rank 0 evaluates, logs and saves
+            if stop:
+                sys.exit(128 + (STOP_SIGNAL[0] if STOP_SIGNAL else signal.SIGTERM))
+            continue
         writer.add_scalar("train/loss", loss_s / seen, epoch)
         writer.add_scalar("train/ce", ce_s / seen, epoch)
         writer.add_scalar("train/regularizer", reg_s / seen, epoch)
@@ -630,14 +669,15 @@ def train_fold(args, fold, records, classes, checkpoint=None):
         print(f"fold {fold} epoch {epoch}/{args.epochs} loss={loss_s / seen:.4f} train_acc={correct / seen:.3f} "
               f"test_acc={result['accuracy']:.3f} test_iou={iou}", flush=True)
 
-        stop = STOP_SIGNAL and epoch < args.epochs
         if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stop:
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, epoch, global_step)
         if stop:
             writer.close()
             print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
-            sys.exit(128 + STOP_SIGNAL[0])
+            sys.exit(128 + (STOP_SIGNAL[0] if STOP_SIGNAL else signal.SIGTERM))
 
+    if rank != 0:
+        return None
     if result is None:  # resumed a finished run
         result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
     metrics = {
@@ -646,7 +686,7 @@ def train_fold(args, fold, records, classes, checkpoint=None):
         "test_alpha": result["alpha"], "test_beta": result["beta"],
         "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
         "epochs": args.epochs, "wall_time": time.time() - start_time, "tau": args.tau, "camal_coef": args.camal_coef,
-        "train_size": len(train_set), "test_size": len(test_set), "run_name": run_name,
+        "train_size": len(train_set), "test_size": len(test_set), "processes": world_size, "run_name": run_name,
     }
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -722,10 +762,20 @@ if __name__ == "__main__":
         records, classes = dataset_records(args)
         if args.pretrained:
             imagenet_state_dict(args.model, args.weights)  # fail before any training, not after
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        backend = "nccl" if args.cuda and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+        if args.batch_size % dist.get_world_size():
+            print(f"error: --batch-size {args.batch_size} does not split over {dist.get_world_size()} processes", file=sys.stderr)
+            sys.exit(2)
+        if dist.get_rank() == 0:
+            print(f"distributed: {dist.get_world_size()} processes ({backend}), {args.batch_size // dist.get_world_size()} samples each per batch")
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     folds = range(args.folds) if args.fold == "all" else [int(args.fold)]
@@ -734,8 +784,11 @@ if __name__ == "__main__":
     for fold in folds:
         try:
             run_dir = train_fold(args, int(fold), records, classes, checkpoint)
-        except (FileNotFoundError, RuntimeError) as e:  # a file that went missing or is corrupt, found mid-run
+        except (FileNotFoundError, DataError) as e:  # a file that went missing or is corrupt, found mid-run
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         checkpoint = None
-        print(f"fold {fold}: results in {run_dir}")
+        if run_dir is not None:
+            print(f"fold {fold}: results in {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -120,7 +120,7 @@ def test_busi_missing_mask_and_corrupt_image(tmp_path):
     bad.write_bytes(b"not a png")
     records, _ = dl.dataset_records(args_for("busi", tmp_path / "b"))
     ds = dl.SegmentationDataset(records, args_for("busi", tmp_path / "b"), train=True)
-    with pytest.raises(RuntimeError, match=r"benign \(1\)\.png"):
+    with pytest.raises(dl.DataError, match=r"benign \(1\)\.png"):
         ds[[r[0] for r in records].index(str(bad))]
 
 

@@ -93,3 +93,31 @@ def test_bad_input(tmp_path, args, message):
     assert message in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_interrupt_saves_and_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_dl_camal.py"), *TINY, "--epochs", "3"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    for line in proc.stdout:
+        if "epoch 1/3" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, out[-2000:]
+    assert "--resume" in out and "Traceback" not in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] in (1, 2)
+    assert not (run_dir / "metrics.json").exists()
+    resumed = run_script("train_dl_camal", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e.step for e in read_events(run_dir).Scalars("test/accuracy")] == [1, 2, 3]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
