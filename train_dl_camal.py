@@ -71,12 +71,20 @@ class Args:
     """a local ImageNet weights file for --model (otherwise torch's hub cache is searched; nothing is downloaded)"""
 
     # Method
-    method: Literal["camal", "vanilla", "suppress"] = "camal"
-    """camal: CE + lambda*mean(beta - alpha); vanilla: CE only; suppress: CE + lambda*mean(beta)"""
+    method: Literal["camal", "vanilla", "suppress", "prior"] = "camal"
+    """camal: CE + lambda*mean(beta - alpha); vanilla: CE only; suppress: CE + lambda*mean(beta); prior: camal against CLIP pseudo-masks"""
     camal_coef: float = 1.0
     """lambda, the weight of the regulariser (Eq. 2)"""
     tau: float = 0.7
     """the threshold on H for the attention IoU"""
+    prior_model: str = "ViT-B-16"
+    """prior: the open_clip architecture whose Grad-CAM gives the pseudo-masks"""
+    prior_weights: Optional[str] = None
+    """prior: a local open_clip weights file, or `random` for an untrained encoder (tests)"""
+    prior_threshold: float = 0.5
+    """prior: the pseudo-mask is the CLIP CAM above this value"""
+    prior_cache: str = "prior_cache"
+    """prior: folder where the CLIP CAMs are cached (computed once per dataset, model and weights)"""
 
     # Training (the paper's Table 7)
     epochs: Optional[int] = None
@@ -162,8 +170,8 @@ def attention_iou(cam, mask, tau=0.7):
 
 
 def regularizer(cam, mask, method):
-    """The method's attention term before lambda: mean(beta - alpha) for camal, mean(beta) for suppress."""
-    if method == "camal":
+    """The method's attention term before lambda: mean(beta - alpha) for camal and prior, mean(beta) for suppress."""
+    if method in ("camal", "prior"):
         return camal_loss(cam, mask)
     alpha, beta, valid = camal_terms(cam, mask)
     return (beta * valid).sum() / valid.sum().clamp(min=1)
@@ -333,8 +341,9 @@ class SegmentationDataset(Dataset):
     For shapes, `train` decides the cue: the class's own (in most images) or, held out, another class's.
     """
 
-    def __init__(self, records, args, train):
+    def __init__(self, records, args, train, prior_cams=None):
         self.records, self.args, self.train = records, args, train
+        self.prior_cams = prior_cams  # method prior: low-res CLIP CAMs aligned with records replace the masks
 
     def __len__(self):
         return len(self.records)
@@ -357,8 +366,10 @@ class SegmentationDataset(Dataset):
                 raise DataError(f"mask {mask_paths[0]} is {mask.shape}, its image {path} is {tuple(image.shape[1:])}")
         mask = torch.from_numpy(np.ascontiguousarray(mask))[None].to(torch.uint8)
         image = TF.center_crop(TF.resize(image, RESIZE, antialias=True), CROP)
-        mask = TF.center_crop(TF.resize(mask, RESIZE, interpolation=TF.InterpolationMode.NEAREST), CROP)
-        return image, mask[0].bool(), label
+        mask = TF.center_crop(TF.resize(mask, RESIZE, interpolation=TF.InterpolationMode.NEAREST), CROP)[0].bool()
+        if self.prior_cams is not None:  # already in crop coordinates: computed on this 224 x 224 crop
+            mask = prior_mask(self.prior_cams[i], self.args.prior_threshold)
+        return image, mask, label
 
 
 def stratified_folds(labels, folds, split_seed):
@@ -372,6 +383,75 @@ def stratified_folds(labels, folds, split_seed):
         fold_of[idx] = (np.arange(len(idx)) + offset) % folds
         offset += len(idx)  # start the next class where this one stopped, so fold sizes stay even
     return fold_of
+
+
+# ---------------------------------------------------------------------------------------------
+# The prior method: pseudo-masks from a CLIP image encoder's Grad-CAM (open_clip, optional)
+# ---------------------------------------------------------------------------------------------
+def prior_mask(low_res_cam, threshold):
+    """Upsample a cached CLIP CAM to the crop (bilinear, as grad_cam does) and binarise it."""
+    cam = F.interpolate(low_res_cam.float()[None, None], size=(CROP, CROP), mode="bilinear", align_corners=False)
+    return cam[0, 0] > threshold
+
+
+def clip_prior_cams(args, records, classes, device):
+    """Per record, the Grad-CAM of the CLIP image encoder for the zero-shot logit of "a photo of a {class}" of its
+    ground-truth class, at the encoder's grid resolution (float16). Computed once and cached in --prior-cache."""
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ValueError("--method prior needs open_clip: pip install -r requirements-prior.txt") from e
+    import hashlib
+
+    ids = "|".join(str(r[0]) for r in records) + "|" + "|".join(classes)
+    weights_id = "random" if args.prior_weights == "random" else f"{os.path.abspath(args.prior_weights)}:{os.path.getsize(args.prior_weights)}"
+    key = hashlib.sha1(f"{args.dataset}|{args.prior_model}|{weights_id}|{args.split_seed}|{ids}".encode()).hexdigest()[:16]
+    path = os.path.join(args.prior_cache, f"{args.dataset}__{args.prior_model}__{key}.pt")
+    if os.path.isfile(path):
+        print(f"prior: CLIP CAMs from the cache {path}")
+        return torch.load(path, weights_only=True)
+
+    try:
+        clip = open_clip.create_model(args.prior_model, pretrained=None)
+    except RuntimeError as e:
+        raise ValueError(f"--prior-model {args.prior_model}: {e}") from e
+    if args.prior_weights != "random":
+        open_clip.load_checkpoint(clip, args.prior_weights)
+    clip = clip.to(device).eval()
+    visual = clip.visual
+    if hasattr(visual, "transformer"):  # ViT: the input of the last block, class token dropped (as for vit_b_16)
+        layer = visual.transformer.resblocks[-2]
+        side = visual.grid_size[0]
+        to_nchw = lambda t: t[:, 1:].reshape(t.shape[0], side, side, -1).permute(0, 3, 1, 2)  # noqa: E731
+    elif hasattr(visual, "layer4"):  # ModifiedResNet
+        layer, to_nchw = visual.layer4, None
+    else:
+        raise ValueError(f"--prior-model {args.prior_model}: no Grad-CAM layer known for {type(visual).__name__}")
+    acts = {}
+    hook = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    with torch.no_grad():
+        text = clip.encode_text(open_clip.get_tokenizer(args.prior_model)([f"a photo of a {c.replace('_', ' ')}" for c in classes]).to(device))
+        text = F.normalize(text, dim=-1)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
+    loader = DataLoader(SegmentationDataset(records, args, train=True), batch_size=args.batch_size, num_workers=args.num_workers)
+    cams, start = [], time.time()
+    for images, _, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        emb = F.normalize(clip.encode_image((images.float() / 255.0 - mean) / std), dim=-1)
+        logits = clip.logit_scale.exp() * emb @ text.T
+        score = logits.gather(1, labels[:, None]).squeeze(1)
+        a = acts.pop("a")
+        grid = a.shape[-2:] if to_nchw is None else (side, side)
+        with torch.no_grad():
+            cams.append(grad_cam(a, score, grid, to_nchw).half().cpu())
+        print(f"prior: CLIP CAMs {sum(len(c) for c in cams)}/{len(records)} ({time.time() - start:.0f} s)", flush=True)
+    hook.remove()
+    cams = torch.cat(cams)
+    os.makedirs(args.prior_cache, exist_ok=True)
+    torch.save(cams, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return cams
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,12 +632,14 @@ def world():
     return 0, 1
 
 
-def train_fold(args, fold, records, classes, checkpoint=None):
-    """Train on every fold but `fold`, evaluate on `fold`; returns the run folder (rank 0 writes it)."""
+def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
+    """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
+    (rank 0 writes it). prior_cams: the method prior's CLIP CAMs, aligned with records."""
     rank, world_size = world()
     num_classes = len(classes)
     fold_of = stratified_folds([r[2] for r in records], args.folds, args.split_seed)
-    train_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f != fold], args, train=True)
+    train_cams = None if prior_cams is None else prior_cams[torch.from_numpy(fold_of != fold)]
+    train_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f != fold], args, train=True, prior_cams=train_cams)
     test_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f == fold], args, train=False)
     if not len(test_set) or not len(train_set):
         raise ValueError(f"fold {fold} of {args.folds} leaves an empty train or test set ({len(records)} samples)")
@@ -626,7 +708,7 @@ def train_fold(args, fold, records, classes, checkpoint=None):
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
             logits, cam = class_cam(model, images, labels, supervised, autocast, forward)
             ce = F.cross_entropy(logits, labels)
-            reg = regularizer(cam, masks, "camal" if args.method == "vanilla" else args.method)
+            reg = regularizer(cam, masks, "camal" if args.method == "vanilla" else args.method)  # prior: masks are pseudo
             loss = ce + args.camal_coef * reg if supervised else ce
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -725,6 +807,14 @@ def check_args(args):
         raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.tau < 1.0:
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
+    if args.method == "prior":
+        if args.prior_weights is None:
+            raise ValueError("--method prior needs --prior-weights PATH (open_clip weights for --prior-model), "
+                             "or --prior-weights random for an untrained encoder (tests)")
+        if args.prior_weights != "random" and not os.path.isfile(args.prior_weights):
+            raise FileNotFoundError(f"--prior-weights {args.prior_weights}: no such file")
+        if not 0.0 <= args.prior_threshold < 1.0:
+            raise ValueError(f"--prior-threshold must lie in [0, 1), got {args.prior_threshold}")
     if args.weights is not None and not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights {args.weights}: no such file")
 
@@ -776,6 +866,18 @@ if __name__ == "__main__":
             sys.exit(2)
         if dist.get_rank() == 0:
             print(f"distributed: {dist.get_world_size()} processes ({backend}), {args.batch_size // dist.get_world_size()} samples each per batch")
+    prior_cams = None
+    if args.method == "prior":  # rank 0 computes and caches; the others read its cache
+        try:
+            if world()[0] == 0:
+                prior_cams = clip_prior_cams(args, records, classes, torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu"))
+            if world()[1] > 1:
+                dist.barrier()
+                if world()[0] != 0:
+                    prior_cams = clip_prior_cams(args, records, classes, torch.device("cpu"))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     folds = range(args.folds) if args.fold == "all" else [int(args.fold)]
@@ -783,7 +885,7 @@ if __name__ == "__main__":
         folds = [checkpoint["args"]["fold"] if checkpoint["args"]["fold"] != "all" else 0]
     for fold in folds:
         try:
-            run_dir = train_fold(args, int(fold), records, classes, checkpoint)
+            run_dir = train_fold(args, int(fold), records, classes, checkpoint, prior_cams)
         except (FileNotFoundError, DataError) as e:  # a file that went missing or is corrupt, found mid-run
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -83,7 +83,7 @@ def test_resume(tmp_path):
         (["--dataset", "busi", "--data-dir", "."], "Dataset_BUSI_with_GT"),
         (["--dataset", "shapes", "--pretrained"], "put resnet18-"),
         (["--fold", "10"], "--fold must be 0 to 9"),
-        (["--method", "prior"], "camal"),
+        (["--method", "gradcam"], "prior"),
         (["--weights", "nope.pth"], "no such file"),
     ],
 )
@@ -121,3 +121,40 @@ def test_interrupt_saves_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [e.step for e in read_events(run_dir).Scalars("test/accuracy")] == [1, 2, 3]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_prior_method_with_random_clip(tmp_path):
+    """--method prior with an untrained open_clip encoder: pseudo-masks computed once, cached, reused."""
+    pytest.importorskip("open_clip", reason="requirements-prior.txt")  # .ci/run installs it, so CI runs this
+    args = [*TINY, "--epochs", "1", "--method", "prior", "--prior-model", "ViT-B-32", "--prior-weights", "random"]
+    first = run_script("train_dl_camal", args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "prior: CLIP CAMs 18/18" in first.stdout
+    (cache,) = (tmp_path / "prior_cache").iterdir()
+    cams = torch.load(cache, weights_only=True)
+    assert cams.shape == (18, 7, 7) and cams.dtype == torch.float16  # ViT-B-32: a 7 x 7 grid
+    assert 0 <= cams.min() and cams.max() <= 1
+    second = run_script("train_dl_camal", args, cwd=tmp_path)
+    assert second.returncode == 0 and "from the cache" in second.stdout
+    runs = sorted((tmp_path / "runs").iterdir())
+    m = json.loads((runs[0] / "metrics.json").read_text())
+    assert m["method"] == "prior" and m["test_iou"] is not None  # measured against the true masks
+
+    from conftest import load_script
+
+    dl = load_script("train_dl_camal")
+    mask = dl.prior_mask(cams[0], 0.5)
+    assert mask.shape == (224, 224) and mask.dtype == torch.bool
+    # training items carry the pseudo-mask, not the ground truth
+    a = dl.Args(shapes_classes=3, shapes_per_class=6, prior_threshold=0.5)
+    records, _ = dl.dataset_records(a)
+    with_prior = dl.SegmentationDataset(records, a, train=True, prior_cams=cams)
+    truth = dl.SegmentationDataset(records, a, train=True)
+    for i in range(3):
+        assert torch.equal(with_prior[i][1], dl.prior_mask(cams[i], 0.5))
+    assert any(not torch.equal(with_prior[i][1], truth[i][1]) for i in range(3))
+
+
+def test_prior_needs_weights(tmp_path):
+    proc = run_script("train_dl_camal", ["--method", "prior"], cwd=tmp_path)
+    assert proc.returncode == 2 and "--prior-weights" in proc.stderr and "Traceback" not in proc.stderr
