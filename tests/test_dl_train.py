@@ -11,7 +11,8 @@ TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--b
 
 @pytest.mark.parametrize("method", ["camal", "suppress", "vanilla"])
 def test_shapes_end_to_end(tmp_path, method):
-    proc = run_script("train_dl_camal", ["--method", method, "--fold", "1", *TINY], cwd=tmp_path)
+    workers = ["--num-workers", "2"] if method == "vanilla" else []  # one run loads through worker processes
+    proc = run_script("train_dl_camal", ["--method", method, "--fold", "1", *TINY, *workers], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"shapes__resnet18__{method}__fold1__1__")
