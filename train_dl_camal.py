@@ -607,9 +607,10 @@ def faithfulness_samples(test_set, classes, seed, fold):
     return {"images": torch.stack(images), "masks": torch.stack(masks), "labels": torch.tensor(labels), "classes": classes}
 
 
-def save_checkpoint(path, model, optimizer, args, epoch, global_step):
+def save_checkpoint(path, model, optimizer, args, fold, epoch, global_step):
     state = {
         "args": asdict(args),
+        "fold": fold,  # the fold in progress (args.fold may be `all`)
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
@@ -752,7 +753,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
               f"test_acc={result['accuracy']:.3f} test_iou={iou}", flush=True)
 
         if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stop:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, epoch, global_step)
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
         if stop:
             writer.close()
             print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
@@ -881,8 +882,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     folds = range(args.folds) if args.fold == "all" else [int(args.fold)]
-    if checkpoint is not None:
-        folds = [checkpoint["args"]["fold"] if checkpoint["args"]["fold"] != "all" else 0]
+    if checkpoint is not None:  # finish the interrupted fold; with --fold all, then the folds after it
+        folds = [f for f in folds if f >= checkpoint["fold"]]
     for fold in folds:
         try:
             run_dir = train_fold(args, int(fold), records, classes, checkpoint, prior_cams)

@@ -60,6 +60,22 @@ def test_folds_differ_and_fold_all(tmp_path):
     assert not torch.equal(picks[0], picks[1])  # held-out samples differ between folds
 
 
+def test_resume_fold_all_continues_with_the_next_folds(tmp_path):
+    proc = run_script("train_dl_camal", ["--fold", "all", *TINY, "--epochs", "1", "--checkpoint-every", "1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_fold = {json.loads((r / "metrics.json").read_text())["fold"]: r for r in (tmp_path / "runs").iterdir()}
+    for r in by_fold.values():
+        (r / "metrics.json").unlink()
+    # as if the run had stopped in fold 1: resuming finishes fold 1, then runs fold 2 in a new folder
+    assert torch.load(by_fold[1] / "checkpoint.pt", weights_only=False)["fold"] == 1
+    resumed = run_script("train_dl_camal", ["--resume", str(by_fold[1])], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "fold 1: results" in resumed.stdout and "fold 2: results" in resumed.stdout and "fold 0:" not in resumed.stdout
+    assert (by_fold[1] / "metrics.json").is_file() and not (by_fold[0] / "metrics.json").exists()
+    new = [r for r in (tmp_path / "runs").iterdir() if r not in by_fold.values()]
+    assert len(new) == 1 and json.loads((new[0] / "metrics.json").read_text())["fold"] == 2
+
+
 def test_resume(tmp_path):
     first = run_script("train_dl_camal", [*TINY, "--epochs", "3", "--checkpoint-every", "1"], cwd=tmp_path)
     assert first.returncode == 0
