@@ -16,10 +16,11 @@ ARGS = ["--env", "Basic", "--num-envs", "2", "--num-steps", "16", "--total-times
 
 
 def start(tmp_path, extra):
+    # a session of its own: the crash kills the whole group, game engines included, so none is left behind
     return subprocess.Popen(
         [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *ARGS, *extra],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
     )
 
 
@@ -49,7 +50,7 @@ def test_resume_after_crash(tmp_path):
                     ckpt = found[0]
                     kill_after = torch.load(found[0], weights_only=False)["iteration"] + 2
             if kill_after is not None and iteration >= kill_after:
-                proc.kill()  # a crash: no chance to clean up
+                os.killpg(proc.pid, signal.SIGKILL)  # a crash: no chance to clean up
                 break
     proc.wait()
     assert saved is not None and kill_after < ITERS, "the run ended before it could be killed"
