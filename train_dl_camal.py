@@ -480,11 +480,14 @@ def imagenet_state_dict(name, weights_path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_model(name, num_classes, pretrained, weights_path=None):
-    """A torchvision classifier with its head replaced; returns (model, cam_layer, to_nchw)."""
+def build_model(name, num_classes, imagenet=None):
+    """A torchvision classifier with its head replaced; returns (model, cam_layer, to_nchw).
+
+    imagenet: ImageNet weights to start from (a state dict), or None for a random start.
+    """
     model = getattr(torchvision.models, name)(weights=None)
-    if pretrained:
-        model.load_state_dict(imagenet_state_dict(name, weights_path))
+    if imagenet is not None:
+        model.load_state_dict(imagenet)
     if name == "resnet18":
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model, model.layer4, None
@@ -506,10 +509,10 @@ def build_model(name, num_classes, pretrained, weights_path=None):
 class CamModel(nn.Module):
     """Wraps a classifier so a forward also returns the Grad-CAM layer's output, still in the graph."""
 
-    def __init__(self, name, num_classes, pretrained, weights_path=None):
+    def __init__(self, name, num_classes, imagenet=None):
         super().__init__()
         self.name = name
-        self.net, layer, self.to_nchw = build_model(name, num_classes, pretrained, weights_path)
+        self.net, layer, self.to_nchw = build_model(name, num_classes, imagenet)
         self._acts = None
         layer.register_forward_hook(lambda m, i, o: setattr(self, "_acts", o))
 
@@ -666,7 +669,8 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
 
-    model = CamModel(args.model, num_classes, args.pretrained, args.weights).to(device)
+    imagenet = imagenet_state_dict(args.model, args.weights) if args.pretrained else None
+    model = CamModel(args.model, num_classes, imagenet).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     start_epoch, global_step = 1, 0
     if checkpoint is not None:

@@ -54,7 +54,7 @@ def batch(n, device, classes=10):
 
 def step_overhead(name, opts, device, autocast):
     torch.manual_seed(0)
-    model = dl.CamModel(name, 10, pretrained=False).to(device).train()
+    model = dl.CamModel(name, 10).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images, masks, labels = batch(opts.batch_size, device)
 
@@ -75,7 +75,7 @@ def step_overhead(name, opts, device, autocast):
 
 def extraction(name, sizes, opts, device):
     torch.manual_seed(0)
-    model = dl.CamModel(name, 10, pretrained=False).to(device).eval()
+    model = dl.CamModel(name, 10).to(device).eval()
     rows = []
     for n in sizes:
         images, _, labels = batch(n, device)

@@ -27,7 +27,7 @@ def batch():
 def test_camal_step_and_proposition_1(name, batch):
     torch.manual_seed(0)
     images, masks, labels = batch
-    model = dl.CamModel(name, 3, pretrained=False)
+    model = dl.CamModel(name, 3)
 
     # one CAMAL training step
     model.train()
@@ -53,7 +53,7 @@ def test_camal_step_and_proposition_1(name, batch):
 def test_vit_layer_choice_and_math_attention():
     """Why the ViT CAM sits before the last block, and why CAMAL forces the math attention backend."""
     torch.manual_seed(0)
-    model = dl.CamModel("vit_b_16", 3, pretrained=False).train()
+    model = dl.CamModel("vit_b_16", 3).train()
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     out = {}
     model.net.encoder.layers[-1].register_forward_hook(lambda m, i, o: out.setdefault("last", o))
