@@ -578,10 +578,8 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
         images, masks, labels = images.to(device), masks.to(device), labels.to(device)
         logits, cam = class_cam(model, images, labels, False, autocast)
         pred = logits.argmax(1)
-        for c in range(num_classes):
-            sel = labels == c
-            total[c] += sel.sum().item()
-            correct[c] += (pred[sel] == c).sum().item()
+        total += torch.bincount(labels, minlength=num_classes).cpu()  # per class, no sync per class
+        correct += torch.bincount(labels[pred == labels], minlength=num_classes).cpu()
         alpha, beta, valid = camal_terms(cam, masks)
         iou, _ = attention_iou(cam, masks, tau)
         sums += torch.stack([(iou * valid).sum(), alpha.sum(), beta.sum(), valid.sum()]).cpu()
