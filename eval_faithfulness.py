@@ -185,7 +185,8 @@ class RunError(ValueError):
     """A folder that is not a usable run of train_dl_camal.py."""
 
 
-def load_run(run_dir, device):
+def load_run(run_dir):
+    """Model (on the CPU), samples and metrics of a run; RunError if the folder is not a usable run."""
     for name in ("model.pt", "faithfulness_samples.pt", "metrics.json"):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise RunError(f"{run_dir} is not a run of train_dl_camal.py: no {name}")
@@ -207,7 +208,7 @@ def load_run(run_dir, device):
         raise RunError(f"{run_dir}/faithfulness_samples.pt: expected uint8 images of 3 x {CROP} x {CROP}")
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    return model.to(device).eval(), samples, metrics
+    return model.eval(), samples, metrics
 
 
 def evaluate_run(model, samples, args, device, rng):
@@ -277,7 +278,7 @@ if __name__ == "__main__":
         if args.baseline not in (None, "random"):
             raise RunError(f"--baseline must be random, got {args.baseline!r}")
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-        loaded = [(run, *load_run(run, device)) for run in args.runs]
+        loaded = [(run, *load_run(run)) for run in args.runs]  # every run checked before any work
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -285,7 +286,8 @@ if __name__ == "__main__":
     groups = {}  # method -> pooled per-sample AUCs and curves over its runs (e.g. its folds)
     rng = np.random.default_rng(args.seed)
     for run, model, samples, metrics in loaded:
-        ks, entries = evaluate_run(model, samples, args, device, rng)
+        ks, entries = evaluate_run(model.to(device), samples, args, device, rng)
+        model.to("cpu")  # one model on the device at a time
         result = {"run": os.path.basename(os.path.normpath(run)), "method": metrics["method"], "model": metrics["model"],
                   "dataset": metrics["dataset"], "fold": metrics["fold"], "steps": args.steps, "k": ks.tolist(),
                   "samples": entries, "attention": summarise(ks, entries, "attention")}
