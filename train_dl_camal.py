@@ -832,29 +832,35 @@ def request_stop(signum, frame):
     print(f"\n{signal.Signals(signum).name}: stopping after this epoch (again to stop now)", flush=True)
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
+def setup(args, argv):
+    """Settle and check everything before any work: (args, checkpoint, records, classes). Bad input raises ValueError,
+    FileNotFoundError or DataError with a message that says why."""
     checkpoint = None
+    if args.resume is not None:
+        path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        saved = checkpoint["args"]
+        saved.update(resume=args.resume, cuda=args.cuda, num_workers=args.num_workers)
+        args = Args(**saved)
+    else:
+        if args.dataset == "shapes" and "--pretrained" not in argv:
+            args.pretrained = False  # toy data: from scratch unless asked, so a fresh machine needs no weights
+        if args.epochs is None:
+            args.epochs = 8 if args.dataset == "shapes" else 500
+        if args.learning_rate is None:
+            args.learning_rate = 1e-4 if args.model in ("vit_b_16", "swin_v2_t", "maxvit_t") else 1e-3
+    check_args(args)
+    records, classes = dataset_records(args)
+    if args.pretrained:
+        imagenet_state_dict(args.model, args.weights)  # fail before any training, not after
+    return args, checkpoint, records, classes
+
+
+if __name__ == "__main__":
     try:
-        if args.resume is not None:
-            path = os.path.join(args.resume, "checkpoint.pt")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            saved = checkpoint["args"]
-            saved.update(resume=args.resume, cuda=args.cuda, num_workers=args.num_workers)
-            args = Args(**saved)
-        else:
-            if args.dataset == "shapes" and "--pretrained" not in sys.argv[1:]:
-                args.pretrained = False  # toy data: from scratch unless asked, so a fresh machine needs no weights
-            if args.epochs is None:
-                args.epochs = 8 if args.dataset == "shapes" else 500
-            if args.learning_rate is None:
-                args.learning_rate = 1e-4 if args.model in ("vit_b_16", "swin_v2_t", "maxvit_t") else 1e-3
-        check_args(args)
-        records, classes = dataset_records(args)
-        if args.pretrained:
-            imagenet_state_dict(args.model, args.weights)  # fail before any training, not after
+        args, checkpoint, records, classes = setup(tyro.cli(Args), sys.argv[1:])
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -44,3 +44,42 @@ def read_events(run_dir):
 @pytest.fixture(scope="session")
 def dl():
     return load_script("train_dl_camal")
+
+
+PPO_TINY = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", "--frame-height", "60", "--frame-width", "80"]
+
+
+@pytest.fixture(scope="session")
+def ppo_smoke_run(tmp_path_factory):
+    """Tiny real PPO runs, each made on first use and shared: test_ppo_smoke checks each one, test_stats analyses them all.
+    Returns run(env, method) -> (CompletedProcess, the folder it ran in)."""
+    root = tmp_path_factory.mktemp("ppo_smoke")
+    done = {}
+
+    def run(env, method):
+        if (env, method) not in done:
+            cwd = root / f"{env}-{method}"
+            cwd.mkdir()
+            # one run also covers worker-process envs (the default on machines with more than 2 cores)
+            extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
+            args = ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", *PPO_TINY, *extra]
+            done[env, method] = (run_script("ppo_camal_vizdoom", args, cwd=cwd), cwd)
+        return done[env, method]
+
+    return run
+
+
+DL_TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "1"]
+
+
+@pytest.fixture(scope="session")
+def shapes_runs(tmp_path_factory):
+    """camal and vanilla on tiny shapes data, every fold, then eval_faithfulness.py over the six runs; shared by
+    test_dl_train, test_eval_faithfulness and test_stats. Returns (folder, run folders, eval_faithfulness's process)."""
+    root = tmp_path_factory.mktemp("shapes_runs")
+    for method in ("camal", "vanilla"):
+        proc = run_script("train_dl_camal", ["--method", method, "--fold", "all", *DL_TINY], cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(str(p) for p in (root / "runs").iterdir())
+    proc = run_script("eval_faithfulness", [*runs, "--steps", "5", "--baseline", "random", "--plot", "curves.png"], cwd=root)
+    return root, runs, proc

@@ -1,5 +1,6 @@
 """eval_faithfulness.py: curves on a model whose answer is known, end to end on shapes runs, bad input."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,18 +68,15 @@ def test_ties_are_broken_at_random_not_in_raster_order():
     assert sorted(ranking.tolist()) == list(range(256)) and ranking[:20].tolist() != list(range(20))
 
 
-def test_end_to_end_on_shapes_runs(tmp_path):
-    tiny = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "1"]
-    for method in ("camal", "vanilla"):
-        assert run_script("train_dl_camal", ["--method", method, *tiny], cwd=tmp_path).returncode == 0
-    runs = sorted(str(p) for p in (tmp_path / "runs").iterdir())
-    proc = run_script("eval_faithfulness", [*runs, "--steps", "5", "--baseline", "random", "--plot", "curves.png"], cwd=tmp_path)
+def test_end_to_end_on_shapes_runs(shapes_runs):
+    tmp_path, runs, proc = shapes_runs  # camal and vanilla, 3 folds each, then eval_faithfulness.py over all six
+    assert len(runs) == 6
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in ("camal/random", "vanilla/random", "camal vs vanilla: removal"):
         assert line in proc.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for run in runs:
-        result = json.loads((tmp_path / "runs" / run / "faithfulness.json").read_text())
+        result = json.loads((Path(run) / "faithfulness.json").read_text())
         assert result["k"] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         assert len(result["samples"]) == 3  # one per class
         s = result["samples"][0]["attention"]
@@ -96,15 +94,19 @@ def test_bad_input(tmp_path):
     proc = run_script("eval_faithfulness", [], cwd=tmp_path)
     assert proc.returncode == 2 and "give one or more run folders" in proc.stderr
 
-    fake = tmp_path / "oldrun"  # a run folder whose model file comes from another version
+    fake = tmp_path / "oldrun"  # a run folder whose model file comes from another version (checked in-process: load_run)
     fake.mkdir()
     torch.save({"weights": {}}, fake / "model.pt")
     torch.save({"images": torch.zeros(1, 3, 224, 224, dtype=torch.uint8), "labels": torch.tensor([0])}, fake / "faithfulness_samples.pt")
     (fake / "metrics.json").write_text("{}")
-    proc = run_script("eval_faithfulness", [str(fake)], cwd=tmp_path)
-    assert proc.returncode == 2 and "not a train_dl_camal.py model file of this version" in proc.stderr
+    with pytest.raises(ef.RunError, match="not a train_dl_camal.py model file of this version"):
+        ef.load_run(str(fake))
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "architecture": "resnet18", "num_classes": 3, "classes": [],
                 "preprocessing": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}},
                fake / "model.pt")
-    proc = run_script("eval_faithfulness", [str(fake)], cwd=tmp_path)
-    assert proc.returncode == 2 and "does not match resnet18" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ef.RunError, match="does not match resnet18"):
+        ef.load_run(str(fake))
+    torch.save({"state_dict": {}, "architecture": "resnet18", "num_classes": 3, "classes": [],
+                "preprocessing": {"resize": 256, "crop": 192, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}, fake / "model.pt")
+    with pytest.raises(ef.RunError, match="trained with other preprocessing"):
+        ef.load_run(str(fake))

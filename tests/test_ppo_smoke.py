@@ -3,9 +3,7 @@ import json
 
 import pytest
 
-from conftest import read_events, run_script
-
-TINY = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", "--frame-height", "60", "--frame-width", "80"]
+from conftest import read_events
 TRAIN_TAGS = {
     "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
     "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
@@ -16,14 +14,9 @@ ATTENTION_TAGS = {"charts/alpha", "charts/beta", "charts/attention_iou"}
 
 @pytest.mark.parametrize("method", ["camal", "vanilla"])
 @pytest.mark.parametrize("env", ["Basic", "DefendLine", "DefendCenter", "TakeCover"])
-def test_smoke(tmp_path, env, method):
-    # one run also covers worker-process envs (the default on machines with more than 2 cores)
-    extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
-    proc = run_script(
-        "ppo_camal_vizdoom",
-        ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", *TINY, *extra],
-        cwd=tmp_path,
-    )
+def test_smoke(ppo_smoke_run, env, method):
+    proc, tmp_path = ppo_smoke_run(env, method)
+    extra = (env, method) == ("Basic", "camal")  # that run also saved its model and videos
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"{env}__ppo_camal_vizdoom__{method}__2__")

@@ -7,13 +7,18 @@ from conftest import ROOT
 SHARED = [
     ("ppo_camal_vizdoom.py", ("grad_cam", "camal_terms", "camal_loss", "attention_iou")),
     ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "class_cam")),
+    ("eval_faithfulness.py", ("mean_ci",)),
 ]
 
 
 def top_level_definitions(path):
     source = path.read_text()
     tree = ast.parse(source)
-    return {n.name: ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defs = {n.name: ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    for n in tree.body:  # constants the helpers read, keyed by their target ("RESIZE, CROP")
+        if isinstance(n, ast.Assign) and len(n.targets) == 1:
+            defs[ast.get_source_segment(source, n.targets[0])] = ast.get_source_segment(source, n)
+    return defs
 
 
 def test_origins_define_their_helpers():
@@ -34,3 +39,8 @@ def test_copies_are_identical():
 def test_eval_faithfulness_holds_the_copies():
     defs = top_level_definitions(ROOT / "eval_faithfulness.py")
     assert {"grad_cam", "build_model", "CamModel", "normalise", "class_cam"} <= set(defs)
+
+
+def test_stats_holds_the_copies():
+    assert "mean_ci" in top_level_definitions(ROOT / "stats.py")
+

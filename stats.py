@@ -1,0 +1,768 @@
+# The paper's statistical analysis (Appendix A) of a runs/ folder. DL runs of train_dl_camal.py: folds paired
+# between CAMAL and each baseline, one-tailed Wilcoxon signed-rank tests, 95 % CIs, and eval_faithfulness.py's AUCs.
+# DRL runs of ppo_camal_vizdoom.py: score matrices (runs x environments), rliable's stratified bootstrap CIs of the
+# mean and its probability of improvement. Reads only run folders. Single-file in CleanRL's style.
+import csv
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+import numpy as np
+import scipy.stats
+import tyro
+
+
+@dataclass
+class Args:
+    paths: tyro.conf.Positional[List[str]]
+    """folders searched (recursively) for run folders of train_dl_camal.py and ppo_camal_vizdoom.py"""
+    out: Optional[str] = None
+    """also write stats.json (every number), one CSV per table and the PNG figures to this folder"""
+    reps: int = 50000
+    """bootstrap resamples of rliable's SBCI and probability of improvement (the paper: 50,000)"""
+    seed: int = 0
+    """numpy's global generator is seeded with this before every rliable estimate, so the numbers repeat"""
+    last_n: int = 10
+    """a DRL run without eval.json is scored by the mean of its last this-many TensorBoard values"""
+    significance: float = 0.05
+    """Wilcoxon p below this is significant (the paper: 0.05)"""
+    curve_points: int = 100
+    """points on each environment's common step grid of the learning curves"""
+
+
+BASELINES = ("vanilla", "prior", "suppress")
+METHOD_NAMES = {"camal": "CAMAL", "vanilla": "Vanilla", "prior": "Prior", "suppress": "Supp. only"}
+DATASET_NAMES = {"busi": "BUSI", "pets": "Oxford-IIIT-Pet", "flowers": "Oxford-Flower", "shapes": "Shapes"}
+MODEL_NAMES = {"resnet18": "ResNet", "convnext_tiny": "ConvNeXt", "efficientnet_b0": "EfficientNet", "vit_b_16": "ViT",
+               "swin_v2_t": "Swin", "maxvit_t": "MaxViT"}
+ENV_ORDER = ("Basic", "DefendLine", "DefendCenter", "TakeCover")
+DL_METRICS = {"test_accuracy": "Test accuracy", "test_iou": "Test IoU"}
+PAPER_TABLE = {("test_iou", "prior"): "Table 1", ("test_accuracy", "vanilla"): "Table 2",
+               ("test_accuracy", "prior"): "Table 3", ("test_iou", "vanilla"): "Table 5"}
+DRL_METRICS = {"return": ("charts/episodic_return", "Figure 6"), "iou": ("charts/attention_iou", "Figure 4")}
+DL_KEYS = {"dataset", "model", "method", "fold", "folds", "seed", "split_seed", "test_accuracy", "test_iou"}
+DRL_KEYS = {"env", "method", "seed", "mean_return", "mean_iou"}
+
+
+class StatsError(ValueError):
+    """Input that cannot be analysed; the message says why."""
+
+
+def order(value, known):
+    """Sort key: the paper's order first, anything else alphabetically after it."""
+    return (known.index(value), "") if value in known else (len(known), str(value))
+
+
+def method_name(m):
+    return METHOD_NAMES.get(m, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+def mean_ci(values):
+    """Mean and the half-width of its 95 % confidence interval (1.96 standard errors)."""
+    v = np.asarray(values, dtype=np.float64)
+    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return float(v.mean()), float(1.96 * se)
+
+
+def describe(values):
+    """n, mean, standard deviation (ddof=1) and the 95 % CI (mean +- 1.96 SE) of a list of numbers."""
+    mean, half = mean_ci(values)
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+    return {"n": len(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": [float(v) for v in values]}
+
+
+def wilcoxon_greater(x, y, significance):
+    """One-tailed Wilcoxon signed-rank test of H1: x > y over paired values (scipy), and the paper's verdict."""
+    d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    with warnings.catch_warnings():  # all-zero differences: scipy warns and returns p = 1
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = scipy.stats.wilcoxon(x, y, alternative="greater")
+    n = int(np.count_nonzero(d))  # zero differences are dropped (zero_method="wilcox")
+    r_plus = float(res.statistic)
+    higher = float(np.mean(x)) > float(np.mean(y))
+    p = float(res.pvalue)
+    verdict = "significant" if higher and p < significance else "higher, not significant" if higher else "not higher"
+    return {"r_plus": r_plus, "T": min(r_plus, n * (n + 1) / 2 - r_plus), "nonzero_pairs": n, "p": p, "verdict": verdict}
+
+
+def clean(obj):
+    """JSON without NaN (not valid JSON): NaN becomes null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return clean(obj.item())
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise StatsError(f"{path} cannot be read as JSON ({e})") from e
+
+
+def read_tensorboard(run_dir):
+    """TensorBoard's own loader over every event file of a run (it applies a resumed run's purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    guidance = {"scalars": 0, "tensors": 0, "images": 1, "audio": 1, "histograms": 1, "compressedHistograms": 1}
+    acc = EventAccumulator(run_dir, size_guidance=guidance)  # 0 keeps every scalar (the default samples 10,000)
+    acc.Reload()
+    return acc
+
+
+def scalar_series(acc, tag):
+    if tag not in acc.Tags()["scalars"]:
+        return np.empty(0), np.empty(0)
+    events = acc.Scalars(tag)
+    return np.array([e.step for e in events], dtype=np.float64), np.array([e.value for e in events], dtype=np.float64)
+
+
+def hyperparameters(acc):
+    """The |param|value| table both training scripts write as text at the start of a run."""
+    tag = "hyperparameters/text_summary"
+    if tag not in acc.Tags()["tensors"]:
+        return {}
+    text = acc.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+    rows = [line.strip().strip("|").split("|", 1) for line in text.splitlines()[2:]]
+    return {r[0]: r[1] for r in rows if len(r) == 2}
+
+
+def find_runs(paths, last_n):
+    """Every run folder under the paths: DL runs (metrics.json), DRL runs (eval.json, or TensorBoard events of a
+    ppo_camal_vizdoom.py run without it), and the folders that were seen but cannot be used (with the reason)."""
+    dl, drl, skipped = [], [], []
+    for root in paths:
+        if not os.path.isdir(root):
+            raise StatsError(f"{root} is not a folder")
+        for d, subdirs, files in os.walk(root):
+            subdirs.sort()
+            events = sorted(f for f in files if f.startswith("events.out.tfevents."))
+            if "metrics.json" in files:
+                path = os.path.join(d, "metrics.json")
+                m = load_json(path)
+                if not isinstance(m, dict) or DL_KEYS - set(m):
+                    raise StatsError(f"{path} is not a metrics.json of train_dl_camal.py (it needs {sorted(DL_KEYS)})")
+                run = dict(m, dir=d, mtime=os.path.getmtime(path))
+                faith = os.path.join(d, "faithfulness.json")
+                run["faithfulness"] = faith if os.path.isfile(faith) else None
+                dl.append(run)
+            elif "eval.json" in files:
+                path = os.path.join(d, "eval.json")
+                e = load_json(path)
+                if not isinstance(e, dict) or DRL_KEYS - set(e):
+                    raise StatsError(f"{path} is not an eval.json of ppo_camal_vizdoom.py (it needs {sorted(DRL_KEYS)})")
+                drl.append({"dir": d, "env": e["env"], "method": e["method"], "seed": e["seed"], "mtime": os.path.getmtime(path),
+                            "total_timesteps": e.get("total_timesteps"),
+                            "return": e["mean_return"], "iou": e["mean_iou"],
+                            "source": f"eval.json ({len(e.get('episodic_returns', []))} evaluation episodes)"})
+            elif events:
+                acc = read_tensorboard(d)
+                hp = hyperparameters(acc)
+                if {"env", "method", "seed"} <= set(hp):
+                    drl.append(tensorboard_run(d, acc, hp, last_n, max(os.path.getmtime(os.path.join(d, f)) for f in events)))
+                elif "dataset" in hp:
+                    skipped.append({"run": d, "reason": "train_dl_camal.py run without metrics.json (unfinished?): not used"})
+                else:
+                    skipped.append({"run": d, "reason": "TensorBoard events of neither training script: not used"})
+    return dl, drl, skipped
+
+
+def tensorboard_run(d, acc, hp, last_n, mtime):
+    """A DRL run scored from its training curves: the mean of the last `last_n` values of each."""
+    run = {"dir": d, "env": hp["env"], "method": hp["method"], "seed": int(hp["seed"]), "mtime": mtime,
+           "total_timesteps": int(hp["total_timesteps"]) if hp.get("total_timesteps", "").isdigit() else None}
+    parts = []
+    for metric, (tag, _) in DRL_METRICS.items():
+        steps, values = scalar_series(acc, tag)
+        tail = values[-last_n:]
+        run[metric] = float(tail.mean()) if len(tail) else None
+        parts.append(f"last {len(tail)} of {len(values)} {tag}" + (f" (to step {int(steps[-1])})" if len(steps) else ""))
+    run["source"] = "TensorBoard: mean of the " + ", ".join(parts)
+    return run
+
+
+def newest(runs, key, label, incomplete):
+    """One run per key, the newest; older runs of the same key are listed as unused duplicates."""
+    chosen = {}
+    for r in sorted(runs, key=lambda r: (r["mtime"], r["dir"])):
+        k = key(r)
+        if k in chosen:
+            incomplete.append({"run": chosen[k]["dir"], "reason": f"duplicate {label(k)}; the newer {r['dir']} is used"})
+        chosen[k] = r
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# DL: folds paired between CAMAL and each baseline (Tables 1, 2, 3 and 5; Figure 5)
+# ---------------------------------------------------------------------------------------------
+def fold_label(k):
+    folds, split_seed, fold, seed = k
+    return f"fold {fold} of {folds} (split seed {split_seed}), seed {seed}"
+
+
+def dl_analysis(runs, args, incomplete, warnings_):
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["model"]), {}).setdefault(r["method"], []).append(r)
+    keys = sorted(groups, key=lambda g: (order(g[0], tuple(DATASET_NAMES)), order(g[1], tuple(MODEL_NAMES))))
+    summary, comparisons = [], []
+    for ds, model in keys:
+        methods = {}
+        for m in sorted(groups[ds, model], key=lambda m: order(m, tuple(METHOD_NAMES))):
+            methods[m] = newest(groups[ds, model][m], lambda r: (r["folds"], r["split_seed"], r["fold"], r["seed"]),
+                                lambda k, m=m: f"{ds}/{model}/{m} run for {fold_label(k)}", incomplete)
+            rs = list(methods[m].values())
+            summary.append({"dataset": ds, "model": model, "method": m, "runs": len(rs),
+                            **{metric: describe([r[metric] for r in rs if r[metric] is not None]) for metric in DL_METRICS}})
+        if "camal" not in methods:
+            incomplete.append({"run": f"{ds}/{model}", "reason": f"{', '.join(methods)} runs but no camal run to compare with"})
+            continue
+        cam = methods["camal"]
+        for base in BASELINES:
+            if base not in methods:
+                continue
+            other = methods[base]
+            for k in sorted(set(cam) - set(other)):
+                incomplete.append({"run": cam[k]["dir"], "reason": f"no {base} run for {fold_label(k)}: left out of camal vs {base}"})
+            for k in sorted(set(other) - set(cam)):
+                incomplete.append({"run": other[k]["dir"], "reason": f"no camal run for {fold_label(k)}: left out of camal vs {base}"})
+            paired = sorted(set(cam) & set(other))
+            if not paired:
+                continue
+            comp = {"dataset": ds, "model": model, "baseline": base,
+                    "pairs": [{"fold": k[2], "seed": k[3], "camal": cam[k]["dir"], base: other[k]["dir"]} for k in paired]}
+            for metric in DL_METRICS:
+                usable = [k for k in paired if cam[k][metric] is not None and other[k][metric] is not None]
+                for k in sorted(set(paired) - set(usable)):
+                    incomplete.append({"run": cam[k]["dir"], "reason": f"{metric} is null in one run of the pair for {fold_label(k)}"})
+                if usable:
+                    x, y = [cam[k][metric] for k in usable], [other[k][metric] for k in usable]
+                    comp[metric] = {"camal": describe(x), base: describe(y), "wilcoxon": wilcoxon_greater(x, y, args.significance)}
+            comp["faithfulness"] = faithfulness_pairs(cam, other, paired, base, incomplete)
+            epochs = sorted({r[k]["epochs"] for r in (cam, other) for k in paired if r[k].get("epochs") is not None})
+            if len(epochs) > 1:
+                warnings_.append({"run": f"{ds}/{model}", "reason": f"camal vs {base} pairs runs trained for different numbers of epochs {epochs}"})
+            comparisons.append(comp)
+    return summary, comparisons
+
+
+def faithfulness_pairs(cam, other, paired, base, incomplete):
+    """eval_faithfulness.py's per-sample AUCs and curves, pooled over the pairs where both runs have them."""
+    have = [k for k in paired if cam[k]["faithfulness"] and other[k]["faithfulness"]]
+    if not have:
+        return None
+    for k in paired:
+        if k not in have:
+            lacking = [r["dir"] for r in (cam[k], other[k]) if not r["faithfulness"]]
+            incomplete.append({"run": ", ".join(lacking), "reason": f"no faithfulness.json: {fold_label(k)} left out of the "
+                                                                      f"faithfulness of camal vs {base}"})
+    pooled = {}
+    for name, runs in (("camal", cam), (base, other)):
+        for k in have:
+            f = load_json(runs[k]["faithfulness"])
+            if not isinstance(f, dict) or "k" not in f or "samples" not in f:
+                raise StatsError(f"{runs[k]['faithfulness']} is not a faithfulness.json of eval_faithfulness.py")
+            pool_samples(pooled.setdefault(name, {"k": f["k"]}), f["k"], [s["attention"] for s in f["samples"]])
+    return pooled
+
+
+def pool_samples(pool, k, samples):
+    """Add per-sample AUCs and curves to a pool; curves of runs evaluated with other --steps go onto the pool's grid."""
+    for s in samples:
+        pool.setdefault("removal_auc", []).append(s["removal_auc"])
+        pool.setdefault("insertion_auc", []).append(s["insertion_auc"])
+        for curve in ("removal", "insertion"):
+            pool.setdefault(curve, []).append(np.interp(pool["k"], k, s[curve]).tolist())
+
+
+def faithfulness_summary(pooled, base):
+    """Mean, CI and the relative change of each AUC, and the mean curves."""
+    out = {}
+    for auc in ("removal_auc", "insertion_auc"):
+        c, b = describe(pooled["camal"][auc]), describe(pooled[base][auc])
+        out[auc] = {"camal": c, base: b, "relative_change_percent": 100 * (c["mean"] / b["mean"] - 1) if b["mean"] else float("nan")}
+    out["mean_curves"] = {m: {"k": pooled[m]["k"], **{c: np.mean(pooled[m][c], axis=0).tolist() for c in ("removal", "insertion")}}
+                          for m in ("camal", base)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DRL: score matrices, rliable's SBCI and probability of improvement (Figures 4 and 6)
+# ---------------------------------------------------------------------------------------------
+def rliable_estimate(scores, func, args):
+    """One rliable estimate; the global generator is seeded first, so each number repeats on its own."""
+    from rliable import library as rly
+
+    np.random.seed(args.seed)
+    point, interval = rly.get_interval_estimates(scores, func, reps=args.reps)
+    (name,) = point
+    return float(np.ravel(point[name])[0]), [float(v) for v in np.ravel(interval[name])]
+
+
+def aggregate_mean(scores):
+    from rliable import metrics
+
+    return np.array([metrics.aggregate_mean(scores)])
+
+
+def probability_of_improvement(scores_x, scores_y):
+    """rliable's metrics.probability_of_improvement (the paper's Eq. 6), vectorised.
+
+    Per task the same Mann-Whitney U / (n_x n_y) (ties count 1/2), then the mean over tasks. rliable calls scipy's
+    mannwhitneyu per task, about 1 ms a call: 50,000 resamples of 4 tasks took 4 minutes per estimate. This gives the
+    same numbers (tests/test_stats.py checks it against rliable's on random and tied scores) about 100x faster.
+    """
+    x, y = scores_x[:, None, :], scores_y[None, :, :]
+    u = (x > y).sum(axis=(0, 1)) + 0.5 * (x == y).sum(axis=(0, 1))
+    return np.mean(list(u / (scores_x.shape[0] * scores_y.shape[0])))
+
+
+def drl_analysis(runs, args, incomplete, warnings_):
+    chosen = newest(runs, lambda r: (r["env"], r["method"], r["seed"]), lambda k: f"{k[0]}/{k[1]} run with seed {k[2]}", incomplete)
+    runs = sorted(chosen.values(), key=lambda r: (order(r["env"], ENV_ORDER), order(r["method"], tuple(METHOD_NAMES)), r["seed"]))
+    methods = sorted({r["method"] for r in runs}, key=lambda m: order(m, tuple(METHOD_NAMES)))
+    envs_of = {m: {r["env"] for r in runs if r["method"] == m} for m in methods}
+    envs = sorted(set.intersection(*envs_of.values()), key=lambda e: order(e, ENV_ORDER))
+    for r in runs:
+        if r["env"] not in envs:
+            lacking = [m for m in methods if r["env"] not in envs_of[m]]
+            incomplete.append({"run": r["dir"], "reason": f"{r['env']} has no {', '.join(lacking)} run: left out of the DRL matrices"})
+    for e in envs:
+        steps = sorted({r["total_timesteps"] for r in runs if r["env"] == e and r.get("total_timesteps") is not None})
+        if len(steps) > 1:
+            warnings_.append({"run": e, "reason": f"runs of different lengths in this environment: total_timesteps {steps}"})
+    result = {"runs": [{k: r.get(k) for k in ("dir", "env", "method", "seed", "total_timesteps", "return", "iou", "source")} for r in runs],
+              "methods": methods, "envs": envs, "metrics": {}}
+    for metric in DRL_METRICS:
+        cells = {}
+        for m in methods:
+            for e in envs:
+                cell = [r for r in runs if (r["method"], r["env"]) == (m, e)]
+                for r in cell:
+                    if r[metric] is None:
+                        incomplete.append({"run": r["dir"], "reason": f"no {metric} value (no episode ended, or no object on screen): left out of the {metric} matrix"})
+                cells[m, e] = [r for r in cell if r[metric] is not None]
+        k = min((len(c) for c in cells.values()), default=0)
+        if k == 0 or not envs:
+            continue
+        for (m, e), cell in cells.items():
+            for r in cell[k:]:  # rliable's stratified bootstrap needs the same number of runs in every cell
+                incomplete.append({"run": r["dir"], "reason": f"{m}/{e} has more {metric} runs than the smallest cell ({k}): "
+                                                              f"the {k} lowest seeds are used, seed {r['seed']} is left out"})
+        raw = {m: np.array([[cells[m, e][i][metric] for e in envs] for i in range(k)]) for m in methods}  # runs x envs
+        res = {"k": k, "seeds": {m: {e: [r["seed"] for r in cells[m, e][:k]] for e in envs} for m in methods},
+               "raw": {m: raw[m].tolist() for m in methods}}
+        scores = raw
+        if metric == "return":  # min-max per environment over the runs in the matrices, so no env's scale dominates
+            stacked = np.concatenate([raw[m] for m in methods])
+            lo, hi = stacked.min(0), stacked.max(0)
+            span = np.where(hi > lo, hi - lo, 1.0)
+            scores = {m: np.where(hi > lo, (raw[m] - lo) / span, 0.0) for m in methods}
+            res["normalisation"] = {e: [float(a), float(b)] for e, a, b in zip(envs, lo, hi)}
+            res["normalised"] = {m: scores[m].tolist() for m in methods}
+        res["per_env"] = {m: {e: describe(raw[m][:, j].tolist()) for j, e in enumerate(envs)} for m in methods}
+        res["sbci_mean"] = {}
+        for m in methods:
+            point, ci = rliable_estimate({m: scores[m]}, aggregate_mean, args)
+            res["sbci_mean"][m] = {"mean": point, "ci95": ci}
+        res["poi"] = {}
+        if "camal" in methods:
+            for y in methods:
+                if y == "camal":
+                    continue
+                point, ci = rliable_estimate({f"camal,{y}": (scores["camal"], scores[y])}, probability_of_improvement, args)
+                # with one run per environment the bootstrap has nothing to resample: a zero-width CI is no evidence
+                res["poi"][y] = {"p": point, "ci95": ci, "significant": bool(k > 1 and point > 0.5 and ci[0] > 0.5)}
+        result["metrics"][metric] = res
+    return result
+
+
+def learning_curves(runs, points):
+    """Per environment and method: training curves on a common step grid, mean and 95 % band over runs.
+
+    Each run's values are averaged within the grid's bins (a bin without a value keeps the last one); the grid ends at
+    the shortest run's last step, so every point averages the same runs."""
+    curves = {}
+    for r in runs:
+        r["acc"] = r.get("acc") or read_tensorboard(r["dir"])
+    for metric, (tag, _) in DRL_METRICS.items():
+        for env in sorted({r["env"] for r in runs}, key=lambda e: order(e, ENV_ORDER)):
+            series = [(r, *scalar_series(r["acc"], tag)) for r in runs if r["env"] == env]
+            series = [s for s in series if len(s[1])]
+            if not series:
+                continue
+            end = min(s[1][-1] for s in series)
+            edges = np.linspace(0, end, points + 1)
+            for m in sorted({s[0]["method"] for s in series}, key=lambda m: order(m, tuple(METHOD_NAMES))):
+                rows = []
+                for r, steps, values in series:
+                    if r["method"] != m:
+                        continue
+                    idx = np.searchsorted(edges, steps, side="left")  # bin i holds steps in (edges[i-1], edges[i]]
+                    row, last = np.full(points, np.nan), np.nan
+                    for i in range(1, points + 1):
+                        sel = values[idx == i] if i > 1 else values[idx <= 1]
+                        last = sel.mean() if len(sel) else last
+                        row[i - 1] = last
+                    rows.append(row)
+                rows = np.array(rows)
+                n = np.sum(~np.isnan(rows), axis=0)
+                with warnings.catch_warnings():  # points before a run's first value are NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(rows, axis=0)
+                    std = np.where(n > 1, np.nanstd(rows, axis=0, ddof=1), 0.0)
+                band = 1.96 * std / np.sqrt(np.maximum(n, 1))
+                curves.setdefault(metric, {}).setdefault(env, {})[m] = {
+                    "steps": edges[1:].tolist(), "mean": mean.tolist(), "band": band.tolist(), "runs": len(rows)}
+    return curves
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+def pct(d, mark=""):
+    """mean +- std in %, as the paper prints accuracy and IoU; mark: bold (significant) or underline (higher only)."""
+    if d is None or not d["n"]:
+        return "—"
+    text = f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}" if d["n"] > 1 else f"{100 * d['mean']:.1f}"
+    return {"significant": f"**{text}**", "higher, not significant": f"<u>{text}</u>"}.get(mark, text)
+
+
+def ci_text(d, scale=100.0, digits=1):
+    lo, hi = d["ci95"]
+    return "—" if lo != lo else f"[{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
+def markdown(table):
+    lines = [f"### {table['title']}", ""]
+    lines.append("| " + " | ".join(table["header"]) + " |")
+    lines.append("|" + "|".join("---" for _ in table["header"]) + "|")
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]]
+    lines += [""] + [f"{n}" for n in table.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def dl_tables(summary, comparisons, significance):
+    tables = []
+    if summary:
+        rows = [[DATASET_NAMES.get(s["dataset"], s["dataset"]), MODEL_NAMES.get(s["model"], s["model"]), method_name(s["method"]),
+                 s["runs"], pct(s["test_accuracy"]), pct(s["test_iou"])] for s in summary]
+        csv_rows = [[s["dataset"], s["model"], s["method"], s["runs"], *[s[m][f] for m in ("test_accuracy", "test_iou") for f in ("mean", "std")]]
+                    for s in summary]
+        tables.append({"name": "dl_runs", "title": "DL runs: every run found, per method (% mean ± std)",
+                       "header": ["Dataset", "Model", "Method", "Runs", "Test accuracy", "Test IoU"], "rows": rows,
+                       "csv_header": ["dataset", "model", "method", "runs", "accuracy_mean", "accuracy_std", "iou_mean", "iou_std"],
+                       "csv_rows": csv_rows})
+    for base in BASELINES:
+        for metric in DL_METRICS:
+            comps = [c for c in comparisons if c["baseline"] == base and metric in c]
+            if not comps:
+                continue
+            datasets = sorted({c["dataset"] for c in comps}, key=lambda d: order(d, tuple(DATASET_NAMES)))
+            models = sorted({c["model"] for c in comps}, key=lambda m: order(m, tuple(MODEL_NAMES)))
+            header = ["Model"] + [f"{DATASET_NAMES.get(d, d)} {n}" for d in datasets for n in ("CAMAL", method_name(base))]
+            rows = []
+            for model in models:
+                row = [MODEL_NAMES.get(model, model)]
+                for d in datasets:
+                    c = next((c for c in comps if (c["dataset"], c["model"]) == (d, model)), None)
+                    row += [pct(c[metric]["camal"], c[metric]["wilcoxon"]["verdict"]), pct(c[metric][base])] if c else ["—", "—"]
+                rows.append(row)
+            paper = PAPER_TABLE.get((metric, base))
+            title = f"{DL_METRICS[metric]}: CAMAL vs {method_name(base)}" + (f" (the paper's {paper})" if paper else "")
+            notes = [f"% mean ± std over the paired folds. **Bold**: CAMAL's mean is higher and the one-tailed Wilcoxon signed-rank "
+                     f"test (H1: CAMAL > baseline) gives p < {significance:g}; <u>underlined</u>: higher, not significant."]
+            detail_rows, csv_rows = [], []
+            for c in comps:
+                a, b, w = c[metric]["camal"], c[metric][base], c[metric]["wilcoxon"]
+                detail_rows.append([DATASET_NAMES.get(c["dataset"], c["dataset"]), MODEL_NAMES.get(c["model"], c["model"]), a["n"],
+                                    f"{pct(a)} {ci_text(a)}", f"{pct(b)} {ci_text(b)}", f"{w['T']:g}", f"{w['p']:.4g}", w["verdict"]])
+                csv_rows.append([c["dataset"], c["model"], a["n"], a["mean"], a["std"], *a["ci95"], b["mean"], b["std"], *b["ci95"],
+                                 w["r_plus"], w["T"], w["p"], w["verdict"]])
+            # the paper's layout, then every number of its tests (the CSV holds them all)
+            tables.append({"name": f"dl_{metric}_camal_vs_{base}", "title": title, "header": header, "rows": rows, "notes": notes,
+                           "csv_header": ["dataset", "model", "pairs", "camal_mean", "camal_std", "camal_ci_low", "camal_ci_high",
+                                          f"{base}_mean", f"{base}_std", f"{base}_ci_low", f"{base}_ci_high", "r_plus", "T", "p", "result"],
+                           "csv_rows": csv_rows})
+            tables.append({"name": None, "title": f"{title}: tests",
+                           "header": ["Dataset", "Model", "Pairs", "CAMAL % [95 % CI]", f"{method_name(base)} % [95 % CI]", "T", "p (one-tailed)", "Result"],
+                           "rows": detail_rows,
+                           "notes": ["T = min(R+, R-) as in the paper's Eq. 5; p from scipy.stats.wilcoxon(camal, baseline, alternative='greater'). "
+                                     "CI: mean ± 1.96 standard errors."]})
+    return tables
+
+
+def merge_pools(pools):
+    out = {"k": pools[0]["k"]}
+    keys = ("removal_auc", "insertion_auc", "removal", "insertion")
+    for p in pools:
+        pool_samples(out, p["k"], [dict(zip(keys, v)) for v in zip(*(p[key] for key in keys))])
+    return out
+
+
+def faithfulness_tables(comparisons):
+    """Per baseline: a table of AUCs per model-dataset pair and pooled over all of them (as the paper's Figure 5)."""
+    tables, results, curves = [], {}, {}
+    for base in BASELINES:
+        comps = [c for c in comparisons if c["baseline"] == base and c["faithfulness"]]
+        if not comps:
+            continue
+        entries = [(c["dataset"], c["model"], c["faithfulness"]) for c in comps]
+        if len(comps) > 1:
+            entries.append(("all", "all", {m: merge_pools([c["faithfulness"][m] for c in comps]) for m in ("camal", base)}))
+        curves[base] = entries[-1][2]
+        rows, csv_rows, results[base] = [], [], []
+        for ds, model, pooled in entries:
+            s = faithfulness_summary(pooled, base)
+            results[base].append({"dataset": ds, "model": model, **s})
+            r, i = s["removal_auc"], s["insertion_auc"]
+            fmt = lambda d: f"{d['mean']:.4f} {ci_text(d, 1.0, 4)}"  # noqa: E731
+            rows.append([DATASET_NAMES.get(ds, ds), MODEL_NAMES.get(model, model), f"{r['camal']['n']} / {r[base]['n']}", fmt(r["camal"]),
+                         fmt(r[base]), f"{r['relative_change_percent']:+.1f} %", fmt(i["camal"]), fmt(i[base]), f"{i['relative_change_percent']:+.1f} %"])
+            csv_rows.append([ds, model, r["camal"]["n"], r[base]["n"], r["camal"]["mean"], *r["camal"]["ci95"], r[base]["mean"], *r[base]["ci95"],
+                             r["relative_change_percent"], i["camal"]["mean"], *i["camal"]["ci95"], i[base]["mean"], *i[base]["ci95"],
+                             i["relative_change_percent"]])
+        b = method_name(base)
+        tables.append({"name": f"dl_faithfulness_camal_vs_{base}", "title": f"Faithfulness AUCs: CAMAL vs {b} (eval_faithfulness.py)",
+                       "header": ["Dataset", "Model", "Samples", "Removal CAMAL [95 % CI]", f"Removal {b}", "Change", "Insertion CAMAL",
+                                  f"Insertion {b}", "Change"],
+                       "rows": rows,
+                       "notes": ["Per-sample AUCs pooled over the paired folds that both have faithfulness.json. Removal: lower is better; "
+                                 "insertion: higher is better. Change: CAMAL's mean relative to the baseline's "
+                                 "(the paper, against Prior: -39 % removal, +35.3 % insertion)."],
+                       "csv_header": ["dataset", "model", "camal_samples", f"{base}_samples", "removal_camal", "removal_camal_ci_low",
+                                      "removal_camal_ci_high", f"removal_{base}", f"removal_{base}_ci_low", f"removal_{base}_ci_high",
+                                      "removal_change_percent", "insertion_camal", "insertion_camal_ci_low", "insertion_camal_ci_high",
+                                      f"insertion_{base}", f"insertion_{base}_ci_low", f"insertion_{base}_ci_high", "insertion_change_percent"],
+                       "csv_rows": csv_rows})
+    return tables, results, curves
+
+
+def drl_tables(drl, args):
+    tables = []
+    rows = [[r["env"], method_name(r["method"]), r["seed"], "—" if r["return"] is None else f"{r['return']:.2f}",
+             "—" if r["iou"] is None else f"{r['iou']:.3f}", r["source"]] for r in drl["runs"]]
+    tables.append({"name": "drl_runs", "title": "DRL runs: the score of every run and where it comes from",
+                   "header": ["Env", "Method", "Seed", "Return", "IoU", "Source"], "rows": rows,
+                   "csv_header": ["env", "method", "seed", "return", "iou", "source", "run"],
+                   "csv_rows": [[r["env"], r["method"], r["seed"], r["return"], r["iou"], r["source"], r["dir"]] for r in drl["runs"]]})
+    for metric, res in drl["metrics"].items():
+        label = "return" if metric == "return" else "attention IoU"
+        figure = DRL_METRICS[metric][1]
+        per_env = [[e, method_name(m), d["n"], f"{d['mean']:.3f}" + (f" ± {d['std']:.3f}" if d["n"] > 1 else "")]
+                   for e in drl["envs"] for m in drl["methods"] for d in [res["per_env"][m][e]]]
+        notes = [f"{res['k']} run{'s' if res['k'] > 1 else ''} per method and environment (the lowest seeds where a cell has more)."]
+        if res["k"] == 1:
+            notes.append("With one run per environment the bootstrap has nothing to resample: the CIs have zero width and "
+                         "say nothing about uncertainty, and no probability of improvement is called significant.")
+        if metric == "return":
+            notes.append("Returns are min-max normalised per environment over the runs in the matrices before aggregation (min -> 0, "
+                         "max -> 1; an environment where all are equal -> 0): "
+                         + ", ".join(f"{e} [{lo:g}, {hi:g}]" for e, (lo, hi) in res["normalisation"].items()) + ".")
+        notes.append(f"SBCI: rliable get_interval_estimates with the mean aggregate, {args.reps} stratified bootstrap resamples, "
+                     f"numpy seeded with {args.seed}.")
+        sbci = [[method_name(m), f"{res['k']} x {len(drl['envs'])}", f"{v['mean']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"]
+                for m, v in res["sbci_mean"].items()]
+        tables.append({"name": f"drl_{metric}_per_env", "title": f"DRL {label} per environment (raw, mean ± std)",
+                       "header": ["Env", "Method", "Runs", label[0].upper() + label[1:]], "rows": per_env,
+                       "csv_header": ["env", "method", "runs", "mean", "std"],
+                       "csv_rows": [[e, m, res["per_env"][m][e]["n"], res["per_env"][m][e]["mean"], res["per_env"][m][e]["std"]]
+                                    for e in drl["envs"] for m in drl["methods"]]})
+        tables.append({"name": f"drl_{metric}_sbci", "title": f"DRL {label}: SBCI of the mean (the paper's {figure}, left)",
+                       "header": ["Method", "Runs x envs", "Mean" + (" (normalised)" if metric == "return" else ""), "95 % CI"],
+                       "rows": sbci, "notes": notes,
+                       "csv_header": ["method", "runs", "envs", "mean", "ci_low", "ci_high"],
+                       "csv_rows": [[m, res["k"], len(drl["envs"]), v["mean"], *v["ci95"]] for m, v in res["sbci_mean"].items()]})
+        if res["poi"]:
+            tables.append({"name": f"drl_{metric}_poi", "title": f"DRL {label}: probability of improvement (the paper's {figure}, right)",
+                           "header": ["X", "Y", "P(X > Y)", "95 % CI", "Result"],
+                           "rows": [["CAMAL", method_name(y), f"{v['p']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]",
+                                     "significant" if v["significant"] else "not significant"] for y, v in res["poi"].items()],
+                           "notes": ["rliable probability_of_improvement (Mann-Whitney per environment, averaged; the paper's Eq. 6) with "
+                                     "its stratified bootstrap CI. Significant when P > 0.5 and 0.5 is outside the CI."],
+                           "csv_header": ["x", "y", "p", "ci_low", "ci_high", "significant"],
+                           "csv_rows": [["camal", y, v["p"], *v["ci95"], v["significant"]] for y, v in res["poi"].items()]})
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+def plot_drl(drl, curves, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import plot_utils
+
+    written = []
+    metrics_ = [m for m in DRL_METRICS if m in drl["metrics"]]
+    labels = {"return": "Return (min-max normalised)", "iou": "Attention IoU"}
+    if metrics_:
+        point = {method_name(m): np.array([drl["metrics"][x]["sbci_mean"][m]["mean"] for x in metrics_]) for m in drl["methods"]}
+        interval = {method_name(m): np.array([drl["metrics"][x]["sbci_mean"][m]["ci95"] for x in metrics_]).T for m in drl["methods"]}
+        fig, _ = plot_utils.plot_interval_estimates(point, interval, metric_names=[labels[x] for x in metrics_],
+                                                    algorithms=list(point), xlabel="Mean (SBCI, 95 % CI)",
+                                                    row_height=0.6, subfigure_width=4.0, xlabel_y_coordinate=-0.35)
+        fig.savefig(os.path.join(out, "drl_interval_estimates.png"), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append("drl_interval_estimates.png")
+    poi = [x for x in metrics_ if drl["metrics"][x]["poi"]]
+    if poi:
+        fig, axes = plt.subplots(1, len(poi), figsize=(5 * len(poi), 3), squeeze=False)
+        for ax, x in zip(axes[0], poi):
+            res = drl["metrics"][x]["poi"]
+            plot_utils.plot_probability_of_improvement({f"CAMAL,{method_name(y)}": v["p"] for y, v in res.items()},
+                                                       {f"CAMAL,{method_name(y)}": np.array(v["ci95"]) for y, v in res.items()},
+                                                       ax=ax, xlabel=f"P(X > Y), {labels[x]}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "drl_probability_of_improvement.png"), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append("drl_probability_of_improvement.png")
+    envs = sorted({e for c in curves.values() for e in c}, key=lambda e: order(e, ENV_ORDER))
+    if envs:
+        fig, axes = plt.subplots(len(envs), 2, figsize=(10, 3 * len(envs)), squeeze=False)
+        for row, env in zip(axes, envs):
+            for ax, metric in zip(row, DRL_METRICS):
+                drawn = curves.get(metric, {}).get(env, {})
+                for m, c in drawn.items():
+                    mean, band = np.array(c["mean"]), np.array(c["band"])
+                    few = np.count_nonzero(~np.isnan(mean)) < 2  # a single value: a marker, not an invisible line
+                    ax.plot(c["steps"], mean, marker="o" if few else None, label=f"{method_name(m)} ({c['runs']} run{'s' if c['runs'] > 1 else ''})")
+                    ax.fill_between(c["steps"], mean - band, mean + band, alpha=0.2)
+                ax.set_title(f"{env}: {DRL_METRICS[metric][0]}")
+                ax.set_xlabel("global step")
+                if drawn:
+                    ax.legend(fontsize=8)
+                else:
+                    ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "drl_learning_curves.png"), dpi=100)
+        plt.close(fig)
+        written.append("drl_learning_curves.png")
+    return written
+
+
+def plot_faithfulness(curves, out):
+    """Removal and insertion curves with 95 % bands, pooled over every model-dataset pair (the paper's Figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for base, pooled in curves.items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, curve in zip(axes, ("removal", "insertion")):
+            for m in ("camal", base):
+                grid, c = 100 * np.asarray(pooled[m]["k"]), np.array(pooled[m][curve])
+                mean = c.mean(0)
+                band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
+                ax.plot(grid, mean, label=f"{method_name(m)} ({len(c)} samples)")
+                ax.fill_between(grid, mean - band, mean + band, alpha=0.2)
+            ax.set_title(f"{curve} of the top k % attended pixels")
+            ax.set_xlabel("k (%)")
+        axes[0].set_ylabel("probability of the true class")
+        axes[1].legend()
+        fig.tight_layout()
+        name = f"dl_faithfulness_camal_vs_{base}.png"
+        fig.savefig(os.path.join(out, name), dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def check_args(args):
+    if not args.paths:
+        raise StatsError("give one or more folders to search for runs (e.g. runs/)")
+    if args.reps < 1:
+        raise StatsError(f"--reps must be at least 1, got {args.reps}")
+    if args.last_n < 1:
+        raise StatsError(f"--last-n must be at least 1, got {args.last_n}")
+    if not 0 < args.significance < 1:
+        raise StatsError(f"--significance must be between 0 and 1, got {args.significance}")
+    if args.curve_points < 2:
+        raise StatsError(f"--curve-points must be at least 2, got {args.curve_points}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise StatsError(f"--out {args.out} exists and is not a folder")
+
+
+def analyse(args):
+    """Every number of the analysis, and the tables that show them."""
+    check_args(args)
+    dl_runs, drl_runs, skipped = find_runs(args.paths, args.last_n)
+    if not dl_runs and not drl_runs:
+        seen = f" ({len(skipped)} folders with TensorBoard events but no usable run)" if skipped else ""
+        raise StatsError(f"no runs of train_dl_camal.py or ppo_camal_vizdoom.py under {', '.join(args.paths)}{seen}: "
+                         "a run folder holds metrics.json (DL), eval.json or the TensorBoard events of a PPO run")
+    incomplete, warnings_ = [], []
+    summary, comparisons = dl_analysis(dl_runs, args, incomplete, warnings_) if dl_runs else ([], [])
+    drl = drl_analysis(drl_runs, args, incomplete, warnings_) if drl_runs else None
+    tables = dl_tables(summary, comparisons, args.significance)
+    faith_tables, faithfulness, curves = faithfulness_tables(comparisons)
+    tables += faith_tables
+    if drl:
+        tables += drl_tables(drl, args)
+    stats = {"args": asdict(args), "dl": {"runs": len(dl_runs), "summary": summary, "comparisons": [
+        {k: v for k, v in c.items() if k != "faithfulness"} for c in comparisons], "faithfulness": faithfulness},
+        "drl": drl, "incomplete": incomplete, "warnings": warnings_, "skipped": skipped}
+    return stats, tables, curves, drl_runs
+
+
+def report(stats, tables):
+    parts = ["# CAMAL statistics", ""]
+    parts += [markdown(t) for t in tables]
+    for title, items in (("Incomplete: listed, left out of the tests above", stats["incomplete"]),
+                         ("Warnings: used, but check the settings", stats["warnings"]), ("Skipped folders", stats["skipped"])):
+        if items:
+            parts += [f"### {title}", ""] + [f"- {i['run']}: {i['reason']}" for i in items] + [""]
+    return "\n".join(parts)
+
+
+def write_outputs(args, stats, tables, curves, drl_runs):
+    os.makedirs(args.out, exist_ok=True)
+    written = ["stats.json"]
+    for t in tables:
+        if "csv_rows" in t:
+            with open(os.path.join(args.out, f"{t['name']}.csv"), "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(t["csv_header"])
+                w.writerows(clean(t["csv_rows"]))
+            written.append(f"{t['name']}.csv")
+    if stats["drl"]:
+        runs = [r for r in drl_runs if r["dir"] in {x["dir"] for x in stats["drl"]["runs"]}]
+        stats["drl"]["learning_curves"] = learning_curves(runs, args.curve_points)
+        written += plot_drl(stats["drl"], stats["drl"]["learning_curves"], args.out)
+    written += plot_faithfulness(curves, args.out)
+    with open(os.path.join(args.out, "stats.json"), "w") as f:
+        json.dump(clean(stats), f, indent=1, allow_nan=False)
+    return written
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        stats, tables, curves, drl_runs = analyse(args)
+    except StatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(report(stats, tables))
+    if args.out:
+        written = write_outputs(args, stats, tables, curves, drl_runs)
+        print(f"written to {args.out}/: {', '.join(written)}")

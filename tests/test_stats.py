@@ -1,0 +1,299 @@
+"""stats.py on run folders written with known numbers, checked against scipy and rliable called directly."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from conftest import load_script, read_events, run_script
+
+REPS = 1000  # enough to exercise the bootstrap; the equality checks below do not depend on it
+
+
+@pytest.fixture(scope="module")
+def st():
+    return load_script("stats")
+
+
+def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, faithfulness=None, epochs=2):
+    run = root / f"{dataset}__{model}__{method}__fold{fold}__{seed}__0"
+    run.mkdir(parents=True)
+    metrics = {"dataset": dataset, "model": model, "method": method, "fold": fold, "folds": folds, "seed": seed, "split_seed": 0,
+               "test_accuracy": acc, "test_iou": iou, "epochs": epochs, "run_name": run.name}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    if faithfulness is not None:  # (removal AUCs, insertion AUCs) per sample, with straight-line curves on 3 points
+        k = [0.0, 0.5, 1.0]
+        samples = [{"label": 0, "attention": {"removal": [1.0, 2 * r - 1.0, 0.0], "insertion": [0.0, 2 * i - 0.5, 1.0],
+                                              "removal_auc": r, "insertion_auc": i}} for r, i in zip(*faithfulness)]
+        (run / "faithfulness.json").write_text(json.dumps({"k": k, "samples": samples, "method": method}))
+    return run
+
+
+def write_drl(root, env, method, seed, ret, iou, total_timesteps=1000):
+    run = root / f"{env}__ppo_camal_vizdoom__{method}__{seed}__0"
+    run.mkdir(parents=True)
+    (run / "eval.json").write_text(json.dumps({"env": env, "method": method, "seed": seed, "mean_return": ret, "mean_iou": iou,
+                                               "total_timesteps": total_timesteps,
+                                               "episodic_returns": [ret] * 4}))
+    return run
+
+
+def args_for(st, *paths, **kw):
+    return st.Args(paths=[str(p) for p in paths], reps=REPS, **kw)
+
+
+CAMAL_ACC = {"shapes": [0.80, 0.82, 0.85, 0.79, 0.90], "pets": [0.70, 0.60, 0.75, 0.72, 0.66]}
+VANILLA_ACC = {"shapes": [0.70, 0.75, 0.80, 0.74, 0.81], "pets": [0.71, 0.58, 0.70, 0.74, 0.65]}
+
+
+def dl_folder(root):
+    for ds in ("shapes", "pets"):
+        for fold in range(5):
+            write_dl(root, ds, "resnet18", "camal", fold, CAMAL_ACC[ds][fold], 0.5 + 0.01 * fold)
+            write_dl(root, ds, "resnet18", "vanilla", fold, VANILLA_ACC[ds][fold], 0.1 + 0.02 * fold)
+    for fold in range(4):  # prior misses fold 4
+        write_dl(root, "shapes", "resnet18", "prior", fold, 0.9, 0.2)
+    return root
+
+
+def test_dl_tests_match_scipy(st, tmp_path):
+    stats, tables, _, _ = st.analyse(args_for(st, dl_folder(tmp_path)))
+    comps = {(c["dataset"], c["baseline"]): c for c in stats["dl"]["comparisons"]}
+    assert set(comps) == {("shapes", "vanilla"), ("pets", "vanilla"), ("shapes", "prior")}
+    for ds in ("shapes", "pets"):
+        acc = comps[ds, "vanilla"]["test_accuracy"]
+        x, y = CAMAL_ACC[ds], VANILLA_ACC[ds]
+        ref = scipy.stats.wilcoxon(x, y, alternative="greater")
+        assert acc["wilcoxon"]["p"] == pytest.approx(ref.pvalue) and acc["wilcoxon"]["r_plus"] == ref.statistic
+        assert acc["camal"]["mean"] == pytest.approx(np.mean(x)) and acc["camal"]["std"] == pytest.approx(np.std(x, ddof=1))
+        half = 1.96 * np.std(y, ddof=1) / np.sqrt(5)
+        assert acc["vanilla"]["ci95"] == pytest.approx([np.mean(y) - half, np.mean(y) + half])
+    # shapes: every fold higher, exact p = 1/32 -> significant; pets: higher mean, p > 0.05
+    shapes, pets = comps["shapes", "vanilla"]["test_accuracy"]["wilcoxon"], comps["pets", "vanilla"]["test_accuracy"]["wilcoxon"]
+    assert shapes["p"] == pytest.approx(1 / 32) and shapes["verdict"] == "significant" and shapes["T"] == 0
+    assert pets["p"] > 0.05 and pets["verdict"] == "higher, not significant"
+    assert comps["shapes", "prior"]["test_accuracy"]["wilcoxon"]["verdict"] == "not higher"
+    assert comps["shapes", "prior"]["test_accuracy"]["camal"]["n"] == 4  # paired folds only
+    # the paper's layout: bold when significant, underlined when only higher
+    table = next(t for t in tables if t["name"] == "dl_test_accuracy_camal_vs_vanilla")
+    assert "Table 2" in table["title"]
+    assert table["header"] == ["Model", "Oxford-IIIT-Pet CAMAL", "Oxford-IIIT-Pet Vanilla", "Shapes CAMAL", "Shapes Vanilla"]
+    row = table["rows"][0]
+    assert row[3] == f"**{100 * np.mean(CAMAL_ACC['shapes']):.1f} ± {100 * np.std(CAMAL_ACC['shapes'], ddof=1):.1f}**"
+    assert row[1].startswith("<u>") and not row[2].startswith(("**", "<u>"))
+    # the fold prior lacks is listed, not dropped silently
+    assert any("no prior run for fold 4 of 5" in i["reason"] and "camal__fold4" in i["run"] for i in stats["incomplete"])
+
+
+def test_duplicates_and_missing_baseline_are_listed(st, tmp_path):
+    write_dl(tmp_path / "a", "busi", "vit_b_16", "camal", 0, 0.5, 0.4)
+    newer = write_dl(tmp_path / "b", "busi", "vit_b_16", "camal", 0, 0.6, 0.5)
+    os.utime(newer / "metrics.json", (2e9, 2e9))
+    write_dl(tmp_path, "busi", "vit_b_16", "vanilla", 0, 0.5, 0.1, epochs=3)
+    write_dl(tmp_path, "busi", "resnet18", "vanilla", 0, 0.5, 0.1)  # no camal run in this group
+    stats, _, _, _ = st.analyse(args_for(st, tmp_path))
+    (comp,) = stats["dl"]["comparisons"]
+    assert comp["test_accuracy"]["camal"]["values"] == [0.6]  # the newer duplicate
+    reasons = " ".join(f"{i['run']}: {i['reason']}" for i in stats["incomplete"])
+    assert "duplicate" in reasons and str(tmp_path / "a") in reasons
+    assert "busi/resnet18: vanilla runs but no camal run" in reasons
+    (warning,) = stats["warnings"]
+    assert "different numbers of epochs [2, 3]" in warning["reason"]
+
+
+def test_faithfulness_aucs(st, tmp_path):
+    cam = {0: ([0.2, 0.3], [0.7, 0.8]), 1: ([0.25], [0.75])}
+    base = {0: ([0.4, 0.5], [0.5, 0.6]), 1: ([0.45], [0.55])}
+    for fold in (0, 1, 2):
+        write_dl(tmp_path, "pets", "resnet18", "camal", fold, 0.8, 0.5, faithfulness=cam.get(fold))
+        write_dl(tmp_path, "pets", "resnet18", "prior", fold, 0.8, 0.1, faithfulness=base.get(fold))
+    stats, tables, curves, _ = st.analyse(args_for(st, tmp_path))
+    (res,) = stats["dl"]["faithfulness"]["prior"]
+    removal_c, removal_p = [0.2, 0.3, 0.25], [0.4, 0.5, 0.45]
+    assert res["removal_auc"]["camal"]["mean"] == pytest.approx(np.mean(removal_c))
+    assert res["removal_auc"]["relative_change_percent"] == pytest.approx(100 * (np.mean(removal_c) / np.mean(removal_p) - 1))
+    assert res["insertion_auc"]["prior"]["n"] == 3
+    assert res["mean_curves"]["camal"]["removal"] == pytest.approx([1.0, 2 * np.mean(removal_c) - 1.0, 0.0])
+    assert any("fold 2 of 5" in i["reason"] and "faithfulness" in i["reason"] for i in stats["incomplete"])
+    assert any(t["name"] == "dl_faithfulness_camal_vs_prior" for t in tables)
+
+
+def drl_folder(root):
+    rng = np.random.default_rng(0)
+    truth = {}
+    for env, scale in (("Basic", 100.0), ("TakeCover", 1000.0)):
+        for method, shift in (("camal", 0.3), ("vanilla", 0.0)):
+            for seed in (1, 2, 3):
+                ret, iou = scale * (rng.random() + shift), 0.1 + shift + 0.1 * rng.random()
+                truth[env, method, seed] = (ret, iou)
+                write_drl(root, env, method, seed, ret, iou)
+    write_drl(root, "Basic", "camal", 4, 50.0, 0.2, total_timesteps=500)  # one seed more than the other cells, and shorter
+    write_drl(root, "DefendLine", "camal", 1, 5.0, 0.2)  # an env without a vanilla run
+    return truth
+
+
+def test_drl_matches_rliable(st, tmp_path):
+    from rliable import library as rly, metrics
+
+    truth = drl_folder(tmp_path)
+    stats, tables, _, _ = st.analyse(args_for(st, tmp_path, seed=3))
+    drl = stats["drl"]
+    assert drl["envs"] == ["Basic", "TakeCover"] and drl["methods"] == ["camal", "vanilla"]
+    raw = {m: np.array([[truth[e, m, s][0] for e in drl["envs"]] for s in (1, 2, 3)]) for m in ("camal", "vanilla")}
+    lo, hi = np.minimum(raw["camal"].min(0), raw["vanilla"].min(0)), np.maximum(raw["camal"].max(0), raw["vanilla"].max(0))
+    norm = {m: (raw[m] - lo) / (hi - lo) for m in raw}
+    res = drl["metrics"]["return"]
+    assert np.array(res["normalised"]["camal"]) == pytest.approx(norm["camal"])
+    for m in ("camal", "vanilla"):
+        np.random.seed(3)
+        point, interval = rly.get_interval_estimates({m: norm[m]}, lambda s: np.array([metrics.aggregate_mean(s)]), reps=REPS)
+        assert res["sbci_mean"][m]["mean"] == pytest.approx(point[m][0])
+        assert res["sbci_mean"][m]["ci95"] == pytest.approx(np.ravel(interval[m]).tolist())
+    np.random.seed(3)  # rliable's own probability_of_improvement, to the same resamples
+    point, interval = rly.get_interval_estimates({"x": (norm["camal"], norm["vanilla"])}, metrics.probability_of_improvement, reps=REPS)
+    poi = res["poi"]["vanilla"]
+    assert poi["p"] == pytest.approx(point["x"]) and poi["ci95"] == pytest.approx(np.ravel(interval["x"]).tolist())
+    assert poi["significant"] == (point["x"] > 0.5 and np.ravel(interval["x"])[0] > 0.5)
+    # IoU is not normalised; every camal IoU beats every vanilla one, so P = 1 (Eq. 6)
+    iou = drl["metrics"]["iou"]
+    assert np.array(iou["raw"]["vanilla"]) == pytest.approx(np.array([[truth[e, "vanilla", s][1] for e in drl["envs"]] for s in (1, 2, 3)]))
+    assert iou["poi"]["vanilla"]["p"] == 1.0
+    reasons = " ".join(i["reason"] for i in stats["incomplete"])
+    assert "seed 4 is left out" in reasons and "DefendLine has no vanilla run" in reasons
+    assert [w["run"] for w in stats["warnings"]] == ["Basic"] and "total_timesteps [500, 1000]" in stats["warnings"][0]["reason"]
+    sbci = next(t for t in tables if t["name"] == "drl_return_sbci")
+    assert any("min-max normalised" in n and "TakeCover [" in n for n in sbci["notes"])
+
+
+def test_probability_of_improvement_equals_rliables(st):
+    from rliable import metrics
+
+    rng = np.random.default_rng(0)
+    for shape_x, shape_y in [((5, 4), (5, 4)), ((3, 2), (6, 2)), ((1, 1), (1, 1))]:
+        for _ in range(20):
+            x, y = rng.integers(0, 4, shape_x).astype(float), rng.integers(0, 4, shape_y).astype(float)  # many ties
+            assert st.probability_of_improvement(x, y) == metrics.probability_of_improvement(x, y)
+            x, y = rng.random(shape_x), rng.random(shape_y)
+            assert st.probability_of_improvement(x, y) == metrics.probability_of_improvement(x, y)
+    x = rng.random((5, 4))
+    assert st.probability_of_improvement(x, x.copy()) == 0.5 == metrics.probability_of_improvement(x, x.copy())
+
+
+def test_tensorboard_fallback(st, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "TakeCover__ppo_camal_vizdoom__vanilla__7__0"
+    writer = SummaryWriter(str(run))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n|env|TakeCover|\n|method|vanilla|\n|seed|7|")
+    returns = [float(v) for v in range(20)]
+    for i, v in enumerate(returns):
+        writer.add_scalar("charts/episodic_return", v, 100 * (i + 1))
+        writer.add_scalar("charts/attention_iou", v / 100, 100 * (i + 1))
+    writer.close()
+    write_drl(tmp_path, "TakeCover", "camal", 7, 30.0, 0.5)
+    stats, tables, _, _ = st.analyse(args_for(st, tmp_path, last_n=5))
+    (fallback,) = [r for r in stats["drl"]["runs"] if r["method"] == "vanilla"]
+    assert fallback["return"] == pytest.approx(np.mean(returns[-5:])) and fallback["iou"] == pytest.approx(np.mean(returns[-5:]) / 100)
+    assert "last 5 of 20 charts/episodic_return (to step 2000)" in fallback["source"]
+    runs_table = next(t for t in tables if t["name"] == "drl_runs")
+    assert any(row[5].startswith("TensorBoard") for row in runs_table["rows"])
+    # learning curves from the same events: the mean of each run's values in each bin of the step grid
+    curves = st.learning_curves([dict(r, dir=r["dir"]) for r in stats["drl"]["runs"] if r["method"] == "vanilla"], 4)
+    c = curves["return"]["TakeCover"]["vanilla"]
+    assert c["steps"] == [500, 1000, 1500, 2000] and c["mean"] == pytest.approx([2.0, 7.0, 12.0, 17.0]) and c["runs"] == 1
+
+
+def test_cli_repeats_and_writes_everything(tmp_path):
+    runs = tmp_path / "runs"
+    dl_folder(runs / "dl")
+    drl_folder(runs / "drl")
+    outs = []
+    for i in range(2):
+        proc = run_script("stats", [str(runs), "--reps", str(REPS), "--out", str(tmp_path / f"out{i}")], cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(proc.stdout)
+    assert outs[0].replace("out0", "out1") == outs[1]
+    assert "Table 2" in outs[0] and "probability of improvement" in outs[0] and "Incomplete" in outs[0]
+    a, b = (json.loads((tmp_path / f"out{i}" / "stats.json").read_text()) for i in range(2))
+    a["args"].pop("out"), b["args"].pop("out")
+    assert a == b
+    files = set(os.listdir(tmp_path / "out0"))
+    assert {"stats.json", "dl_test_accuracy_camal_vs_vanilla.csv", "dl_test_iou_camal_vs_prior.csv", "drl_return_sbci.csv",
+            "drl_iou_poi.csv", "drl_runs.csv", "drl_interval_estimates.png", "drl_probability_of_improvement.png"} <= files
+    csv_rows = (tmp_path / "out0" / "dl_test_accuracy_camal_vs_vanilla.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("dataset,model,pairs,camal_mean") and len(csv_rows) == 3
+
+
+def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
+    """stats.py over short real runs of both training scripts, with eval_faithfulness.py's AUCs."""
+    shapes_root, dl_runs, _ = shapes_runs  # shapes, resnet18: camal and vanilla on 3 folds
+    envs = ("Basic", "DefendLine", "DefendCenter", "TakeCover")
+    ppo = {(env, m): ppo_smoke_run(env, m) for env in envs for m in ("camal", "vanilla")}
+    assert all(proc.returncode == 0 for proc, _ in ppo.values())
+    crashed = tmp_path / "crashed"  # a run without eval.json, as a crash leaves it: scored from its TensorBoard events
+    shutil.copytree(ppo["TakeCover", "vanilla"][1] / "runs", crashed)
+    (crashed_run,) = crashed.iterdir()
+    (crashed_run / "eval.json").unlink()
+    paths = [shapes_root / "runs", crashed] + [cwd / "runs" for key, (_, cwd) in ppo.items() if key != ("TakeCover", "vanilla")]
+    proc = run_script("stats", [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--out", str(tmp_path / "out")],
+                      cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+
+    (comp,) = stats["dl"]["comparisons"]
+    assert (comp["dataset"], comp["model"], comp["baseline"], len(comp["pairs"])) == ("shapes", "resnet18", "vanilla", 3)
+    metrics = {m: [json.loads(open(f"{r}/metrics.json").read()) for r in dl_runs if f"__{m}__" in r] for m in ("camal", "vanilla")}
+    x, y = ([r["test_accuracy"] for r in sorted(metrics[m], key=lambda r: r["fold"])] for m in ("camal", "vanilla"))
+    acc = comp["test_accuracy"]
+    assert acc["camal"]["values"] == x and acc["vanilla"]["values"] == y
+    with np.errstate(invalid="ignore"):  # tiny models may tie on every fold: scipy then divides 0 by 0 and gives p = 1
+        assert acc["wilcoxon"]["p"] == pytest.approx(scipy.stats.wilcoxon(x, y, alternative="greater").pvalue)
+    faith = [json.loads(open(f"{r}/faithfulness.json").read()) for r in dl_runs if "__camal__" in r]
+    (res,) = stats["dl"]["faithfulness"]["vanilla"]
+    assert res["removal_auc"]["camal"]["mean"] == pytest.approx(np.mean([s["attention"]["removal_auc"] for f in faith for s in f["samples"]]))
+
+    drl = stats["drl"]
+    assert drl["envs"] == list(envs) and drl["methods"] == ["camal", "vanilla"]
+    (fallback,) = [r for r in drl["runs"] if r["source"].startswith("TensorBoard")]
+    assert (fallback["env"], fallback["method"], fallback["seed"]) == ("TakeCover", "vanilla", 2)
+    iou = [e.value for e in read_events(crashed_run).Scalars("charts/attention_iou")]
+    assert fallback["iou"] == pytest.approx(np.mean(iou[-3:]))
+    assert "iou" in drl["metrics"] and drl["metrics"]["iou"]["k"] == 1
+    assert not drl["metrics"]["iou"]["poi"]["vanilla"]["significant"]  # one run per env: a zero-width CI is no evidence
+    assert fallback["total_timesteps"] == 128
+    for name in ("drl_learning_curves.png", "dl_faithfulness_camal_vs_vanilla.png", "drl_interval_estimates.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drl["learning_curves"]["iou"]["TakeCover"]["vanilla"]["runs"] == 1
+    assert "TensorBoard: mean of the last" in proc.stdout and "Table 2" in proc.stdout
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
+    ("foreign", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
+    ("missing", "is not a folder"),
+    ("broken", "cannot be read as JSON"),
+    ("not_ours", "is not a metrics.json of train_dl_camal.py"),
+    ("reps", "--reps must be at least 1"),
+])
+def test_bad_input(tmp_path, case, message):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    extra = []
+    if case == "foreign":
+        (folder / "notes.txt").write_text("hello")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "data.json").write_text("{}")
+    elif case == "missing":
+        folder = tmp_path / "nowhere"
+    elif case == "broken":
+        (folder / "run").mkdir()
+        (folder / "run" / "metrics.json").write_text("{not json")
+    elif case == "not_ours":
+        (folder / "run").mkdir()
+        (folder / "run" / "metrics.json").write_text(json.dumps({"accuracy": 1.0}))
+    elif case == "reps":
+        extra = ["--reps", "0"]
+    proc = run_script("stats", [str(folder), *extra], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
