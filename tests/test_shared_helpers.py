@@ -1,5 +1,6 @@
 """Helpers are copied between scripts (CleanRL's way), never imported: every copy must match its original."""
 import ast
+import functools
 
 from conftest import ROOT
 
@@ -13,6 +14,7 @@ SHARED = [
 ]
 
 
+@functools.lru_cache(maxsize=None)  # each script parsed once: get_source_segment re-splits the source on every call
 def top_level_definitions(path):
     source = path.read_text()
     tree = ast.parse(source)
