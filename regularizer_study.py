@@ -33,7 +33,7 @@ class Args:
     data_dir: Optional[str] = None
     """the folder that holds the dataset's own folder (oxford-iiit-pet/, flowers-102/, Dataset_BUSI_with_GT/)"""
     levels: int = 10
-    """severity steps H_1..H_n per perturbation (at least 3, for a correlation)"""
+    """severity steps H_1..H_n per perturbation (3 to 200; a correlation needs at least 3)"""
     shift_max: float = 1.0
     """the largest shift, in multiples of the mask's extent along the shift direction (1: just no overlap)"""
     dilate_max: float = 1.0
@@ -402,8 +402,8 @@ def plot_figure9(path, mask, maps, resp, mean_resp, levels):
 
 
 def check_args(args):
-    if args.levels < 3:
-        raise ValueError(f"--levels must be at least 3 (a correlation needs three points), got {args.levels}")
+    if not 3 <= args.levels <= 200:
+        raise ValueError(f"--levels must lie in [3, 200] (a correlation needs three points; each level holds 3 maps per mask), got {args.levels}")
     if args.shift_max <= 0 or args.dilate_max <= 0:
         raise ValueError(f"--shift-max and --dilate-max must be positive, got {args.shift_max} and {args.dilate_max}")
     if args.max_images is not None and args.max_images < 1:

@@ -73,6 +73,8 @@ def mean_ci(values):
 
 def describe(values):
     """n, mean, standard deviation (ddof=1) and the 95 % CI (mean +- 1.96 SE) of a list of numbers."""
+    if not len(values):
+        return {"n": 0, "mean": float("nan"), "std": float("nan"), "ci95": [float("nan")] * 2, "values": []}
     mean, half = mean_ci(values)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
     return {"n": len(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": [float(v) for v in values]}
@@ -369,9 +371,9 @@ def drl_analysis(runs, args, incomplete, warnings_):
         res = {"k": k, "seeds": {m: {e: [r["seed"] for r in cells[m, e][:k]] for e in envs} for m in methods},
                "raw": {m: raw[m].tolist() for m in methods}}
         scores = raw
-        if metric == "return":  # min-max per environment over the runs in the matrices, so no env's scale dominates
-            stacked = np.concatenate([raw[m] for m in methods])
-            lo, hi = stacked.min(0), stacked.max(0)
+        if metric == "return":  # min-max per environment over all its runs (every method), so no env's scale dominates
+            every = [[r["return"] for r in runs if r["env"] == e and r["return"] is not None] for e in envs]
+            lo, hi = np.array([min(v) for v in every]), np.array([max(v) for v in every])
             span = np.where(hi > lo, hi - lo, 1.0)
             scores = {m: np.where(hi > lo, (raw[m] - lo) / span, 0.0) for m in methods}
             res["normalisation"] = {e: [float(a), float(b)] for e, a, b in zip(envs, lo, hi)}
@@ -399,6 +401,7 @@ def learning_curves(runs, points):
     Each run's values are averaged within the grid's bins (a bin without a value keeps the last one); the grid ends at
     the shortest run's last step, so every point averages the same runs."""
     curves = {}
+    print(f"learning curves: reading the TensorBoard events of {len(runs)} DRL runs", file=sys.stderr, flush=True)
     for r in runs:
         r["acc"] = r.get("acc") or read_tensorboard(r["dir"])
     for metric, (tag, _) in DRL_METRICS.items():
@@ -572,7 +575,7 @@ def drl_tables(drl, args):
             notes.append("With one run per environment the bootstrap has nothing to resample: the CIs have zero width and "
                          "say nothing about uncertainty, and no probability of improvement is called significant.")
         if metric == "return":
-            notes.append("Returns are min-max normalised per environment over the runs in the matrices before aggregation (min -> 0, "
+            notes.append("Returns are min-max normalised per environment over all its runs, of every method, before aggregation (min -> 0, "
                          "max -> 1; an environment where all are equal -> 0): "
                          + ", ".join(f"{e} [{lo:g}, {hi:g}]" for e, (lo, hi) in res["normalisation"].items()) + ".")
         notes.append(f"SBCI: rliable get_interval_estimates with the mean aggregate, {args.reps} stratified bootstrap resamples, "

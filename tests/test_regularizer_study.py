@@ -126,7 +126,8 @@ def test_busi_normal_masks_are_left_out_and_bad_input(tmp_path):
     proc = run_script("regularizer_study", ["--dataset", "busi", "--data-dir", str(tmp_path)], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "every mask of busi is empty" in proc.stderr and "Traceback" not in proc.stderr
     for args, message in (
-        (rs.Args(levels=2), "--levels must be at least 3"),
+        (rs.Args(levels=2), r"--levels must lie in \[3, 200\]"),
+        (rs.Args(levels=201), r"--levels must lie in \[3, 200\]"),
         (rs.Args(shift_max=0.0), "--shift-max and --dilate-max must be positive"),
         (rs.Args(max_images=0), "--max-images must be at least 1"),
     ):
