@@ -64,6 +64,7 @@ def method_name(m):
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------
+# copied unchanged from eval_faithfulness.py (tests/test_shared_helpers.py checks)
 def mean_ci(values):
     """Mean and the half-width of its 95 % confidence interval (1.96 standard errors)."""
     v = np.asarray(values, dtype=np.float64)
@@ -274,13 +275,14 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
             lacking = [r["dir"] for r in (cam[k], other[k]) if not r["faithfulness"]]
             incomplete.append({"run": ", ".join(lacking), "reason": f"no faithfulness.json: {fold_label(k)} left out of the "
                                                                       f"faithfulness of camal vs {base}"})
-    pooled = {}
+    pooled, grid = {}, None
     for name, runs in (("camal", cam), (base, other)):
         for k in have:
             f = load_json(runs[k]["faithfulness"])
             if not isinstance(f, dict) or "k" not in f or "samples" not in f:
                 raise StatsError(f"{runs[k]['faithfulness']} is not a faithfulness.json of eval_faithfulness.py")
-            pool_samples(pooled.setdefault(name, {"k": f["k"]}), f["k"], [s["attention"] for s in f["samples"]])
+            grid = f["k"] if grid is None else grid  # both methods on one grid, so their curves plot together
+            pool_samples(pooled.setdefault(name, {"k": grid}), f["k"], [s["attention"] for s in f["samples"]])
     return pooled
 
 
@@ -664,31 +666,36 @@ def plot_drl(drl, curves, out):
 
 def plot_faithfulness(curves, out):
     """Removal and insertion curves with 95 % bands, pooled over every model-dataset pair (the paper's Figure 5)."""
+    written = []
+    for base, pooled in curves.items():
+        name = f"dl_faithfulness_camal_vs_{base}.png"
+        plot_curves(os.path.join(out, name), np.asarray(pooled["camal"]["k"]), {method_name(m): pooled[m] for m in ("camal", base)})
+        written.append(name)
+    return written
+
+
+# copied unchanged from eval_faithfulness.py (tests/test_shared_helpers.py checks)
+def plot_curves(path, ks, groups):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for base, pooled in curves.items():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, curve in zip(axes, ("removal", "insertion")):
-            for m in ("camal", base):
-                grid, c = 100 * np.asarray(pooled[m]["k"]), np.array(pooled[m][curve])
-                mean = c.mean(0)
-                band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
-                ax.plot(grid, mean, label=f"{method_name(m)} ({len(c)} samples)")
-                ax.fill_between(grid, mean - band, mean + band, alpha=0.2)
-            ax.set_title(f"{curve} of the top k % attended pixels")
-            ax.set_xlabel("k (%)")
-        axes[0].set_ylabel("probability of the true class")
-        axes[1].legend()
-        fig.tight_layout()
-        name = f"dl_faithfulness_camal_vs_{base}.png"
-        fig.savefig(os.path.join(out, name), dpi=120)
-        plt.close(fig)
-        written.append(name)
-    return written
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, curve in zip(axes, ("removal", "insertion")):
+        for name, curves in groups.items():
+            c = np.array(curves[curve])
+            mean = c.mean(0)
+            band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
+            ax.plot(100 * ks, mean, label=name)
+            ax.fill_between(100 * ks, mean - band, mean + band, alpha=0.2)
+        ax.set_title(f"{curve} of the top k % attended pixels")
+        ax.set_xlabel("k (%)")
+    axes[0].set_ylabel("probability of the true class")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def check_args(args):
