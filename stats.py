@@ -188,7 +188,7 @@ def find_runs(paths, last_n):
 
 def tensorboard_run(d, acc, hp, last_n, mtime):
     """A DRL run scored from its training curves: the mean of the last `last_n` values of each."""
-    run = {"dir": d, "env": hp["env"], "method": hp["method"], "seed": int(hp["seed"]), "mtime": mtime,
+    run = {"dir": d, "env": hp["env"], "method": hp["method"], "seed": int(hp["seed"]), "mtime": mtime, "acc": acc,  # kept for the curves
            "total_timesteps": int(hp["total_timesteps"]) if hp.get("total_timesteps", "").isdigit() else None}
     parts = []
     for metric, (tag, _) in DRL_METRICS.items():
