@@ -16,7 +16,6 @@ import torchvision
 import tyro
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation, as in train_dl_camal.py
-CROP = 224
 
 
 @dataclass
@@ -29,23 +28,31 @@ class Args:
     """`random`: also score a random pixel ranking per sample, the floor every method must beat"""
     plot: Optional[str] = None
     """write removal and insertion curves per method, with 95 % bands, to this PNG"""
+    figures: Optional[str] = None
+    """write the paper's attention figures (Figures 3 and 10) to this folder: the same held-out samples with each method's CAM, and per method the pixel-wise mean and variance of the CAMs beside the masks'"""
+    figure_samples: int = 6
+    """rows of the side-by-side figure (samples spread over the classes)"""
     seed: int = 0
     """seed of the random ranking and of tie-breaking among equal attention values"""
     cuda: bool = True
     """use the GPU when there is one (the CPU otherwise)"""
+    tau: float = 0.7
+    """the threshold on H whose region the side-by-side figure outlines (train_dl_camal.py's --tau)"""
 
 
 # ---------------------------------------------------------------------------------------------
 # Grad-CAM and model helpers, copied unchanged (tests/test_shared_helpers.py checks)
 # ---------------------------------------------------------------------------------------------
-def grad_cam(activations, score, size, to_nchw=None):
+def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
 
     activations: the feature map in the graph that `score` was computed from.
     score: one target per sample (B or B x 1), e.g. the ground-truth logit or V(s).
     size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
-    when the model's layout differs. Returns B x H x W in [0, 1]; differentiable w.r.t. the
-    model's parameters when grad mode is on (create_graph), a plain measurement under no_grad.
+    when the model's layout differs. rectify: "relu" is Grad-CAM (Eq. 3); "abs" keeps the evidence that
+    lowers the score too, |sum_k w_k A_k|, so a map is empty only where no feature moves the score.
+    Returns B x H x W in [0, 1]; differentiable w.r.t. the model's parameters when grad mode is on
+    (create_graph), a plain measurement under no_grad.
     """
     # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
     grads = torch.autograd.grad(
@@ -55,7 +62,8 @@ def grad_cam(activations, score, size, to_nchw=None):
         activations, grads = to_nchw(activations), to_nchw(grads)
     activations, grads = activations.float(), grads.float()
     weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
-    cam = torch.relu((weights * activations).mean(dim=1))  # mean over k, as in Appendix C
+    cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
+    cam = torch.relu(cam) if rectify == "relu" else cam.abs()
     cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
     # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
     # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
@@ -195,17 +203,18 @@ def load_run(run_dir):
     if not isinstance(saved, dict) or not need <= set(saved):
         raise RunError(f"{run_dir}/model.pt is not a train_dl_camal.py model file of this version (it needs {sorted(need)})")
     pre = saved["preprocessing"]
-    if tuple(pre.get("mean", ())) != MEAN or tuple(pre.get("std", ())) != STD or pre.get("crop") != CROP:
+    crop = pre.get("crop")  # train_dl_camal.py's --image-size: 224 unless the run chose another
+    if tuple(pre.get("mean", ())) != MEAN or tuple(pre.get("std", ())) != STD or not isinstance(crop, int) or crop < 32:
         raise RunError(f"{run_dir}/model.pt was trained with other preprocessing ({pre}); this version expects "
-                       f"mean {MEAN}, std {STD}, crop {CROP}")
+                       f"mean {MEAN}, std {STD} and a crop of at least 32 pixels")
     try:
         model = CamModel(saved["architecture"], saved["num_classes"])
         model.net.load_state_dict(saved["state_dict"])
     except (AttributeError, RuntimeError) as e:
         raise RunError(f"{run_dir}/model.pt does not match {saved['architecture']} of this version: {str(e).splitlines()[0]}") from e
     samples = torch.load(os.path.join(run_dir, "faithfulness_samples.pt"), map_location="cpu", weights_only=False)
-    if samples["images"].dtype != torch.uint8 or samples["images"].shape[1:] != (3, CROP, CROP):
-        raise RunError(f"{run_dir}/faithfulness_samples.pt: expected uint8 images of 3 x {CROP} x {CROP}")
+    if samples["images"].dtype != torch.uint8 or samples["images"].shape[1:] != (3, crop, crop):
+        raise RunError(f"{run_dir}/faithfulness_samples.pt: expected uint8 images of 3 x {crop} x {crop} (model.pt's crop)")
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
     return model.eval(), samples, metrics
@@ -268,6 +277,86 @@ def plot_curves(path, ks, groups):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------
+# The paper's attention figures (Figures 3 and 10)
+# ---------------------------------------------------------------------------------------------
+def attention_figures(out, runs, rows, tau):
+    """Two PNGs from the evaluated runs: the same held-out samples with each method's CAM side by side, and per method the
+    pixel-wise mean and variance of its CAMs over all its samples beside the masks' own. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    # the same images: runs of different methods on the same fold and seed hold the same faithfulness samples
+    by_images = {}
+    for r in runs:
+        key = r["samples"]["images"].numpy().tobytes()
+        by_images.setdefault(key, {}).setdefault(r["method"], r)
+    shared = [g for g in by_images.values() if len(g) == len(methods)] or list(by_images.values())
+    picks = []  # (group, sample index), round-robin over the groups (folds) so the classes and folds spread
+    for i in range(max(len(next(iter(g.values()))["samples"]["labels"]) for g in shared)):
+        for g in shared:
+            if i < len(next(iter(g.values()))["samples"]["labels"]) and len(picks) < rows:
+                picks.append((g, i))
+    cols = ["image and mask"] + methods
+    fig, axes = plt.subplots(len(picks), len(cols), figsize=(2.2 * len(cols), 2.2 * len(picks)), squeeze=False)
+    for row, (g, i) in enumerate(picks):
+        first = next(iter(g.values()))["samples"]
+        image = first["images"][i].permute(1, 2, 0).numpy()
+        mask = first["masks"][i].numpy().astype(bool)
+        label = first["classes"][int(first["labels"][i])]
+        axes[row, 0].imshow(image)
+        axes[row, 0].contour(mask, levels=[0.5], colors="lime", linewidths=1.2)
+        axes[row, 0].set_ylabel(label)
+        for col, m in enumerate(methods, start=1):
+            ax = axes[row, col]
+            if m not in g:
+                ax.set_visible(False)
+                continue
+            cam = g[m]["cams"][i].numpy()
+            ax.imshow(image)
+            ax.imshow(cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+            inter, union = np.logical_and(cam > tau, mask).sum(), np.logical_or(cam > tau, mask).sum()
+            ax.set_xlabel(f"IoU {inter / max(union, 1):.2f}" + (" (CAM empty)" if cam.max() <= 0 else ""), fontsize=8)
+    for col, name in enumerate(cols):
+        axes[0, col].set_title(name)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"held-out samples: mask outlined in green, CAM in jet (IoU of CAM > {tau} with the mask)", fontsize=9)
+    fig.tight_layout()
+    paths = [os.path.join(out, "attention_samples.png")]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    # pixel-wise mean and variance over every sample of each method (pooled over its runs), and over the masks
+    stacks = {"masks": torch.cat([r["samples"]["masks"].float() for r in runs if r["method"] == methods[0]])}
+    for m in methods:
+        stacks[m] = torch.cat([r["cams"] for r in runs if r["method"] == m])
+    fig, axes = plt.subplots(2, len(stacks), figsize=(2.4 * len(stacks), 4.6), squeeze=False)
+    for col, (name, x) in enumerate(stacks.items()):
+        for row, (stat, v) in enumerate((("mean", x.mean(0)), ("variance", x.var(0, unbiased=False)))):
+            ax = axes[row, col]
+            im = ax.imshow(v.numpy(), cmap="viridis")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"{name} (n={len(x)})")
+            if col == 0:
+                ax.set_ylabel(stat)
+    fig.suptitle("pixel-wise mean and variance over the held-out samples: masks and each method's CAM", fontsize=9)
+    fig.tight_layout()
+    paths.append(os.path.join(out, "attention_mean_variance.png"))
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     try:
@@ -284,9 +373,16 @@ if __name__ == "__main__":
         sys.exit(2)
 
     groups = {}  # method -> pooled per-sample AUCs and curves over its runs (e.g. its folds)
+    figure_runs = []
     rng = np.random.default_rng(args.seed)
     for run, model, samples, metrics in loaded:
         ks, entries = evaluate_run(model.to(device), samples, args, device, rng)
+        if args.figures:
+            with torch.enable_grad():
+                labels = samples["labels"].to(device)
+                cams = torch.cat([class_cam(model, samples["images"][i : i + 8].to(device), labels[i : i + 8], False, nullcontext())[1].cpu()
+                                  for i in range(0, len(labels), 8)])
+            figure_runs.append({"method": metrics["method"], "samples": samples, "cams": cams})
         model.to("cpu")  # one model on the device at a time
         result = {"run": os.path.basename(os.path.normpath(run)), "method": metrics["method"], "model": metrics["model"],
                   "dataset": metrics["dataset"], "fold": metrics["fold"], "steps": args.steps, "k": ks.tolist(),
@@ -323,3 +419,6 @@ if __name__ == "__main__":
     if args.plot:
         plot_curves(args.plot, ks, groups)
         print(f"curves written to {args.plot}")
+    if args.figures:
+        for path in attention_figures(args.figures, figure_runs, args.figure_samples, args.tau):
+            print(f"figure written to {path}")

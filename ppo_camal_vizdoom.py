@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import cv2
 import gymnasium as gym
@@ -101,6 +101,10 @@ class Args:
     """lambda, the weight of the CAMAL loss (Eq. 2)"""
     tau: float = 0.7
     """the threshold on H for the attention IoU"""
+    cam: Literal["abs", "paper", "abs-target"] = "abs"
+    """the critic's CAM: abs = |mean_k w_k A_k| of V(s) (default: never empty, README); paper = ReLU(mean_k w_k A_k) of V(s), Eq. 3 exactly; abs-target = the paper's CAM of |V(s)|"""
+    collapse_patience: int = 5
+    """warn when over half the CAMs are empty (all zero) for this many iterations in a row"""
 
     # Logging, evaluation, checkpoints
     image_every: int = 50
@@ -111,6 +115,12 @@ class Args:
     """save a checkpoint every this many iterations (0: only when interrupted)"""
     resume: Optional[str] = None
     """a run folder (runs/{run_name}) to continue from its last checkpoint"""
+    figure: Optional[Tuple[str, str]] = None
+    """train nothing: draw the paper's Figure 11 from two run folders saved with --save-model (e.g. camal, then vanilla); the first run's policy plays, both agents' CAMs are drawn on the same frames"""
+    figure_frames: int = 4
+    """--figure: how many frames (with an object on screen) to draw, spread over the play"""
+    figure_out: Optional[str] = None
+    """--figure: the PNG to write (default: figure11_{env}.png)"""
 
     # to be filled in runtime
     batch_size: int = 0
@@ -125,14 +135,16 @@ class Args:
 # CAMAL helpers. Copied unchanged into the other scripts; tests/test_shared_helpers.py keeps the
 # copies identical.
 # ---------------------------------------------------------------------------------------------
-def grad_cam(activations, score, size, to_nchw=None):
+def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
 
     activations: the feature map in the graph that `score` was computed from.
     score: one target per sample (B or B x 1), e.g. the ground-truth logit or V(s).
     size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
-    when the model's layout differs. Returns B x H x W in [0, 1]; differentiable w.r.t. the
-    model's parameters when grad mode is on (create_graph), a plain measurement under no_grad.
+    when the model's layout differs. rectify: "relu" is Grad-CAM (Eq. 3); "abs" keeps the evidence that
+    lowers the score too, |sum_k w_k A_k|, so a map is empty only where no feature moves the score.
+    Returns B x H x W in [0, 1]; differentiable w.r.t. the model's parameters when grad mode is on
+    (create_graph), a plain measurement under no_grad.
     """
     # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
     grads = torch.autograd.grad(
@@ -142,7 +154,8 @@ def grad_cam(activations, score, size, to_nchw=None):
         activations, grads = to_nchw(activations), to_nchw(grads)
     activations, grads = activations.float(), grads.float()
     weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
-    cam = torch.relu((weights * activations).mean(dim=1))  # mean over k, as in Appendix C
+    cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
+    cam = torch.relu(cam) if rectify == "relu" else cam.abs()
     cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
     # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
     # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
@@ -356,13 +369,27 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden), feats
 
 
-def value_cam(agent, obs, size):
-    """Grad-CAM of V(s) for a batch of observations, as a measurement (no graph kept)."""
+def critic_cam(feats, value, size, cam):
+    """The critic's attention under --cam (see Args.cam); differentiable when grad mode is on."""
+    target = value
+    if cam == "abs-target":
+        with torch.enable_grad():  # in the graph also when the map is only measured (under no_grad)
+            target = value.abs()
+    return grad_cam(feats, target, size, rectify="abs" if cam == "abs" else "relu")
+
+
+def empty_cams(cam):
+    """Per sample, True where the CAM is zero everywhere: CAMAL has no gradient there and IoU says nothing."""
+    return cam.flatten(1).amax(1) <= 0
+
+
+def value_cam(agent, obs, size, cam):
+    """The critic's CAM for a batch of observations, as a measurement (no graph kept)."""
     with torch.enable_grad():
         feats = agent.get_features(obs)
         value = agent.critic(agent.head(feats))
         with torch.no_grad():
-            return grad_cam(feats, value, size)
+            return critic_cam(feats, value, size, cam)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,14 +422,15 @@ def evaluate(agent, envs, args, device, video_dir=None):
     """Play `eval_episodes` episodes with the trained policy (sampled actions) on the vector env.
 
     Env i plays a fixed quota of episodes (eval_episodes split over the envs) so that short episodes
-    are not favoured. Returns per-episode returns, lengths and mean attention IoU (None where no frame
-    of the episode had a valid mask).
+    are not favoured. Returns per-episode returns, lengths, mean attention IoU (None where no
+    frame of the episode had a valid mask) and the share of its frames whose CAM was empty.
     """
     size = (args.frame_height, args.frame_width)
     quota = [args.eval_episodes // args.num_envs + (i < args.eval_episodes % args.num_envs) for i in range(args.num_envs)]
     done_count = [0] * args.num_envs
     ret, length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
     iou_sum, iou_n = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
+    empty_n = np.zeros(args.num_envs, dtype=int)
     episodes, panels = [], []
     obs, _ = envs.reset(seed=args.seed + 1_000_003)
     while sum(done_count) < args.eval_episodes:
@@ -411,9 +439,9 @@ def evaluate(agent, envs, args, device, video_dir=None):
         with torch.enable_grad():
             action, _, _, value, feats = agent.get_action_and_value(frames)
             with torch.no_grad():
-                cam = grad_cam(feats, value, size)
+                cam = critic_cam(feats, value, size, args.cam)
         iou, valid = attention_iou(cam, mask, args.tau)
-        iou, valid = iou.cpu().numpy(), valid.cpu().numpy()
+        iou, valid, empty = iou.cpu().numpy(), valid.cpu().numpy(), empty_cams(cam).cpu().numpy()
         if video_dir is not None and done_count[0] < quota[0]:
             panels.append(attention_panel(obs["frames"][0, -1], obs["mask"][0], cam[0].cpu().numpy()))
         obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
@@ -421,15 +449,17 @@ def evaluate(agent, envs, args, device, video_dir=None):
         length += 1
         iou_sum += np.where(valid, iou, 0.0)
         iou_n += valid
+        empty_n += empty
         for i in np.flatnonzero(np.logical_or(term, trunc)):
             if done_count[i] < quota[i]:
                 ep_iou = float(iou_sum[i] / iou_n[i]) if iou_n[i] else None
-                episodes.append({"return": float(ret[i]), "length": int(length[i]), "attention_iou": ep_iou})
+                episodes.append({"return": float(ret[i]), "length": int(length[i]), "attention_iou": ep_iou,
+                                 "cam_empty_fraction": float(empty_n[i] / length[i])})
                 if i == 0 and video_dir is not None:
                     write_video(os.path.join(video_dir, f"eval-episode-{done_count[0]}.mp4"), panels, 35 / args.frame_skip)
                     panels = []
                 done_count[i] += 1
-            ret[i], length[i], iou_sum[i], iou_n[i] = 0.0, 0, 0.0, 0
+            ret[i], length[i], iou_sum[i], iou_n[i], empty_n[i] = 0.0, 0, 0.0, 0, 0
     return episodes
 
 
@@ -456,6 +486,94 @@ def save_checkpoint(path, agent, optimizer, args, iteration, global_step, episod
     os.replace(tmp, path)  # atomic: a crash while writing never leaves a broken checkpoint
 
 
+# ---------------------------------------------------------------------------------------------
+# The paper's Figure 11: two trained agents' attention on the same frames
+# ---------------------------------------------------------------------------------------------
+def load_saved_agent(run_dir):
+    """(Args, Agent) of a run saved with --save-model: args.json and the state dict (weights only: no code runs)."""
+    args_path = os.path.join(run_dir, "args.json")
+    if not os.path.isfile(args_path):
+        raise ValueError(f"{run_dir} is not a run folder of this script (no args.json)" if os.path.isdir(run_dir) else f"{run_dir} does not exist")
+    with open(args_path) as f:
+        saved = json.load(f)
+    run_args = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+    model_path = os.path.join(run_dir, f"{run_args.exp_name}.cleanrl_model")
+    if not os.path.isfile(model_path):
+        raise ValueError(f"{run_dir} has no {os.path.basename(model_path)}: train it with --save-model")
+    agent = Agent(len(vzd_buttons(run_args.env)), run_args.frame_stack, run_args.frame_height, run_args.frame_width)
+    try:
+        agent.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    except Exception as e:  # a file of another version or not a model at all: say which
+        raise ValueError(f"{model_path} is not a model of this script: {str(e).splitlines()[0]}") from e
+    return run_args, agent.eval()
+
+
+def vzd_buttons(env):
+    """The scenario's buttons, read from its config without starting the engine."""
+    game = vzd.DoomGame()
+    game.load_config(os.path.join(vzd.scenarios_path, SCENARIOS[env]))
+    return game.get_available_buttons()
+
+
+def attention_figure(args):
+    """Play the first run's policy, pick frames with objects on screen, and draw frame | mask | each run's CAM."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (args_a, agent_a), (args_b, agent_b) = (load_saved_agent(d) for d in args.figure)
+    for name in ("env", "frame_height", "frame_width", "frame_stack", "frame_skip"):
+        if getattr(args_a, name) != getattr(args_b, name):
+            raise ValueError(f"--figure: the runs differ in {name} ({getattr(args_a, name)} and {getattr(args_b, name)})")
+    size = (args_a.frame_height, args_a.frame_width)
+    env = VizDoomEnv(args_a.env, args_a.frame_skip, *size, args_a.frame_stack)
+    torch.manual_seed(args.seed)
+    frames, masks = [], []
+    obs, _ = env.reset(seed=args.seed)
+    try:
+        for _ in range(2000):  # a few episodes' worth; frames without an object on screen are skipped
+            if obs["mask"].any() and not obs["mask"].all():
+                frames.append(obs["frames"])
+                masks.append(obs["mask"].astype(bool))
+            with torch.no_grad():
+                action = agent_a.get_action_and_value(torch.from_numpy(obs["frames"])[None])[0]
+            obs, _, term, trunc, _ = env.step(int(action))
+            if term or trunc:
+                obs, _ = env.reset()
+    finally:
+        env.close()
+    if not frames:
+        raise ValueError(f"--figure: no frame of {args_a.env} showed an object in 2000 steps")
+    pick = np.linspace(0, len(frames) - 1, min(args.figure_frames, len(frames))).round().astype(int)
+    obs = torch.from_numpy(np.stack([frames[i] for i in pick]))
+    mask = np.stack([masks[i] for i in pick])
+    cams = [value_cam(agent, obs, size, a.cam).numpy() for a, agent in ((args_a, agent_a), (args_b, agent_b))]
+    titles = ["frame", "mask"] + [f"{a.method} ({a.cam} CAM)" for a in (args_a, args_b)]
+    fig, axes = plt.subplots(len(pick), 4, figsize=(4 * 2.6, len(pick) * 2.6 * size[0] / size[1] + 0.6), squeeze=False)
+    for row in range(len(pick)):
+        frame = obs[row, -1].numpy()
+        axes[row, 0].imshow(frame, cmap="gray")
+        axes[row, 1].imshow(frame, cmap="gray")
+        axes[row, 1].imshow(np.ma.masked_where(~mask[row], mask[row]), cmap="autumn", alpha=0.7)
+        for col, cam in enumerate(cams, start=2):
+            axes[row, col].imshow(frame, cmap="gray")
+            axes[row, col].imshow(cam[row], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            iou, _ = attention_iou(torch.from_numpy(cam[row : row + 1]), torch.from_numpy(mask[row : row + 1]), args.tau)
+            axes[row, col].set_xlabel(f"IoU {iou.item():.2f}" + (" (CAM empty)" if cam[row].max() <= 0 else ""), fontsize=8)
+    for col, title in enumerate(titles):
+        axes[0, col].set_title(title, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{args_a.env}: frames played by the {args_a.method} agent; each agent's critic CAM (IoU at tau {args.tau})", fontsize=9)
+    fig.tight_layout()
+    out = args.figure_out or f"figure11_{args_a.env}.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def check_args(args):
     """Reject settings that cannot run, with a message that says why."""
     if args.frame_height <= 0 or args.frame_width <= 0:
@@ -465,7 +583,7 @@ def check_args(args):
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_skip", "frame_stack"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "image_every", "checkpoint_every", "camal_coef"):
+    for name in ("eval_episodes", "image_every", "checkpoint_every", "camal_coef", "collapse_patience"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.total_timesteps <= 0:
@@ -488,6 +606,12 @@ def fail(message):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.figure is not None:
+        try:
+            print(f"figure written to {attention_figure(args)}")
+        except ValueError as e:
+            fail(str(e))
+        sys.exit(0)
     checkpoint = None
     if args.resume is not None:
         ckpt_path = os.path.join(args.resume, "checkpoint.pt")
@@ -497,6 +621,7 @@ if __name__ == "__main__":
         # the run continues with the hyperparameters it was started with
         saved = checkpoint["args"]
         saved.update(resume=args.resume, cuda=args.cuda)
+        saved.setdefault("cam", "paper")  # checkpoints from before --cam trained with the paper's CAM
         args = Args(**saved)
     try:
         check_args(args)
@@ -513,6 +638,8 @@ if __name__ == "__main__":
         run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
         run_dir = f"runs/{run_name}"
     os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:  # what the run is, for --figure and other readers
+        json.dump(asdict(args), f, indent=2)
     video_dir = None
     if args.capture_video:
         video_dir = f"videos/{run_name}"
@@ -583,6 +710,7 @@ if __name__ == "__main__":
         ep_return, ep_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
         recent_returns = []
         iteration = start_iteration - 1
+        collapsed_for = 0  # iterations in a row with over half the CAMs empty
 
         for iteration in range(start_iteration, args.num_iterations + 1):
             if args.anneal_lr:
@@ -648,7 +776,7 @@ if __name__ == "__main__":
             b_inds = np.arange(args.batch_size)
             clipfracs = []
             # attention statistics summed on the device, read once per iteration (no sync per minibatch)
-            att = torch.zeros(5, device=device)  # camal_loss sum, alpha sum, beta sum, iou sum, valid count
+            att = {k: torch.zeros((), device=device) for k in ("camal_loss", "alpha", "beta", "iou", "valid", "empty")}
             n_measured = 0
             for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
@@ -695,7 +823,7 @@ if __name__ == "__main__":
                     measure = epoch == 0
                     if args.method == "camal" or measure:
                         with torch.set_grad_enabled(args.method == "camal"):
-                            cam = grad_cam(feats, newvalue, (H, W))
+                            cam = critic_cam(feats, newvalue, (H, W), args.cam)
                             camal_l = camal_loss(cam, mb_masks)
                     if args.method == "camal":
                         loss = loss + args.camal_coef * camal_l
@@ -710,7 +838,9 @@ if __name__ == "__main__":
                             cam = cam.detach()
                             alpha, beta, valid = camal_terms(cam, mb_masks)
                             iou, _ = attention_iou(cam, mb_masks, args.tau)
-                            att += torch.stack([camal_l.detach(), alpha.sum(), beta.sum(), (iou * valid).sum(), valid.sum()])
+                            for k, v in (("camal_loss", camal_l.detach()), ("alpha", alpha.sum()), ("beta", beta.sum()),
+                                         ("iou", (iou * valid).sum()), ("valid", valid.sum()), ("empty", empty_cams(cam).sum())):
+                                att[k] += v
                         n_measured += 1
 
                 if args.target_kl is not None and approx_kl > args.target_kl:
@@ -729,9 +859,12 @@ if __name__ == "__main__":
             writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
             writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            camal_sum, alpha_sum, beta_sum, iou_sum, n_valid = att.tolist()
+            att = {k: v.item() for k, v in att.items()}
+            camal_sum, alpha_sum, beta_sum, iou_sum, n_valid = (att[k] for k in ("camal_loss", "alpha", "beta", "iou", "valid"))
+            empty_fraction = att["empty"] / args.batch_size
             writer.add_scalar("losses/camal_loss", camal_sum / n_measured, global_step)
             writer.add_scalar("charts/mask_valid_fraction", n_valid / args.batch_size, global_step)
+            writer.add_scalar("charts/cam_empty_fraction", empty_fraction, global_step)
             if n_valid:  # no object on screen in the whole batch: nothing to report, never NaN
                 writer.add_scalar("charts/alpha", alpha_sum / n_valid, global_step)
                 writer.add_scalar("charts/beta", beta_sum / n_valid, global_step)
@@ -744,21 +877,31 @@ if __name__ == "__main__":
                 f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
                 f"episodes={len(recent_returns)} mean_return={mean_ret} "
                 f"alpha={alpha_sum / max(n_valid, 1):.3f} beta={beta_sum / max(n_valid, 1):.3f} "
-                f"iou={iou_sum / max(n_valid, 1):.3f}",
+                f"iou={iou_sum / max(n_valid, 1):.3f} cam_empty={empty_fraction:.2f}",
                 flush=True,
             )
             recent_returns = []
+            # An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently.
+            collapsed_for = collapsed_for + 1 if empty_fraction > 0.5 else 0
+            if collapsed_for == args.collapse_patience:
+                print(
+                    f"warning: the critic's CAM has been empty for over half the samples for {collapsed_for} iterations "
+                    f"({empty_fraction:.0%} now): CAMAL has no gradient there and attention IoU measures nothing. "
+                    f"See README (--cam): --cam abs keeps the map alive.",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
             if args.image_every and (iteration == 1 or iteration % args.image_every == 0):
                 # up to 4 frames with objects on screen, spread over the rollout
                 has_obj = torch.nonzero(b_masks.flatten(1).any(1)).flatten().cpu()
                 pick = has_obj if len(has_obj) else torch.arange(args.batch_size)
                 pick = pick[torch.linspace(0, len(pick) - 1, min(4, len(pick))).long()].to(device)
-                cams = value_cam(agent, b_obs[pick], (H, W)).cpu().numpy()
+                cams = value_cam(agent, b_obs[pick], (H, W), args.cam).cpu().numpy()
                 panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c) for j, c in zip(pick, cams)]
                 writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
                 if video_dir is not None:  # env 0's whole rollout of this iteration
-                    cams = value_cam(agent, obs[:, 0], (H, W)).cpu().numpy()
+                    cams = value_cam(agent, obs[:, 0], (H, W), args.cam).cpu().numpy()
                     clip = [attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t]) for t in range(args.num_steps)]
                     write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
 
@@ -791,6 +934,8 @@ if __name__ == "__main__":
                 "episodic_returns": [ep["return"] for ep in episodes],
                 "episodic_lengths": [ep["length"] for ep in episodes],
                 "episodic_iou": [ep["attention_iou"] for ep in episodes],
+                "cam_empty_fraction": float(np.mean([ep["cam_empty_fraction"] for ep in episodes])),
+                "cam": args.cam,
                 "tau": args.tau,
                 "camal_coef": args.camal_coef,
                 "run_name": run_name,

@@ -52,6 +52,8 @@ class Args:
     """shapes: images per class"""
     split_seed: int = 0
     """shapes: the seed the images are drawn with (train_dl_camal.py's --split-seed)"""
+    shapes_cue: Literal["background", "corner"] = "background"
+    """shapes: train_dl_camal.py's --shapes-cue, which sets the objects' size (larger with the background cue)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,17 +172,20 @@ SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond", "ring")
 CUE_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220))
 
 
-def render_shape(index, label, seed, cue_label):
+def render_shape(index, label, seed, cue_label, cue="corner"):
     """One 256 x 256 shapes image: a class shape on a texture, plus a colour cue of `cue_label` (None: no cue).
 
-    Deterministic in (seed, index). The object lies inside the centre 224 crop; the cue sits in a corner, away from it.
+    Deterministic in (seed, index). The object lies inside the centre 224 crop. cue "corner": a 24 x 24 square of the
+    cue's colour in the corner farthest from the object; "background": the texture is tinted with the cue's colour.
     """
     rng = np.random.default_rng([seed, index])
     size = RESIZE
     coarse = rng.uniform(60, 200, (6, 6, 3)).astype(np.float32)
     img = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 18, (size, size, 3))
+    if cue == "background" and cue_label is not None:  # the tint dominates, the texture still varies
+        img = 0.35 * img + 0.65 * np.array(CUE_COLOURS[cue_label], np.float32)
     mask = np.zeros((size, size), np.uint8)
-    r = int(rng.integers(28, 44))
+    r = int(rng.integers(28, 44)) if cue == "corner" else int(rng.integers(40, 60))
     cx, cy = (int(v) for v in rng.integers(16 + r + 8, size - 16 - r - 8, 2))
     if label == 0:
         cv2.circle(mask, (cx, cy), r, 1, -1)
@@ -197,7 +202,7 @@ def render_shape(index, label, seed, cue_label):
         cv2.circle(mask, (cx, cy), r, 1, -1)
         cv2.circle(mask, (cx, cy), r // 2, 0, -1)
     img[mask.astype(bool)] = rng.uniform(40, 230, 3)  # the object's colour says nothing about its class
-    if cue_label is not None:
+    if cue == "corner" and cue_label is not None:
         corners = [(24, 24), (size - 48, 24), (24, size - 48), (size - 48, size - 48)]
         far = max(corners, key=lambda c: (c[0] + 12 - cx) ** 2 + (c[1] + 12 - cy) ** 2)
         img[far[1] : far[1] + 24, far[0] : far[0] + 24] = CUE_COLOURS[cue_label]
@@ -231,7 +236,7 @@ def crop_mask(mask):
 def load_mask(args, record):
     path, mask_paths, label = record
     if args.dataset == "shapes":
-        return crop_mask(render_shape(path, label, args.split_seed, None)[1])
+        return crop_mask(render_shape(path, label, args.split_seed, None, args.shapes_cue)[1])
     return crop_mask(read_mask(args.dataset, mask_paths))
 
 

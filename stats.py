@@ -172,7 +172,7 @@ def find_runs(paths, last_n):
                     raise StatsError(f"{path} is not an eval.json of ppo_camal_vizdoom.py (it needs {sorted(DRL_KEYS)})")
                 drl.append({"dir": d, "env": e["env"], "method": e["method"], "seed": e["seed"], "mtime": os.path.getmtime(path),
                             "total_timesteps": e.get("total_timesteps"),
-                            "return": e["mean_return"], "iou": e["mean_iou"],
+                            "return": e["mean_return"], "iou": e["mean_iou"], "cam_empty": e.get("cam_empty_fraction"),
                             "source": f"eval.json ({len(e.get('episodic_returns', []))} evaluation episodes)"})
             elif events:
                 acc = read_tensorboard(d)
@@ -196,6 +196,8 @@ def tensorboard_run(d, acc, hp, last_n, mtime):
         tail = values[-last_n:]
         run[metric] = float(tail.mean()) if len(tail) else None
         parts.append(f"last {len(tail)} of {len(values)} {tag}" + (f" (to step {int(steps[-1])})" if len(steps) else ""))
+    tail = scalar_series(acc, "charts/cam_empty_fraction")[1][-last_n:]
+    run["cam_empty"] = float(tail.mean()) if len(tail) else None
     run["source"] = "TensorBoard: mean of the " + ", ".join(parts)
     return run
 
@@ -724,6 +726,7 @@ def analyse(args):
     incomplete, warnings_ = [], []
     summary, comparisons = dl_analysis(dl_runs, args, incomplete, warnings_) if dl_runs else ([], [])
     drl = drl_analysis(drl_runs, args, incomplete, warnings_) if drl_runs else None
+    empty_cam_warnings(dl_runs, drl_runs, warnings_)
     tables = dl_tables(summary, comparisons, args.significance)
     faith_tables, faithfulness, curves = faithfulness_tables(comparisons)
     tables += faith_tables
@@ -733,6 +736,21 @@ def analyse(args):
         {k: v for k, v in c.items() if k != "faithfulness"} for c in comparisons], "faithfulness": faithfulness},
         "drl": drl, "incomplete": incomplete, "warnings": warnings_, "skipped": skipped}
     return stats, tables, curves, drl_runs
+
+
+def empty_cam_warnings(dl_runs, drl_runs, warnings_):
+    """A method whose CAMs were mostly all zero has an IoU that measures Grad-CAM's ReLU, not where it looked."""
+    cells = {}
+    for r in dl_runs:
+        cells.setdefault(f"{r['dataset']}/{r['model']}/{r['method']}", []).append(r.get("test_cam_empty_fraction"))
+    for r in drl_runs:
+        cells.setdefault(f"{r['env']}/{r['method']}", []).append(r.get("cam_empty"))
+    for name, values in sorted(cells.items()):
+        values = [v for v in values if v is not None]  # runs written before the fraction was recorded have none
+        if values and np.mean(values) > 0.5:
+            warnings_.append({"run": name, "reason": f"{np.mean(values):.0%} of its CAMs were empty (all zero) on average over "
+                                                     f"{len(values)} runs: its IoU comes mostly from empty maps and says little "
+                                                     "about where it looked"})
 
 
 def report(stats, tables):

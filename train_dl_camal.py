@@ -59,8 +59,12 @@ class Args:
     """shapes: number of classes (one shape each, at most 6)"""
     shapes_per_class: int = 40
     """shapes: images per class"""
+    shapes_cue: Literal["background", "corner"] = "background"
+    """shapes: the shortcut, a class-coloured background (spread outside the mask, where beta acts) or a 24 x 24 corner square (compact: the stress case)"""
     shapes_cue_prob: float = 0.9
     """shapes: share of training images that carry their class's colour cue"""
+    image_size: int = CROP
+    """side of the centre crop the model sees; images are resized to image_size x 8/7 first (224 and 256 in the paper)"""
 
     # Model
     model: Literal["resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t"] = "resnet18"
@@ -77,6 +81,8 @@ class Args:
     """lambda, the weight of the regulariser (Eq. 2)"""
     tau: float = 0.7
     """the threshold on H for the attention IoU"""
+    collapse_patience: int = 5
+    """warn when over half the training CAMs are empty (all zero) for this many epochs in a row"""
     prior_model: str = "ViT-B-16"
     """prior: the open_clip architecture whose Grad-CAM gives the pseudo-masks"""
     prior_weights: Optional[str] = None
@@ -108,14 +114,16 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # CAMAL helpers, copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py checks).
 # ---------------------------------------------------------------------------------------------
-def grad_cam(activations, score, size, to_nchw=None):
+def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
 
     activations: the feature map in the graph that `score` was computed from.
     score: one target per sample (B or B x 1), e.g. the ground-truth logit or V(s).
     size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
-    when the model's layout differs. Returns B x H x W in [0, 1]; differentiable w.r.t. the
-    model's parameters when grad mode is on (create_graph), a plain measurement under no_grad.
+    when the model's layout differs. rectify: "relu" is Grad-CAM (Eq. 3); "abs" keeps the evidence that
+    lowers the score too, |sum_k w_k A_k|, so a map is empty only where no feature moves the score.
+    Returns B x H x W in [0, 1]; differentiable w.r.t. the model's parameters when grad mode is on
+    (create_graph), a plain measurement under no_grad.
     """
     # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
     grads = torch.autograd.grad(
@@ -125,7 +133,8 @@ def grad_cam(activations, score, size, to_nchw=None):
         activations, grads = to_nchw(activations), to_nchw(grads)
     activations, grads = activations.float(), grads.float()
     weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
-    cam = torch.relu((weights * activations).mean(dim=1))  # mean over k, as in Appendix C
+    cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
+    cam = torch.relu(cam) if rectify == "relu" else cam.abs()
     cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
     # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
     # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
@@ -282,17 +291,20 @@ SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond", "ring")
 CUE_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220))
 
 
-def render_shape(index, label, seed, cue_label):
+def render_shape(index, label, seed, cue_label, cue="corner"):
     """One 256 x 256 shapes image: a class shape on a texture, plus a colour cue of `cue_label` (None: no cue).
 
-    Deterministic in (seed, index). The object lies inside the centre 224 crop; the cue sits in a corner, away from it.
+    Deterministic in (seed, index). The object lies inside the centre 224 crop. cue "corner": a 24 x 24 square of the
+    cue's colour in the corner farthest from the object; "background": the texture is tinted with the cue's colour.
     """
     rng = np.random.default_rng([seed, index])
     size = RESIZE
     coarse = rng.uniform(60, 200, (6, 6, 3)).astype(np.float32)
     img = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 18, (size, size, 3))
+    if cue == "background" and cue_label is not None:  # the tint dominates, the texture still varies
+        img = 0.35 * img + 0.65 * np.array(CUE_COLOURS[cue_label], np.float32)
     mask = np.zeros((size, size), np.uint8)
-    r = int(rng.integers(28, 44))
+    r = int(rng.integers(28, 44)) if cue == "corner" else int(rng.integers(40, 60))
     cx, cy = (int(v) for v in rng.integers(16 + r + 8, size - 16 - r - 8, 2))
     if label == 0:
         cv2.circle(mask, (cx, cy), r, 1, -1)
@@ -309,7 +321,7 @@ def render_shape(index, label, seed, cue_label):
         cv2.circle(mask, (cx, cy), r, 1, -1)
         cv2.circle(mask, (cx, cy), r // 2, 0, -1)
     img[mask.astype(bool)] = rng.uniform(40, 230, 3)  # the object's colour says nothing about its class
-    if cue_label is not None:
+    if cue == "corner" and cue_label is not None:
         corners = [(24, 24), (size - 48, 24), (24, size - 48), (size - 48, size - 48)]
         far = max(corners, key=lambda c: (c[0] + 12 - cx) ** 2 + (c[1] + 12 - cy) ** 2)
         img[far[1] : far[1] + 24, far[0] : far[0] + 24] = CUE_COLOURS[cue_label]
@@ -357,7 +369,7 @@ class SegmentationDataset(Dataset):
                 cue = label if rng.random() < self.args.shapes_cue_prob else None
             else:
                 cue = (label + 1 + int(rng.integers(0, n - 1))) % n  # always another class's cue
-            img, mask = render_shape(path, label, self.args.split_seed, cue)
+            img, mask = render_shape(path, label, self.args.split_seed, cue, self.args.shapes_cue)
             image = torch.from_numpy(img).permute(2, 0, 1)
         else:
             image = TF.pil_to_tensor(load_rgb(path))
@@ -365,11 +377,17 @@ class SegmentationDataset(Dataset):
             if mask.shape != tuple(image.shape[1:]):
                 raise DataError(f"mask {mask_paths[0]} is {mask.shape}, its image {path} is {tuple(image.shape[1:])}")
         mask = torch.from_numpy(np.ascontiguousarray(mask))[None].to(torch.uint8)
-        image = TF.center_crop(TF.resize(image, RESIZE, antialias=True), CROP)
-        mask = TF.center_crop(TF.resize(mask, RESIZE, interpolation=TF.InterpolationMode.NEAREST), CROP)[0].bool()
+        resize, crop = resize_for(self.args.image_size), self.args.image_size
+        image = TF.center_crop(TF.resize(image, resize, antialias=True), crop)
+        mask = TF.center_crop(TF.resize(mask, resize, interpolation=TF.InterpolationMode.NEAREST), crop)[0].bool()
         if self.prior_cams is not None:  # already in crop coordinates: computed on this 224 x 224 crop
-            mask = prior_mask(self.prior_cams[i], self.args.prior_threshold)
+            mask = prior_mask(self.prior_cams[i], self.args.prior_threshold, crop)
         return image, mask, label
+
+
+def resize_for(image_size):
+    """The resize before the centre crop, in the paper's proportion (256 for a 224 crop)."""
+    return round(image_size * RESIZE / CROP)
 
 
 def stratified_folds(labels, folds, split_seed):
@@ -388,9 +406,9 @@ def stratified_folds(labels, folds, split_seed):
 # ---------------------------------------------------------------------------------------------
 # The prior method: pseudo-masks from a CLIP image encoder's Grad-CAM (open_clip, optional)
 # ---------------------------------------------------------------------------------------------
-def prior_mask(low_res_cam, threshold):
+def prior_mask(low_res_cam, threshold, crop):
     """Upsample a cached CLIP CAM to the crop (bilinear, as grad_cam does) and binarise it."""
-    cam = F.interpolate(low_res_cam.float()[None, None], size=(CROP, CROP), mode="bilinear", align_corners=False)
+    cam = F.interpolate(low_res_cam.float()[None, None], size=(crop, crop), mode="bilinear", align_corners=False)
     return cam[0, 0] > threshold
 
 
@@ -536,6 +554,11 @@ def normalise(images, dtype=torch.float32):
     return (images.to(dtype) / 255.0 - mean) / std
 
 
+def empty_cams(cam):
+    """Per sample, True where the CAM is zero everywhere: CAMAL has no gradient there and IoU says nothing."""
+    return cam.flatten(1).amax(1) <= 0
+
+
 def class_cam(model, images, labels, double_backward, autocast, forward=None):
     """Logits and the Grad-CAM of the ground-truth logits (summed over the batch: one backward).
 
@@ -573,7 +596,7 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
     model.eval()
     correct = torch.zeros(num_classes)
     total = torch.zeros(num_classes)
-    sums = torch.zeros(4)  # iou, alpha, beta, valid count
+    sums = torch.zeros(5)  # iou, alpha, beta, valid count, empty CAMs
     for images, masks, labels in loader:
         images, masks, labels = images.to(device), masks.to(device), labels.to(device)
         logits, cam = class_cam(model, images, labels, False, autocast)
@@ -582,7 +605,7 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
         correct += torch.bincount(labels[pred == labels], minlength=num_classes).cpu()
         alpha, beta, valid = camal_terms(cam, masks)
         iou, _ = attention_iou(cam, masks, tau)
-        sums += torch.stack([(iou * valid).sum(), alpha.sum(), beta.sum(), valid.sum()]).cpu()
+        sums += torch.stack([(iou * valid).sum(), alpha.sum(), beta.sum(), valid.sum(), empty_cams(cam).sum()]).cpu()
     n_valid = sums[3].item()
     return {
         "accuracy": (correct.sum() / total.sum().clamp(min=1)).item(),
@@ -590,6 +613,7 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
         "iou": sums[0].item() / n_valid if n_valid else None,
         "alpha": sums[1].item() / n_valid if n_valid else None,
         "beta": sums[2].item() / n_valid if n_valid else None,
+        "cam_empty_fraction": sums[4].item() / total.sum().clamp(min=1).item(),
     }
 
 
@@ -702,11 +726,12 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     start_time = time.time()
 
     epoch, result = start_epoch - 1, None
+    collapsed_for, train_empty = 0, None  # epochs in a row with over half the CAMs empty
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
-        sums = torch.zeros(9, device=device)  # loss, ce, reg, alpha, beta, valid, correct, samples, stop  # loss, ce, reg, alpha, beta, valid count, correct
+        sums = torch.zeros(10, device=device)  # loss, ce, reg, alpha, beta, valid count, correct, samples, empty CAMs, stop
         for images, masks, labels in train_loader:
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
             logits, cam = class_cam(model, images, labels, supervised, autocast, forward)
@@ -722,11 +747,11 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
                 n = len(labels)
                 sums += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n, alpha.sum(), beta.sum(),
                                      valid.sum(), (logits.argmax(1) == labels).sum(), torch.tensor(n, device=device),
-                                     torch.zeros((), device=device)])
-        sums[8] = float(bool(STOP_SIGNAL))
+                                     empty_cams(cam).sum(), torch.zeros((), device=device)])
+        sums[9] = float(bool(STOP_SIGNAL))
         if world_size > 1:
             dist.all_reduce(sums)  # epoch statistics over every process's samples; one stop decision for all
-        loss_s, ce_s, reg_s, alpha_s, beta_s, n_valid, correct, seen, stop_votes = sums.tolist()
+        loss_s, ce_s, reg_s, alpha_s, beta_s, n_valid, correct, seen, n_empty, stop_votes = sums.tolist()
         stop = stop_votes > 0 and epoch < args.epochs
         if rank != 0:  # rank 0 evaluates, logs and saves
             if stop:
@@ -736,12 +761,15 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         writer.add_scalar("train/ce", ce_s / seen, epoch)
         writer.add_scalar("train/regularizer", reg_s / seen, epoch)
         writer.add_scalar("train/accuracy", correct / seen, epoch)
+        writer.add_scalar("train/cam_empty_fraction", n_empty / seen, epoch)
+        train_empty = n_empty / seen
         if n_valid:
             writer.add_scalar("train/alpha", alpha_s / n_valid, epoch)
             writer.add_scalar("train/beta", beta_s / n_valid, epoch)
 
         result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
         writer.add_scalar("test/accuracy", result["accuracy"], epoch)
+        writer.add_scalar("test/cam_empty_fraction", result["cam_empty_fraction"], epoch)
         for key in ("iou", "alpha", "beta"):
             if result[key] is not None:
                 writer.add_scalar(f"test/{'attention_iou' if key == 'iou' else key}", result[key], epoch)
@@ -752,7 +780,13 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         writer.flush()
         iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
         print(f"fold {fold} epoch {epoch}/{args.epochs} loss={loss_s / seen:.4f} train_acc={correct / seen:.3f} "
-              f"test_acc={result['accuracy']:.3f} test_iou={iou}", flush=True)
+              f"test_acc={result['accuracy']:.3f} test_iou={iou} cam_empty={n_empty / seen:.2f}", flush=True)
+        # An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently.
+        collapsed_for = collapsed_for + 1 if n_empty / seen > 0.5 else 0
+        if collapsed_for == args.collapse_patience:
+            print(f"warning: the CAM has been empty for over half the training samples for {collapsed_for} epochs "
+                  f"({n_empty / seen:.0%} now): the regulariser has no gradient there and attention IoU measures nothing",
+                  file=sys.stderr, flush=True)
 
         if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stop:
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
@@ -768,7 +802,8 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     metrics = {
         "dataset": args.dataset, "model": args.model, "method": args.method, "fold": fold, "folds": args.folds,
         "seed": args.seed, "split_seed": args.split_seed, "test_accuracy": result["accuracy"], "test_iou": result["iou"],
-        "test_alpha": result["alpha"], "test_beta": result["beta"],
+        "test_alpha": result["alpha"], "test_beta": result["beta"], "test_cam_empty_fraction": result["cam_empty_fraction"],
+        "train_cam_empty_fraction": train_empty, "image_size": args.image_size,
         "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
         "epochs": args.epochs, "wall_time": time.time() - start_time, "tau": args.tau, "camal_coef": args.camal_coef,
         "train_size": len(train_set), "test_size": len(test_set), "processes": world_size, "run_name": run_name,
@@ -777,7 +812,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         json.dump(metrics, f, indent=2)
     torch.save({
         "state_dict": model.net.state_dict(), "architecture": args.model, "num_classes": num_classes, "classes": classes,
-        "preprocessing": {"resize": RESIZE, "crop": CROP, "mean": MEAN, "std": STD},
+        "preprocessing": {"resize": resize_for(args.image_size), "crop": args.image_size, "mean": MEAN, "std": STD},
         "cam_layer": CAM_LAYERS[args.model],
     }, os.path.join(run_dir, "model.pt"))
     torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
@@ -803,9 +838,13 @@ def check_args(args):
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("num_workers", "checkpoint_every", "camal_coef", "weight_decay"):
+    for name in ("num_workers", "checkpoint_every", "camal_coef", "weight_decay", "collapse_patience"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.image_size < 32:
+        raise ValueError(f"--image-size must be at least 32, got {args.image_size}")
+    if args.image_size != CROP and args.model in ("vit_b_16", "maxvit_t"):
+        raise ValueError(f"--model {args.model} takes {CROP} x {CROP} images only, got --image-size {args.image_size}")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.tau < 1.0:
@@ -843,6 +882,7 @@ def setup(args, argv):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         saved = checkpoint["args"]
         saved.update(resume=args.resume, cuda=args.cuda, num_workers=args.num_workers)
+        saved.setdefault("shapes_cue", "corner")  # checkpoints from before --shapes-cue trained with the corner cue
         args = Args(**saved)
     else:
         if args.dataset == "shapes" and "--pretrained" not in argv:

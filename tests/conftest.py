@@ -62,7 +62,10 @@ def ppo_smoke_run(tmp_path_factory):
             cwd.mkdir()
             # one run also covers worker-process envs (the default on machines with more than 2 cores)
             extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
-            args = ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", *PPO_TINY, *extra]
+            # for --figure; and the paper's ReLU CAM, whose critic map is empty from the start at seed 2 (the collapse warning)
+            extra += ["--save-model", "--cam", "paper"] if (env, method) == ("Basic", "vanilla") else []
+            args = ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", "--collapse-patience", "1",
+                    *PPO_TINY, *extra]
             done[env, method] = (run_script("ppo_camal_vizdoom", args, cwd=cwd), cwd)
         return done[env, method]
 
@@ -81,5 +84,6 @@ def shapes_runs(tmp_path_factory):
         proc = run_script("train_dl_camal", ["--method", method, "--fold", "all", *DL_TINY], cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(str(p) for p in (root / "runs").iterdir())
-    proc = run_script("eval_faithfulness", [*runs, "--steps", "5", "--baseline", "random", "--plot", "curves.png"], cwd=root)
+    proc = run_script("eval_faithfulness", [*runs, "--steps", "5", "--baseline", "random", "--plot", "curves.png", "--figures", "figs",
+                                            "--figure-samples", "4"], cwd=root)
     return root, runs, proc

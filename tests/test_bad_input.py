@@ -47,6 +47,8 @@ def test_command_line(tmp_path, script, args, message):
         (["--num-envs", "3", "--num-steps", "5"], "does not split into 4 minibatches"),
         (["--tau", "1.5"], "--tau"),
         (["--method", "gradcam"], "camal"),
+        (["--cam", "relu"], "abs-target"),
+        (["--collapse-patience", "-1"], "--collapse-patience must not be negative"),
     ],
 )
 def test_ppo_settings(ppo, capsys, args, message):
@@ -71,6 +73,10 @@ def test_ppo_settings(ppo, capsys, args, message):
         (["--method", "prior"], "--prior-weights"),
         (["--weights", "nope.pth"], "no such file"),
         (["--resume", "no/such/run"], "no checkpoint.pt"),
+        (["--image-size", "16"], "--image-size must be at least 32"),
+        (["--image-size", "112", "--model", "vit_b_16"], "takes 224 x 224 images only"),
+        (["--shapes-cue", "stripes"], "background"),
+        (["--collapse-patience", "-2"], "--collapse-patience must not be negative"),
     ],
 )
 def test_dl_settings(dl, capsys, tmp_path, monkeypatch, args, message):

@@ -168,3 +168,38 @@ def test_all_zero_cam_is_zero_not_nan(ppo):
     cam = ppo.grad_cam(feats, score, (8, 8))
     assert torch.isfinite(cam).all() and cam.abs().max() == 0
     assert math.isfinite(ppo.camal_loss(cam, torch.rand(2, 8, 8) > 0.5).item())
+
+
+def test_collapsed_cam_has_no_gradient_and_the_abs_cam_does(ppo, agent_and_batch):
+    """A critic whose features all lower V (the collapse of issue 10): the paper's ReLU map is empty in every sample and
+    CAMAL's loss has no gradient, so it can never recover; the |.| map is the same evidence with its sign kept, alive."""
+    agent, obs, masks = agent_and_batch
+    with torch.no_grad():  # make every feature lower V: V = -sum(hidden) with non-negative weights into the head
+        agent.head[1].weight.abs_()
+        agent.critic.weight.copy_(-agent.critic.weight.abs())
+    params = list(agent.parameters())
+    _, _, _, value, feats = agent.get_action_and_value(obs)
+    paper = ppo.critic_cam(feats, value, (60, 80), "paper")
+    assert ppo.empty_cams(paper).all()
+    grads = torch.autograd.grad(ppo.camal_loss(paper, masks), params, allow_unused=True, retain_graph=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+
+    for cam in ("abs", "abs-target"):
+        alive = ppo.critic_cam(feats, value, (60, 80), cam)
+        assert not ppo.empty_cams(alive).any() and alive.amax(dim=(1, 2)).min() > 0.99
+        first_conv = torch.autograd.grad(ppo.camal_loss(alive, masks), params[0], retain_graph=True)[0]
+        assert first_conv.abs().sum() > 0
+    # the |.| map is the paper's map of -V here: the same evidence, sign kept
+    torch.testing.assert_close(ppo.critic_cam(feats, value, (60, 80), "abs"), ppo.critic_cam(feats, -value, (60, 80), "paper"))
+
+
+def test_abs_target_cam_equals_per_sample(ppo, agent_and_batch):
+    """The CAM of |V| stays exact per sample (Proposition 1 holds for any per-sample target), under no_grad too."""
+    agent, obs, _ = agent_and_batch
+    _, _, _, value, feats = agent.get_action_and_value(obs)
+    with torch.no_grad():
+        cam = ppo.critic_cam(feats, value, (60, 80), "abs-target")
+    for b in range(6):
+        _, _, _, v_b, f_b = agent.get_action_and_value(obs[b : b + 1])
+        ref = ppo.grad_cam(f_b, v_b.abs(), (60, 80))
+        torch.testing.assert_close(cam[b], ref[0].detach(), atol=1e-5, rtol=0)

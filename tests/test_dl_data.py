@@ -136,22 +136,27 @@ def test_stratified_folds():
         assert per_fold.max() - per_fold.min() <= 1
 
 
-def test_shapes_cue_planted_in_train_and_shuffled_in_test():
-    args = dl.Args(shapes_classes=4, shapes_per_class=10, shapes_cue_prob=1.0)
+@pytest.mark.parametrize("cue", ["background", "corner"])
+def test_shapes_cue_planted_in_train_and_shuffled_in_test(cue):
+    args = dl.Args(shapes_classes=4, shapes_per_class=10, shapes_cue_prob=1.0, shapes_cue=cue)
     records, classes = dl.dataset_records(args)
     assert classes == ["circle", "square", "triangle", "cross"]
     train = dl.SegmentationDataset(records, args, train=True)
     test = dl.SegmentationDataset(records, args, train=False)
     colours = torch.tensor(dl.CUE_COLOURS, dtype=torch.int16)
 
-    def cue_of(image):
-        hits = [int((image.to(torch.int16).permute(1, 2, 0) == col).all(-1).sum()) for col in colours]
-        return int(np.argmax(hits)) if max(hits) > 100 else None
+    def cue_of(image, mask):
+        if cue == "corner":  # a square of the exact colour
+            hits = [int((image.to(torch.int16).permute(1, 2, 0) == col).all(-1).sum()) for col in colours]
+            return int(np.argmax(hits)) if max(hits) > 100 else None
+        # the background, everything outside the mask, is tinted: its mean colour is nearest the cue's
+        mean = image.permute(1, 2, 0)[~mask].float().mean(0)
+        return int(torch.cdist(mean[None], colours.float())[0].argmin())
 
     for i in range(8):
         img_tr, mask_tr, y = train[i]
         img_te, mask_te, _ = test[i]
-        assert cue_of(img_tr) == y
-        assert cue_of(img_te) not in (y, None)
+        assert cue_of(img_tr, mask_tr) == y
+        assert cue_of(img_te, mask_te) not in (y, None)
         assert torch.equal(mask_tr, mask_te) and mask_tr.any()  # same object, only the cue moves
         assert torch.equal(train[i][0], img_tr)  # deterministic

@@ -12,7 +12,9 @@ TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--b
 @pytest.mark.parametrize("method", ["camal", "suppress", "vanilla"])
 def test_shapes_end_to_end(tmp_path, method):
     workers = ["--num-workers", "2"] if method == "vanilla" else []  # one run loads through worker processes
-    proc = run_script("train_dl_camal", ["--method", method, "--fold", "1", *TINY, *workers], cwd=tmp_path)
+    size = 96 if method == "suppress" else 224  # one run at a smaller --image-size
+    proc = run_script("train_dl_camal", ["--method", method, "--fold", "1", "--image-size", str(size), "--collapse-patience", "1",
+                                         *TINY, *workers], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"shapes__resnet18__{method}__fold1__1__")
@@ -22,27 +24,33 @@ def test_shapes_end_to_end(tmp_path, method):
     assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["test_iou"] <= 1 and m["wall_time"] > 0
     assert set(m["per_class_accuracy"]) == {"circle", "square", "triangle"}
     assert m["train_size"] + m["test_size"] == 18 and m["test_size"] == 6
+    assert 0 <= m["test_cam_empty_fraction"] <= 1 and 0 <= m["train_cam_empty_fraction"] <= 1 and m["image_size"] == size
 
     saved = torch.load(run_dir / "model.pt", weights_only=False)
     assert saved["architecture"] == "resnet18" and saved["classes"] == ["circle", "square", "triangle"]
-    assert saved["preprocessing"] == {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    resize = {224: 256, 96: 110}[size]  # in the paper's 256 / 224 proportion
+    assert saved["preprocessing"] == {"resize": resize, "crop": size, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     import torchvision
 
     net = torchvision.models.resnet18(num_classes=3)
     net.load_state_dict(saved["state_dict"])  # loads into a plain torchvision model
 
     samples = torch.load(run_dir / "faithfulness_samples.pt", weights_only=False)
-    assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (3, 3, 224, 224)
-    assert samples["masks"].dtype == torch.uint8 and samples["masks"].shape == (3, 224, 224)
+    assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (3, 3, size, size)
+    assert samples["masks"].dtype == torch.uint8 and samples["masks"].shape == (3, size, size)
     assert sorted(samples["labels"].tolist()) == [0, 1, 2]  # one per class
 
     acc = read_events(run_dir)
     scalars = set(acc.Tags()["scalars"])
     expected = {"train/loss", "train/ce", "train/regularizer", "train/alpha", "train/beta", "train/accuracy",
-                "test/accuracy", "test/attention_iou", "test/alpha", "test/beta"}
+                "test/accuracy", "test/attention_iou", "test/alpha", "test/beta", "train/cam_empty_fraction",
+                "test/cam_empty_fraction"}
     assert expected <= scalars, expected - scalars
     assert [e.step for e in acc.Scalars("test/accuracy")] == [1, 2]
     assert "test/image_mask_cam" in acc.Tags()["images"]
+    # the collapse warning (patience 1 here) comes exactly when over half an epoch's training CAMs were empty
+    empty = [e.value for e in acc.Scalars("train/cam_empty_fraction")]
+    assert ("warning: the CAM has been empty" in proc.stderr) == any(v > 0.5 for v in empty), (empty, proc.stderr[-2000:])
     if method == "vanilla":  # CE alone
         for lo, ce in zip(acc.Scalars("train/loss"), acc.Scalars("train/ce")):
             assert lo.value == pytest.approx(ce.value)
@@ -109,7 +117,7 @@ def test_prior_method_with_random_clip(tmp_path):
     from conftest import load_script
 
     dl = load_script("train_dl_camal")
-    mask = dl.prior_mask(cams[0], 0.5)
+    mask = dl.prior_mask(cams[0], 0.5, 224)
     assert mask.shape == (224, 224) and mask.dtype == torch.bool
     # training items carry the pseudo-mask, not the ground truth
     a = dl.Args(shapes_classes=3, shapes_per_class=6, prior_threshold=0.5)
@@ -117,5 +125,5 @@ def test_prior_method_with_random_clip(tmp_path):
     with_prior = dl.SegmentationDataset(records, a, train=True, prior_cams=cams)
     truth = dl.SegmentationDataset(records, a, train=True)
     for i in range(3):
-        assert torch.equal(with_prior[i][1], dl.prior_mask(cams[i], 0.5))
+        assert torch.equal(with_prior[i][1], dl.prior_mask(cams[i], 0.5, 224))
     assert any(not torch.equal(with_prior[i][1], truth[i][1]) for i in range(3))

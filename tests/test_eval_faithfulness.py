@@ -75,6 +75,13 @@ def test_end_to_end_on_shapes_runs(shapes_runs):
     for line in ("camal/random", "vanilla/random", "camal vs vanilla: removal"):
         assert line in proc.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the paper's Figures 3 and 10: the same samples side by side (both methods hold the same images per fold),
+    # and the mean and variance maps of the masks and of each method's CAMs
+    from PIL import Image
+
+    for name, size in (("attention_samples.png", (3 * 220, 4 * 220)), ("attention_mean_variance.png", (3 * 240, 460))):
+        with Image.open(tmp_path / "figs" / name) as im:
+            assert im.size == size, (name, im.size)
     for run in runs:
         result = json.loads((Path(run) / "faithfulness.json").read_text())
         assert result["k"] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])

@@ -7,7 +7,7 @@ from conftest import read_events
 TRAIN_TAGS = {
     "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
     "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
-    "losses/clipfrac", "losses/explained_variance", "losses/camal_loss", "charts/mask_valid_fraction",
+    "losses/clipfrac", "losses/explained_variance", "losses/camal_loss", "charts/mask_valid_fraction", "charts/cam_empty_fraction",
 }
 ATTENTION_TAGS = {"charts/alpha", "charts/beta", "charts/attention_iou"}
 
@@ -41,8 +41,19 @@ def test_smoke(ppo_smoke_run, env, method):
     assert image.width == 3 * 80 and image.height % 60 == 0
     assert any("hyperparameters" in t for t in tags["tensors"])
 
+    # the collapse warning (patience 1 in these runs) comes exactly when over half the CAMs of an iteration were empty
+    empty = [ev.value for ev in acc.Scalars("charts/cam_empty_fraction")]
+    assert all(0.0 <= v <= 1.0 for v in empty)
+    assert ("warning: the critic's CAM has been empty" in proc.stderr) == any(v > 0.5 for v in empty), (empty, proc.stderr[-2000:])
+    if (env, method) == ("Basic", "vanilla"):  # the paper's CAM at seed 2: every critic map is empty (README, --cam)
+        assert empty == [1.0, 1.0]
+    else:  # the default |.| CAM is never empty
+        assert empty == [0.0, 0.0]
+
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["env"] == env and result["method"] == method and result["seed"] == 2
+    assert result["cam"] == ("paper" if (env, method) == ("Basic", "vanilla") else "abs")
+    assert result["cam_empty_fraction"] == (1.0 if (env, method) == ("Basic", "vanilla") else 0.0)
     assert result["total_timesteps"] == 128
     assert len(result["episodic_returns"]) == 2 == len(result["episodic_iou"]) == len(result["episodic_lengths"])
     assert result["mean_return"] == pytest.approx(sum(result["episodic_returns"]) / 2)
@@ -60,3 +71,21 @@ def test_smoke(ppo_smoke_run, env, method):
         cap = cv2.VideoCapture(str(tmp_path / "videos" / run_dir.name / "train-iter-000001.mp4"))
         assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 32  # env 0's whole rollout
         assert cap.get(cv2.CAP_PROP_FRAME_WIDTH) == 3 * cap.get(cv2.CAP_PROP_FRAME_HEIGHT) * 80 / 60
+
+
+def test_attention_figure(ppo_smoke_run, tmp_path):
+    """The paper's Figure 11 from two saved runs: frame | mask | each agent's CAM on the same frames."""
+    from PIL import Image
+
+    from conftest import run_script
+
+    runs = [next((ppo_smoke_run("Basic", m)[1] / "runs").iterdir()) for m in ("camal", "vanilla")]
+    proc = run_script("ppo_camal_vizdoom", ["--figure", *map(str, runs), "--figure-frames", "2", "--figure-out", "fig.png"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with Image.open(tmp_path / "fig.png") as im:
+        assert im.size[0] > 2 * im.size[1] > 0  # two rows of four panels
+    # bad input: a missing folder, a run without a saved model
+    for args, message in (([str(tmp_path / "nope"), str(runs[1])], "does not exist"),
+                          ([str(runs[0]), str(next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir()))], "--save-model")):
+        proc = run_script("ppo_camal_vizdoom", ["--figure", *args], cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

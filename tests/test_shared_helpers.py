@@ -6,11 +6,12 @@ from conftest import ROOT
 
 # (origin script, helpers): a script that defines one of these must hold it exactly as the origin does
 SHARED = [
-    ("ppo_camal_vizdoom.py", ("grad_cam", "camal_terms", "camal_loss", "attention_iou")),
+    ("ppo_camal_vizdoom.py", ("grad_cam", "camal_terms", "camal_loss", "attention_iou", "empty_cams")),
     ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "class_cam")),
     ("train_dl_camal.py", ("DataError", "load_gray", "require", "pets_records", "flowers_records", "busi_records", "read_mask",
                            "render_shape", "shapes_records", "dataset_records", "SHAPE_NAMES", "CUE_COLOURS", "RESIZE, CROP")),
     ("eval_faithfulness.py", ("mean_ci", "plot_curves")),
+    ("benchmarks/spurious_shapes.py", ("fresh_folder",)),
 ]
 
 
@@ -33,7 +34,7 @@ def test_origins_define_their_helpers():
 def test_copies_are_identical():
     for origin, names in SHARED:
         original = top_level_definitions(ROOT / origin)
-        for script in sorted(ROOT.glob("*.py")):
+        for script in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("benchmarks/*.py")):
             defs = top_level_definitions(script)
             for name in names:
                 if name in defs:
@@ -52,3 +53,7 @@ def test_stats_holds_the_copies():
 def test_regularizer_study_holds_the_copies():
     defs = top_level_definitions(ROOT / "regularizer_study.py")
     assert {"camal_terms", "dataset_records", "read_mask", "render_shape", "pets_records", "flowers_records", "busi_records"} <= set(defs)
+
+
+def test_benchmarks_hold_the_copies():
+    assert "fresh_folder" in top_level_definitions(ROOT / "benchmarks" / "drl_alignment.py")

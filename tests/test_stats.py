@@ -31,12 +31,14 @@ def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, fait
     return run
 
 
-def write_drl(root, env, method, seed, ret, iou, total_timesteps=1000):
+def write_drl(root, env, method, seed, ret, iou, total_timesteps=1000, cam_empty=None):
     run = root / f"{env}__ppo_camal_vizdoom__{method}__{seed}__0"
     run.mkdir(parents=True)
-    (run / "eval.json").write_text(json.dumps({"env": env, "method": method, "seed": seed, "mean_return": ret, "mean_iou": iou,
-                                               "total_timesteps": total_timesteps,
-                                               "episodic_returns": [ret] * 4}))
+    result = {"env": env, "method": method, "seed": seed, "mean_return": ret, "mean_iou": iou, "total_timesteps": total_timesteps,
+              "episodic_returns": [ret] * 4}
+    if cam_empty is not None:
+        result["cam_empty_fraction"] = cam_empty
+    (run / "eval.json").write_text(json.dumps(result))
     return run
 
 
@@ -101,6 +103,21 @@ def test_duplicates_and_missing_baseline_are_listed(st, tmp_path):
     assert "busi/resnet18: vanilla runs but no camal run" in reasons
     (warning,) = stats["warnings"]
     assert "different numbers of epochs [2, 3]" in warning["reason"]
+
+
+def test_iou_from_empty_cams_is_flagged(st, tmp_path):
+    for seed, empty in zip((1, 2, 3), (0.9, 0.8, 0.2)):  # vanilla: 63 % empty on average
+        write_drl(tmp_path, "Basic", "vanilla", seed, -100.0, 0.0, cam_empty=empty)
+        write_drl(tmp_path, "Basic", "camal", seed, -90.0, 0.3, cam_empty=0.5)  # exactly half: not flagged
+    run = write_dl(tmp_path, "shapes", "resnet18", "vanilla", 0, 0.5, 0.0)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps(dict(metrics, test_cam_empty_fraction=1.0)))
+    write_dl(tmp_path, "shapes", "resnet18", "camal", 0, 0.8, 0.4)  # written before the fraction existed: no flag
+    stats, _, _, _ = st.analyse(args_for(st, tmp_path))
+    flagged = {w["run"]: w["reason"] for w in stats["warnings"] if "empty" in w["reason"]}
+    assert set(flagged) == {"Basic/vanilla", "shapes/resnet18/vanilla"}
+    assert flagged["Basic/vanilla"].startswith("63% of its CAMs were empty") and "over 3 runs" in flagged["Basic/vanilla"]
+    assert flagged["shapes/resnet18/vanilla"].startswith("100% of its CAMs")
 
 
 def test_faithfulness_aucs(st, tmp_path):
