@@ -845,6 +845,8 @@ def check_args(args):
         raise ValueError(f"--image-size must be at least 32, got {args.image_size}")
     if args.image_size != CROP and args.model in ("vit_b_16", "maxvit_t"):
         raise ValueError(f"--model {args.model} takes {CROP} x {CROP} images only, got --image-size {args.image_size}")
+    if args.image_size != CROP and args.method == "prior":  # the CLIP encoder sees the training crop
+        raise ValueError(f"--method prior takes {CROP} x {CROP} images only (CLIP's input), got --image-size {args.image_size}")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.tau < 1.0:

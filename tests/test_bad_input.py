@@ -75,6 +75,7 @@ def test_ppo_settings(ppo, capsys, args, message):
         (["--resume", "no/such/run"], "no checkpoint.pt"),
         (["--image-size", "16"], "--image-size must be at least 32"),
         (["--image-size", "112", "--model", "vit_b_16"], "takes 224 x 224 images only"),
+        (["--image-size", "112", "--method", "prior", "--prior-weights", "random"], "CLIP's input"),
         (["--shapes-cue", "stripes"], "background"),
         (["--collapse-patience", "-2"], "--collapse-patience must not be negative"),
     ],
