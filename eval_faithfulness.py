@@ -296,11 +296,9 @@ def attention_figures(out, runs, rows, tau):
         key = r["samples"]["images"].numpy().tobytes()
         by_images.setdefault(key, {}).setdefault(r["method"], r)
     shared = [g for g in by_images.values() if len(g) == len(methods)] or list(by_images.values())
-    picks = []  # (group, sample index), round-robin over the groups (folds) so the classes and folds spread
-    for i in range(max(len(next(iter(g.values()))["samples"]["labels"]) for g in shared)):
-        for g in shared:
-            if i < len(next(iter(g.values()))["samples"]["labels"]) and len(picks) < rows:
-                picks.append((g, i))
+    # (group, sample index): row r takes group r mod groups and sample r mod samples, so folds and classes both vary
+    n = min(len(next(iter(g.values()))["samples"]["labels"]) for g in shared)
+    picks = [(shared[r % len(shared)], r % n) for r in range(min(rows, len(shared) * n))]
     cols = ["image and mask"] + methods
     fig, axes = plt.subplots(len(picks), len(cols), figsize=(2.2 * len(cols), 2.2 * len(picks)), squeeze=False)
     for row, (g, i) in enumerate(picks):
@@ -364,6 +362,8 @@ if __name__ == "__main__":
             raise RunError("give one or more run folders of train_dl_camal.py (runs/...)")
         if args.steps < 1:
             raise RunError(f"--steps must be at least 1, got {args.steps}")
+        if args.figure_samples < 1:
+            raise RunError(f"--figure-samples must be at least 1, got {args.figure_samples}")
         if args.baseline not in (None, "random"):
             raise RunError(f"--baseline must be random, got {args.baseline!r}")
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

@@ -100,6 +100,8 @@ def test_bad_input(tmp_path):
     assert proc.returncode == 2 and "not a run of train_dl_camal.py: no model.pt" in proc.stderr
     proc = run_script("eval_faithfulness", [], cwd=tmp_path)
     assert proc.returncode == 2 and "give one or more run folders" in proc.stderr
+    proc = run_script("eval_faithfulness", [str(tmp_path / "notarun"), "--figures", "f", "--figure-samples", "0"], cwd=tmp_path)
+    assert proc.returncode == 2 and "--figure-samples must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
 
     fake = tmp_path / "oldrun"  # a run folder whose model file comes from another version (checked in-process: load_run)
     fake.mkdir()
