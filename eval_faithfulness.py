@@ -221,8 +221,8 @@ def load_run(run_dir):
 
 
 def evaluate_run(model, samples, args, device, rng):
-    """Curves and AUCs for every sample of a run (and for a random ranking when asked)."""
-    out = []
+    """Curves and AUCs for every sample of a run (and for a random ranking when asked), and the samples' CAMs."""
+    out, cams = [], []
     for image, label in zip(samples["images"], samples["labels"]):
         image, label = image.to(device), int(label)
 
@@ -232,7 +232,8 @@ def evaluate_run(model, samples, args, device, rng):
             return torch.softmax(logits.float(), dim=1)[:, label].cpu().numpy()
 
         _, cam = class_cam(model, image[None], torch.tensor([label], device=device), False, nullcontext())
-        rankings = {"attention": pixel_ranking(cam[0].cpu().numpy(), rng)}
+        cams.append(cam[0].cpu())
+        rankings = {"attention": pixel_ranking(cams[-1].numpy(), rng)}
         if args.baseline == "random":
             rankings["random"] = rng.permutation(cam[0].numel())
         entry = {"label": label}
@@ -241,7 +242,7 @@ def evaluate_run(model, samples, args, device, rng):
             entry[kind] = {"removal": removal.tolist(), "insertion": insertion.tolist(),
                            "removal_auc": auc(ks, removal), "insertion_auc": auc(ks, insertion)}
         out.append(entry)
-    return ks, out
+    return ks, out, torch.stack(cams)
 
 
 def summarise(ks, entries, kind):
@@ -376,12 +377,8 @@ if __name__ == "__main__":
     figure_runs = []
     rng = np.random.default_rng(args.seed)
     for run, model, samples, metrics in loaded:
-        ks, entries = evaluate_run(model.to(device), samples, args, device, rng)
+        ks, entries, cams = evaluate_run(model.to(device), samples, args, device, rng)
         if args.figures:
-            with torch.enable_grad():
-                labels = samples["labels"].to(device)
-                cams = torch.cat([class_cam(model, samples["images"][i : i + 8].to(device), labels[i : i + 8], False, nullcontext())[1].cpu()
-                                  for i in range(0, len(labels), 8)])
             figure_runs.append({"method": metrics["method"], "samples": samples, "cams": cams})
         model.to("cpu")  # one model on the device at a time
         result = {"run": os.path.basename(os.path.normpath(run)), "method": metrics["method"], "model": metrics["model"],

@@ -500,19 +500,13 @@ def load_saved_agent(run_dir):
     model_path = os.path.join(run_dir, f"{run_args.exp_name}.cleanrl_model")
     if not os.path.isfile(model_path):
         raise ValueError(f"{run_dir} has no {os.path.basename(model_path)}: train it with --save-model")
-    agent = Agent(len(vzd_buttons(run_args.env)), run_args.frame_stack, run_args.frame_height, run_args.frame_width)
     try:
-        agent.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        agent = Agent(state["actor.weight"].shape[0], run_args.frame_stack, run_args.frame_height, run_args.frame_width)
+        agent.load_state_dict(state)
     except Exception as e:  # a file of another version or not a model at all: say which
         raise ValueError(f"{model_path} is not a model of this script: {str(e).splitlines()[0]}") from e
     return run_args, agent.eval()
-
-
-def vzd_buttons(env):
-    """The scenario's buttons, read from its config without starting the engine."""
-    game = vzd.DoomGame()
-    game.load_config(os.path.join(vzd.scenarios_path, SCENARIOS[env]))
-    return game.get_available_buttons()
 
 
 def attention_figure(args):
@@ -859,7 +853,7 @@ if __name__ == "__main__":
             writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
             writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            att = {k: v.item() for k, v in att.items()}
+            att = dict(zip(att, torch.stack(list(att.values())).tolist()))  # one device sync per iteration
             camal_sum, alpha_sum, beta_sum, iou_sum, n_valid = (att[k] for k in ("camal_loss", "alpha", "beta", "iou", "valid"))
             empty_fraction = att["empty"] / args.batch_size
             writer.add_scalar("losses/camal_loss", camal_sum / n_measured, global_step)
