@@ -193,17 +193,40 @@ class RunError(ValueError):
     """A folder that is not a usable run of train_dl_camal.py."""
 
 
+def write_json(path, obj, **kw):
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, **kw)
+    os.replace(path + ".tmp", path)
+
+
+def load_weights_only(path):
+    """torch.load of tensors and plain values only: a run folder from elsewhere cannot run code here."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise RunError(f"{path} holds pickled Python objects, not only tensors (an older version of train_dl_camal.py "
+                           "wrote it, or something else did); loading it could run code, so it is refused") from e
+        raise RunError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+
+
 def load_run(run_dir):
     """Model (on the CPU), samples and metrics of a run; RunError if the folder is not a usable run."""
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir} " + ("is not a folder" if os.path.exists(run_dir) else "does not exist"))
     for name in ("model.pt", "faithfulness_samples.pt", "metrics.json"):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise RunError(f"{run_dir} is not a run of train_dl_camal.py: no {name}")
-    saved = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=False)
+    saved = load_weights_only(os.path.join(run_dir, "model.pt"))
     need = {"state_dict", "architecture", "num_classes", "classes", "preprocessing"}
     if not isinstance(saved, dict) or not need <= set(saved):
         raise RunError(f"{run_dir}/model.pt is not a train_dl_camal.py model file of this version (it needs {sorted(need)})")
     pre = saved["preprocessing"]
     crop = pre.get("crop")  # train_dl_camal.py's --image-size: 224 unless the run chose another
+    # the samples were stored after training's own resize and crop (--resize square or shorter-side), so they are used as they are
+    if pre.get("resize_mode", "shorter-side") not in ("square", "shorter-side"):  # runs before --resize: shorter-side
+        raise RunError(f"{run_dir}/model.pt names an unknown resize {pre.get('resize_mode')!r} (square or shorter-side)")
     if tuple(pre.get("mean", ())) != MEAN or tuple(pre.get("std", ())) != STD or not isinstance(crop, int) or crop < 32:
         raise RunError(f"{run_dir}/model.pt was trained with other preprocessing ({pre}); this version expects "
                        f"mean {MEAN}, std {STD} and a crop of at least 32 pixels")
@@ -212,7 +235,9 @@ def load_run(run_dir):
         model.net.load_state_dict(saved["state_dict"])
     except (AttributeError, RuntimeError) as e:
         raise RunError(f"{run_dir}/model.pt does not match {saved['architecture']} of this version: {str(e).splitlines()[0]}") from e
-    samples = torch.load(os.path.join(run_dir, "faithfulness_samples.pt"), map_location="cpu", weights_only=False)
+    samples = load_weights_only(os.path.join(run_dir, "faithfulness_samples.pt"))
+    if not isinstance(samples, dict) or not {"images", "masks", "labels"} <= set(samples):
+        raise RunError(f"{run_dir}/faithfulness_samples.pt is not a train_dl_camal.py samples file (it needs images, masks, labels)")
     if samples["images"].dtype != torch.uint8 or samples["images"].shape[1:] != (3, crop, crop):
         raise RunError(f"{run_dir}/faithfulness_samples.pt: expected uint8 images of 3 x {crop} x {crop} (model.pt's crop)")
     with open(os.path.join(run_dir, "metrics.json")) as f:
@@ -220,8 +245,11 @@ def load_run(run_dir):
     return model.eval(), samples, metrics
 
 
-def evaluate_run(model, samples, args, device, rng):
-    """Curves and AUCs for every sample of a run (and for a random ranking when asked), and the samples' CAMs."""
+def evaluate_run(model, samples, args, device, tie_rng, random_rng):
+    """Curves and AUCs for every sample of a run (and for a random ranking when asked), and the samples' CAMs.
+
+    Two generators: tie_rng breaks ties among equal attention values, random_rng draws the random rankings, so asking for
+    the random baseline never changes the methods' own numbers."""
     out, cams = [], []
     for image, label in zip(samples["images"], samples["labels"]):
         image, label = image.to(device), int(label)
@@ -231,16 +259,22 @@ def evaluate_run(model, samples, args, device, rng):
                 logits, _ = model(normalise(batch, next(model.parameters()).dtype))
             return torch.softmax(logits.float(), dim=1)[:, label].cpu().numpy()
 
-        _, cam = class_cam(model, image[None], torch.tensor([label], device=device), False, nullcontext())
+        logits, cam = class_cam(model, image[None], torch.tensor([label], device=device), False, nullcontext())
         cams.append(cam[0].cpu())
-        rankings = {"attention": pixel_ranking(cams[-1].numpy(), rng)}
+        rankings = {"attention": pixel_ranking(cams[-1].numpy(), tie_rng)}
         if args.baseline == "random":
-            rankings["random"] = rng.permutation(cam[0].numel())
-        entry = {"label": label}
+            rankings["random"] = random_rng.permutation(cam[0].numel())
+        entry = {"label": label, "correct": bool(int(logits[0].argmax()) == label)}
         for kind, ranking in rankings.items():
             ks, removal, insertion = faithfulness_curves(predict, image, ranking, args.steps)
+            # the paper's AUCs, and the same over curves divided by the intact image's probability (removal starts there:
+            # a model that is wrong from the start has a low removal AUC for free)
+            start = float(removal[0])
             entry[kind] = {"removal": removal.tolist(), "insertion": insertion.tolist(),
-                           "removal_auc": auc(ks, removal), "insertion_auc": auc(ks, insertion)}
+                           "removal_auc": auc(ks, removal), "insertion_auc": auc(ks, insertion),
+                           "removal_auc_normalised": auc(ks, removal / start) if start > 0 else None,
+                           "insertion_auc_normalised": auc(ks, insertion / start) if start > 0 else None}
+        entry["start_probability"] = entry["attention"]["removal"][0]
         out.append(entry)
     return ks, out, torch.stack(cams)
 
@@ -252,25 +286,35 @@ def summarise(ks, entries, kind):
     i_mean, i_ci = mean_ci([e[kind]["insertion_auc"] for e in entries])
     return {"mean_removal": removal.mean(0).tolist(), "mean_insertion": insertion.mean(0).tolist(),
             "removal_auc": {"mean": r_mean, "ci95": r_ci}, "insertion_auc": {"mean": i_mean, "ci95": i_ci},
-            "n": len(entries)}
+            "start_probability": float(removal[:, 0].mean()), "n": len(entries)}
 
 
 def plot_curves(path, ks, groups):
+    """Removal and insertion curves per group: mean and 95 % band, the band clipped to [0, 1] (a probability's range).
+    A method keeps one colour in every plot; "method/random" (its random-ranking floor) is a dashed line in the method's
+    colour, without a band, so a plot with floors stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {"camal": "tab:blue", "vanilla": "tab:orange", "prior": "tab:green", "suppress": "tab:red", "supp. only": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, curve in zip(axes, ("removal", "insertion")):
         for name, curves in groups.items():
+            method, _, floor = name.partition("/")
+            colour = colours.get(method.lower(), "tab:gray")
             c = np.array(curves[curve])
             mean = c.mean(0)
+            if floor:
+                ax.plot(100 * ks, mean, color=colour, linestyle="--", linewidth=1, label=name)
+                continue
             band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
-            ax.plot(100 * ks, mean, label=name)
-            ax.fill_between(100 * ks, mean - band, mean + band, alpha=0.2)
+            ax.plot(100 * ks, mean, color=colour, label=name)
+            ax.fill_between(100 * ks, np.clip(mean - band, 0, 1), np.clip(mean + band, 0, 1), color=colour, alpha=0.2)
         ax.set_title(f"{curve} of the top k % attended pixels")
         ax.set_xlabel("k (%)")
+        ax.set_ylim(0, 1)
     axes[0].set_ylabel("probability of the true class")
     axes[1].legend()
     fig.tight_layout()
@@ -375,9 +419,11 @@ if __name__ == "__main__":
 
     groups = {}  # method -> pooled per-sample AUCs and curves over its runs (e.g. its folds)
     figure_runs = []
-    rng = np.random.default_rng(args.seed)
+    tie_rng, random_rng = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 1])
     for run, model, samples, metrics in loaded:
-        ks, entries, cams = evaluate_run(model.to(device), samples, args, device, rng)
+        # one key per held-out sample: runs of different methods on the same fold and seed hold the same samples
+        sample_keys = [(metrics["dataset"], metrics.get("split_seed"), metrics["fold"], metrics["seed"], i) for i in range(len(samples["labels"]))]
+        ks, entries, cams = evaluate_run(model.to(device), samples, args, device, tie_rng, random_rng)
         if args.figures:
             figure_runs.append({"method": metrics["method"], "samples": samples, "cams": cams})
         model.to("cpu")  # one model on the device at a time
@@ -386,25 +432,50 @@ if __name__ == "__main__":
                   "samples": entries, "attention": summarise(ks, entries, "attention")}
         if args.baseline == "random":
             result["random"] = summarise(ks, entries, "random")
-        with open(os.path.join(run, "faithfulness.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(run, "faithfulness.json"), result, indent=2)
         # the random floor is per method: each ranks pixels at random for its own models
         kinds = [("attention", metrics["method"])] + ([("random", f"{metrics['method']}/random")] if args.baseline == "random" else [])
         for kind, name in kinds:
-            g = groups.setdefault(name, {"removal": [], "insertion": [], "removal_auc": [], "insertion_auc": []})
-            for e in entries:
-                for key in g:
-                    g[key].append(e[kind][key])
+            g = groups.setdefault(name, {"removal": [], "insertion": [], "removal_auc": [], "insertion_auc": [], "start": [],
+                                         "removal_auc_normalised": [], "insertion_auc_normalised": [], "correct": {}, "aucs": {}})
+            for e, key in zip(entries, sample_keys):
+                for c in ("removal", "insertion", "removal_auc", "insertion_auc", "removal_auc_normalised", "insertion_auc_normalised"):
+                    g[c].append(e[kind][c])
+                g["start"].append(e["start_probability"])
+                g["correct"][key] = e["correct"]
+                g["aucs"][key] = (e[kind]["removal_auc"], e[kind]["insertion_auc"])
         a = result["attention"]
         print(f"{run}: removal AUC {a['removal_auc']['mean']:.4f}, insertion AUC {a['insertion_auc']['mean']:.4f} "
               f"over {a['n']} samples -> faithfulness.json")
 
-    print(f"\n{'method':<12}{'samples':>8}{'removal AUC (lower is better)':>32}{'insertion AUC (higher is better)':>34}")
+    print(f"\n{'method':<16}{'samples':>8}{'wrong at k=0':>13}{'p(true) at k=0':>16}{'removal AUC (lower is better)':>32}"
+          f"{'insertion AUC (higher is better)':>34}")
     stats = {}
     for name, g in groups.items():
         stats[name] = (mean_ci(g["removal_auc"]), mean_ci(g["insertion_auc"]))
         (rm, rc), (im, ic) = stats[name]
-        print(f"{name:<12}{len(g['removal_auc']):>8}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
+        wrong = sum(not c for c in g["correct"].values())
+        print(f"{name:<16}{len(g['removal_auc']):>8}{wrong:>13}{np.mean(g['start']):>16.3f}{f'{rm:.4f} +- {rc:.4f}':>32}"
+              f"{f'{im:.4f} +- {ic:.4f}':>34}")
+    print("\nthe same, with each curve divided by the sample's probability at k=0 (samples whose probability is 0 left out)")
+    for name, g in groups.items():
+        r = [v for v in g["removal_auc_normalised"] if v is not None]
+        i = [v for v in g["insertion_auc_normalised"] if v is not None]
+        if r:
+            (rm, rc), (im, ic) = mean_ci(r), mean_ci(i)
+            print(f"{name:<16}{len(r):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
+    methods = [n for n in groups if "/" not in n]
+    common = set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
+    print(f"\nover the {len(common)} samples that every method's model classifies correctly at k=0")
+    for name, g in groups.items():
+        if common:
+            (rm, rc), (im, ic) = (mean_ci([g["aucs"][k][j] for k in sorted(common, key=str)]) for j in (0, 1))
+            print(f"{name:<16}{len(common):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
+    for name, g in groups.items():
+        if "/" not in name and np.mean(g["start"]) < 0.5:
+            print(f"warning: {name}'s models give the true class {np.mean(g['start']):.2f} on average before any pixel is removed: its "
+                  "removal AUC is low because the model is wrong from the start, not because its attention is faithful. Compare "
+                  "removal AUCs only between methods whose p(true) at k=0 is alike.", file=sys.stderr)
     names = list(groups)
     if len(names) > 1:
         print("\nrelative change of the mean AUC (first against second; the paper: CAMAL -39 % removal, +35.3 % insertion against Prior)")

@@ -4,6 +4,7 @@
 # Single-file in CleanRL's style (cleanrl/ppo_atari.py); hyperparameters follow the paper's Table 8.
 import json
 import os
+import pickle
 import random
 import signal
 import sys
@@ -466,24 +467,98 @@ def evaluate(agent, envs, args, device, video_dir=None):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(path, agent, optimizer, args, iteration, global_step, episodes_seen):
-    state = {
-        "args": asdict(args),
-        "agent": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "iteration": iteration,
-        "global_step": global_step,
-        "episodes_seen": episodes_seen,
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+def write_json(path, obj, **kw):
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, **kw)
+    os.replace(path + ".tmp", path)
+
+
+def ignored_flags(cli, saved, keep):
+    """The flags given with --resume that the run does not take (it continues with its own settings), as text."""
+    default = type(cli)()
+    return [f"--{k.replace('_', '-')} {getattr(cli, k)} (the run's: {saved.get(k)})" for k in cli.__dataclass_fields__
+            if k not in keep and getattr(cli, k) != getattr(default, k) and getattr(cli, k) != saved.get(k)]
+
+
+def rng_state():
+    """Every random generator's state, in types torch.load(weights_only=True) accepts (numpy's as plain lists)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    tmp = path + ".tmp"
+
+
+def restore_rng(state):
+    """Put back the generators saved by rng_state()."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(path, state):
+    """Save `state` to path atomically and keep the one before as checkpoint.prev.pt beside it: a crash, a full disk or
+    a copy cut short leaves at least one whole checkpoint."""
+    tmp, prev = path + ".tmp", previous_checkpoint(path)
     torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash while writing never leaves a broken checkpoint
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # on disk before it replaces anything
+    if os.path.isfile(path):
+        os.replace(path, prev)
+    os.replace(tmp, path)
+
+
+def previous_checkpoint(path):
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"  # checkpoint.pt -> checkpoint.prev.pt
+
+
+def read_checkpoint(path, keys):
+    """The checkpoint at path, or the previous one when path is unreadable (with a warning); ValueError if neither is whole.
+
+    Loaded as weights only: tensors and plain Python values, so a file from elsewhere cannot run code.
+    `keys`: the entries a checkpoint of this script holds."""
+    problems = []
+    for p in (path, previous_checkpoint(path)):
+        if not os.path.isfile(p):
+            continue
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # refused by the weights-only unpickler, or truncated or corrupt (zip, pickle, storage)
+            if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+                problems.append(f"{p} holds pickled Python objects, not only tensors (an older version of this script "
+                                "wrote it, or something else did); loading it could run code, so it is refused")
+            else:
+                problems.append(f"{p} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        if not isinstance(state, dict) or not set(keys) <= set(state):
+            problems.append(f"{p} is not a checkpoint of this script (it needs {sorted(keys)})")
+            continue
+        if p != path:
+            every = state["args"].get("checkpoint_every") if isinstance(state["args"], dict) else None
+            lost = f"up to {every} iterations or epochs of progress" if every else "the progress since the one before"
+            print(f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: "
+                  f"{lost} will be redone", file=sys.stderr, flush=True)
+        return state
+    raise ValueError("; ".join(problems) or f"no checkpoint at {path}")
+
+
+PPO_CHECKPOINT_KEYS = ("args", "agent", "optimizer", "iteration", "global_step", "episodes_seen", "rng")
+
+
+def save_checkpoint(path, agent, optimizer, args, iteration, global_step, episodes_seen):
+    write_checkpoint(path, {
+        "args": asdict(args), "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+        "global_step": global_step, "episodes_seen": episodes_seen, "rng": rng_state(),
+    })
+    # where a resume would start, for readers without torch (stats.py): events past this step are redone, not kept
+    write_json(os.path.splitext(path)[0] + ".json", {"iteration": iteration, "global_step": global_step})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,14 +684,28 @@ if __name__ == "__main__":
     checkpoint = None
     if args.resume is not None:
         ckpt_path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isdir(args.resume):
+            fail(f"--resume {args.resume} does not exist")
+        if os.path.isfile(os.path.join(args.resume, "eval.json")):
+            fail(f"--resume {args.resume}: this run finished (its eval.json is there); there is nothing to resume")
         if not os.path.isfile(ckpt_path):
             fail(f"--resume {args.resume}: no checkpoint.pt there (was the run started with --checkpoint-every?)")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = read_checkpoint(ckpt_path, PPO_CHECKPOINT_KEYS)
+        except ValueError as e:
+            fail(f"--resume {args.resume}: {e}")
         # the run continues with the hyperparameters it was started with
         saved = checkpoint["args"]
+        ignored = ignored_flags(args, saved, keep=("resume", "cuda"))
+        if ignored:
+            print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
         saved.update(resume=args.resume, cuda=args.cuda)
-        saved.setdefault("cam", "paper")  # checkpoints from before --cam trained with the paper's CAM
+        unknown = set(saved) - set(Args.__dataclass_fields__)
+        if unknown:
+            fail(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
         args = Args(**saved)
+        if checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps):
+            fail(f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to resume")
     try:
         check_args(args)
     except ValueError as e:
@@ -632,8 +721,7 @@ if __name__ == "__main__":
         run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
         run_dir = f"runs/{run_name}"
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:  # what the run is, for --figure and other readers
-        json.dump(asdict(args), f, indent=2)
+    write_json(os.path.join(run_dir, "args.json"), asdict(args), indent=2)  # what the run is, for --figure and other readers
     video_dir = None
     if args.capture_video:
         video_dir = f"videos/{run_name}"
@@ -658,12 +746,7 @@ if __name__ == "__main__":
         start_iteration = checkpoint["iteration"] + 1
         global_step = checkpoint["global_step"]
         episodes_seen = checkpoint["episodes_seen"]
-        rng = checkpoint["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(checkpoint["rng"])
         print(f"resuming {run_name} at iteration {start_iteration}/{args.num_iterations}, global_step={global_step}")
 
     # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves do not double
@@ -934,8 +1017,7 @@ if __name__ == "__main__":
                 "camal_coef": args.camal_coef,
                 "run_name": run_name,
             }
-            with open(os.path.join(run_dir, "eval.json"), "w") as f:
-                json.dump(result, f, indent=2)
+            write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
             print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
     finally:
         envs.close()

@@ -20,7 +20,7 @@ import torchvision.transforms.v2.functional as TF
 import tyro
 from PIL import Image
 
-RESIZE, CROP = 256, 224  # train_dl_camal.py's geometry: shorter side to 256, centre crop 224
+RESIZE, CROP = 256, 224  # train_dl_camal.py's geometry: resize to 256 x 256, centre crop 224
 PERTURBATIONS = ("shift", "erode", "dilate")
 REGULARIZERS = {"camal": "CAMAL", "suppress": "Supp. only"}
 DATASET_NAMES = {"busi": "BUSI", "pets": "Oxford-IIIT-Pet", "flowers": "Oxford-Flower", "shapes": "Shapes"}
@@ -54,6 +54,8 @@ class Args:
     """shapes: the seed the images are drawn with (train_dl_camal.py's --split-seed)"""
     shapes_cue: Literal["background", "corner"] = "background"
     """shapes: train_dl_camal.py's --shapes-cue, which sets the objects' size (larger with the background cue)"""
+    resize: Literal["square", "shorter-side"] = "square"
+    """train_dl_camal.py's --resize: masks in the geometry that training used"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def pets_records(data_dir):
                     continue
                 stem, class_id = line.split()[:2]
                 label = int(class_id) - 1
-                names[label] = stem.rsplit("_", 1)[0]
+                names[label] = stem.rsplit("_", 1)[0].replace("_", " ")  # "american_bulldog_12" -> "american bulldog"
                 image = require(os.path.join(root, "images", f"{stem}.jpg"))
                 trimap = require(os.path.join(root, "annotations", "trimaps", f"{stem}.png"))
                 records.append((image, (trimap,), label))
@@ -127,8 +129,11 @@ def flowers_records(data_dir):
         image = require(os.path.join(root, "jpg", f"image_{i:05d}.jpg"))
         seg = require(os.path.join(root, "segmim", f"segmim_{i:05d}.jpg"))
         records.append((image, (seg,), int(labels[i - 1]) - 1))
-    classes = [f"flower_{k + 1:03d}" for k in range(int(labels.max()))]
-    return records, classes
+    from torchvision.datasets import Flowers102
+
+    if labels.min() < 1 or labels.max() > len(Flowers102.classes):
+        raise DataError(f"{root}/imagelabels.mat: labels must lie in [1, {len(Flowers102.classes)}]")
+    return records, list(Flowers102.classes[: int(labels.max())])  # the real names (for CLIP's prompts), in label order
 
 
 def busi_records(data_dir):
@@ -172,11 +177,13 @@ SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond", "ring")
 CUE_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220))
 
 
-def render_shape(index, label, seed, cue_label, cue="corner"):
-    """One 256 x 256 shapes image: a class shape on a texture, plus a colour cue of `cue_label` (None: no cue).
+def render_shape(index, label, seed, cue_label, cue, classes):
+    """One 256 x 256 shapes image: a class object on a texture, plus a colour cue of `cue_label` (None: no cue).
 
     Deterministic in (seed, index). The object lies inside the centre 224 crop. cue "corner": a 24 x 24 square of the
     cue's colour in the corner farthest from the object; "background": the texture is tinted with the cue's colour.
+    The object is the class's shape filled with stripes at the class's angle (label x 180 / classes degrees, a few
+    degrees of jitter) in a random colour: evidence a small CNN learns from a few hundred images, unlike the outline.
     """
     rng = np.random.default_rng([seed, index])
     size = RESIZE
@@ -201,7 +208,11 @@ def render_shape(index, label, seed, cue_label, cue="corner"):
     else:
         cv2.circle(mask, (cx, cy), r, 1, -1)
         cv2.circle(mask, (cx, cy), r // 2, 0, -1)
-    img[mask.astype(bool)] = rng.uniform(40, 230, 3)  # the object's colour says nothing about its class
+    inside = mask.astype(bool)
+    angle = np.pi * label / classes + rng.uniform(-0.15, 0.15)
+    y, x = np.nonzero(inside)
+    phase = 2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / 14 + rng.uniform(0, 2 * np.pi)  # 14 px period
+    img[inside] = rng.uniform(70, 190, 3) + 60 * np.sign(np.sin(phase))[:, None]  # the colour says nothing
     if cue == "corner" and cue_label is not None:
         corners = [(24, 24), (size - 48, 24), (24, size - 48), (size - 48, size - 48)]
         far = max(corners, key=lambda c: (c[0] + 12 - cx) ** 2 + (c[1] + 12 - cy) ** 2)
@@ -223,21 +234,37 @@ def dataset_records(args):
     if args.data_dir is None:
         raise ValueError(f"--dataset {args.dataset} needs --data-dir (the folder that holds its files)")
     if not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder")
+        raise FileNotFoundError(f"--data-dir {args.data_dir} " + ("is not a folder" if os.path.exists(args.data_dir) else "does not exist"))
     return {"pets": pets_records, "flowers": flowers_records, "busi": busi_records}[args.dataset](args.data_dir)
 
 
-def crop_mask(mask):
-    """A dataset mask in train_dl_camal.py's geometry: shorter side to 256 (nearest), centre crop 224."""
+def resize_crop(image, resize, crop, nearest=False, how="square"):
+    """Appendix C's geometry for a C x H x W tensor: resized to resize x resize (how="square": both sides, whatever the
+    aspect ratio), or its shorter side to resize (how="shorter-side", torchvision's convention), then centre-cropped to
+    crop x crop. nearest: for masks."""
+    mode = TF.InterpolationMode.NEAREST if nearest else TF.InterpolationMode.BILINEAR
+    size = [resize, resize] if how == "square" else resize
+    return TF.center_crop(TF.resize(image, size, interpolation=mode, antialias=not nearest), crop)
+
+
+def write_json(path, obj, **kw):
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, **kw)
+    os.replace(path + ".tmp", path)
+
+
+def crop_mask(mask, how):
+    """A dataset mask in train_dl_camal.py's geometry: 256 x 256 (or the shorter side to 256; nearest), centre crop 224."""
     m = torch.from_numpy(np.ascontiguousarray(mask))[None].to(torch.uint8)
-    return TF.center_crop(TF.resize(m, RESIZE, interpolation=TF.InterpolationMode.NEAREST), CROP)[0].numpy().astype(bool)
+    return resize_crop(m, RESIZE, CROP, nearest=True, how=how)[0].numpy().astype(bool)
 
 
 def load_mask(args, record):
     path, mask_paths, label = record
     if args.dataset == "shapes":
-        return crop_mask(render_shape(path, label, args.split_seed, None, args.shapes_cue)[1])
-    return crop_mask(read_mask(args.dataset, mask_paths))
+        return crop_mask(render_shape(path, label, args.split_seed, None, args.shapes_cue, args.shapes_classes)[1], args.resize)
+    return crop_mask(read_mask(args.dataset, mask_paths), args.resize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +402,19 @@ def overlap_image(mask, h):
     return img
 
 
+def regions(mask, h, reg):
+    """Where a regulariser pushes attention, from its gradient: encouraged (green) where dR/dH < 0, i.e. more
+    attention there lowers the loss; suppressed (red) where dR/dH > 0 and there is attention to take away (H > 0)."""
+    cam = torch.from_numpy(h[None].astype(np.float64)).requires_grad_(True)
+    alpha, beta, _ = camal_terms(cam, torch.from_numpy(mask)[None])
+    (beta - alpha if reg == "camal" else beta).sum().backward()
+    g = cam.grad[0].numpy()
+    img = np.ones(mask.shape + (3,))
+    img[g < 0] = (0.25, 0.7, 0.25)
+    img[(g > 0) & (h > 0)] = (0.85, 0.2, 0.2)
+    return img
+
+
 def plot_figure9(path, mask, maps, resp, mean_resp, levels):
     import matplotlib
 
@@ -383,26 +423,36 @@ def plot_figure9(path, mask, maps, resp, mean_resp, levels):
     from matplotlib.patches import Patch
 
     show = levels // 2  # a middle severity
-    fig, axes = plt.subplots(len(PERTURBATIONS), 4, figsize=(13, 3.2 * len(PERTURBATIONS)))
+    fig, axes = plt.subplots(len(PERTURBATIONS), 6, figsize=(19, 3.2 * len(PERTURBATIONS)))
     for row, kind in zip(axes, PERTURBATIONS):
+        h = maps[kind][show - 1]
         row[0].imshow(mask, cmap="gray")
         row[0].set_title(f"{kind}: mask M")
-        row[1].imshow(maps[kind][show - 1], cmap="gray")
+        row[1].imshow(h, cmap="gray")
         row[1].set_title(f"H at severity {show}/{levels}")
-        row[2].imshow(overlap_image(mask, maps[kind][show - 1]))
+        row[2].imshow(overlap_image(mask, h))
         row[2].set_title("overlap")
-        for ax in row[:3]:
+        for ax, (reg, name) in zip(row[3:5], REGULARIZERS.items()):
+            ax.imshow(regions(mask, h, reg))
+            ax.contour(mask, levels=[0.5], colors="gray", linewidths=0.6)
+            ax.set_title(f"{name}: pushes H")
+        for ax in row[:5]:
             ax.axis("off")
         sev = np.arange(1, levels + 1)
         for reg, name in REGULARIZERS.items():
-            line, = row[3].plot(sev, resp[kind][reg], marker="o", label=f"{name} (this mask)")
-            row[3].plot(sev, mean_resp[kind][reg], linestyle="--", color=line.get_color(), label=f"{name} (mean over masks)")
-        row[3].set_xlabel("severity")
-        row[3].set_ylabel("R(M, H)")
-        row[3].legend(fontsize=7)
-    axes[0][2].legend(handles=[Patch(color=c, label=n) for n, c in OVERLAP.items()], fontsize=7, loc="lower right")
+            line, = row[5].plot(sev, resp[kind][reg], marker="o", label=f"{name} (this mask)")
+            row[5].plot(sev, mean_resp[kind][reg], linestyle="--", color=line.get_color(), label=f"{name} (mean over masks)")
+        row[5].set_xlabel("severity")
+        row[5].set_ylabel("R(M, H)")
+    # legends beside the panels, never over them
+    axes[0][5].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[0][2].legend(handles=[Patch(color=c, label=n) for n, c in OVERLAP.items()], fontsize=7, loc="upper center",
+                      bbox_to_anchor=(0.5, -0.02), ncol=1)
+    axes[0][4].legend(handles=[Patch(color=(0.25, 0.7, 0.25), label="encouraged (dR/dH < 0)"),
+                               Patch(color=(0.85, 0.2, 0.2), label="suppressed (dR/dH > 0, H > 0)")], fontsize=7,
+                      loc="upper center", bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -474,8 +524,7 @@ if __name__ == "__main__":
         os.makedirs(args.out, exist_ok=True)
         result = {"args": asdict(args), "masks": len(per_image), "left_out": left_out,
                   "table": {f"{k}/{c}": v for (k, c), v in table.items()}, "mean_response": mean_resp, "per_image": per_image}
-        with open(os.path.join(args.out, "study.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(os.path.join(args.out, "study.json"), result, indent=1)
         mask, maps, resp = example
         plot_figure9(os.path.join(args.out, "figure9.png"), mask, maps, resp, mean_resp, args.levels)
         print(f"written to {args.out}/: study.json, figure9.png")

@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import scipy.stats
@@ -26,8 +26,14 @@ class Args:
     """bootstrap resamples of rliable's SBCI and probability of improvement (the paper: 50,000)"""
     seed: int = 0
     """numpy's global generator is seeded with this before every rliable estimate, so the numbers repeat"""
+    drl_score: Literal["eval", "training"] = "eval"
+    """DRL runs are scored from eval.json (the trained policy's evaluation episodes; a run without one is left out) or,
+    with training, from the mean of the last --last-n TensorBoard values of every run: never a mix of the two"""
     last_n: int = 10
-    """a DRL run without eval.json is scored by the mean of its last this-many TensorBoard values"""
+    """with --drl-score training, a DRL run's score is the mean of its last this-many TensorBoard values"""
+    include_unfinished: bool = False
+    """with --drl-score training, also score runs that stopped short of their steps (from their curves up to their checkpoint, so
+    a killed attempt's events past it never count), each named under Warnings; by default they are listed and left out"""
     significance: float = 0.05
     """Wilcoxon p below this is significant (the paper: 0.05)"""
     curve_points: int = 100
@@ -46,6 +52,13 @@ PAPER_TABLE = {("test_iou", "prior"): "Table 1", ("test_accuracy", "vanilla"): "
 DRL_METRICS = {"return": ("charts/episodic_return", "Figure 6"), "iou": ("charts/attention_iou", "Figure 4")}
 DL_KEYS = {"dataset", "model", "method", "fold", "folds", "seed", "split_seed", "test_accuracy", "test_iou"}
 DRL_KEYS = {"env", "method", "seed", "mean_return", "mean_iou"}
+# The settings that define an experiment: runs that differ in one of them are never paired, pooled or taken for duplicates.
+# METHOD_SETTINGS only matter to the runs of those methods (vanilla has no camal_coef to match).
+DL_SETTINGS = ("folds", "split_seed", "epochs", "batch_size", "learning_rate", "weight_decay", "pretrained", "image_size", "tau",
+               "shapes_classes", "shapes_per_class", "shapes_cue", "shapes_cue_prob")
+DRL_SETTINGS = ("total_timesteps", "frame_height", "frame_width", "frame_skip", "frame_stack", "num_envs", "num_steps",
+                "learning_rate", "gamma", "gae_lambda", "num_minibatches", "update_epochs", "ent_coef", "vf_coef", "tau", "cam")
+METHOD_SETTINGS = {"camal": ("camal_coef",), "suppress": ("camal_coef",), "prior": ("camal_coef", "prior_model", "prior_threshold")}
 
 
 class StatsError(ValueError):
@@ -111,6 +124,32 @@ def clean(obj):
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
+def write_json(path, obj, **kw):
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, **kw)
+    os.replace(path + ".tmp", path)
+
+
+NUMBER, TEXT = "a number", "a string"
+
+
+def check_types(path, obj, spec):
+    """StatsError naming the file and the field when a value has the wrong type (a number where text is due, say)."""
+    for key, (kind, nullable) in spec.items():
+        v = obj.get(key)
+        ok = (v is None and nullable) or (kind == TEXT and isinstance(v, str)) or (
+            kind == NUMBER and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        if not ok:
+            raise StatsError(f"{path}: {key} is {v!r}, expected {kind}" + (" or null" if nullable else ""))
+
+
+DL_TYPES = {"dataset": (TEXT, False), "model": (TEXT, False), "method": (TEXT, False), "fold": (NUMBER, False), "folds": (NUMBER, False),
+            "seed": (NUMBER, False), "split_seed": (NUMBER, False), "test_accuracy": (NUMBER, True), "test_iou": (NUMBER, True)}
+DRL_TYPES = {"env": (TEXT, False), "method": (TEXT, False), "seed": (NUMBER, False), "mean_return": (NUMBER, False),
+             "mean_iou": (NUMBER, True)}
+
+
 def load_json(path):
     try:
         with open(path) as f:
@@ -146,13 +185,13 @@ def hyperparameters(acc):
     return {r[0]: r[1] for r in rows if len(r) == 2}
 
 
-def find_runs(paths, last_n):
-    """Every run folder under the paths: DL runs (metrics.json), DRL runs (eval.json, or TensorBoard events of a
-    ppo_camal_vizdoom.py run without it), and the folders that were seen but cannot be used (with the reason)."""
-    dl, drl, skipped = [], [], []
+def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None):
+    """Every run folder under the paths: DL runs (metrics.json), DRL runs (scored from eval.json or from TensorBoard, as
+    drl_score says), the DRL runs left out (unfinished, or no eval.json), and the folders that cannot be used."""
+    dl, drl, left_out, skipped = [], [], [], []
     for root in paths:
         if not os.path.isdir(root):
-            raise StatsError(f"{root} is not a folder")
+            raise StatsError(f"{root} " + ("is not a folder" if os.path.exists(root) else "does not exist"))
         for d, subdirs, files in os.walk(root):
             subdirs.sort()
             events = sorted(f for f in files if f.startswith("events.out.tfevents."))
@@ -161,38 +200,86 @@ def find_runs(paths, last_n):
                 m = load_json(path)
                 if not isinstance(m, dict) or DL_KEYS - set(m):
                     raise StatsError(f"{path} is not a metrics.json of train_dl_camal.py (it needs {sorted(DL_KEYS)})")
+                check_types(path, m, DL_TYPES)
                 run = dict(m, dir=d, mtime=os.path.getmtime(path))
+                saved = m.get("args") if isinstance(m.get("args"), dict) else {}  # metrics.json of older runs: the top-level keys only
+                run["settings"] = {k: saved.get(k, m.get(k)) for k in DL_SETTINGS + METHOD_SETTINGS.get(m["method"], ())}
                 faith = os.path.join(d, "faithfulness.json")
                 run["faithfulness"] = faith if os.path.isfile(faith) else None
                 dl.append(run)
-            elif "eval.json" in files:
+            elif "eval.json" in files and drl_score == "eval":
                 path = os.path.join(d, "eval.json")
                 e = load_json(path)
                 if not isinstance(e, dict) or DRL_KEYS - set(e):
                     raise StatsError(f"{path} is not an eval.json of ppo_camal_vizdoom.py (it needs {sorted(DRL_KEYS)})")
+                check_types(path, e, DRL_TYPES)
+                saved = load_json(os.path.join(d, "args.json")) if "args.json" in files else {}
                 drl.append({"dir": d, "env": e["env"], "method": e["method"], "seed": e["seed"], "mtime": os.path.getmtime(path),
-                            "total_timesteps": e.get("total_timesteps"),
+                            "total_timesteps": saved.get("total_timesteps"), "steps_done": e.get("total_timesteps"),
+                            # eval.json records cam, tau and camal_coef (its total_timesteps is the steps done, not the plan)
+                            "settings": {k: saved.get(k, e.get(k) if k in ("cam", "tau", "camal_coef") else None)
+                                         for k in DRL_SETTINGS + METHOD_SETTINGS.get(e["method"], ())},
                             "return": e["mean_return"], "iou": e["mean_iou"], "cam_empty": e.get("cam_empty_fraction"),
                             "source": f"eval.json ({len(e.get('episodic_returns', []))} evaluation episodes)"})
+            elif "eval.json" in files and not events:
+                left_out.append({"run": d, "reason": "eval.json but no TensorBoard events: --drl-score training cannot score it"})
             elif events:
                 acc = read_tensorboard(d)
                 hp = hyperparameters(acc)
                 if {"env", "method", "seed"} <= set(hp):
-                    drl.append(tensorboard_run(d, acc, hp, last_n, max(os.path.getmtime(os.path.join(d, f)) for f in events)))
+                    run = tensorboard_run(d, acc, hp, last_n, max(os.path.getmtime(os.path.join(d, f)) for f in events))
+                    if run["unfinished"] and include_unfinished and drl_score == "training":
+                        warnings_.append({"run": d, "reason": f"unfinished, scored anyway (--include-unfinished): {run['unfinished']}"})
+                        drl.append(run)
+                    elif run["unfinished"]:
+                        left_out.append({"run": d, "reason": f"unfinished: {run['unfinished']}; not scored (finish it with "
+                                                             f"python ppo_camal_vizdoom.py --resume {d})"})
+                    elif drl_score == "eval" and "eval.json" not in files:
+                        left_out.append({"run": d, "reason": "finished without eval.json (--eval-episodes 0): not scored; "
+                                                             "--drl-score training scores every run from its training curves"})
+                    else:
+                        drl.append(run)
                 elif "dataset" in hp:
                     skipped.append({"run": d, "reason": "train_dl_camal.py run without metrics.json (unfinished?): not used"})
                 else:
                     skipped.append({"run": d, "reason": "TensorBoard events of neither training script: not used"})
-    return dl, drl, skipped
+    return dl, drl, left_out, skipped
+
+
+def hp_value(text):
+    """A value of the hyperparameters table, written with str(): numbers and booleans back to their types."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "None": None}.get(text, text)
 
 
 def tensorboard_run(d, acc, hp, last_n, mtime):
-    """A DRL run scored from its training curves: the mean of the last `last_n` values of each."""
+    """A DRL run scored from its training curves: the mean of the last `last_n` values of each. `unfinished` says why
+    the run has not reached its planned steps (None when it has)."""
+    hp = {k: hp_value(v) for k, v in hp.items()}
     run = {"dir": d, "env": hp["env"], "method": hp["method"], "seed": int(hp["seed"]), "mtime": mtime, "acc": acc,  # kept for the curves
-           "total_timesteps": int(hp["total_timesteps"]) if hp.get("total_timesteps", "").isdigit() else None}
+           "total_timesteps": hp.get("total_timesteps"),
+           "settings": {k: hp.get(k) for k in DRL_SETTINGS + METHOD_SETTINGS.get(hp["method"], ())}}
+    sps_steps = scalar_series(acc, "charts/SPS")[0]  # one value per iteration
+    run["steps_done"] = int(sps_steps[-1]) if len(sps_steps) else 0
+    run["unfinished"] = None
+    batch, total = hp.get("batch_size"), hp.get("total_timesteps")
+    if isinstance(batch, int) and isinstance(total, int) and batch > 0 and run["steps_done"] < total // batch * batch:
+        run["unfinished"] = f"its curves reach step {run['steps_done']} of {total // batch * batch}"
+        ckpt = os.path.join(d, "checkpoint.json")
+        if os.path.isfile(ckpt):  # a resume starts there: what was logged after it is redone, not kept
+            step = load_json(ckpt).get("global_step")
+            run["unfinished"] += f", its checkpoint step {step} (what was logged after it will be redone)"
+            if isinstance(step, int):
+                run["checkpoint_step"] = step
+    cut = run.get("checkpoint_step") if run["unfinished"] else None
     parts = []
     for metric, (tag, _) in DRL_METRICS.items():
         steps, values = scalar_series(acc, tag)
+        steps, values = until((steps, values), cut)  # an unfinished run: what it logged after its checkpoint is redone on --resume
         tail = values[-last_n:]
         run[metric] = float(tail.mean()) if len(tail) else None
         parts.append(f"last {len(tail)} of {len(values)} {tag}" + (f" (to step {int(steps[-1])})" if len(steps) else ""))
@@ -203,12 +290,16 @@ def tensorboard_run(d, acc, hp, last_n, mtime):
 
 
 def newest(runs, key, label, incomplete):
-    """One run per key, the newest; older runs of the same key are listed as unused duplicates."""
+    """One run per key, the newest; older runs of the same key are listed as unused: duplicates, or runs of another
+    experiment of this method (another camal_coef, say), which belong in a folder of their own."""
     chosen = {}
     for r in sorted(runs, key=lambda r: (r["mtime"], r["dir"])):
         k = key(r)
         if k in chosen:
-            incomplete.append({"run": chosen[k]["dir"], "reason": f"duplicate {label(k)}; the newer {r['dir']} is used"})
+            other = same_experiment(chosen[k], r)
+            what = f"another experiment ({other}) than the newer {r['dir']}, which is used; analyse them from separate folders" \
+                if other else f"duplicate {label(k)}; the newer {r['dir']} is used"
+            incomplete.append({"run": chosen[k]["dir"], "reason": what})
         chosen[k] = r
     return chosen
 
@@ -221,22 +312,50 @@ def fold_label(k):
     return f"fold {fold} of {folds} (split seed {split_seed}), seed {seed}"
 
 
+def shared_settings(r, names):
+    return tuple((k, r["settings"].get(k)) for k in names)
+
+
+def variants(runs, where, names):
+    """A label per run naming the settings in which its experiment differs from the others at the same place
+    ("" where there is only one experiment): e.g. "epochs 20, shapes_per_class 120"."""
+    sigs = {}
+    for r in runs:
+        sigs.setdefault(where(r), set()).add(shared_settings(r, names))
+    labels = {}
+    for r in runs:
+        group = sigs[where(r)]
+        # None: a run written before the setting was recorded; unknown is no evidence of another experiment
+        differ = [k for k in names if len({dict(sig)[k] for sig in group} - {None}) > 1]
+        labels[r["dir"]] = ", ".join(f"{k} {r['settings'].get(k)}" for k in differ)
+    return labels
+
+
+def same_experiment(old, new):
+    """Why two runs of one cell are two experiments (differing method settings), or None for a true duplicate."""
+    diff = [f"{k} {old['settings'].get(k)} vs {new['settings'].get(k)}" for k in METHOD_SETTINGS.get(new["method"], ())
+            if old["settings"].get(k) != new["settings"].get(k)]
+    return ", ".join(diff) or None
+
+
 def dl_analysis(runs, args, incomplete, warnings_):
+    label = variants(runs, lambda r: (r["dataset"], r["model"]), DL_SETTINGS)
     groups = {}
     for r in runs:
-        groups.setdefault((r["dataset"], r["model"]), {}).setdefault(r["method"], []).append(r)
-    keys = sorted(groups, key=lambda g: (order(g[0], tuple(DATASET_NAMES)), order(g[1], tuple(MODEL_NAMES))))
+        groups.setdefault((r["dataset"], r["model"], label[r["dir"]]), {}).setdefault(r["method"], []).append(r)
+    keys = sorted(groups, key=lambda g: (order(g[0], tuple(DATASET_NAMES)), order(g[1], tuple(MODEL_NAMES)), g[2]))
     summary, comparisons = [], []
-    for ds, model in keys:
+    for ds, model, variant in keys:
         methods = {}
-        for m in sorted(groups[ds, model], key=lambda m: order(m, tuple(METHOD_NAMES))):
-            methods[m] = newest(groups[ds, model][m], lambda r: (r["folds"], r["split_seed"], r["fold"], r["seed"]),
-                                lambda k, m=m: f"{ds}/{model}/{m} run for {fold_label(k)}", incomplete)
+        where = f"{ds}/{model}" + (f" [{variant}]" if variant else "")
+        for m in sorted(groups[ds, model, variant], key=lambda m: order(m, tuple(METHOD_NAMES))):
+            methods[m] = newest(groups[ds, model, variant][m], lambda r: (r["folds"], r["split_seed"], r["fold"], r["seed"]),
+                                lambda k, m=m: f"{where}/{m} run for {fold_label(k)}", incomplete)
             rs = list(methods[m].values())
-            summary.append({"dataset": ds, "model": model, "method": m, "runs": len(rs),
+            summary.append({"dataset": ds, "model": model, "variant": variant, "method": m, "runs": len(rs),
                             **{metric: describe([r[metric] for r in rs if r[metric] is not None]) for metric in DL_METRICS}})
         if "camal" not in methods:
-            incomplete.append({"run": f"{ds}/{model}", "reason": f"{', '.join(methods)} runs but no camal run to compare with"})
+            incomplete.append({"run": where, "reason": f"{', '.join(methods)} runs but no camal run to compare with"})
             continue
         cam = methods["camal"]
         for base in BASELINES:
@@ -250,7 +369,7 @@ def dl_analysis(runs, args, incomplete, warnings_):
             paired = sorted(set(cam) & set(other))
             if not paired:
                 continue
-            comp = {"dataset": ds, "model": model, "baseline": base,
+            comp = {"dataset": ds, "model": model, "variant": variant, "baseline": base,
                     "pairs": [{"fold": k[2], "seed": k[3], "camal": cam[k]["dir"], base: other[k]["dir"]} for k in paired]}
             for metric in DL_METRICS:
                 usable = [k for k in paired if cam[k][metric] is not None and other[k][metric] is not None]
@@ -260,9 +379,6 @@ def dl_analysis(runs, args, incomplete, warnings_):
                     x, y = [cam[k][metric] for k in usable], [other[k][metric] for k in usable]
                     comp[metric] = {"camal": describe(x), base: describe(y), "wilcoxon": wilcoxon_greater(x, y, args.significance)}
             comp["faithfulness"] = faithfulness_pairs(cam, other, paired, base, incomplete)
-            epochs = sorted({r[k]["epochs"] for r in (cam, other) for k in paired if r[k].get("epochs") is not None})
-            if len(epochs) > 1:
-                warnings_.append({"run": f"{ds}/{model}", "reason": f"camal vs {base} pairs runs trained for different numbers of epochs {epochs}"})
             comparisons.append(comp)
     return summary, comparisons
 
@@ -281,11 +397,25 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
     for name, runs in (("camal", cam), (base, other)):
         for k in have:
             f = load_json(runs[k]["faithfulness"])
-            if not isinstance(f, dict) or "k" not in f or "samples" not in f:
-                raise StatsError(f"{runs[k]['faithfulness']} is not a faithfulness.json of eval_faithfulness.py")
+            check_faithfulness(runs[k]["faithfulness"], f)
             grid = f["k"] if grid is None else grid  # both methods on one grid, so their curves plot together
             pool_samples(pooled.setdefault(name, {"k": grid}), f["k"], [s["attention"] for s in f["samples"]])
     return pooled
+
+
+def check_faithfulness(path, f):
+    """A faithfulness.json as eval_faithfulness.py writes it: k, and per sample two curves on k and two AUCs."""
+    def numbers(v, n=None):
+        return isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+    if not isinstance(f, dict) or not numbers(f.get("k")) or len(f["k"]) < 2 or not isinstance(f.get("samples"), list):
+        raise StatsError(f"{path} is not a faithfulness.json of eval_faithfulness.py (it needs k, a list of numbers, and samples)")
+    for i, s in enumerate(f["samples"]):
+        a = s.get("attention") if isinstance(s, dict) else None
+        if not isinstance(a, dict) or not all(numbers(a.get(c), len(f["k"])) for c in ("removal", "insertion")) \
+                or not numbers([a.get("removal_auc"), a.get("insertion_auc")]):
+            raise StatsError(f"{path}: sample {i} needs removal and insertion curves of {len(f['k'])} numbers and their AUCs")
 
 
 def pool_samples(pool, k, samples):
@@ -303,6 +433,8 @@ def faithfulness_summary(pooled, base):
     for auc in ("removal_auc", "insertion_auc"):
         c, b = describe(pooled["camal"][auc]), describe(pooled[base][auc])
         out[auc] = {"camal": c, base: b, "relative_change_percent": 100 * (c["mean"] / b["mean"] - 1) if b["mean"] else float("nan")}
+    # the removal curve starts at the intact image's probability: a model wrong from the start has a low removal AUC for free
+    out["start_probability"] = {m: float(np.mean([c[0] for c in pooled[m]["removal"]])) for m in ("camal", base)}
     out["mean_curves"] = {m: {"k": pooled[m]["k"], **{c: np.mean(pooled[m][c], axis=0).tolist() for c in ("removal", "insertion")}}
                           for m in ("camal", base)}
     return out
@@ -340,26 +472,25 @@ def probability_of_improvement(scores_x, scores_y):
 
 
 def drl_analysis(runs, args, incomplete, warnings_):
-    chosen = newest(runs, lambda r: (r["env"], r["method"], r["seed"]), lambda k: f"{k[0]}/{k[1]} run with seed {k[2]}", incomplete)
-    runs = sorted(chosen.values(), key=lambda r: (order(r["env"], ENV_ORDER), order(r["method"], tuple(METHOD_NAMES)), r["seed"]))
+    label = variants(runs, lambda r: r["env"], DRL_SETTINGS)
+    for r in runs:  # an environment run with other settings (frame size, steps, CAM) is another task, never pooled
+        r["task"] = r["env"] + (f" [{label[r['dir']]}]" if label[r["dir"]] else "")
+    chosen = newest(runs, lambda r: (r["task"], r["method"], r["seed"]), lambda k: f"{k[0]}/{k[1]} run with seed {k[2]}", incomplete)
+    runs = sorted(chosen.values(), key=lambda r: (order(r["env"], ENV_ORDER), r["task"], order(r["method"], tuple(METHOD_NAMES)), r["seed"]))
     methods = sorted({r["method"] for r in runs}, key=lambda m: order(m, tuple(METHOD_NAMES)))
-    envs_of = {m: {r["env"] for r in runs if r["method"] == m} for m in methods}
-    envs = sorted(set.intersection(*envs_of.values()), key=lambda e: order(e, ENV_ORDER))
+    envs_of = {m: {r["task"] for r in runs if r["method"] == m} for m in methods}
+    envs = [t for t in dict.fromkeys(r["task"] for r in runs) if all(t in envs_of[m] for m in methods)]
     for r in runs:
-        if r["env"] not in envs:
-            lacking = [m for m in methods if r["env"] not in envs_of[m]]
-            incomplete.append({"run": r["dir"], "reason": f"{r['env']} has no {', '.join(lacking)} run: left out of the DRL matrices"})
-    for e in envs:
-        steps = sorted({r["total_timesteps"] for r in runs if r["env"] == e and r.get("total_timesteps") is not None})
-        if len(steps) > 1:
-            warnings_.append({"run": e, "reason": f"runs of different lengths in this environment: total_timesteps {steps}"})
-    result = {"runs": [{k: r.get(k) for k in ("dir", "env", "method", "seed", "total_timesteps", "return", "iou", "source")} for r in runs],
-              "methods": methods, "envs": envs, "metrics": {}}
+        if r["task"] not in envs:
+            lacking = [m for m in methods if r["task"] not in envs_of[m]]
+            incomplete.append({"run": r["dir"], "reason": f"{r['task']} has no {', '.join(lacking)} run: left out of the DRL matrices"})
+    used = set()
+    result = {"methods": methods, "envs": envs, "metrics": {}}
     for metric in DRL_METRICS:
         cells = {}
         for m in methods:
             for e in envs:
-                cell = [r for r in runs if (r["method"], r["env"]) == (m, e)]
+                cell = [r for r in runs if (r["method"], r["task"]) == (m, e)]
                 for r in cell:
                     if r[metric] is None:
                         incomplete.append({"run": r["dir"], "reason": f"no {metric} value (no episode ended, or no object on screen): left out of the {metric} matrix"})
@@ -371,12 +502,13 @@ def drl_analysis(runs, args, incomplete, warnings_):
             for r in cell[k:]:  # rliable's stratified bootstrap needs the same number of runs in every cell
                 incomplete.append({"run": r["dir"], "reason": f"{m}/{e} has more {metric} runs than the smallest cell ({k}): "
                                                               f"the {k} lowest seeds are used, seed {r['seed']} is left out"})
+        used |= {r["dir"] for c in cells.values() for r in c[:k]}
         raw = {m: np.array([[cells[m, e][i][metric] for e in envs] for i in range(k)]) for m in methods}  # runs x envs
         res = {"k": k, "seeds": {m: {e: [r["seed"] for r in cells[m, e][:k]] for e in envs} for m in methods},
                "raw": {m: raw[m].tolist() for m in methods}}
         scores = raw
-        if metric == "return":  # min-max per environment over all its runs (every method), so no env's scale dominates
-            every = [[r["return"] for r in runs if r["env"] == e and r["return"] is not None] for e in envs]
+        if metric == "return":  # min-max per environment over the runs in the matrix (every method), so no env's scale dominates
+            every = [[cells[m, e][i]["return"] for m in methods for i in range(k)] for e in envs]
             lo, hi = np.array([min(v) for v in every]), np.array([max(v) for v in every])
             span = np.where(hi > lo, hi - lo, 1.0)
             scores = {m: np.where(hi > lo, (raw[m] - lo) / span, 0.0) for m in methods}
@@ -396,7 +528,20 @@ def drl_analysis(runs, args, incomplete, warnings_):
                 # with one run per environment the bootstrap has nothing to resample: a zero-width CI is no evidence
                 res["poi"][y] = {"p": point, "ci95": ci, "significant": bool(k > 1 and point > 0.5 and ci[0] > 0.5)}
         result["metrics"][metric] = res
+    # only the runs in the matrices: the table of runs, the learning curves and the step grid come from them alone
+    result["runs"] = [{k: r.get(k) for k in ("dir", "env", "task", "method", "seed", "total_timesteps", "steps_done", "return", "iou", "source")}
+                      for r in runs if r["dir"] in used]
+    for e in envs:
+        steps = sorted({r["steps_done"] for r in runs if r["task"] == e and r["dir"] in used and r.get("steps_done") is not None})
+        if len(steps) > 1:
+            warnings_.append({"run": e, "reason": f"runs of different lengths in this environment: steps done {steps}"})
     return result
+
+
+def until(series, step):
+    """(steps, values) up to a step (an unfinished run's checkpoint), or all of them."""
+    steps, values = series
+    return (steps, values) if step is None else (steps[steps <= step], values[steps <= step])
 
 
 def learning_curves(runs, points):
@@ -409,8 +554,9 @@ def learning_curves(runs, points):
     for r in runs:
         r["acc"] = r.get("acc") or read_tensorboard(r["dir"])
     for metric, (tag, _) in DRL_METRICS.items():
-        for env in sorted({r["env"] for r in runs}, key=lambda e: order(e, ENV_ORDER)):
-            series = [(r, *scalar_series(r["acc"], tag)) for r in runs if r["env"] == env]
+        for env in dict.fromkeys(r["task"] for r in runs):  # runs come in the matrices' order
+            series = [(r, *until(scalar_series(r["acc"], tag), r.get("checkpoint_step") if r.get("unfinished") else None))
+                      for r in runs if r["task"] == env]
             series = [s for s in series if len(s[1])]
             if not series:
                 continue
@@ -465,30 +611,36 @@ def markdown(table):
     return "\n".join(lines) + "\n"
 
 
+def dataset_label(d, variant=""):
+    return DATASET_NAMES.get(d, d) + (f" [{variant}]" if variant else "")
+
+
 def dl_tables(summary, comparisons, significance):
     tables = []
     if summary:
-        rows = [[DATASET_NAMES.get(s["dataset"], s["dataset"]), MODEL_NAMES.get(s["model"], s["model"]), method_name(s["method"]),
+        rows = [[dataset_label(s["dataset"], s["variant"]), MODEL_NAMES.get(s["model"], s["model"]), method_name(s["method"]),
                  s["runs"], pct(s["test_accuracy"]), pct(s["test_iou"])] for s in summary]
-        csv_rows = [[s["dataset"], s["model"], s["method"], s["runs"], *[s[m][f] for m in ("test_accuracy", "test_iou") for f in ("mean", "std")]]
-                    for s in summary]
-        tables.append({"name": "dl_runs", "title": "DL runs: every run found, per method (% mean ± std)",
+        csv_rows = [[s["dataset"], s["variant"], s["model"], s["method"], s["runs"],
+                     *[s[m][f] for m in ("test_accuracy", "test_iou") for f in ("mean", "std")]] for s in summary]
+        tables.append({"name": "dl_runs", "title": "DL runs: the runs used, per experiment and method (% mean ± std)",
                        "header": ["Dataset", "Model", "Method", "Runs", "Test accuracy", "Test IoU"], "rows": rows,
-                       "csv_header": ["dataset", "model", "method", "runs", "accuracy_mean", "accuracy_std", "iou_mean", "iou_std"],
+                       "notes": ["[...]: the settings in which an experiment differs from another of the same dataset and model; "
+                                 "runs of different experiments are never paired. Runs not used are listed under Incomplete."],
+                       "csv_header": ["dataset", "variant", "model", "method", "runs", "accuracy_mean", "accuracy_std", "iou_mean", "iou_std"],
                        "csv_rows": csv_rows})
     for base in BASELINES:
         for metric in DL_METRICS:
             comps = [c for c in comparisons if c["baseline"] == base and metric in c]
             if not comps:
                 continue
-            datasets = sorted({c["dataset"] for c in comps}, key=lambda d: order(d, tuple(DATASET_NAMES)))
+            datasets = sorted({(c["dataset"], c["variant"]) for c in comps}, key=lambda d: (order(d[0], tuple(DATASET_NAMES)), d[1]))
             models = sorted({c["model"] for c in comps}, key=lambda m: order(m, tuple(MODEL_NAMES)))
-            header = ["Model"] + [f"{DATASET_NAMES.get(d, d)} {n}" for d in datasets for n in ("CAMAL", method_name(base))]
+            header = ["Model"] + [f"{dataset_label(*d)} {n}" for d in datasets for n in ("CAMAL", method_name(base))]
             rows = []
             for model in models:
                 row = [MODEL_NAMES.get(model, model)]
                 for d in datasets:
-                    c = next((c for c in comps if (c["dataset"], c["model"]) == (d, model)), None)
+                    c = next((c for c in comps if (c["dataset"], c["variant"], c["model"]) == (*d, model)), None)
                     row += [pct(c[metric]["camal"], c[metric]["wilcoxon"]["verdict"]), pct(c[metric][base])] if c else ["—", "—"]
                 rows.append(row)
             paper = PAPER_TABLE.get((metric, base))
@@ -498,13 +650,13 @@ def dl_tables(summary, comparisons, significance):
             detail_rows, csv_rows = [], []
             for c in comps:
                 a, b, w = c[metric]["camal"], c[metric][base], c[metric]["wilcoxon"]
-                detail_rows.append([DATASET_NAMES.get(c["dataset"], c["dataset"]), MODEL_NAMES.get(c["model"], c["model"]), a["n"],
+                detail_rows.append([dataset_label(c["dataset"], c["variant"]), MODEL_NAMES.get(c["model"], c["model"]), a["n"],
                                     f"{pct(a)} {ci_text(a)}", f"{pct(b)} {ci_text(b)}", f"{w['T']:g}", f"{w['p']:.4g}", w["verdict"]])
-                csv_rows.append([c["dataset"], c["model"], a["n"], a["mean"], a["std"], *a["ci95"], b["mean"], b["std"], *b["ci95"],
+                csv_rows.append([c["dataset"], c["variant"], c["model"], a["n"], a["mean"], a["std"], *a["ci95"], b["mean"], b["std"], *b["ci95"],
                                  w["r_plus"], w["T"], w["p"], w["verdict"]])
             # the paper's layout, then every number of its tests (the CSV holds them all)
             tables.append({"name": f"dl_{metric}_camal_vs_{base}", "title": title, "header": header, "rows": rows, "notes": notes,
-                           "csv_header": ["dataset", "model", "pairs", "camal_mean", "camal_std", "camal_ci_low", "camal_ci_high",
+                           "csv_header": ["dataset", "variant", "model", "pairs", "camal_mean", "camal_std", "camal_ci_low", "camal_ci_high",
                                           f"{base}_mean", f"{base}_std", f"{base}_ci_low", f"{base}_ci_high", "r_plus", "T", "p", "result"],
                            "csv_rows": csv_rows})
             tables.append({"name": None, "title": f"{title}: tests",
@@ -530,30 +682,35 @@ def faithfulness_tables(comparisons):
         comps = [c for c in comparisons if c["baseline"] == base and c["faithfulness"]]
         if not comps:
             continue
-        entries = [(c["dataset"], c["model"], c["faithfulness"]) for c in comps]
+        entries = [(c["dataset"], c["variant"], c["model"], c["faithfulness"]) for c in comps]
         if len(comps) > 1:
-            entries.append(("all", "all", {m: merge_pools([c["faithfulness"][m] for c in comps]) for m in ("camal", base)}))
-        curves[base] = entries[-1][2]
+            entries.append(("all", "", "all", {m: merge_pools([c["faithfulness"][m] for c in comps]) for m in ("camal", base)}))
+        curves[base] = entries[-1][3]
         rows, csv_rows, results[base] = [], [], []
-        for ds, model, pooled in entries:
+        for ds, variant, model, pooled in entries:
             s = faithfulness_summary(pooled, base)
-            results[base].append({"dataset": ds, "model": model, **s})
+            results[base].append({"dataset": ds, "variant": variant, "model": model, **s})
             r, i = s["removal_auc"], s["insertion_auc"]
             fmt = lambda d: f"{d['mean']:.4f} {ci_text(d, 1.0, 4)}"  # noqa: E731
-            rows.append([DATASET_NAMES.get(ds, ds), MODEL_NAMES.get(model, model), f"{r['camal']['n']} / {r[base]['n']}", fmt(r["camal"]),
+            p0 = s["start_probability"]
+            rows.append([dataset_label(ds, variant), MODEL_NAMES.get(model, model), f"{r['camal']['n']} / {r[base]['n']}",
+                         f"{p0['camal']:.2f} / {p0[base]:.2f}", fmt(r["camal"]),
                          fmt(r[base]), f"{r['relative_change_percent']:+.1f} %", fmt(i["camal"]), fmt(i[base]), f"{i['relative_change_percent']:+.1f} %"])
-            csv_rows.append([ds, model, r["camal"]["n"], r[base]["n"], r["camal"]["mean"], *r["camal"]["ci95"], r[base]["mean"], *r[base]["ci95"],
+            csv_rows.append([ds, variant, model, r["camal"]["n"], r[base]["n"], p0["camal"], p0[base], r["camal"]["mean"], *r["camal"]["ci95"], r[base]["mean"], *r[base]["ci95"],
                              r["relative_change_percent"], i["camal"]["mean"], *i["camal"]["ci95"], i[base]["mean"], *i[base]["ci95"],
                              i["relative_change_percent"]])
         b = method_name(base)
         tables.append({"name": f"dl_faithfulness_camal_vs_{base}", "title": f"Faithfulness AUCs: CAMAL vs {b} (eval_faithfulness.py)",
-                       "header": ["Dataset", "Model", "Samples", "Removal CAMAL [95 % CI]", f"Removal {b}", "Change", "Insertion CAMAL",
+                       "header": ["Dataset", "Model", "Samples", "p(true) at k=0", "Removal CAMAL [95 % CI]", f"Removal {b}", "Change", "Insertion CAMAL",
                                   f"Insertion {b}", "Change"],
                        "rows": rows,
                        "notes": ["Per-sample AUCs pooled over the paired folds that both have faithfulness.json. Removal: lower is better; "
                                  "insertion: higher is better. Change: CAMAL's mean relative to the baseline's "
-                                 "(the paper, against Prior: -39 % removal, +35.3 % insertion)."],
-                       "csv_header": ["dataset", "model", "camal_samples", f"{base}_samples", "removal_camal", "removal_camal_ci_low",
+                                 "(the paper, against Prior: -39 % removal, +35.3 % insertion). p(true) at k=0: the mean probability of "
+                                 "the true class on the intact images (CAMAL / baseline); removal starts there, so compare removal AUCs "
+                                 "only where these are alike: a model wrong from the start has a low removal AUC for free."],
+                       "csv_header": ["dataset", "variant", "model", "camal_samples", f"{base}_samples", "start_probability_camal",
+                                      f"start_probability_{base}", "removal_camal", "removal_camal_ci_low",
                                       "removal_camal_ci_high", f"removal_{base}", f"removal_{base}_ci_low", f"removal_{base}_ci_high",
                                       "removal_change_percent", "insertion_camal", "insertion_camal_ci_low", "insertion_camal_ci_high",
                                       f"insertion_{base}", f"insertion_{base}_ci_low", f"insertion_{base}_ci_high", "insertion_change_percent"],
@@ -563,12 +720,12 @@ def faithfulness_tables(comparisons):
 
 def drl_tables(drl, args):
     tables = []
-    rows = [[r["env"], method_name(r["method"]), r["seed"], "—" if r["return"] is None else f"{r['return']:.2f}",
+    rows = [[r["task"], method_name(r["method"]), r["seed"], "—" if r["return"] is None else f"{r['return']:.2f}",
              "—" if r["iou"] is None else f"{r['iou']:.3f}", r["source"]] for r in drl["runs"]]
-    tables.append({"name": "drl_runs", "title": "DRL runs: the score of every run and where it comes from",
+    tables.append({"name": "drl_runs", "title": "DRL runs: the score of every run used and where it comes from",
                    "header": ["Env", "Method", "Seed", "Return", "IoU", "Source"], "rows": rows,
                    "csv_header": ["env", "method", "seed", "return", "iou", "source", "run"],
-                   "csv_rows": [[r["env"], r["method"], r["seed"], r["return"], r["iou"], r["source"], r["dir"]] for r in drl["runs"]]})
+                   "csv_rows": [[r["task"], r["method"], r["seed"], r["return"], r["iou"], r["source"], r["dir"]] for r in drl["runs"]]})
     for metric, res in drl["metrics"].items():
         label = "return" if metric == "return" else "attention IoU"
         figure = DRL_METRICS[metric][1]
@@ -678,21 +835,31 @@ def plot_faithfulness(curves, out):
 
 # copied unchanged from eval_faithfulness.py (tests/test_shared_helpers.py checks)
 def plot_curves(path, ks, groups):
+    """Removal and insertion curves per group: mean and 95 % band, the band clipped to [0, 1] (a probability's range).
+    A method keeps one colour in every plot; "method/random" (its random-ranking floor) is a dashed line in the method's
+    colour, without a band, so a plot with floors stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {"camal": "tab:blue", "vanilla": "tab:orange", "prior": "tab:green", "suppress": "tab:red", "supp. only": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, curve in zip(axes, ("removal", "insertion")):
         for name, curves in groups.items():
+            method, _, floor = name.partition("/")
+            colour = colours.get(method.lower(), "tab:gray")
             c = np.array(curves[curve])
             mean = c.mean(0)
+            if floor:
+                ax.plot(100 * ks, mean, color=colour, linestyle="--", linewidth=1, label=name)
+                continue
             band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
-            ax.plot(100 * ks, mean, label=name)
-            ax.fill_between(100 * ks, mean - band, mean + band, alpha=0.2)
+            ax.plot(100 * ks, mean, color=colour, label=name)
+            ax.fill_between(100 * ks, np.clip(mean - band, 0, 1), np.clip(mean + band, 0, 1), color=colour, alpha=0.2)
         ax.set_title(f"{curve} of the top k % attended pixels")
         ax.set_xlabel("k (%)")
+        ax.set_ylim(0, 1)
     axes[0].set_ylabel("probability of the true class")
     axes[1].legend()
     fig.tight_layout()
@@ -718,12 +885,15 @@ def check_args(args):
 def analyse(args):
     """Every number of the analysis, and the tables that show them."""
     check_args(args)
-    dl_runs, drl_runs, skipped = find_runs(args.paths, args.last_n)
+    warnings_ = []
+    dl_runs, drl_runs, left_out, skipped = find_runs(args.paths, args.drl_score, args.last_n, args.include_unfinished, warnings_)
     if not dl_runs and not drl_runs:
         seen = f" ({len(skipped)} folders with TensorBoard events but no usable run)" if skipped else ""
+        if left_out:
+            seen += f"; {len(left_out)} PPO runs not scored, e.g. {left_out[0]['run']}: {left_out[0]['reason']}"
         raise StatsError(f"no runs of train_dl_camal.py or ppo_camal_vizdoom.py under {', '.join(args.paths)}{seen}: "
                          "a run folder holds metrics.json (DL), eval.json or the TensorBoard events of a PPO run")
-    incomplete, warnings_ = [], []
+    incomplete = list(left_out)
     summary, comparisons = dl_analysis(dl_runs, args, incomplete, warnings_) if dl_runs else ([], [])
     drl = drl_analysis(drl_runs, args, incomplete, warnings_) if drl_runs else None
     empty_cam_warnings(dl_runs, drl_runs, warnings_)
@@ -778,8 +948,7 @@ def write_outputs(args, stats, tables, curves, drl_runs):
         stats["drl"]["learning_curves"] = learning_curves(runs, args.curve_points)
         written += plot_drl(stats["drl"], stats["drl"]["learning_curves"], args.out)
     written += plot_faithfulness(curves, args.out)
-    with open(os.path.join(args.out, "stats.json"), "w") as f:
-        json.dump(clean(stats), f, indent=1, allow_nan=False)
+    write_json(os.path.join(args.out, "stats.json"), clean(stats), indent=1, allow_nan=False)
     return written
 
 

@@ -3,6 +3,7 @@
 # batch (one backward, the paper's Eq. 4). Single-file in CleanRL's style; defaults follow the paper's Table 7.
 import json
 import os
+import pickle
 import random
 import signal
 import sys
@@ -61,8 +62,10 @@ class Args:
     """shapes: images per class"""
     shapes_cue: Literal["background", "corner"] = "background"
     """shapes: the shortcut, a class-coloured background (spread outside the mask, where beta acts) or a 24 x 24 corner square (compact: the stress case)"""
-    shapes_cue_prob: float = 0.9
-    """shapes: share of training images that carry their class's colour cue"""
+    shapes_cue_prob: float = 0.95
+    """shapes: share of training images that carry their class's colour cue (0.95, as in Waterbirds); held out, every image carries another class's"""
+    resize: Literal["square", "shorter-side"] = "square"
+    """square: resize to 256 x 256 whatever the aspect ratio, as Appendix C says; shorter-side: torchvision's convention (the shorter side to 256)"""
     image_size: int = CROP
     """side of the centre crop the model sees; images are resized to image_size x 8/7 first (224 and 256 in the paper)"""
 
@@ -226,7 +229,7 @@ def pets_records(data_dir):
                     continue
                 stem, class_id = line.split()[:2]
                 label = int(class_id) - 1
-                names[label] = stem.rsplit("_", 1)[0]
+                names[label] = stem.rsplit("_", 1)[0].replace("_", " ")  # "american_bulldog_12" -> "american bulldog"
                 image = require(os.path.join(root, "images", f"{stem}.jpg"))
                 trimap = require(os.path.join(root, "annotations", "trimaps", f"{stem}.png"))
                 records.append((image, (trimap,), label))
@@ -246,8 +249,11 @@ def flowers_records(data_dir):
         image = require(os.path.join(root, "jpg", f"image_{i:05d}.jpg"))
         seg = require(os.path.join(root, "segmim", f"segmim_{i:05d}.jpg"))
         records.append((image, (seg,), int(labels[i - 1]) - 1))
-    classes = [f"flower_{k + 1:03d}" for k in range(int(labels.max()))]
-    return records, classes
+    from torchvision.datasets import Flowers102
+
+    if labels.min() < 1 or labels.max() > len(Flowers102.classes):
+        raise DataError(f"{root}/imagelabels.mat: labels must lie in [1, {len(Flowers102.classes)}]")
+    return records, list(Flowers102.classes[: int(labels.max())])  # the real names (for CLIP's prompts), in label order
 
 
 def busi_records(data_dir):
@@ -291,11 +297,13 @@ SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond", "ring")
 CUE_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220))
 
 
-def render_shape(index, label, seed, cue_label, cue="corner"):
-    """One 256 x 256 shapes image: a class shape on a texture, plus a colour cue of `cue_label` (None: no cue).
+def render_shape(index, label, seed, cue_label, cue, classes):
+    """One 256 x 256 shapes image: a class object on a texture, plus a colour cue of `cue_label` (None: no cue).
 
     Deterministic in (seed, index). The object lies inside the centre 224 crop. cue "corner": a 24 x 24 square of the
     cue's colour in the corner farthest from the object; "background": the texture is tinted with the cue's colour.
+    The object is the class's shape filled with stripes at the class's angle (label x 180 / classes degrees, a few
+    degrees of jitter) in a random colour: evidence a small CNN learns from a few hundred images, unlike the outline.
     """
     rng = np.random.default_rng([seed, index])
     size = RESIZE
@@ -320,7 +328,11 @@ def render_shape(index, label, seed, cue_label, cue="corner"):
     else:
         cv2.circle(mask, (cx, cy), r, 1, -1)
         cv2.circle(mask, (cx, cy), r // 2, 0, -1)
-    img[mask.astype(bool)] = rng.uniform(40, 230, 3)  # the object's colour says nothing about its class
+    inside = mask.astype(bool)
+    angle = np.pi * label / classes + rng.uniform(-0.15, 0.15)
+    y, x = np.nonzero(inside)
+    phase = 2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / 14 + rng.uniform(0, 2 * np.pi)  # 14 px period
+    img[inside] = rng.uniform(70, 190, 3) + 60 * np.sign(np.sin(phase))[:, None]  # the colour says nothing
     if cue == "corner" and cue_label is not None:
         corners = [(24, 24), (size - 48, 24), (24, size - 48), (size - 48, size - 48)]
         far = max(corners, key=lambda c: (c[0] + 12 - cx) ** 2 + (c[1] + 12 - cy) ** 2)
@@ -342,7 +354,7 @@ def dataset_records(args):
     if args.data_dir is None:
         raise ValueError(f"--dataset {args.dataset} needs --data-dir (the folder that holds its files)")
     if not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data-dir {args.data_dir} is not a folder")
+        raise FileNotFoundError(f"--data-dir {args.data_dir} " + ("is not a folder" if os.path.exists(args.data_dir) else "does not exist"))
     return {"pets": pets_records, "flowers": flowers_records, "busi": busi_records}[args.dataset](args.data_dir)
 
 
@@ -369,7 +381,7 @@ class SegmentationDataset(Dataset):
                 cue = label if rng.random() < self.args.shapes_cue_prob else None
             else:
                 cue = (label + 1 + int(rng.integers(0, n - 1))) % n  # always another class's cue
-            img, mask = render_shape(path, label, self.args.split_seed, cue, self.args.shapes_cue)
+            img, mask = render_shape(path, label, self.args.split_seed, cue, self.args.shapes_cue, self.args.shapes_classes)
             image = torch.from_numpy(img).permute(2, 0, 1)
         else:
             image = TF.pil_to_tensor(load_rgb(path))
@@ -378,11 +390,20 @@ class SegmentationDataset(Dataset):
                 raise DataError(f"mask {mask_paths[0]} is {mask.shape}, its image {path} is {tuple(image.shape[1:])}")
         mask = torch.from_numpy(np.ascontiguousarray(mask))[None].to(torch.uint8)
         resize, crop = resize_for(self.args.image_size), self.args.image_size
-        image = TF.center_crop(TF.resize(image, resize, antialias=True), crop)
-        mask = TF.center_crop(TF.resize(mask, resize, interpolation=TF.InterpolationMode.NEAREST), crop)[0].bool()
+        image = resize_crop(image, resize, crop, how=self.args.resize)
+        mask = resize_crop(mask, resize, crop, nearest=True, how=self.args.resize)[0].bool()
         if self.prior_cams is not None:  # already in crop coordinates: computed on this 224 x 224 crop
             mask = prior_mask(self.prior_cams[i], self.args.prior_threshold, crop)
         return image, mask, label
+
+
+def resize_crop(image, resize, crop, nearest=False, how="square"):
+    """Appendix C's geometry for a C x H x W tensor: resized to resize x resize (how="square": both sides, whatever the
+    aspect ratio), or its shorter side to resize (how="shorter-side", torchvision's convention), then centre-cropped to
+    crop x crop. nearest: for masks."""
+    mode = TF.InterpolationMode.NEAREST if nearest else TF.InterpolationMode.BILINEAR
+    size = [resize, resize] if how == "square" else resize
+    return TF.center_crop(TF.resize(image, size, interpolation=mode, antialias=not nearest), crop)
 
 
 def resize_for(image_size):
@@ -412,8 +433,18 @@ def prior_mask(low_res_cam, threshold, crop):
     return cam[0, 0] > threshold
 
 
+# CLIP's zero-shot prompts per dataset: its own templates for pets and flowers; BUSI's class names alone
+# ("a photo of a benign") name no object, so they say what the image shows.
+PROMPTS = {
+    "pets": lambda c: f"a photo of a {c}, a type of pet.",
+    "flowers": lambda c: f"a photo of a {c}, a type of flower.",
+    "busi": lambda c: "an ultrasound image of normal breast tissue." if c == "normal" else f"an ultrasound image of a {c} breast lesion.",
+    "shapes": lambda c: f"a photo of a {c}.",
+}
+
+
 def clip_prior_cams(args, records, classes, device):
-    """Per record, the Grad-CAM of the CLIP image encoder for the zero-shot logit of "a photo of a {class}" of its
+    """Per record, the Grad-CAM of the CLIP image encoder for the zero-shot logit of the prompt (PROMPTS) of its
     ground-truth class, at the encoder's grid resolution (float16). Computed once and cached in --prior-cache."""
     try:
         import open_clip
@@ -421,7 +452,8 @@ def clip_prior_cams(args, records, classes, device):
         raise ValueError("--method prior needs open_clip: pip install -r requirements-prior.txt") from e
     import hashlib
 
-    ids = "|".join(str(r[0]) for r in records) + "|" + "|".join(classes)
+    prompts = [PROMPTS[args.dataset](c) for c in classes]
+    ids = "|".join(str(r[0]) for r in records) + "|" + "|".join(prompts) + f"|{args.resize} {resize_for(CROP)}"  # geometry too
     weights_id = "random" if args.prior_weights == "random" else f"{os.path.abspath(args.prior_weights)}:{os.path.getsize(args.prior_weights)}"
     key = hashlib.sha1(f"{args.dataset}|{args.prior_model}|{weights_id}|{args.split_seed}|{ids}".encode()).hexdigest()[:16]
     path = os.path.join(args.prior_cache, f"{args.dataset}__{args.prior_model}__{key}.pt")
@@ -448,7 +480,7 @@ def clip_prior_cams(args, records, classes, device):
     acts = {}
     hook = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
     with torch.no_grad():
-        text = clip.encode_text(open_clip.get_tokenizer(args.prior_model)([f"a photo of a {c.replace('_', ' ')}" for c in classes]).to(device))
+        text = clip.encode_text(open_clip.get_tokenizer(args.prior_model)(prompts).to(device))
         text = F.normalize(text, dim=-1)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
@@ -632,23 +664,97 @@ def faithfulness_samples(test_set, classes, seed, fold):
     return {"images": torch.stack(images), "masks": torch.stack(masks), "labels": torch.tensor(labels), "classes": classes}
 
 
-def save_checkpoint(path, model, optimizer, args, fold, epoch, global_step):
-    state = {
-        "args": asdict(args),
-        "fold": fold,  # the fold in progress (args.fold may be `all`)
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "global_step": global_step,
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+def write_json(path, obj, **kw):
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, **kw)
+    os.replace(path + ".tmp", path)
+
+
+def ignored_flags(cli, saved, keep):
+    """The flags given with --resume that the run does not take (it continues with its own settings), as text."""
+    default = type(cli)()
+    return [f"--{k.replace('_', '-')} {getattr(cli, k)} (the run's: {saved.get(k)})" for k in cli.__dataclass_fields__
+            if k not in keep and getattr(cli, k) != getattr(default, k) and getattr(cli, k) != saved.get(k)]
+
+
+def rng_state():
+    """Every random generator's state, in types torch.load(weights_only=True) accepts (numpy's as plain lists)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic
+
+
+def restore_rng(state):
+    """Put back the generators saved by rng_state()."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(path, state):
+    """Save `state` to path atomically and keep the one before as checkpoint.prev.pt beside it: a crash, a full disk or
+    a copy cut short leaves at least one whole checkpoint."""
+    tmp, prev = path + ".tmp", previous_checkpoint(path)
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # on disk before it replaces anything
+    if os.path.isfile(path):
+        os.replace(path, prev)
+    os.replace(tmp, path)
+
+
+def previous_checkpoint(path):
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"  # checkpoint.pt -> checkpoint.prev.pt
+
+
+def read_checkpoint(path, keys):
+    """The checkpoint at path, or the previous one when path is unreadable (with a warning); ValueError if neither is whole.
+
+    Loaded as weights only: tensors and plain Python values, so a file from elsewhere cannot run code.
+    `keys`: the entries a checkpoint of this script holds."""
+    problems = []
+    for p in (path, previous_checkpoint(path)):
+        if not os.path.isfile(p):
+            continue
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # refused by the weights-only unpickler, or truncated or corrupt (zip, pickle, storage)
+            if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+                problems.append(f"{p} holds pickled Python objects, not only tensors (an older version of this script "
+                                "wrote it, or something else did); loading it could run code, so it is refused")
+            else:
+                problems.append(f"{p} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        if not isinstance(state, dict) or not set(keys) <= set(state):
+            problems.append(f"{p} is not a checkpoint of this script (it needs {sorted(keys)})")
+            continue
+        if p != path:
+            every = state["args"].get("checkpoint_every") if isinstance(state["args"], dict) else None
+            lost = f"up to {every} iterations or epochs of progress" if every else "the progress since the one before"
+            print(f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: "
+                  f"{lost} will be redone", file=sys.stderr, flush=True)
+        return state
+    raise ValueError("; ".join(problems) or f"no checkpoint at {path}")
+
+
+DL_CHECKPOINT_KEYS = ("args", "fold", "model", "optimizer", "epoch", "global_step", "rng")
+
+
+def save_checkpoint(path, model, optimizer, args, fold, epoch, global_step):
+    write_checkpoint(path, {
+        "args": asdict(args), "fold": fold,  # the fold in progress (args.fold may be `all`)
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "global_step": global_step,
+        "rng": rng_state(),
+    })
 
 
 def world():
@@ -699,12 +805,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, global_step = checkpoint["epoch"] + 1, checkpoint["global_step"]
-        rng = checkpoint["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(checkpoint["rng"])
         print(f"resuming {run_name} at epoch {start_epoch}/{args.epochs}")
     forward = None
     if world_size > 1:  # all ranks start from rank 0's weights; gradients are averaged in backward
@@ -807,12 +908,12 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
         "epochs": args.epochs, "wall_time": time.time() - start_time, "tau": args.tau, "camal_coef": args.camal_coef,
         "train_size": len(train_set), "test_size": len(test_set), "processes": world_size, "run_name": run_name,
+        "args": asdict(args),  # every setting, so stats.py never takes runs of two experiments for one
     }
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)
     torch.save({
         "state_dict": model.net.state_dict(), "architecture": args.model, "num_classes": num_classes, "classes": classes,
-        "preprocessing": {"resize": resize_for(args.image_size), "crop": args.image_size, "mean": MEAN, "std": STD},
+        "preprocessing": {"resize": resize_for(args.image_size), "resize_mode": args.resize, "crop": args.image_size, "mean": MEAN, "std": STD},
         "cam_layer": CAM_LAYERS[args.model],
     }, os.path.join(run_dir, "model.pt"))
     torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
@@ -873,18 +974,48 @@ def request_stop(signum, frame):
     print(f"\n{signal.Signals(signum).name}: stopping after this epoch (again to stop now)", flush=True)
 
 
+def check_files(records):
+    """Every image and mask readable as an image, each mask the size of its image: from the file headers, before any
+    output is written (a few seconds for a whole dataset). A file broken past its header is still named when it is read."""
+    for path, mask_paths, _ in records:
+        if not isinstance(path, str):
+            continue  # shapes: drawn, not read
+        sizes = []
+        for p in (path, *mask_paths):
+            try:
+                with Image.open(p) as im:
+                    sizes.append(im.size)
+            except Exception as e:
+                raise DataError(f"{p} is not an image ({type(e).__name__}: {e})") from e
+        if any(size != sizes[0] for size in sizes[1:]):
+            raise DataError(f"mask {mask_paths[0]} is {sizes[1][1]} x {sizes[1][0]}, its image {path} is {sizes[0][1]} x {sizes[0][0]}")
+
+
 def setup(args, argv):
     """Settle and check everything before any work: (args, checkpoint, records, classes). Bad input raises ValueError,
     FileNotFoundError or DataError with a message that says why."""
     checkpoint = None
     if args.resume is not None:
         path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isdir(args.resume):
+            raise FileNotFoundError(f"--resume {args.resume} does not exist")
+        if os.path.isfile(os.path.join(args.resume, "metrics.json")):
+            raise ValueError(f"--resume {args.resume}: this run finished (its metrics.json is there); there is nothing to resume "
+                             "(a --fold all run continues from the newest fold's folder)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = read_checkpoint(path, DL_CHECKPOINT_KEYS)
+        except ValueError as e:
+            raise ValueError(f"--resume {args.resume}: {e}") from e
         saved = checkpoint["args"]
+        ignored = ignored_flags(args, saved, keep=("resume", "cuda", "num_workers"))
+        if ignored:
+            print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
         saved.update(resume=args.resume, cuda=args.cuda, num_workers=args.num_workers)
-        saved.setdefault("shapes_cue", "corner")  # checkpoints from before --shapes-cue trained with the corner cue
+        unknown = set(saved) - set(Args.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
         args = Args(**saved)
     else:
         if args.dataset == "shapes" and "--pretrained" not in argv:
@@ -895,6 +1026,7 @@ def setup(args, argv):
             args.learning_rate = 1e-4 if args.model in ("vit_b_16", "swin_v2_t", "maxvit_t") else 1e-3
     check_args(args)
     records, classes = dataset_records(args)
+    check_files(records)
     if args.pretrained:
         imagenet_state_dict(args.model, args.weights)  # fail before any training, not after
     return args, checkpoint, records, classes

@@ -87,3 +87,20 @@ def shapes_runs(tmp_path_factory):
     proc = run_script("eval_faithfulness", [*runs, "--steps", "5", "--baseline", "random", "--plot", "curves.png", "--figures", "figs",
                                             "--figure-samples", "4"], cwd=root)
     return root, runs, proc
+
+
+class _RunsCode:
+    """Unpickling this creates `path`: the proof that loading a file ran code from it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def write_code_running_file(path, marker, **entries):
+    """A torch.save file that runs code (creates `marker`) when loaded without weights_only; `entries` beside it."""
+    import torch
+
+    torch.save({**entries, "payload": _RunsCode(marker)}, path)

@@ -1,4 +1,5 @@
 """Loaders on small trees in the real on-disk layouts, the k-fold split, and the shapes data."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -39,12 +40,30 @@ def test_pets(tmp_path):
     ds = dl.SegmentationDataset(records, args_for("pets", tmp_path), train=True)
     image, mask, label = ds[0]
     assert image.shape == (3, 224, 224) and image.dtype == torch.uint8 and mask.shape == (224, 224)
-    # trimap 1 and 3 are in; geometry: resize 300 -> 256 (x 256/300), centre crop 224
+    # trimap 1 and 3 are in; geometry (Appendix C): 300 x 400 resized to 256 x 256, centre crop 224, by index arithmetic
     expected = np.zeros((300, 400), bool)
     expected[95:200, 150:250] = True
-    ref = torch.from_numpy(expected)[None].to(torch.uint8)
-    ref = dl.TF.center_crop(dl.TF.resize(ref, 256, interpolation=dl.TF.InterpolationMode.NEAREST), 224)[0].bool()
-    assert torch.equal(mask, ref) and 0.1 < mask.float().mean() < 0.4
+    rows = np.floor((np.arange(224) + 16) * 300 / 256).astype(int)  # nearest: source index of each cropped pixel
+    cols = np.floor((np.arange(224) + 16) * 400 / 256).astype(int)
+    assert torch.equal(mask, torch.from_numpy(expected[rows][:, cols])) and 0.1 < mask.float().mean() < 0.4
+
+
+def test_crop_keeps_seven_eighths_of_each_side(tmp_path):
+    """A 375 x 500 Pets image: the crop sees 87.5 % of its width, not the 66 % a shorter-side resize would leave."""
+    make_pets(tmp_path, n_per_class=1)
+    base = tmp_path / "oxford-iiit-pet"
+    image = np.zeros((375, 500, 3), np.uint8)
+    image[:, 40:50] = 255  # a bright band 8 % from the left edge: inside 1/16 of the width, cut by a 256 x 341 resize
+    Image.fromarray(image).save(base / "images" / "Abyssinian_1.jpg")
+    Image.fromarray(np.full((375, 500), 2, np.uint8)).save(base / "annotations" / "trimaps" / "Abyssinian_1.png")
+    records, _ = dl.dataset_records(args_for("pets", tmp_path))
+    img, _, _ = dl.SegmentationDataset(records, args_for("pets", tmp_path), train=True)[0]
+    columns = img.float().mean(dim=(0, 1))
+    assert columns[5:8].min() > 200 and columns[20:].max() < 30  # 40..50 of 500 -> 20.5..25.6 of 256 -> 4.5..9.6 of the crop
+    # --resize shorter-side, torchvision's convention: 256 x 341, and the crop cuts the band off
+    shorter = args_for("pets", tmp_path, resize="shorter-side")
+    img, _, _ = dl.SegmentationDataset(records, shorter, train=True)[0]
+    assert img.float().mean(dim=(0, 1)).max() < 30
 
 
 def test_pets_missing_file_is_named(tmp_path):
@@ -72,10 +91,11 @@ def make_flowers(root, n=6):
 def test_flowers_jpeg_blue_background(tmp_path):
     make_flowers(tmp_path)
     records, classes = dl.dataset_records(args_for("flowers", tmp_path))
-    assert len(records) == 6 and [r[2] for r in records] == [0, 1, 0, 1, 0, 1] and len(classes) == 2
+    assert len(records) == 6 and [r[2] for r in records] == [0, 1, 0, 1, 0, 1]
+    assert classes == ["pink primrose", "hard-leaved pocket orchid"]  # the real names, which CLIP's prompt needs
     _, mask, _ = dl.SegmentationDataset(records, args_for("flowers", tmp_path), train=True)[0]
-    # 240 x 320 -> 256 x 341, crop 224: the flower box maps to rows 52..180, cols 42..198 or so
-    inside, outside = mask[70:160, 60:180], torch.cat([mask[:40].flatten(), mask[200:].flatten()])
+    # 240 x 320 -> 256 x 256, crop 224: the flower box (rows 60..180, cols 80..240) maps to rows 48..176, cols 48..176
+    inside, outside = mask[60:165, 60:165], torch.cat([mask[:40].flatten(), mask[190:].flatten(), mask[:, :40].flatten()])
     assert inside.float().mean() > 0.99, "JPEG noise inside the flower must not punch holes"
     assert outside.float().mean() < 0.01, "JPEG noise on the blue must not leak into the mask"
 
@@ -160,3 +180,52 @@ def test_shapes_cue_planted_in_train_and_shuffled_in_test(cue):
         assert cue_of(img_te, mask_te) not in (y, None)
         assert torch.equal(mask_tr, mask_te) and mask_tr.any()  # same object, only the cue moves
         assert torch.equal(train[i][0], img_tr)  # deterministic
+
+
+@pytest.mark.parametrize("classes", [4, 6])
+def test_shapes_object_carries_its_class_in_stripe_angle(classes):
+    """The evidence that holds at test time is on the object: stripes at label x 180 / classes degrees, whatever the cue."""
+    for index in range(2 * classes):
+        label = index % classes
+        img, mask = dl.render_shape(index, label, 0, (label + 1) % classes, "background", classes)
+        gray = img.astype(np.float32).mean(-1)
+        gy, gx = np.gradient(gray)
+        inside = cv2.erode(mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)  # away from the outline
+        sxx, syy, sxy = (gx[inside] ** 2).sum(), (gy[inside] ** 2).sum(), (gx[inside] * gy[inside]).sum()
+        angle = 0.5 * np.arctan2(2 * sxy, sxx - syy)  # dominant gradient direction = the stripes' wave vector
+        diff = (angle - np.pi * label / classes + np.pi / 2) % np.pi - np.pi / 2
+        assert abs(diff) < 0.2, (index, label, angle)
+
+
+def test_class_names_and_prompts_name_the_object(tmp_path):
+    """CLIP's prompts carry the class: Pets' breeds with spaces, Flowers' real names, BUSI saying what the image shows."""
+    make_pets(tmp_path, n_per_class=2, breeds=("american_bulldog", "Abyssinian"))
+    _, classes = dl.dataset_records(args_for("pets", tmp_path))
+    assert classes == ["american bulldog", "Abyssinian"]
+    assert dl.PROMPTS["pets"](classes[0]) == "a photo of a american bulldog, a type of pet."
+    assert dl.PROMPTS["flowers"]("pink primrose") == "a photo of a pink primrose, a type of flower."
+    busi = [dl.PROMPTS["busi"](c) for c in ("benign", "malignant", "normal")]
+    assert busi[0] == "an ultrasound image of a benign breast lesion." and len(set(busi)) == 3
+    assert all("ultrasound" in p and "breast" in p for p in busi)
+
+
+@pytest.mark.parametrize("case", ["not an image", "empty", "mask of another size"])
+def test_bad_dataset_file_is_named_before_any_output(tmp_path, case):
+    """The command line checks every file's header first: exit 2, the file named, and no run folder written."""
+    from conftest import run_script
+
+    make_pets(tmp_path)
+    base = tmp_path / "oxford-iiit-pet"
+    if case == "not an image":
+        bad = base / "images" / "beagle_2.jpg"
+        bad.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    elif case == "empty":
+        bad = base / "annotations" / "trimaps" / "beagle_1.png"
+        bad.write_bytes(b"")
+    else:
+        bad = base / "annotations" / "trimaps" / "Abyssinian_2.png"
+        Image.fromarray(np.full((100, 100), 2, np.uint8)).save(bad)
+    proc = run_script("train_dl_camal", ["--dataset", "pets", "--data-dir", str(tmp_path), "--no-pretrained", "--epochs", "1",
+                                         "--folds", "2"], cwd=tmp_path)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()

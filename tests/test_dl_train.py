@@ -26,16 +26,17 @@ def test_shapes_end_to_end(tmp_path, method):
     assert m["train_size"] + m["test_size"] == 18 and m["test_size"] == 6
     assert 0 <= m["test_cam_empty_fraction"] <= 1 and 0 <= m["train_cam_empty_fraction"] <= 1 and m["image_size"] == size
 
-    saved = torch.load(run_dir / "model.pt", weights_only=False)
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
     assert saved["architecture"] == "resnet18" and saved["classes"] == ["circle", "square", "triangle"]
     resize = {224: 256, 96: 110}[size]  # in the paper's 256 / 224 proportion
-    assert saved["preprocessing"] == {"resize": resize, "crop": size, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert saved["preprocessing"] == {"resize": resize, "resize_mode": "square", "crop": size, "mean": (0.485, 0.456, 0.406),
+                                      "std": (0.229, 0.224, 0.225)}
     import torchvision
 
     net = torchvision.models.resnet18(num_classes=3)
     net.load_state_dict(saved["state_dict"])  # loads into a plain torchvision model
 
-    samples = torch.load(run_dir / "faithfulness_samples.pt", weights_only=False)
+    samples = torch.load(run_dir / "faithfulness_samples.pt", weights_only=True)
     assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (3, 3, size, size)
     assert samples["masks"].dtype == torch.uint8 and samples["masks"].shape == (3, size, size)
     assert sorted(samples["labels"].tolist()) == [0, 1, 2]  # one per class
@@ -63,7 +64,7 @@ def test_folds_differ_and_fold_all(shapes_runs):
     _, runs, _ = shapes_runs  # camal and vanilla, each trained with --fold all
     runs = [r for r in runs if "__camal__" in r]
     assert [json.loads(open(f"{r}/metrics.json").read())["fold"] for r in runs] == [0, 1, 2]
-    picks = [torch.load(f"{r}/faithfulness_samples.pt", weights_only=False)["images"] for r in runs]
+    picks = [torch.load(f"{r}/faithfulness_samples.pt", weights_only=True)["images"] for r in runs]
     assert not torch.equal(picks[0], picks[1])  # held-out samples differ between folds
 
 
@@ -74,7 +75,7 @@ def test_resume_fold_all_continues_with_the_next_folds(tmp_path):
     for r in by_fold.values():
         (r / "metrics.json").unlink()
     # as if the run had stopped in fold 1: resuming finishes fold 1, then runs fold 2 in a new folder
-    assert torch.load(by_fold[1] / "checkpoint.pt", weights_only=False)["fold"] == 1
+    assert torch.load(by_fold[1] / "checkpoint.pt", weights_only=True)["fold"] == 1
     resumed = run_script("train_dl_camal", ["--resume", str(by_fold[1])], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "fold 1: results" in resumed.stdout and "fold 2: results" in resumed.stdout and "fold 0:" not in resumed.stdout
@@ -87,10 +88,11 @@ def test_resume(tmp_path):
     first = run_script("train_dl_camal", [*TINY, "--epochs", "3", "--checkpoint-every", "1"], cwd=tmp_path)
     assert first.returncode == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 3
-    state["epoch"] = 1  # as if it had crashed after epoch 1 (its later events are on disk)
+    state["epoch"] = 1  # as if it had crashed after epoch 1 (its later events are on disk, no metrics.json yet)
     torch.save(state, run_dir / "checkpoint.pt")
+    (run_dir / "metrics.json").unlink()
     resumed = run_script("train_dl_camal", ["--resume", str(run_dir)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "epoch 2/3" in resumed.stdout
@@ -127,3 +129,36 @@ def test_prior_method_with_random_clip(tmp_path):
     for i in range(3):
         assert torch.equal(with_prior[i][1], dl.prior_mask(cams[i], 0.5, 224))
     assert any(not torch.equal(with_prior[i][1], truth[i][1]) for i in range(3))
+
+
+def test_resume_survives_a_broken_checkpoint_and_refuses_an_unsafe_one(tmp_path):
+    from conftest import write_code_running_file
+
+    first = run_script("train_dl_camal", [*TINY, "--epochs", "3", "--checkpoint-every", "1"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    ckpt, prev = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
+    assert torch.load(prev, weights_only=True)["epoch"] == 2  # the one before is kept
+    finished = run_script("train_dl_camal", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert finished.returncode == 2 and "this run finished" in finished.stderr and "Traceback" not in finished.stderr
+    (run_dir / "metrics.json").unlink()
+    good_prev = prev.read_bytes()
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])  # a copy cut short
+    resumed = run_script("train_dl_camal", ["--resume", str(run_dir), "--seed", "5", "--num-workers", "0"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "ignored: --seed 5 (the run's: 1)" in resumed.stderr and "num-workers" not in resumed.stderr  # said, not silent
+    assert "checkpoint.pt is truncated or corrupt" in resumed.stderr and "resuming from the previous checkpoint" in resumed.stderr
+    assert "up to 1 iterations or epochs of progress will be redone" in resumed.stderr
+    assert "resuming" in resumed.stdout and "epoch 3/3" in resumed.stdout
+
+    (run_dir / "metrics.json").unlink()  # written again by the resumed run
+    ckpt.write_bytes(b"not a checkpoint")
+    prev.write_bytes(good_prev[:100])
+    broken = run_script("train_dl_camal", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert broken.returncode == 2 and "truncated or corrupt" in broken.stderr and "Traceback" not in broken.stderr
+
+    prev.unlink()
+    write_code_running_file(ckpt, tmp_path / "ran", args={})
+    unsafe = run_script("train_dl_camal", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert unsafe.returncode == 2 and "could run code, so it is refused" in unsafe.stderr and "Traceback" not in unsafe.stderr
+    assert not (tmp_path / "ran").exists()

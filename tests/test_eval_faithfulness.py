@@ -72,7 +72,8 @@ def test_end_to_end_on_shapes_runs(shapes_runs):
     tmp_path, runs, proc = shapes_runs  # camal and vanilla, 3 folds each, then eval_faithfulness.py over all six
     assert len(runs) == 6
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ("camal/random", "vanilla/random", "camal vs vanilla: removal"):
+    for line in ("camal/random", "vanilla/random", "camal vs vanilla: removal", "wrong at k=0", "divided by the sample's probability",
+                 "samples that every method's model classifies correctly"):
         assert line in proc.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the paper's Figures 3 and 10: the same samples side by side (both methods hold the same images per fold),
@@ -119,3 +120,80 @@ def test_bad_input(tmp_path):
                 "preprocessing": {"resize": 256, "crop": 192, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}, fake / "model.pt")
     with pytest.raises(ef.RunError, match="trained with other preprocessing"):
         ef.load_run(str(fake))
+
+
+def test_run_files_are_loaded_as_weights_only(tmp_path):
+    """A model.pt or samples file from elsewhere that would run code is refused with a clear error, and runs nothing."""
+    from conftest import write_code_running_file
+
+    run = tmp_path / "foreign"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    torch.save({"images": torch.zeros(1, 3, 224, 224, dtype=torch.uint8)}, run / "faithfulness_samples.pt")
+    write_code_running_file(run / "model.pt", tmp_path / "ran", architecture="resnet18")
+    proc = run_script("eval_faithfulness", [str(run)], cwd=tmp_path)
+    assert proc.returncode == 2 and "loading it could run code, so it is refused" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ran").exists()
+    (run / "model.pt").write_bytes(b"PK\x03\x04 cut short")
+    proc = run_script("eval_faithfulness", [str(run)], cwd=tmp_path)
+    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_random_baseline_does_not_change_the_methods_numbers(shapes_runs):
+    """Tie-breaking and the random rankings draw from separate generators."""
+    _, runs, _ = shapes_runs
+    model, samples, _ = ef.load_run(runs[0])
+    out = {}
+    for baseline in (None, "random"):
+        args = ef.Args(runs=[runs[0]], steps=5, baseline=baseline)
+        tie, rand = np.random.default_rng([0, 0]), np.random.default_rng([0, 1])
+        _, entries, _ = ef.evaluate_run(model, samples, args, torch.device("cpu"), tie, rand)
+        out[baseline] = [(e["attention"]["removal_auc"], e["attention"]["insertion_auc"]) for e in entries]
+        assert all(e["start_probability"] == e["attention"]["removal"][0] for e in entries)
+        for e in entries:  # the curves divided by the intact image's probability, and whether the model was right there
+            a, ks = e["attention"], np.linspace(0, 1, 6)
+            assert a["removal_auc_normalised"] == pytest.approx(ef.auc(ks, np.array(a["removal"]) / a["removal"][0]))
+            assert a["insertion_auc_normalised"] == pytest.approx(ef.auc(ks, np.array(a["insertion"]) / a["removal"][0]))
+            assert isinstance(e["correct"], bool)
+        first = entries[0]
+        with torch.no_grad():
+            logits, _ = model(ef.normalise(samples["images"][:1]))
+        assert first["correct"] == (int(logits[0].argmax()) == int(samples["labels"][0]))
+    assert out[None] == out["random"]
+
+
+def test_curve_plot_bands_stay_in_range_and_colours_follow_the_method(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    ks = np.linspace(0, 1, 5)
+    noisy = {"removal": [[0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]], "insertion": [[0.0] * 5, [1.0] * 5]}
+    ef.plot_curves(tmp_path / "a.png", ks, {"vanilla": noisy, "camal": noisy, "camal/random": noisy})
+    ef.plot_curves(tmp_path / "b.png", ks, {"camal": noisy})
+    colour = {}
+    for fig in figures:
+        for ax in fig.axes:
+            for band in ax.collections:  # 95 % bands of a probability: never below 0 or above 1
+                ys = band.get_paths()[0].vertices[:, 1]
+                assert ys.min() >= 0 and ys.max() <= 1
+            assert len(ax.collections) == sum(1 for line in ax.lines if line.get_linestyle() == "-")  # floors have no band
+            for line in ax.lines:
+                name = line.get_label().split("/")[0]
+                colour.setdefault(name, set()).add(matplotlib.colors.to_hex(line.get_color()))
+    assert all(len(c) == 1 for c in colour.values()) and colour["camal"] != colour["vanilla"]  # one colour per method, in every plot
+
+
+def test_samples_file_is_loaded_as_weights_only(tmp_path, shapes_runs):
+    import shutil
+
+    from conftest import write_code_running_file
+
+    _, runs, _ = shapes_runs
+    run = tmp_path / "copy"
+    shutil.copytree(runs[0], run)
+    (run / "faithfulness.json").unlink()  # the shared runs were evaluated already
+    write_code_running_file(run / "faithfulness_samples.pt", tmp_path / "ran", images=torch.zeros(1))
+    proc = run_script("eval_faithfulness", [str(run)], cwd=tmp_path)
+    assert proc.returncode == 2 and "faithfulness_samples.pt holds pickled Python objects" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "ran").exists() and not (run / "faithfulness.json").exists()

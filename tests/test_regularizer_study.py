@@ -97,6 +97,10 @@ def test_pets_masks_follow_training_geometry(tmp_path):
     assert rs.dataset_records(args)[0] == records
     mask = rs.load_mask(args, records[0])
     assert torch.equal(torch.from_numpy(mask), dl.SegmentationDataset(records, dl_args, train=True)[0][1])
+    for how in ("square", "shorter-side"):  # the 300 x 400 masks differ between the two geometries; each matches training's
+        dl_args.resize, args.resize = how, how
+        assert torch.equal(torch.from_numpy(rs.load_mask(args, records[0])), dl.SegmentationDataset(records, dl_args, train=True)[0][1])
+    args.resize = "square"
     per_image, left_out, _, _ = rs.study(args, records)
     assert len(per_image) == 6 and not left_out
 
@@ -135,3 +139,16 @@ def test_busi_normal_masks_are_left_out_and_bad_input(tmp_path):
             rs.check_args(args)
     with pytest.raises(ValueError, match="needs --data-dir"):
         rs.dataset_records(rs.Args(dataset="pets"))
+
+
+def test_figure9_regions_follow_the_gradient():
+    """Green where the regulariser encourages attention, red where it suppresses attention that is there."""
+    mask = np.zeros((20, 20), bool)
+    mask[5:12, 5:12] = True
+    h = np.zeros((20, 20))
+    h[8:15, 8:15] = 1.0  # shifted: part on M, part spurious
+    green, red = np.array([0.25, 0.7, 0.25]), np.array([0.85, 0.2, 0.2])
+    for reg, encouraged in (("camal", mask), ("suppress", np.zeros_like(mask))):
+        img = rs.regions(mask, h, reg)
+        assert np.array_equal((img == green).all(-1), encouraged)  # CAMAL: all of M; suppress-only: nowhere
+        assert np.array_equal((img == red).all(-1), (h > 0) & ~mask)  # both: the spurious attention

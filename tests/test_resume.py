@@ -48,14 +48,16 @@ def test_resume_after_crash(tmp_path):
                 if found:
                     saved = found[0].read_bytes()  # the checkpoint as it stood then (later ones replace it)
                     ckpt = found[0]
-                    kill_after = torch.load(found[0], weights_only=False)["iteration"] + 2
+                    kill_after = torch.load(found[0], weights_only=True)["iteration"] + 2
             if kill_after is not None and iteration >= kill_after:
                 os.killpg(proc.pid, signal.SIGKILL)  # a crash: no chance to clean up
                 break
     proc.wait()
     assert saved is not None and kill_after < ITERS, "the run ended before it could be killed"
-    ckpt.write_bytes(saved)
-    state = torch.load(ckpt, weights_only=False)
+    # the newest checkpoint garbled (a copy cut short): the resume must fall back to the previous one, here the saved one
+    ckpt.with_name("checkpoint.prev.pt").write_bytes(saved)
+    ckpt.write_bytes(ckpt.read_bytes()[:3000])
+    state = torch.load(ckpt.with_name("checkpoint.prev.pt"), weights_only=True)
     assert state["global_step"] == state["iteration"] * PER_ITER
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
     # the crashed run's curves already reach past the checkpoint
@@ -63,6 +65,7 @@ def test_resume_after_crash(tmp_path):
 
     resumed = run_script("ppo_camal_vizdoom", ["--resume", str(ckpt.parent)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint.pt is truncated or corrupt" in resumed.stderr and "up to 2 iterations or epochs of progress will be redone" in resumed.stderr
     assert f"resuming {ckpt.parent.name} at iteration {state['iteration'] + 1}/{ITERS}" in resumed.stdout
     check_resumed_run(ckpt.parent)
 
@@ -90,10 +93,27 @@ def test_interrupt_saves_and_resumes(tmp_path):
     assert proc.wait(timeout=120) == 128 + signal.SIGINT, out[-3000:]
     assert "Traceback" not in out and "--resume" in out
     (run_dir,) = (tmp_path / "runs").iterdir()
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert 2 <= state["iteration"] < iters
     assert not (run_dir / "eval.json").exists()
 
     resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_resumed_run(run_dir, iters, per_iter)
+    again = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert again.returncode == 2 and "this run finished" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_broken_or_unsafe_checkpoint_is_a_clear_error(tmp_path):
+    """Nothing whole to resume from: exit 2 with why; a checkpoint that would run code is refused and runs nothing."""
+    from conftest import write_code_running_file
+
+    run_dir = tmp_path / "runs" / "Basic__x__camal__1__1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    proc = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    write_code_running_file(run_dir / "checkpoint.pt", tmp_path / "ran", args={})
+    proc = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
+    assert proc.returncode == 2 and "could run code, so it is refused" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ran").exists()

@@ -6,10 +6,12 @@ from conftest import ROOT
 
 # (origin script, helpers): a script that defines one of these must hold it exactly as the origin does
 SHARED = [
-    ("ppo_camal_vizdoom.py", ("grad_cam", "camal_terms", "camal_loss", "attention_iou", "empty_cams")),
+    ("ppo_camal_vizdoom.py", ("grad_cam", "camal_terms", "camal_loss", "attention_iou", "empty_cams", "rng_state", "restore_rng",
+                              "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint", "write_json")),
     ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "class_cam")),
     ("train_dl_camal.py", ("DataError", "load_gray", "require", "pets_records", "flowers_records", "busi_records", "read_mask",
-                           "render_shape", "shapes_records", "dataset_records", "SHAPE_NAMES", "CUE_COLOURS", "RESIZE, CROP")),
+                           "render_shape", "shapes_records", "dataset_records", "resize_crop", "SHAPE_NAMES", "CUE_COLOURS",
+                           "RESIZE, CROP")),
     ("eval_faithfulness.py", ("mean_ci", "plot_curves")),
     ("benchmarks/spurious_shapes.py", ("fresh_folder",)),
 ]
@@ -52,8 +54,19 @@ def test_stats_holds_the_copies():
 
 def test_regularizer_study_holds_the_copies():
     defs = top_level_definitions(ROOT / "regularizer_study.py")
-    assert {"camal_terms", "dataset_records", "read_mask", "render_shape", "pets_records", "flowers_records", "busi_records"} <= set(defs)
+    assert {"camal_terms", "dataset_records", "read_mask", "render_shape", "resize_crop", "pets_records", "flowers_records",
+            "busi_records"} <= set(defs)
 
 
 def test_benchmarks_hold_the_copies():
     assert "fresh_folder" in top_level_definitions(ROOT / "benchmarks" / "drl_alignment.py")
+
+
+def test_dl_holds_the_checkpoint_copies():
+    names = {"rng_state", "restore_rng", "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint"}
+    assert names <= set(top_level_definitions(ROOT / "train_dl_camal.py"))
+
+
+def test_every_json_writer_holds_the_atomic_copy():
+    for script in ("train_dl_camal.py", "eval_faithfulness.py", "stats.py", "regularizer_study.py"):
+        assert "write_json" in top_level_definitions(ROOT / script), script

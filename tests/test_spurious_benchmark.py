@@ -1,4 +1,5 @@
 """benchmarks/spurious_shapes.py end to end at a tiny size: both methods on every fold, stats.py, the verdict lines."""
+import json
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ from conftest import ROOT
 def test_pipeline_runs_and_judges(tmp_path):
     tiny = "--shapes-classes 2 --shapes-per-class 4 --epochs 1 --batch-size 4 --image-size 64"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--folds", "2", "--out", str(tmp_path / "b"),
-                           "--train-args", tiny], capture_output=True, text=True, timeout=600)
+                           "--cue", "corner", "--train-args", tiny], capture_output=True, text=True, timeout=600)
     # a one-epoch model at 64 pixels cannot meet the criteria: the verdict says so with exit code 1, not a crash
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     out = proc.stdout
@@ -19,6 +20,8 @@ def test_pipeline_runs_and_judges(tmp_path):
     assert (proc.returncode == 0) == all(v.startswith("PASS") for v in verdicts)
     runs = sorted(p.name for p in (tmp_path / "b" / "runs").iterdir())
     assert len(runs) == 4 and sum("__camal__" in r for r in runs) == 2
+    settings = json.loads((tmp_path / "b" / "runs" / runs[0] / "metrics.json").read_text())["args"]
+    assert (settings["shapes_cue"], settings["shapes_cue_prob"], settings["learning_rate"]) == ("corner", 0.95, 3e-4)  # the stress case
     assert (tmp_path / "b" / "stats" / "stats.json").is_file()
 
 

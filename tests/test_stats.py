@@ -93,16 +93,17 @@ def test_duplicates_and_missing_baseline_are_listed(st, tmp_path):
     write_dl(tmp_path / "a", "busi", "vit_b_16", "camal", 0, 0.5, 0.4)
     newer = write_dl(tmp_path / "b", "busi", "vit_b_16", "camal", 0, 0.6, 0.5)
     os.utime(newer / "metrics.json", (2e9, 2e9))
-    write_dl(tmp_path, "busi", "vit_b_16", "vanilla", 0, 0.5, 0.1, epochs=3)
+    write_dl(tmp_path, "busi", "vit_b_16", "vanilla", 0, 0.5, 0.1)
+    write_dl(tmp_path / "c", "busi", "vit_b_16", "vanilla", 0, 0.5, 0.1, epochs=3)  # another experiment: never paired
     write_dl(tmp_path, "busi", "resnet18", "vanilla", 0, 0.5, 0.1)  # no camal run in this group
     stats, _, _, _ = st.analyse(args_for(st, tmp_path))
     (comp,) = stats["dl"]["comparisons"]
     assert comp["test_accuracy"]["camal"]["values"] == [0.6]  # the newer duplicate
+    assert comp["variant"] == "epochs 2" and comp["test_accuracy"]["vanilla"]["n"] == 1
     reasons = " ".join(f"{i['run']}: {i['reason']}" for i in stats["incomplete"])
     assert "duplicate" in reasons and str(tmp_path / "a") in reasons
     assert "busi/resnet18: vanilla runs but no camal run" in reasons
-    (warning,) = stats["warnings"]
-    assert "different numbers of epochs [2, 3]" in warning["reason"]
+    assert "busi/vit_b_16 [epochs 3]: vanilla runs but no camal run" in reasons
 
 
 def test_iou_from_empty_cams_is_flagged(st, tmp_path):
@@ -160,7 +161,7 @@ def test_drl_matches_rliable(st, tmp_path):
     assert drl["envs"] == ["Basic", "TakeCover"] and drl["methods"] == ["camal", "vanilla"]
     raw = {m: np.array([[truth[e, m, s][0] for e in drl["envs"]] for s in (1, 2, 3)]) for m in ("camal", "vanilla")}
     lo, hi = np.minimum(raw["camal"].min(0), raw["vanilla"].min(0)), np.maximum(raw["camal"].max(0), raw["vanilla"].max(0))
-    hi[0] = 500.0  # Basic's extra seed 4 is left out of the matrices, but its return counts for the range
+    # Basic's extra seed 4 (return 500) is left out of the matrices, so it sets no range either: lo and hi are the matrix's own
     norm = {m: (raw[m] - lo) / (hi - lo) for m in raw}
     res = drl["metrics"]["return"]
     assert np.array(res["normalised"]["camal"]) == pytest.approx(norm["camal"])
@@ -180,7 +181,7 @@ def test_drl_matches_rliable(st, tmp_path):
     assert iou["poi"]["vanilla"]["p"] == 1.0
     reasons = " ".join(i["reason"] for i in stats["incomplete"])
     assert "seed 4 is left out" in reasons and "DefendLine has no vanilla run" in reasons
-    assert [w["run"] for w in stats["warnings"]] == ["Basic"] and "total_timesteps [500, 1000]" in stats["warnings"][0]["reason"]
+    assert stats["warnings"] == []  # the shorter run is the left-out seed 4: no run in the matrix differs in length
     sbci = next(t for t in tables if t["name"] == "drl_return_sbci")
     assert any("min-max normalised" in n and "TakeCover [" in n for n in sbci["notes"])
 
@@ -199,28 +200,102 @@ def test_probability_of_improvement_equals_rliables(st):
     assert st.probability_of_improvement(x, x.copy()) == 0.5 == metrics.probability_of_improvement(x, x.copy())
 
 
-def test_tensorboard_fallback(st, tmp_path):
+def write_tb_run(root, env, method, seed, returns, per_step=100, batch_size=None, total_timesteps=None, eval_json=False):
+    """A ppo_camal_vizdoom.py run folder as TensorBoard sees it: the hyperparameters text and one value per iteration."""
     from torch.utils.tensorboard import SummaryWriter
 
-    run = tmp_path / "TakeCover__ppo_camal_vizdoom__vanilla__7__0"
+    run = root / f"{env}__ppo_camal_vizdoom__{method}__{seed}__0"
     writer = SummaryWriter(str(run))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n|env|TakeCover|\n|method|vanilla|\n|seed|7|")
-    returns = [float(v) for v in range(20)]
+    hp = {"env": env, "method": method, "seed": seed, "batch_size": batch_size, "total_timesteps": total_timesteps}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hp.items() if v is not None))
     for i, v in enumerate(returns):
-        writer.add_scalar("charts/episodic_return", v, 100 * (i + 1))
-        writer.add_scalar("charts/attention_iou", v / 100, 100 * (i + 1))
+        writer.add_scalar("charts/episodic_return", v, per_step * (i + 1))
+        writer.add_scalar("charts/attention_iou", v / 100, per_step * (i + 1))
+        writer.add_scalar("charts/SPS", 100.0, per_step * (i + 1))
     writer.close()
-    write_drl(tmp_path, "TakeCover", "camal", 7, 30.0, 0.5)
-    stats, tables, _, _ = st.analyse(args_for(st, tmp_path, last_n=5))
+    if eval_json:
+        (run / "eval.json").write_text(json.dumps({"env": env, "method": method, "seed": seed, "mean_return": -1.0, "mean_iou": 0.0}))
+    return run
+
+
+def test_tensorboard_scores(st, tmp_path):
+    returns = [float(v) for v in range(20)]
+    write_tb_run(tmp_path, "TakeCover", "vanilla", 7, returns, eval_json=True)
+    write_tb_run(tmp_path, "TakeCover", "camal", 7, [30.0] * 20, eval_json=True)
+    stats, tables, _, _ = st.analyse(args_for(st, tmp_path, last_n=5, drl_score="training"))
     (fallback,) = [r for r in stats["drl"]["runs"] if r["method"] == "vanilla"]
     assert fallback["return"] == pytest.approx(np.mean(returns[-5:])) and fallback["iou"] == pytest.approx(np.mean(returns[-5:]) / 100)
     assert "last 5 of 20 charts/episodic_return (to step 2000)" in fallback["source"]
     runs_table = next(t for t in tables if t["name"] == "drl_runs")
-    assert any(row[5].startswith("TensorBoard") for row in runs_table["rows"])
+    assert all(row[5].startswith("TensorBoard") for row in runs_table["rows"])  # never a mix with eval.json scores
     # learning curves from the same events: the mean of each run's values in each bin of the step grid
     curves = st.learning_curves([dict(r, dir=r["dir"]) for r in stats["drl"]["runs"] if r["method"] == "vanilla"], 4)
     c = curves["return"]["TakeCover"]["vanilla"]
     assert c["steps"] == [500, 1000, 1500, 2000] and c["mean"] == pytest.approx([2.0, 7.0, 12.0, 17.0]) and c["runs"] == 1
+    # the default scores from eval.json only: the same folders, other numbers, and the sources say so
+    stats, tables, _, _ = st.analyse(args_for(st, tmp_path))
+    assert {r["return"] for r in stats["drl"]["runs"]} == {-1.0}
+    assert all(row[5].startswith("eval.json") for row in next(t for t in tables if t["name"] == "drl_runs")["rows"])
+
+
+def test_unfinished_and_unscored_drl_runs_are_left_out(st, tmp_path):
+    """What happened, not what was asked: a run short of its planned steps is not scored and does not shape the
+    normalisation or the curves; the note gives its steps and the checkpoint a resume would start from."""
+    for seed in (1, 2):
+        for method, ret in (("camal", 10.0), ("vanilla", 5.0)):
+            write_tb_run(tmp_path, "Basic", method, seed, [ret] * 10, batch_size=100, total_timesteps=1000, eval_json=True)
+    short = tmp_path / "short"  # stopped after 3 of 10 iterations, with a checkpoint at iteration 2 and a very high return
+    run = write_tb_run(short, "Basic", "vanilla", 3, [99.0] * 3, batch_size=100, total_timesteps=1000)
+    (run / "checkpoint.json").write_text(json.dumps({"iteration": 2, "global_step": 200}))
+    noeval = write_tb_run(tmp_path / "noeval", "Basic", "camal", 3, [7.0] * 10, batch_size=100, total_timesteps=1000)
+    write_tb_run(tmp_path / "noeval", "Basic", "vanilla", 3, [6.0] * 10, batch_size=100, total_timesteps=1000)
+    stats, _, _, _ = st.analyse(args_for(st, tmp_path, drl_score="training"))
+    reasons = {i["run"]: i["reason"] for i in stats["incomplete"]}
+    assert "its curves reach step 300 of 1000, its checkpoint step 200" in reasons[str(run)] and "--resume" in reasons[str(run)]
+    assert str(run) not in {r["dir"] for r in stats["drl"]["runs"]}
+    assert stats["drl"]["metrics"]["return"]["normalisation"] == {"Basic": [5.0, 10.0]}  # not 99 from the unfinished run
+    assert str(noeval) in {r["dir"] for r in stats["drl"]["runs"]}  # finished: --drl-score training scores it
+    # --include-unfinished: scored from its curves up to its checkpoint (step 200: two values of 99), and named under Warnings
+    stats, _, _, found = st.analyse(args_for(st, tmp_path, drl_score="training", include_unfinished=True))
+    (short_run,) = [r for r in found if r["dir"] == str(run)]  # scored (the matrix then keeps the newer seed-3 run of the cell)
+    assert short_run["return"] == 99.0 and "last 2 of 2 charts/episodic_return (to step 200)" in short_run["source"]
+    assert any(w["run"] == str(run) and "unfinished, scored anyway" in w["reason"] for w in stats["warnings"])
+    stats, _, _, _ = st.analyse(args_for(st, tmp_path))
+    reasons = {i["run"]: i["reason"] for i in stats["incomplete"]}
+    assert "finished without eval.json" in reasons[str(noeval)] and "unfinished" in reasons[str(run)]
+    assert all(r["steps_done"] is None or r["steps_done"] <= 1000 for r in stats["drl"]["runs"])
+
+
+def test_runs_of_other_settings_are_other_experiments(st, tmp_path):
+    """Two experiments in one folder (more images, more epochs) are never taken for duplicates or paired."""
+    for fold in range(3):
+        write_dl(tmp_path / "a", "shapes", "resnet18", "camal", fold, 0.9, 0.5)
+        write_dl(tmp_path / "a", "shapes", "resnet18", "vanilla", fold, 0.4, 0.1)
+        for method, acc in (("camal", 0.7), ("vanilla", 0.6)):
+            run = write_dl(tmp_path / "b", "shapes", "resnet18", method, fold, acc, 0.3, epochs=20)
+            m = json.loads((run / "metrics.json").read_text())
+            m["args"] = {"shapes_per_class": 120, "epochs": 20}
+            (run / "metrics.json").write_text(json.dumps(m))
+    stats, tables, _, _ = st.analyse(args_for(st, tmp_path))
+    comps = {c["variant"]: c for c in stats["dl"]["comparisons"]}
+    # shapes_per_class is unknown (None) in "a"'s older metrics.json: only epochs tells the experiments apart
+    assert set(comps) == {"epochs 2", "epochs 20"}
+    assert comps["epochs 2"]["test_accuracy"]["camal"]["values"] == [0.9] * 3
+    assert comps["epochs 20"]["test_accuracy"]["camal"]["values"] == [0.7] * 3
+    assert not any("duplicate" in i["reason"] for i in stats["incomplete"])
+    # a setting a run does not record (an older metrics.json) is no evidence of another experiment
+    assert st.variants([{"dir": "x", "settings": {"epochs": 2}}, {"dir": "y", "settings": {"epochs": None}}],
+                       lambda r: 0, ("epochs",)) == {"x": "", "y": ""}
+    runs_table = next(t for t in tables if t["name"] == "dl_runs")
+    assert {row[0] for row in runs_table["rows"]} == {"Shapes [epochs 2]", "Shapes [epochs 20]"}
+    # one method run twice with another camal_coef: two experiments of camal, named as such, the newer used
+    other = write_dl(tmp_path / "c", "shapes", "resnet18", "camal", 0, 0.1, 0.1)
+    m = json.loads((other / "metrics.json").read_text())
+    m["camal_coef"] = 3.0
+    (other / "metrics.json").write_text(json.dumps(m))
+    os.utime(other / "metrics.json", (2e9, 2e9))
+    stats, _, _, _ = st.analyse(args_for(st, tmp_path))
+    assert any("another experiment (camal_coef None vs 3.0)" in i["reason"] for i in stats["incomplete"])
 
 
 def test_cli_repeats_and_writes_everything(tmp_path):
@@ -241,7 +316,7 @@ def test_cli_repeats_and_writes_everything(tmp_path):
     assert {"stats.json", "dl_test_accuracy_camal_vs_vanilla.csv", "dl_test_iou_camal_vs_prior.csv", "drl_return_sbci.csv",
             "drl_iou_poi.csv", "drl_runs.csv", "drl_interval_estimates.png", "drl_probability_of_improvement.png"} <= files
     csv_rows = (tmp_path / "out0" / "dl_test_accuracy_camal_vs_vanilla.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("dataset,model,pairs,camal_mean") and len(csv_rows) == 3
+    assert csv_rows[0].startswith("dataset,variant,model,pairs,camal_mean") and len(csv_rows) == 3
 
 
 def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
@@ -250,7 +325,7 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
     envs = ("Basic", "DefendLine", "DefendCenter", "TakeCover")
     ppo = {(env, m): ppo_smoke_run(env, m) for env in envs for m in ("camal", "vanilla")}
     assert all(proc.returncode == 0 for proc, _ in ppo.values())
-    crashed = tmp_path / "crashed"  # a run without eval.json, as a crash leaves it: scored from its TensorBoard events
+    crashed = tmp_path / "crashed"  # a finished run without eval.json: scored only from its TensorBoard events (--drl-score training)
     shutil.copytree(ppo["TakeCover", "vanilla"][1] / "runs", crashed)
     (crashed_run,) = crashed.iterdir()
     (crashed_run / "eval.json").unlink()
@@ -273,14 +348,27 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
     assert res["removal_auc"]["camal"]["mean"] == pytest.approx(np.mean([s["attention"]["removal_auc"] for f in faith for s in f["samples"]]))
 
     drl = stats["drl"]
-    assert drl["envs"] == list(envs) and drl["methods"] == ["camal", "vanilla"]
-    (fallback,) = [r for r in drl["runs"] if r["source"].startswith("TensorBoard")]
+    # Basic's vanilla run used the paper's CAM (--cam paper), its camal run the default: two experiments, never paired;
+    # the crashed copy finished but wrote no eval.json, so the default (eval.json) scores leave TakeCover out
+    assert drl["envs"] == ["DefendLine", "DefendCenter"] and drl["methods"] == ["camal", "vanilla"]
+    reasons = " ".join(f"{i['run']}: {i['reason']}" for i in stats["incomplete"])
+    assert "Basic [cam abs] has no vanilla run" in reasons and "Basic [cam paper] has no camal run" in reasons
+    assert f"{crashed_run}: finished without eval.json" in reasons
+    assert all(r["source"].startswith("eval.json") for r in drl["runs"])
+
+    proc = run_script("stats", [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--drl-score", "training", "--out",
+                                str(tmp_path / "out")], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drl = json.loads((tmp_path / "out" / "stats.json").read_text())["drl"]
+    assert drl["envs"] == ["DefendLine", "DefendCenter", "TakeCover"]
+    assert all(r["source"].startswith("TensorBoard") for r in drl["runs"])  # every run from its curves: no mix
+    (fallback,) = [r for r in drl["runs"] if r["dir"] == str(crashed_run)]
     assert (fallback["env"], fallback["method"], fallback["seed"]) == ("TakeCover", "vanilla", 2)
     iou = [e.value for e in read_events(crashed_run).Scalars("charts/attention_iou")]
     assert fallback["iou"] == pytest.approx(np.mean(iou[-3:]))
     assert "iou" in drl["metrics"] and drl["metrics"]["iou"]["k"] == 1
     assert not drl["metrics"]["iou"]["poi"]["vanilla"]["significant"]  # one run per env: a zero-width CI is no evidence
-    assert fallback["total_timesteps"] == 128
+    assert fallback["total_timesteps"] == 128 and fallback["steps_done"] == 128
     for name in ("drl_learning_curves.png", "dl_faithfulness_camal_vs_vanilla.png", "drl_interval_estimates.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert drl["learning_curves"]["iou"]["TakeCover"]["vanilla"]["runs"] == 1
@@ -290,7 +378,7 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
 @pytest.mark.parametrize("case, message", [
     ("empty", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
     ("foreign", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
-    ("missing", "is not a folder"),
+    ("missing", "does not exist"),
     ("broken", "cannot be read as JSON"),
     ("not_ours", "is not a metrics.json of train_dl_camal.py"),
     ("reps", "--reps must be at least 1"),
@@ -315,3 +403,50 @@ def test_bad_input(tmp_path, case, message):
         extra = ["--reps", "0"]
     proc = run_script("stats", [str(folder), *extra], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+FUZZ = {
+    "random bytes": bytes(np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8)),
+    "empty": b"",
+    "truncated": b'{"dataset": "shapes", "model": ',
+    "a list": b"[1, 2, 3]",
+}
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "eval.json", "faithfulness.json"])
+@pytest.mark.parametrize("case", [*FUZZ, "wrong types"])
+def test_fuzzed_run_files_are_named(st, tmp_path, name, case):
+    """Every reader of run files: a clear error that names the file, for bytes, empty files, truncated JSON and wrong types."""
+    runs = dl_folder(tmp_path / "runs")
+    drl = write_drl(runs, "Basic", "camal", 1, 1.0, 0.5)
+    write_drl(runs, "Basic", "vanilla", 1, 1.0, 0.5)
+    metrics = sorted(runs.glob("**/metrics.json"))
+    if name == "faithfulness.json":  # every DL run evaluated, as eval_faithfulness.py leaves them, so the pairs read them
+        sample = {"label": 0, "attention": {"removal": [1, 0], "insertion": [0, 1], "removal_auc": 0.5, "insertion_auc": 0.5}}
+        for m in metrics:
+            (m.parent / name).write_text(json.dumps({"k": [0, 1], "samples": [sample]}))
+    target = {"metrics.json": metrics[0], "eval.json": drl / name, "faithfulness.json": metrics[0].parent / name}[name]
+    if case == "wrong types":
+        data = json.loads(target.read_text())
+        if name == "metrics.json":
+            data["test_accuracy"] = "high"
+        elif name == "eval.json":
+            data["seed"] = [1]
+        else:
+            data["samples"][0]["attention"]["removal"] = ["a", "b"]
+        target.write_text(json.dumps(data))
+    else:
+        target.write_bytes(FUZZ[case])
+    with pytest.raises(st.StatsError) as e:
+        st.analyse(args_for(st, runs))
+    assert str(target) in str(e.value)
+
+
+def test_fuzzed_file_exits_2_and_writes_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    dl_folder(runs)
+    bad = sorted(runs.glob("**/metrics.json"))[0]
+    bad.write_text('{"dataset": "shapes", "test_accuracy": ')
+    proc = run_script("stats", [str(runs), "--out", str(tmp_path / "out")], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written, not half
