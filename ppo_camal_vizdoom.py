@@ -42,6 +42,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """use the GPU when there is one (the CPU otherwise)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (pip install -r requirements-cluster.txt)"""
+    wandb_project_name: str = "camal"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
     capture_video: bool = False
     """write mp4s of frame | mask | CAM to videos/{run_name}/ (env 0's rollout at the image cadence, and every evaluation episode)"""
     save_model: bool = False
@@ -474,6 +480,19 @@ def write_json(path, obj, **kw):
     os.replace(path + ".tmp", path)
 
 
+def start_tracking(args, run_name, run_dir):
+    """CleanRL's --track: a Weights and Biases run that mirrors the TensorBoard events (scalars, images). Its id comes from
+    the run's name, so a resumed run continues the same W&B run. WANDB_MODE=offline keeps it on disk."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
+    import hashlib
+
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                      id=hashlib.sha1(run_name.encode()).hexdigest()[:16], resume="allow", save_code=True, dir=run_dir)
+
+
 def ignored_flags(cli, saved, keep):
     """The flags given with --resume that the run does not take (it continues with its own settings), as text."""
     default = type(cli)()
@@ -749,6 +768,12 @@ if __name__ == "__main__":
         restore_rng(checkpoint["rng"])
         print(f"resuming {run_name} at iteration {start_iteration}/{args.num_iterations}, global_step={global_step}")
 
+    tracked = None
+    if args.track:
+        try:
+            tracked = start_tracking(args, run_name, run_dir)  # before the writer, so W&B mirrors its events
+        except ValueError as e:
+            fail(str(e))
     # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves do not double
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint is not None else None)
     if checkpoint is None:
@@ -768,6 +793,7 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGUSR1, request_stop)  # what SLURM and submitit send before pre-empting or timing out a job
 
     # ALGO Logic: Storage setup (frames as uint8: a quarter of float32's memory at 240 x 320)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space["frames"].shape, dtype=torch.uint8, device=device)
@@ -1022,3 +1048,8 @@ if __name__ == "__main__":
     finally:
         envs.close()
         writer.close()
+        if tracked is not None:
+            if video_dir is not None:  # the mp4s go with the W&B run, as CleanRL's monitor_gym does
+                for name in sorted(os.listdir(video_dir)):
+                    tracked.save(os.path.join(video_dir, name), base_path=os.path.dirname(video_dir), policy="now")
+            tracked.finish()

@@ -43,6 +43,13 @@ class Args:
     cuda: bool = True
     """use the GPU when there is one (the CPU otherwise)"""
 
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (pip install -r requirements-cluster.txt)"""
+    wandb_project_name: str = "camal"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+
     # Data
     dataset: Literal["shapes", "pets", "flowers", "busi"] = "shapes"
     """shapes (built in, no download), pets (Oxford-IIIT-Pet), flowers (Oxford-Flower-102) or busi"""
@@ -671,6 +678,19 @@ def write_json(path, obj, **kw):
     os.replace(path + ".tmp", path)
 
 
+def start_tracking(args, run_name, run_dir):
+    """CleanRL's --track: a Weights and Biases run that mirrors the TensorBoard events (scalars, images). Its id comes from
+    the run's name, so a resumed run continues the same W&B run. WANDB_MODE=offline keeps it on disk."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
+    import hashlib
+
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                      id=hashlib.sha1(run_name.encode()).hexdigest()[:16], resume="allow", save_code=True, dir=run_dir)
+
+
 def ignored_flags(cli, saved, keep):
     """The flags given with --resume that the run does not take (it continues with its own settings), as text."""
     default = type(cli)()
@@ -811,6 +831,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     if world_size > 1:  # all ranks start from rank 0's weights; gradients are averaged in backward
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    tracked = start_tracking(args, run_name, run_dir) if args.track and rank == 0 else None  # one W&B run per fold
     writer = SummaryWriter(run_dir, purge_step=start_epoch if checkpoint is not None else None) if rank == 0 else None
     if checkpoint is None and rank == 0:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -893,6 +914,8 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
         if stop:
             writer.close()
+            if tracked is not None:
+                tracked.finish()
             print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
             sys.exit(128 + (STOP_SIGNAL[0] if STOP_SIGNAL else signal.SIGTERM))
 
@@ -918,6 +941,8 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     }, os.path.join(run_dir, "model.pt"))
     torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
     writer.close()
+    if tracked is not None:
+        tracked.finish()
     return run_dir
 
 
@@ -932,6 +957,11 @@ CAM_LAYERS = {
 
 
 def check_args(args):
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
     if args.folds < 2:
         raise ValueError(f"--folds must be at least 2, got {args.folds}")
     if args.fold != "all" and not (args.fold.isdigit() and int(args.fold) < args.folds):
@@ -1063,6 +1093,7 @@ if __name__ == "__main__":
             sys.exit(2)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGUSR1, request_stop)  # what SLURM and submitit send before pre-empting or timing out a job
     folds = range(args.folds) if args.fold == "all" else [int(args.fold)]
     if checkpoint is not None:  # finish the interrupted fold; with --fold all, then the folds after it
         folds = [f for f in folds if f >= checkpoint["fold"]]

@@ -7,7 +7,8 @@ from conftest import ROOT
 # (origin script, helpers): a script that defines one of these must hold it exactly as the origin does
 SHARED = [
     ("ppo_camal_vizdoom.py", ("grad_cam", "camal_terms", "camal_loss", "attention_iou", "empty_cams", "rng_state", "restore_rng",
-                              "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint", "write_json")),
+                              "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint", "write_json",
+                              "start_tracking")),
     ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "class_cam")),
     ("train_dl_camal.py", ("DataError", "load_gray", "require", "pets_records", "flowers_records", "busi_records", "read_mask",
                            "render_shape", "shapes_records", "dataset_records", "resize_crop", "SHAPE_NAMES", "CUE_COLOURS",
@@ -63,7 +64,7 @@ def test_benchmarks_hold_the_copies():
 
 
 def test_dl_holds_the_checkpoint_copies():
-    names = {"rng_state", "restore_rng", "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint"}
+    names = {"rng_state", "restore_rng", "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint", "start_tracking"}
     assert names <= set(top_level_definitions(ROOT / "train_dl_camal.py"))
 
 

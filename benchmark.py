@@ -1,0 +1,426 @@
+# Run the paper's grids (Tables 7 and 8, Table 4) on this machine's GPUs or on a SLURM cluster, resumably, then analyse them.
+# Each cell of a grid (env x method x seed, or dataset x model x method x fold x seed) runs in its own folder under
+# --out/cells; its identity is the cell and the flags passed through, never the time. Rerunning the same command skips
+# finished cells, resumes interrupted ones from their checkpoint and retries failed ones. Single-file in CleanRL's style
+# (cleanrl_utils/benchmark.py is the anchor).
+#
+#   python benchmark.py --preset drl --dry-run                  # the 40 commands of Table 8's grid, one per line
+#   python benchmark.py --preset drl --seeds 1 2 --workers 4    # narrow an axis; run 4 at a time on this machine
+#   python benchmark.py --preset dl --datasets pets --data-dir DATA --backend slurm --slurm-partition gpu
+#   python benchmark.py --preset drl --envs Basic --frame-height 60 --frame-width 80   # unknown flags go to the script
+import argparse
+import fcntl
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+ENVS = ("Basic", "DefendLine", "DefendCenter", "TakeCover")
+MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t")
+# The paper's grids. Every axis can be narrowed or widened from the command line.
+PRESETS = {
+    "drl": {"kind": "drl", "envs": ENVS, "methods": ("camal", "vanilla"), "seeds": (1, 2, 3, 4, 5)},
+    "dl": {"kind": "dl", "datasets": ("pets", "flowers", "busi"), "models": MODELS, "methods": ("camal", "vanilla", "prior"),
+           "folds": tuple(range(10)), "seeds": (1,)},
+    "dl-suppress": {"kind": "dl", "datasets": ("pets", "flowers", "busi"), "models": MODELS, "methods": ("camal", "suppress"),
+                    "folds": tuple(range(10)), "seeds": (1,)},
+    "study": {"kind": "study", "datasets": ("pets", "flowers")},
+}
+INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1}  # the scripts' exit codes after saving a checkpoint
+
+
+class Cell:
+    """One run of the grid: its axes, the command that starts it and the folder it runs in."""
+
+    def __init__(self, kind, axes, passthrough, out, checkpoint_every):
+        self.kind, self.axes, self.passthrough = kind, axes, list(passthrough)
+        name = "__".join(str(v) for v in axes.values())
+        if passthrough:  # the same cell with other flags is another experiment
+            name += "__" + hashlib.sha1(shlex.join(passthrough).encode()).hexdigest()[:8]
+        self.id = f"{kind}__{name}"
+        self.folder = Path(out) / "cells" / self.id
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in axes.items()]
+        if kind == "study":
+            self.script = "regularizer_study.py"
+            self.args = [*flags, "--out", "study", *passthrough]
+        else:
+            self.script = "ppo_camal_vizdoom.py" if kind == "drl" else "train_dl_camal.py"
+            own = any(a.split("=")[0] == "--checkpoint-every" for a in passthrough)
+            self.args = [*flags, *passthrough] + ([] if own else ["--checkpoint-every", str(checkpoint_every)])
+
+    def runs(self):
+        return sorted((self.folder / "runs").glob("*/")) if (self.folder / "runs").is_dir() else []
+
+    def finished(self):
+        if self.kind == "study":
+            return (self.folder / "study" / "study.json").is_file()
+        result = "eval.json" if self.kind == "drl" else "metrics.json"
+        return any((r / result).is_file() for r in self.runs())
+
+    def resumable(self):
+        """The run folder to --resume (its checkpoint is there, its result is not), or None."""
+        if self.kind == "study" or self.finished():
+            return None
+        found = [r for r in self.runs() if (r / "checkpoint.pt").is_file() or (r / "checkpoint.prev.pt").is_file()]
+        return found[-1] if found else None
+
+    def command(self):
+        run = self.resumable()
+        args = ["--resume", str(run.relative_to(self.folder))] if run is not None else self.args
+        return [sys.executable, str(ROOT / self.script), *args]
+
+
+def absolute_paths(passthrough):
+    """Paths given relative to where the benchmark starts (--data-dir DATA, --weights w.pth) made absolute, since each cell
+    runs in its own folder."""
+    out = []
+    for token in passthrough:
+        flag, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
+        if value and not value.startswith("-") and os.path.exists(value):
+            value = os.path.abspath(value)
+        out.append(f"{flag}{eq}{value}" if flag else value)
+    return out
+
+
+def grid(args, passthrough):
+    preset = PRESETS[args.preset]
+    passthrough = absolute_paths(passthrough)
+    kind = preset["kind"]
+    pick = lambda axis: getattr(args, axis) or preset[axis]  # noqa: E731
+    if kind == "dl" and not args.folds:
+        args.folds = list(range(args.num_folds))
+    cells = []
+    if kind == "drl":
+        for env in pick("envs"):
+            for method in pick("methods"):
+                for seed in pick("seeds"):
+                    cells.append(Cell(kind, {"env": env, "method": method, "seed": seed}, passthrough, args.out, args.checkpoint_every))
+    elif kind == "dl":
+        for dataset in pick("datasets"):
+            for model in pick("models"):
+                for method in pick("methods"):
+                    for fold in pick("folds"):
+                        for seed in pick("seeds"):
+                            axes = {"dataset": dataset, "model": model, "method": method, "fold": fold, "seed": seed}
+                            extra = [f"--folds={args.num_folds}", *passthrough]
+                            if method == "prior" and not any(a.split("=")[0] == "--prior-cache" for a in passthrough):
+                                extra.append(f"--prior-cache={Path(args.out).resolve() / 'prior_cache'}")  # CLIP's CAMs once per grid
+                            cells.append(Cell(kind, axes, extra, args.out, 1))
+    else:
+        for dataset in pick("datasets"):
+            cells.append(Cell(kind, {"dataset": dataset}, passthrough, args.out, 0))
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one cell: a lock, the command in the cell's folder, its log; retried, resumed
+# ---------------------------------------------------------------------------------------------
+def run_cell(cell, retries, env=None, on_start=None):
+    """Run a cell to the end unless another invocation holds it. Returns (status, exit code): status is done, failed,
+    interrupted (it saved a checkpoint; a rerun resumes it) or busy (locked by another invocation)."""
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    with open(cell.folder / "lock", "w") as lock:
+        try:  # released by the kernel when this process ends, however it ends
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "busy", None
+        if cell.finished():
+            return "done", 0
+        if on_start:
+            on_start()
+        code = None
+        for attempt in range(retries + 1):
+            cmd = cell.command()
+            with open(cell.folder / "log.txt", "a") as log:
+                placed = " ".join(f"{k}={env[k]}" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if env and k in env)
+                log.write(f"\n$ {placed + ' ' if placed else ''}{shlex.join(cmd)}  (attempt {attempt + 1} of {retries + 1}, "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+                log.flush()
+                proc = subprocess.Popen(cmd, cwd=cell.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                CHILDREN.add(proc)
+                try:
+                    code = proc.wait()
+                finally:
+                    CHILDREN.discard(proc)
+            if code == 0 and cell.finished():
+                return "done", 0
+            if code in INTERRUPTED or STOPPING["set"]:
+                return "interrupted", code
+        return "failed", code
+
+
+# Running training processes, told to checkpoint and stop when this process is. Plain objects, no locks: submitit
+# pickles what a SLURM task runs, with these globals.
+CHILDREN = set()
+STOPPING = {"set": False}
+
+
+def forward_signal(signum, frame):
+    """Ctrl-C, SIGTERM or SLURM's SIGUSR1: every running cell saves its checkpoint and stops; a rerun resumes them."""
+    STOPPING["set"] = True
+    print(f"\n{signal.Signals(signum).name}: the running cells save a checkpoint and stop; rerun the same command to resume",
+          file=sys.stderr, flush=True)
+    for proc in list(CHILDREN):
+        try:
+            proc.send_signal(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+class CellJob:
+    """What a SLURM array task runs (submitit pickles it): one cell. When SLURM pre-empts or times the task out,
+    submitit calls checkpoint(): the training process gets SIGUSR1, saves its checkpoint and exits, and the task is
+    requeued; the requeued task resumes the cell from that checkpoint."""
+
+    def __init__(self, retries):
+        self.retries = retries
+
+    def __call__(self, cell):
+        signal.signal(signal.SIGUSR1, forward_signal)
+        return run_cell(cell, self.retries)
+
+    def checkpoint(self, cell):
+        import submitit
+
+        forward_signal(signal.SIGUSR1, None)
+        for proc in list(CHILDREN):
+            proc.wait()
+        STOPPING["set"] = False
+        return submitit.helpers.DelayedSubmission(CellJob(self.retries), cell)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress, summary and analysis
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """done / running / failed / left and an ETA from the cells finished in this invocation, on one line."""
+
+    def __init__(self, total, parallel):
+        self.total, self.parallel, self.lock = total, max(1, parallel), threading.Lock()
+        self.done = self.running = self.failed = self.skipped = 0
+        self.durations, self.start = [], time.time()
+
+    def update(self, **delta):
+        with self.lock:
+            for k, v in delta.items():
+                setattr(self, k, getattr(self, k) + v)
+            left = self.total - self.done - self.failed - self.running - self.skipped
+            eta = ""
+            if self.durations and left + self.running:
+                seconds = sum(self.durations) / len(self.durations) * (left + self.running) / self.parallel
+                eta = f", ETA {seconds / 3600:.1f} h" if seconds > 3600 else f", ETA {seconds / 60:.0f} min"
+            busy = f", {self.skipped} busy elsewhere" if self.skipped else ""
+            end = "\r" if sys.stderr.isatty() else "\n"
+            print(f"[benchmark] done {self.done} / running {self.running} / failed {self.failed} / left {left}{busy}"
+                  f" ({time.time() - self.start:.0f} s{eta})", end=end, file=sys.stderr, flush=True)
+
+
+def log_tail(cell, lines=5):
+    path = cell.folder / "log.txt"
+    return path.read_text(errors="replace").strip().splitlines()[-lines:] if path.is_file() else []
+
+
+def summary(results):
+    failed = [(c, code) for c, (status, code) in results.items() if status == "failed"]
+    interrupted = [c for c, (status, _) in results.items() if status == "interrupted"]
+    counts = {s: sum(1 for st, _ in results.values() if st == s) for s in ("done", "failed", "interrupted", "busy")}
+    print(f"\n[benchmark] {counts['done']} done, {counts['failed']} failed, {counts['interrupted']} interrupted (a rerun resumes them), "
+          f"{counts['busy']} run by another invocation", file=sys.stderr)
+    if failed:
+        print("\n| failed cell | exit code | last lines of its log |\n|---|---|---|", file=sys.stderr)
+        for c, code in failed:
+            tail = " / ".join(line.strip() for line in log_tail(c)).replace("|", "\\|")
+            print(f"| {c.id} | {code} | {tail} |", file=sys.stderr)
+        print(f"\nlogs: {Path(failed[0][0].folder).parent}/<cell>/log.txt", file=sys.stderr)
+    return failed, interrupted
+
+
+def analyse(cells, out):
+    """eval_faithfulness.py over the finished DL runs, then stats.py over every cell, into out/analysis."""
+    analysis = Path(out) / "analysis"
+    analysis.mkdir(parents=True, exist_ok=True)
+    dl_runs = [str(r) for c in cells if c.kind == "dl" and c.finished() for r in c.runs() if (r / "metrics.json").is_file()]
+    steps = []
+    if dl_runs:
+        steps.append(("eval_faithfulness.py", [*dl_runs, "--plot", str(analysis / "faithfulness_curves.png"), "--figures",
+                                               str(analysis / "figures")], analysis / "faithfulness.md"))
+    if any(c.kind != "study" and c.finished() for c in cells):
+        steps.append(("stats.py", [str(Path(out) / "cells"), "--out", str(analysis)], analysis / "stats.md"))
+    for script, script_args, report in steps:
+        with open(report, "w") as f:
+            code = subprocess.run([sys.executable, str(ROOT / script), *script_args], stdout=f, stderr=subprocess.STDOUT).returncode
+        print(f"[benchmark] {script}: {'written to' if code == 0 else f'exit code {code}, see'} {report}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+def gpu_count():
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+
+
+def run_local(cells, args):
+    gpus = gpu_count()
+    slots = [g for g in range(gpus) for _ in range(args.runs_per_gpu)]
+    workers = args.workers or max(1, len(slots))
+    threads = max(1, (os.cpu_count() or 1) // workers)  # CPU threads shared out among the concurrent runs
+    free = list(slots)
+    free_lock = threading.Lock()
+    progress = Progress(len(cells), workers)
+    print(f"[benchmark] {len(cells)} cells, {workers} at a time on this machine ({gpus} GPUs, {args.runs_per_gpu} run per GPU; "
+          f"{threads} CPU threads each), in {Path(args.out).resolve()}", file=sys.stderr, flush=True)
+
+    def work(cell):
+        if STOPPING["set"]:
+            return cell, ("interrupted", None)
+        with free_lock:
+            slot = free.pop(0) if free else None
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot)
+        started, ran = time.time(), []
+        try:
+            status, code = run_cell(cell, args.retries, env, on_start=lambda: (ran.append(1), progress.update(running=1)))
+        finally:
+            if slot is not None:
+                with free_lock:
+                    free.append(slot)
+        if not ran:  # finished before this invocation, or another invocation holds it
+            progress.update(done=int(status == "done"), skipped=int(status != "done"))
+        elif status == "done":
+            progress.durations.append(time.time() - started)
+            progress.update(running=-1, done=1)
+        else:
+            progress.update(running=-1, failed=int(status == "failed"), skipped=int(status == "interrupted"))
+        return cell, (status, code)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, forward_signal)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(work, cells))
+
+
+def slurm_executor(args):
+    try:
+        import submitit
+    except ImportError:
+        raise SystemExit("error: --backend slurm needs submitit: pip install submitit") from None
+    executor = submitit.AutoExecutor(folder=str(Path(args.out) / "slurm" / "%j"), cluster=args.slurm_cluster)
+    extra = dict(kv.split("=", 1) for kv in args.slurm_extra)
+    executor.update_parameters(timeout_min=args.slurm_time, gpus_per_node=args.slurm_gpus_per_task, cpus_per_task=args.slurm_cpus_per_task,
+                               slurm_partition=args.slurm_partition, slurm_array_parallelism=args.slurm_array_parallelism,
+                               slurm_additional_parameters=extra, name="camal-benchmark")
+    return executor
+
+
+def run_slurm(cells, args):
+    executor = slurm_executor(args)
+    todo = [c for c in cells if not c.finished()]
+    results = {c: ("done", 0) for c in cells if c not in todo}
+    jobs = executor.map_array(CellJob(args.retries), todo) if todo else []
+    print(f"[benchmark] {len(todo)} cells submitted as a SLURM array ({len(results)} finished before); job "
+          f"{jobs[0].job_id.split('_')[0] if jobs else '-'}; logs in {Path(args.out) / 'slurm'}", file=sys.stderr, flush=True)
+    progress = Progress(len(cells), args.slurm_array_parallelism)
+    progress.update(done=len(results))
+    pending = dict(zip(todo, jobs))
+    while pending:
+        time.sleep(args.poll)
+        for cell, job in list(pending.items()):
+            if job.done():
+                try:
+                    results[cell] = job.result()
+                except Exception as e:  # the task itself failed (node failure, cancelled): its log says why
+                    results[cell] = ("failed", None)
+                    (cell.folder / "log.txt").parent.mkdir(parents=True, exist_ok=True)
+                    with open(cell.folder / "log.txt", "a") as log:
+                        log.write(f"\nSLURM task failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}\n")
+                status = results[cell][0]
+                progress.update(done=int(status == "done"), failed=int(status == "failed"), skipped=int(status not in ("done", "failed")))
+                del pending[cell]
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+def parse(argv):
+    p = argparse.ArgumentParser(description="Run a grid of the paper's experiments, resumably; any flag not listed here goes to the "
+                                            "training script unchanged.", allow_abbrev=False)
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="drl (Table 8), dl (Table 7), dl-suppress, study (Table 4)")
+    p.add_argument("--envs", nargs="+", choices=ENVS, help="DRL environments (all four by default)")
+    p.add_argument("--methods", nargs="+", choices=["camal", "vanilla", "prior", "suppress"])
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--models", nargs="+", choices=MODELS)
+    p.add_argument("--datasets", nargs="+", choices=["pets", "flowers", "busi", "shapes"])
+    p.add_argument("--folds", nargs="+", type=int, help="which folds to run (all of --num-folds by default)")
+    p.add_argument("--num-folds", type=int, default=10, help="DL: k of the k-fold split (train_dl_camal.py's --folds; the paper: 10)")
+    p.add_argument("--out", default="benchmark_runs", help="the grid's folder: cells/<cell>/ (runs, log.txt), analysis/, slurm/")
+    p.add_argument("--backend", default="local", choices=["local", "slurm"])
+    p.add_argument("--workers", type=int, default=0, help="local: cells at a time (default: one per GPU slot, 1 without GPUs)")
+    p.add_argument("--runs-per-gpu", type=int, default=1, help="local: cells sharing one GPU (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--retries", type=int, default=1, help="reruns of a failed cell (from its checkpoint when it has one)")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="DRL cells checkpoint every this many iterations (DL: every epoch)")
+    p.add_argument("--dry-run", action="store_true", help="print each cell's command and where it would run; run nothing")
+    p.add_argument("--no-analysis", action="store_true", help="skip eval_faithfulness.py and stats.py at the end")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--slurm-gpus-per-task", type=int, default=1)
+    p.add_argument("--slurm-cpus-per-task", type=int, default=8)
+    p.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per task; a task that runs out checkpoints and is requeued")
+    p.add_argument("--slurm-array-parallelism", type=int, default=64)
+    p.add_argument("--slurm-extra", nargs="*", default=[], metavar="KEY=VALUE", help="more sbatch options, e.g. account=proj qos=high")
+    p.add_argument("--slurm-cluster", default=None, choices=["slurm", "local", "debug"], help=argparse.SUPPRESS)  # tests: submitit locally
+    p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
+    args, passthrough = p.parse_known_args(argv)
+    problems = []
+    kind = PRESETS[args.preset]["kind"]
+    applies = {"drl": ("envs", "methods", "seeds"), "dl": ("datasets", "models", "methods", "folds", "seeds"), "study": ("datasets",)}[kind]
+    for axis in ("envs", "methods", "seeds", "models", "datasets", "folds"):
+        if getattr(args, axis) and axis not in applies:
+            problems.append(f"--{axis} does not apply to --preset {args.preset}")
+    if any(not 0 <= f < args.num_folds for f in args.folds or []):
+        problems.append(f"--folds must lie in 0..{args.num_folds - 1} (--num-folds {args.num_folds})")
+    if args.num_folds < 2:
+        problems.append("--num-folds must be at least 2")
+    for name in ("retries", "workers"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must not be negative")
+    if args.runs_per_gpu < 1:
+        problems.append("--runs-per-gpu must be at least 1")
+    if any("=" not in kv for kv in args.slurm_extra):
+        problems.append("--slurm-extra takes KEY=VALUE pairs")
+    if any(a in ("--resume", "--fold", "--env", "--seed", "--method", "--model", "--dataset") or a.split("=")[0] in ("--resume", "--fold")
+           for a in passthrough):
+        problems.append(f"these flags are the grid's own or the benchmark's: {[a for a in passthrough if a.startswith('--')]}; "
+                        "use --envs, --methods, --seeds, --models, --datasets, --folds")
+    if problems:
+        p.exit(2, "error: " + "; ".join(problems) + "\n")
+    return args, passthrough
+
+
+def main(argv=None):
+    args, passthrough = parse(sys.argv[1:] if argv is None else argv)
+    cells = grid(args, passthrough)
+    if args.dry_run:
+        for i, cell in enumerate(cells):
+            where = ("finished" if cell.finished() else
+                     f"SLURM array task {i}" if args.backend == "slurm" else "this machine") + (", resumes" if cell.resumable() else "")
+            print(f"cd {shlex.quote(str(cell.folder))} && {shlex.join(cell.command())}  # {cell.id}: {where}")
+        return 0
+    results = run_slurm(cells, args) if args.backend == "slurm" else run_local(cells, args)
+    failed, interrupted = summary(results)
+    if not args.no_analysis and not STOPPING["set"]:
+        analyse(cells, args.out)
+    return 1 if failed else (128 + signal.SIGINT if interrupted and STOPPING["set"] else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
