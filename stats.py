@@ -736,7 +736,7 @@ def drl_tables(drl, args):
             notes.append("With one run per environment the bootstrap has nothing to resample: the CIs have zero width and "
                          "say nothing about uncertainty, and no probability of improvement is called significant.")
         if metric == "return":
-            notes.append("Returns are min-max normalised per environment over all its runs, of every method, before aggregation (min -> 0, "
+            notes.append("Returns are min-max normalised per environment over the runs in the matrix, of every method, before aggregation (min -> 0, "
                          "max -> 1; an environment where all are equal -> 0): "
                          + ", ".join(f"{e} [{lo:g}, {hi:g}]" for e, (lo, hi) in res["normalisation"].items()) + ".")
         notes.append(f"SBCI: rliable get_interval_estimates with the mean aggregate, {args.reps} stratified bootstrap resamples, "
