@@ -33,7 +33,7 @@ PRESETS = {
                     "folds": tuple(range(10)), "seeds": (1,)},
     "study": {"kind": "study", "datasets": ("pets", "flowers")},
 }
-INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1}  # the scripts' exit codes after saving a checkpoint
+INTERRUPTED = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}  # exit codes after a checkpoint
 
 
 class Cell:
@@ -163,21 +163,26 @@ STOPPING = {"set": False}
 
 
 def forward_signal(signum, frame):
-    """Ctrl-C, SIGTERM or SLURM's SIGUSR1: every running cell saves its checkpoint and stops; a rerun resumes them."""
+    """Ctrl-C, SIGTERM, SIGUSR1 or SIGUSR2: every running cell saves its checkpoint and stops; a rerun resumes them."""
     STOPPING["set"] = True
     print(f"\n{signal.Signals(signum).name}: the running cells save a checkpoint and stop; rerun the same command to resume",
           file=sys.stderr, flush=True)
+    stop_children(signal.SIGUSR1 if signum in (signal.SIGUSR1, signal.SIGUSR2) else signal.SIGTERM)
+
+
+def stop_children(signum):
     for proc in list(CHILDREN):
         try:
-            proc.send_signal(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
+            proc.send_signal(signum)
         except ProcessLookupError:
             pass
 
 
 class CellJob:
-    """What a SLURM array task runs (submitit pickles it): one cell. When SLURM pre-empts or times the task out,
-    submitit calls checkpoint(): the training process gets SIGUSR1, saves its checkpoint and exits, and the task is
-    requeued; the requeued task resumes the cell from that checkpoint."""
+    """What a SLURM array task runs (submitit pickles it): one cell. Before SLURM pre-empts or times the task out it
+    sends SIGUSR2 (submitit's --signal): submitit calls checkpoint(), the training process gets SIGUSR1, saves its
+    checkpoint and exits, and the task is requeued; the requeued task resumes the cell from that checkpoint. SLURM may
+    signal the training process itself too: the scripts take any number of these signals as one stop."""
 
     def __init__(self, retries):
         self.retries = retries
@@ -189,9 +194,16 @@ class CellJob:
     def checkpoint(self, cell):
         import submitit
 
-        forward_signal(signal.SIGUSR1, None)
+        print("SLURM's time limit or a pre-emption is near: the cell saves a checkpoint; submitit requeues this task, which "
+              "resumes it", file=sys.stderr, flush=True)
+        stop_children(signal.SIGUSR1)
         for proc in list(CHILDREN):
-            proc.wait()
+            # not proc.wait(): this runs in a signal handler that interrupted run_cell's proc.wait(), which holds its lock
+            try:
+                os.waitpid(proc.pid, 0)
+            except ChildProcessError:
+                pass
+            CHILDREN.discard(proc)  # submitit pickles this task again for the requeue, with these globals
         STOPPING["set"] = False
         return submitit.helpers.DelayedSubmission(CellJob(self.retries), cell)
 
@@ -305,7 +317,7 @@ def run_local(cells, args):
             progress.update(running=-1, failed=int(status == "failed"), skipped=int(status == "interrupted"))
         return cell, (status, code)
 
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, forward_signal)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(pool.map(work, cells))
@@ -316,11 +328,16 @@ def slurm_executor(args):
         import submitit
     except ImportError:
         raise SystemExit("error: --backend slurm needs submitit: pip install submitit") from None
-    executor = submitit.AutoExecutor(folder=str(Path(args.out) / "slurm" / "%j"), cluster=args.slurm_cluster)
+    folder = str(Path(args.out) / "slurm" / "%j")
+    if args.slurm_cluster == "local":  # tests: the same pickled array tasks, time limit, signal and requeue, on this machine
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=args.slurm_time, signal_delay_s=args.slurm_signal_delay_s)
+        return executor
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.slurm_cluster)
     extra = dict(kv.split("=", 1) for kv in args.slurm_extra)
     executor.update_parameters(timeout_min=args.slurm_time, gpus_per_node=args.slurm_gpus_per_task, cpus_per_task=args.slurm_cpus_per_task,
                                slurm_partition=args.slurm_partition, slurm_array_parallelism=args.slurm_array_parallelism,
-                               slurm_additional_parameters=extra, name="camal-benchmark")
+                               slurm_signal_delay_s=args.slurm_signal_delay_s, slurm_additional_parameters=extra, name="camal-benchmark")
     return executor
 
 
@@ -375,6 +392,8 @@ def parse(argv):
     p.add_argument("--slurm-gpus-per-task", type=int, default=1)
     p.add_argument("--slurm-cpus-per-task", type=int, default=8)
     p.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per task; a task that runs out checkpoints and is requeued")
+    p.add_argument("--slurm-signal-delay-s", type=int, default=90,
+                   help="seconds before the time limit at which SLURM signals a task (SIGUSR2) to checkpoint and be requeued")
     p.add_argument("--slurm-array-parallelism", type=int, default=64)
     p.add_argument("--slurm-extra", nargs="*", default=[], metavar="KEY=VALUE", help="more sbatch options, e.g. account=proj qos=high")
     p.add_argument("--slurm-cluster", default=None, choices=["slurm", "local", "debug"], help=argparse.SUPPRESS)  # tests: submitit locally
@@ -395,6 +414,8 @@ def parse(argv):
             problems.append(f"--{name} must not be negative")
     if args.runs_per_gpu < 1:
         problems.append("--runs-per-gpu must be at least 1")
+    if not 0 < args.slurm_signal_delay_s < 60 * args.slurm_time:
+        problems.append(f"--slurm-signal-delay-s must lie between 0 and --slurm-time ({60 * args.slurm_time} s)")
     if any("=" not in kv for kv in args.slurm_extra):
         problems.append("--slurm-extra takes KEY=VALUE pairs")
     if any(a in ("--resume", "--fold", "--env", "--seed", "--method", "--model", "--dataset") or a.split("=")[0] in ("--resume", "--fold")

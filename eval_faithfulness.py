@@ -4,7 +4,7 @@
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -109,19 +109,35 @@ class CamModel(nn.Module):
         self.net, layer, self.to_nchw = build_model(name, num_classes, imagenet)
         self._acts = None
         layer.register_forward_hook(lambda m, i, o: setattr(self, "_acts", o))
+        self._double_backward = False
+        if name == "vit_b_16":
+            # CAMAL's loss differentiates the CAM's gradient, which runs back through the block after the CAM layer
+            # only. Fused attention kernels have no double backward, so that one block uses the math kernel under
+            # attention_context(double_backward=True); the other eleven keep the fused, faster one (same function).
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            block = self.net.encoder.layers[-1]
+            fused_forward = block.forward
+
+            def last_block_forward(x):
+                with sdpa_kernel(SDPBackend.MATH) if self._double_backward else nullcontext():
+                    return fused_forward(x)
+
+            block.forward = last_block_forward
 
     def forward(self, x):
         logits = self.net(x)
         acts, self._acts = self._acts, None
         return logits, acts
 
+    @contextmanager
     def attention_context(self, double_backward):
-        """ViT's fused scaled-dot-product attention has no double backward on some backends: use the math one."""
-        if self.name == "vit_b_16" and double_backward:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            return sdpa_kernel(SDPBackend.MATH)
-        return nullcontext()
+        """Forwards inside it can be differentiated twice (ViT: its last block's attention runs the math kernel)."""
+        self._double_backward = double_backward
+        try:
+            yield
+        finally:
+            self._double_backward = False
 
 
 def normalise(images, dtype=torch.float32):

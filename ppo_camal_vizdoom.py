@@ -24,6 +24,7 @@ import vizdoom as vzd
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
+STOP_POINT = "iteration"  # where a run stops when asked to (request_stop)
 SCENARIOS = {
     "Basic": "basic.cfg",
     "DefendLine": "defend_the_line.cfg",
@@ -313,9 +314,11 @@ def make_envs(args):
     # as in gymnasium 0.29 that CleanRL was written against.
     mode = gym.vector.AutoresetMode.SAME_STEP
     use_async = args.vector_env == "async" or (args.vector_env == "auto" and (os.cpu_count() or 1) > 2)
+    # copy=False: observations come back as views of the vector env's own buffers, which the next step overwrites;
+    # every reader copies them first (to the device, or with copy=True on the CPU), so a second copy here is waste.
     if use_async:
-        return gym.vector.AsyncVectorEnv(fns, shared_memory=True, autoreset_mode=mode)
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+        return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,6 +665,27 @@ def attention_figure(args):
     return out
 
 
+STOP_SIGNAL = []  # the signal that asked this run to stop, once one has
+
+
+def request_stop(signum, frame):
+    """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop at
+    the end of this {STOP_POINT} with a checkpoint. Only a second Ctrl-C stops at once: schedulers repeat their signal
+    (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one clean stop."""
+    if STOP_SIGNAL:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        return
+    STOP_SIGNAL.append(signum)
+    print(f"\n{signal.Signals(signum).name}: stopping at the end of this {STOP_POINT}, with a checkpoint (Ctrl-C again: stop now)",
+          flush=True)
+
+
+def catch_stop_signals():
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, request_stop)
+
+
 def check_args(args):
     """Reject settings that cannot run, with a message that says why."""
     if args.frame_height <= 0 or args.frame_width <= 0:
@@ -782,18 +806,7 @@ if __name__ == "__main__":
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
 
-    # First Ctrl-C (or SIGTERM from a scheduler): finish the iteration, checkpoint, exit. Second: stop now.
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        if stop_signal:
-            raise KeyboardInterrupt
-        stop_signal.append(signum)
-        print(f"\n{signal.Signals(signum).name}: stopping after this iteration (again to stop now)", flush=True)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGUSR1, request_stop)  # what SLURM and submitit send before pre-empting or timing out a job
+    catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: finish the iteration, checkpoint, exit
 
     # ALGO Logic: Storage setup (frames as uint8: a quarter of float32's memory at 240 x 320)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space["frames"].shape, dtype=torch.uint8, device=device)
@@ -807,7 +820,7 @@ if __name__ == "__main__":
     try:
         start_time, start_step = time.time(), global_step
         next_obs_np, _ = envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)
-        next_obs = torch.from_numpy(next_obs_np["frames"]).to(device)
+        next_obs = torch.from_numpy(next_obs_np["frames"]).to(device, copy=True)
         next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
         next_done = torch.zeros(args.num_envs, device=device)
         ep_return, ep_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
@@ -820,6 +833,7 @@ if __name__ == "__main__":
                 frac = 1.0 - (iteration - 1.0) / args.num_iterations
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
+            rollout_start, env_seconds = time.perf_counter(), 0.0  # where an iteration's time goes: perf/ in TensorBoard
             for step in range(0, args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
@@ -832,11 +846,14 @@ if __name__ == "__main__":
                 actions[step] = action
                 logprobs[step] = logprob
 
-                next_obs_np, reward, terminations, truncations, _ = envs.step(action.cpu().numpy())
+                action_np = action.cpu().numpy()
+                env_start = time.perf_counter()
+                next_obs_np, reward, terminations, truncations, _ = envs.step(action_np)
+                env_seconds += time.perf_counter() - env_start
                 done = np.logical_or(terminations, truncations)
                 # clamp, not sign: keeps the size of small rewards (Table 8's [-1, 1] clip)
                 rewards[step] = torch.as_tensor(np.clip(reward, -1.0, 1.0), dtype=torch.float32, device=device)
-                next_obs = torch.from_numpy(next_obs_np["frames"]).to(device)
+                next_obs = torch.from_numpy(next_obs_np["frames"]).to(device, copy=True)
                 next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
                 next_done = torch.as_tensor(done, dtype=torch.float32, device=device)
 
@@ -850,6 +867,7 @@ if __name__ == "__main__":
                     episodes_seen += 1
                     ep_return[i], ep_length[i] = 0.0, 0
 
+            update_start = time.perf_counter()
             # bootstrap value if not done
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
@@ -896,7 +914,7 @@ if __name__ == "__main__":
                         # calculate approx_kl http://joschu.net/blog/kl-approx.html
                         old_approx_kl = (-logratio).mean()
                         approx_kl = ((ratio - 1) - logratio).mean()
-                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+                        clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())  # on the device: no sync per minibatch
 
                     mb_advantages = b_advantages[mb_inds]
                     if args.norm_adv:
@@ -960,9 +978,12 @@ if __name__ == "__main__":
             writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
             writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
             writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-            writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+            writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
             att = dict(zip(att, torch.stack(list(att.values())).tolist()))  # one device sync per iteration
+            writer.add_scalar("perf/env_seconds", env_seconds, global_step)
+            writer.add_scalar("perf/rollout_seconds", update_start - rollout_start, global_step)
+            writer.add_scalar("perf/update_seconds", time.perf_counter() - update_start, global_step)
             camal_sum, alpha_sum, beta_sum, iou_sum, n_valid = (att[k] for k in ("camal_loss", "alpha", "beta", "iou", "valid"))
             empty_fraction = att["empty"] / args.batch_size
             writer.add_scalar("losses/camal_loss", camal_sum / n_measured, global_step)
@@ -1009,11 +1030,11 @@ if __name__ == "__main__":
                     write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
 
             last = iteration == args.num_iterations
-            if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (stop_signal and not last):
+            if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (STOP_SIGNAL and not last):
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration, global_step, episodes_seen)
-            if stop_signal and not last:
+            if STOP_SIGNAL and not last:
                 print(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
-                sys.exit(128 + stop_signal[0])
+                sys.exit(128 + STOP_SIGNAL[0])
 
         if args.save_model:
             model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"

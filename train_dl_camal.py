@@ -8,7 +8,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -30,6 +30,7 @@ MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t
 DATASETS = ("shapes", "pets", "flowers", "busi")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
 RESIZE, CROP = 256, 224
+STOP_POINT = "epoch"  # where a run stops when asked to (request_stop)
 
 
 @dataclass
@@ -572,19 +573,35 @@ class CamModel(nn.Module):
         self.net, layer, self.to_nchw = build_model(name, num_classes, imagenet)
         self._acts = None
         layer.register_forward_hook(lambda m, i, o: setattr(self, "_acts", o))
+        self._double_backward = False
+        if name == "vit_b_16":
+            # CAMAL's loss differentiates the CAM's gradient, which runs back through the block after the CAM layer
+            # only. Fused attention kernels have no double backward, so that one block uses the math kernel under
+            # attention_context(double_backward=True); the other eleven keep the fused, faster one (same function).
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            block = self.net.encoder.layers[-1]
+            fused_forward = block.forward
+
+            def last_block_forward(x):
+                with sdpa_kernel(SDPBackend.MATH) if self._double_backward else nullcontext():
+                    return fused_forward(x)
+
+            block.forward = last_block_forward
 
     def forward(self, x):
         logits = self.net(x)
         acts, self._acts = self._acts, None
         return logits, acts
 
+    @contextmanager
     def attention_context(self, double_backward):
-        """ViT's fused scaled-dot-product attention has no double backward on some backends: use the math one."""
-        if self.name == "vit_b_16" and double_backward:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            return sdpa_kernel(SDPBackend.MATH)
-        return nullcontext()
+        """Forwards inside it can be differentiated twice (ViT: its last block's attention runs the math kernel)."""
+        self._double_backward = double_backward
+        try:
+            yield
+        finally:
+            self._double_backward = False
 
 
 def normalise(images, dtype=torch.float32):
@@ -788,6 +805,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
     (rank 0 writes it). prior_cams: the method prior's CLIP CAMs, aligned with records."""
     rank, world_size = world()
+    distributed = dist.is_available() and dist.is_initialized()  # under torchrun, even with one process (DDP, NCCL)
     num_classes = len(classes)
     fold_of = stratified_folds([r[2] for r in records], args.folds, args.split_seed)
     train_cams = None if prior_cams is None else prior_cams[torch.from_numpy(fold_of != fold)]
@@ -801,7 +819,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         run_name = os.path.basename(run_dir)
     else:
         stamp = [int(time.time())]
-        if world_size > 1:
+        if distributed:
             dist.broadcast_object_list(stamp, src=0)  # one run name for all processes
         run_name = f"{args.dataset}__{args.model}__{args.method}__fold{fold}__{args.seed}__{stamp[0]}"
         run_dir = f"runs/{run_name}"
@@ -813,7 +831,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cuda" and world_size > 1:
+    if device.type == "cuda" and distributed:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
 
@@ -828,7 +846,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         restore_rng(checkpoint["rng"])
         print(f"resuming {run_name} at epoch {start_epoch}/{args.epochs}")
     forward = None
-    if world_size > 1:  # all ranks start from rank 0's weights; gradients are averaged in backward
+    if distributed:  # all ranks start from rank 0's weights; gradients are averaged in backward
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     tracked = start_tracking(args, run_name, run_dir) if args.track and rank == 0 else None  # one W&B run per fold
@@ -837,7 +855,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     gen = torch.Generator().manual_seed(args.seed * 1000 + start_epoch)
     sampler = None
-    if world_size > 1:  # each process takes its share of every global batch
+    if distributed:  # each process takes its share of every global batch
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     per_process = args.batch_size // world_size
     train_loader = DataLoader(train_set, batch_size=per_process, shuffle=sampler is None, sampler=sampler,
@@ -871,7 +889,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
                                      valid.sum(), (logits.argmax(1) == labels).sum(), torch.tensor(n, device=device),
                                      empty_cams(cam).sum(), torch.zeros((), device=device)])
         sums[9] = float(bool(STOP_SIGNAL))
-        if world_size > 1:
+        if distributed:
             dist.all_reduce(sums)  # epoch statistics over every process's samples; one stop decision for all
         loss_s, ce_s, reg_s, alpha_s, beta_s, n_valid, correct, seen, n_empty, stop_votes = sums.tolist()
         stop = stop_votes > 0 and epoch < args.epochs
@@ -994,14 +1012,25 @@ def check_args(args):
         raise FileNotFoundError(f"--weights {args.weights}: no such file")
 
 
-STOP_SIGNAL = []
+STOP_SIGNAL = []  # the signal that asked this run to stop, once one has
 
 
 def request_stop(signum, frame):
+    """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop at
+    the end of this {STOP_POINT} with a checkpoint. Only a second Ctrl-C stops at once: schedulers repeat their signal
+    (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one clean stop."""
     if STOP_SIGNAL:
-        raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        return
     STOP_SIGNAL.append(signum)
-    print(f"\n{signal.Signals(signum).name}: stopping after this epoch (again to stop now)", flush=True)
+    print(f"\n{signal.Signals(signum).name}: stopping at the end of this {STOP_POINT}, with a checkpoint (Ctrl-C again: stop now)",
+          flush=True)
+
+
+def catch_stop_signals():
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, request_stop)
 
 
 def check_files(records):
@@ -1069,7 +1098,7 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+    if "LOCAL_RANK" in os.environ:  # started by torchrun: a process group even for one process, so DDP runs as it will at scale
         backend = "nccl" if args.cuda and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -1091,9 +1120,7 @@ if __name__ == "__main__":
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGUSR1, request_stop)  # what SLURM and submitit send before pre-empting or timing out a job
+    catch_stop_signals()
     folds = range(args.folds) if args.fold == "all" else [int(args.fold)]
     if checkpoint is not None:  # finish the interrupted fold; with --fold all, then the folds after it
         folds = [f for f in folds if f >= checkpoint["fold"]]

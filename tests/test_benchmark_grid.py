@@ -57,21 +57,33 @@ def test_bad_input(tmp_path, args, message):
 
 
 def test_local_grid_runs_skips_and_analyses(tmp_path):
-    args = ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--workers", "2", *TINY_DRL]
-    first = bench(args, tmp_path)
+    """Two cells at once, each on its own GPU slot with the CPU threads shared out. This machine has no GPU, so a stand-in
+    nvidia-smi lists two; the runs themselves then use the CPU, as --cuda does where CUDA is missing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\necho 'GPU 1: Stand-in (UUID: GPU-1)'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    args = ["--preset", "drl", "--envs", "Basic", "--seeds", "1", *TINY_DRL]
+    first = bench(args, tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 at a time on this machine (2 GPUs, 1 run per GPU" in first.stderr
     cells = sorted((tmp_path / "benchmark_runs" / "cells").iterdir())
     assert [c.name.split("__")[2] for c in cells] == ["camal", "vanilla"]
+    logs = [(c / "log.txt").read_text() for c in cells]
+    devices = {next(t for t in log.split() if t.startswith("CUDA_VISIBLE_DEVICES=")) for log in logs}
+    assert devices == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"}
+    assert all(f"OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}" in log for log in logs)
     for c in cells:
         (run,) = (c / "runs").iterdir()
         assert json.loads((run / "eval.json").read_text())["total_timesteps"] == 128
     assert "done 2 / running 0 / failed 0 / left 0" in first.stderr and "2 done, 0 failed" in first.stderr
     stats = (tmp_path / "benchmark_runs" / "analysis" / "stats.md").read_text()
     assert "DRL runs" in stats and (tmp_path / "benchmark_runs" / "analysis" / "stats.json").is_file()
-    again = bench(args, tmp_path)  # the same command: every cell is finished, nothing runs again
+    again = bench(args, tmp_path, env=env)  # the same command: every cell is finished, nothing runs again
     assert again.returncode == 0 and "2 done, 0 failed" in again.stderr
     assert all(len(list((c / "runs").iterdir())) == 1 for c in cells)
-    dry = bench([*args, "--dry-run"], tmp_path).stdout
+    dry = bench([*args, "--dry-run"], tmp_path, env=env).stdout
     assert dry.count(": finished") == 2
 
 
@@ -144,6 +156,29 @@ def test_dl_grid_with_analysis_through_submitit(tmp_path):
     assert (analysis / "figures" / "attention_samples.png").is_file()
 
 
+def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
+    """A task that reaches its time limit: SIGUSR2 comes --slurm-signal-delay-s before it, the cell checkpoints, submitit
+    requeues the task, and the requeued task resumes the cell (submitit's local executor: the same pickled task, timer,
+    signal and requeue as on a cluster). One curve value per iteration across the requeue."""
+    pytest.importorskip("submitit", reason="requirements-cluster.txt")  # .ci/run installs it, so CI runs this
+    iters, per_iter = 80, 64  # about 25 s of training on 2 idle cores: the 20 s before the signal cannot finish it
+    proc = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--no-analysis", "--backend", "slurm",
+                  "--slurm-cluster", "local", "--slurm-time", "1", "--slurm-signal-delay-s", "40", "--poll", "1",
+                  "--num-envs", "2", "--num-steps", "32", "--total-timesteps", str(iters * per_iter), "--frame-height", "60",
+                  "--frame-width", "80", "--eval-episodes", "1", "--image-every", "0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 done, 0 failed" in proc.stderr
+    (cell,) = (tmp_path / "benchmark_runs" / "cells").iterdir()
+    log = (cell / "log.txt").read_text()
+    assert "SIGUSR1: stopping at the end of this iteration" in log and "--resume runs/" in log and "resuming" in log, log[-3000:]
+    submitit_logs = "".join(f.read_text() for f in (tmp_path / "benchmark_runs" / "slurm").rglob("*_log.*"))
+    assert "Caught signal SIGUSR2" in submitit_logs and "saves a checkpoint; submitit requeues" in submitit_logs
+    assert "Requeued job" in submitit_logs
+    (run,) = (cell / "runs").iterdir()
+    assert (run / "eval.json").is_file()
+    assert [e.step for e in read_events(run).Scalars("charts/SPS")] == [per_iter * i for i in range(1, iters + 1)]
+
+
 @pytest.mark.parametrize("script, args, tags", [
     ("ppo_camal_vizdoom", ["--env", "Basic", *TINY_DRL], [b"charts/SPS", b"losses/camal_loss", b"charts/attention_iou"]),
     ("train_dl_camal", ["--shapes-classes", "2", "--shapes-per-class", "4", "--folds", "2", "--fold", "0", "--batch-size", "4", "--epochs", "2",
@@ -160,20 +195,3 @@ def test_track_offline_holds_the_scalars(tmp_path, script, args, tags):
     data = offline.read_bytes()
     for tag in tags:
         assert tag in data, tag
-
-
-def test_each_run_gets_its_own_gpu_slot(tmp_path):
-    """With GPUs listed by nvidia-smi, one cell per GPU (--runs-per-gpu 1) and the CPU threads shared out. This machine has no GPU,
-    so a stand-in nvidia-smi lists two; the runs themselves then use the CPU, as --cuda does where CUDA is missing."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\necho 'GPU 1: Stand-in (UUID: GPU-1)'\n")
-    (bin_dir / "nvidia-smi").chmod(0o755)
-    proc = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--no-analysis", *TINY_DRL], tmp_path,
-                 env=dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 at a time on this machine (2 GPUs, 1 run per GPU" in proc.stderr
-    logs = [(c / "log.txt").read_text() for c in sorted((tmp_path / "benchmark_runs" / "cells").iterdir())]
-    devices = {next(t for t in log.split() if t.startswith("CUDA_VISIBLE_DEVICES=")) for log in logs}
-    assert devices == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"}
-    assert all(f"OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}" in log for log in logs)

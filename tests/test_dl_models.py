@@ -65,3 +65,28 @@ def test_vit_layer_choice_and_math_attention():
     cam = dl.grad_cam(acts, logits[:, 0], (224, 224), model.to_nchw)
     with pytest.raises(RuntimeError, match="not implemented"):
         cam.sum().backward()
+
+
+def test_vit_math_attention_in_the_last_block_only():
+    """Only the block after the CAM layer is differentiated twice: running just that one on the math kernel gives the
+    same CAMAL gradients as the math kernel everywhere (and keeps the fused kernel, faster on a GPU, in the other 11)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = dl.CamModel("vit_b_16", 3).train()
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    labels, masks = torch.tensor([0, 2]), torch.zeros(2, 224, 224, dtype=torch.bool)
+    masks[:, 50:150, 60:170] = True
+
+    def camal_grads():
+        model.zero_grad()
+        logits, cam = dl.class_cam(model, images, labels, True, dl.nullcontext())
+        (F.cross_entropy(logits, labels) + dl.camal_loss(cam, masks)).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    last_block_only = camal_grads()
+    with sdpa_kernel(SDPBackend.MATH):
+        everywhere = camal_grads()
+    for a, b in zip(last_block_only, everywhere):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert model._double_backward is False  # the context resets its flag

@@ -34,6 +34,10 @@ def test_smoke(ppo_smoke_run, env, method):
         for ev in acc.Scalars(tag):
             assert ev.value == ev.value, f"{tag} is NaN"
     assert [ev.step for ev in acc.Scalars("charts/SPS")] == [64, 128]
+    # where each iteration's time went (benchmarks/gpu_check.py reads these): env stepping is part of the rollout
+    perf = {t: [ev.value for ev in acc.Scalars(f"perf/{t}_seconds")] for t in ("env", "rollout", "update")}
+    assert all(len(v) == 2 and min(v) > 0 for v in perf.values()), perf
+    assert all(e < r for e, r in zip(perf["env"], perf["rollout"])), perf
     alpha = [ev.value for ev in acc.Scalars("charts/alpha")]
     assert all(0.0 <= a <= 1.0 for a in alpha)
     assert "attention/frame_mask_cam" in tags["images"]

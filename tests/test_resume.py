@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from conftest import ROOT, read_events, run_script
+from conftest import ROOT, load_script, read_events, run_script
 
 ITERS, PER_ITER = 12, 32
 ARGS = ["--env", "Basic", "--num-envs", "2", "--num-steps", "16", "--total-timesteps", str(ITERS * PER_ITER),
@@ -117,3 +118,18 @@ def test_broken_or_unsafe_checkpoint_is_a_clear_error(tmp_path):
     proc = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
     assert proc.returncode == 2 and "could run code, so it is refused" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("script", ["ppo_camal_vizdoom", "train_dl_camal"])
+def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(script):
+    """SLURM signals every process of a job (SIGUSR2) and benchmark.py forwards one more (SIGUSR1): still one clean stop."""
+    module = load_script(script)
+    module.STOP_SIGNAL.clear()
+    try:
+        for s in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM):
+            module.request_stop(s, None)
+        assert module.STOP_SIGNAL == [signal.SIGUSR2]
+        with pytest.raises(KeyboardInterrupt):
+            module.request_stop(signal.SIGINT, None)
+    finally:
+        module.STOP_SIGNAL.clear()

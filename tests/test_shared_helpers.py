@@ -8,7 +8,7 @@ from conftest import ROOT
 SHARED = [
     ("ppo_camal_vizdoom.py", ("grad_cam", "camal_terms", "camal_loss", "attention_iou", "empty_cams", "rng_state", "restore_rng",
                               "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint", "write_json",
-                              "start_tracking")),
+                              "start_tracking", "STOP_SIGNAL", "request_stop", "catch_stop_signals")),
     ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "class_cam")),
     ("train_dl_camal.py", ("DataError", "load_gray", "require", "pets_records", "flowers_records", "busi_records", "read_mask",
                            "render_shape", "shapes_records", "dataset_records", "resize_crop", "SHAPE_NAMES", "CUE_COLOURS",
