@@ -27,10 +27,22 @@ MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t
 # The paper's grids. Every axis can be narrowed or widened from the command line.
 PRESETS = {
     "drl": {"kind": "drl", "envs": ENVS, "methods": ("camal", "vanilla"), "seeds": (1, 2, 3, 4, 5)},
-    "dl": {"kind": "dl", "datasets": ("pets", "flowers", "busi"), "models": MODELS, "methods": ("camal", "vanilla", "prior"),
-           "folds": tuple(range(10)), "seeds": (1,)},
-    "dl-suppress": {"kind": "dl", "datasets": ("pets", "flowers", "busi"), "models": MODELS, "methods": ("camal", "suppress"),
-                    "folds": tuple(range(10)), "seeds": (1,)},
+    "dl": {
+        "kind": "dl",
+        "datasets": ("pets", "flowers", "busi"),
+        "models": MODELS,
+        "methods": ("camal", "vanilla", "prior"),
+        "folds": tuple(range(10)),
+        "seeds": (1,),
+    },
+    "dl-suppress": {
+        "kind": "dl",
+        "datasets": ("pets", "flowers", "busi"),
+        "models": MODELS,
+        "methods": ("camal", "suppress"),
+        "folds": tuple(range(10)),
+        "seeds": (1,),
+    },
     "study": {"kind": "study", "datasets": ("pets", "flowers")},
 }
 INTERRUPTED = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}  # exit codes after a checkpoint
@@ -140,8 +152,10 @@ def run_cell(cell, retries, env=None, on_start=None):
             cmd = cell.command()
             with open(cell.folder / "log.txt", "a") as log:
                 placed = " ".join(f"{k}={env[k]}" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if env and k in env)
-                log.write(f"\n$ {placed + ' ' if placed else ''}{shlex.join(cmd)}  (attempt {attempt + 1} of {retries + 1}, "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+                log.write(
+                    f"\n$ {placed + ' ' if placed else ''}{shlex.join(cmd)}  (attempt {attempt + 1} of {retries + 1}, "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+                )
                 log.flush()
                 proc = subprocess.Popen(cmd, cwd=cell.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 CHILDREN.add(proc)
@@ -165,8 +179,11 @@ STOPPING = {"set": False}
 def forward_signal(signum, frame):
     """Ctrl-C, SIGTERM, SIGUSR1 or SIGUSR2: every running cell saves its checkpoint and stops; a rerun resumes them."""
     STOPPING["set"] = True
-    print(f"\n{signal.Signals(signum).name}: the running cells save a checkpoint and stop; rerun the same command to resume",
-          file=sys.stderr, flush=True)
+    print(
+        f"\n{signal.Signals(signum).name}: the running cells save a checkpoint and stop; rerun the same command to resume",
+        file=sys.stderr,
+        flush=True,
+    )
     stop_children(signal.SIGUSR1 if signum in (signal.SIGUSR1, signal.SIGUSR2) else signal.SIGTERM)
 
 
@@ -194,8 +211,11 @@ class CellJob:
     def checkpoint(self, cell):
         import submitit
 
-        print("SLURM's time limit or a pre-emption is near: the cell saves a checkpoint; submitit requeues this task, which "
-              "resumes it", file=sys.stderr, flush=True)
+        print(
+            "SLURM's time limit or a pre-emption is near: the cell saves a checkpoint; submitit requeues this task, which resumes it",
+            file=sys.stderr,
+            flush=True,
+        )
         stop_children(signal.SIGUSR1)
         for proc in list(CHILDREN):
             # not proc.wait(): this runs in a signal handler that interrupted run_cell's proc.wait(), which holds its lock
@@ -230,8 +250,13 @@ class Progress:
                 eta = f", ETA {seconds / 3600:.1f} h" if seconds > 3600 else f", ETA {seconds / 60:.0f} min"
             busy = f", {self.skipped} busy elsewhere" if self.skipped else ""
             end = "\r" if sys.stderr.isatty() else "\n"
-            print(f"[benchmark] done {self.done} / running {self.running} / failed {self.failed} / left {left}{busy}"
-                  f" ({time.time() - self.start:.0f} s{eta})", end=end, file=sys.stderr, flush=True)
+            print(
+                f"[benchmark] done {self.done} / running {self.running} / failed {self.failed} / left {left}{busy}"
+                f" ({time.time() - self.start:.0f} s{eta})",
+                end=end,
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def log_tail(cell, lines=5):
@@ -243,8 +268,11 @@ def summary(results):
     failed = [(c, code) for c, (status, code) in results.items() if status == "failed"]
     interrupted = [c for c, (status, _) in results.items() if status == "interrupted"]
     counts = {s: sum(1 for st, _ in results.values() if st == s) for s in ("done", "failed", "interrupted", "busy")}
-    print(f"\n[benchmark] {counts['done']} done, {counts['failed']} failed, {counts['interrupted']} interrupted (a rerun resumes them), "
-          f"{counts['busy']} run by another invocation", file=sys.stderr)
+    print(
+        f"\n[benchmark] {counts['done']} done, {counts['failed']} failed, {counts['interrupted']} interrupted (a rerun resumes them), "
+        f"{counts['busy']} run by another invocation",
+        file=sys.stderr,
+    )
     if failed:
         print("\n| failed cell | exit code | last lines of its log |\n|---|---|---|", file=sys.stderr)
         for c, code in failed:
@@ -261,8 +289,13 @@ def analyse(cells, out):
     dl_runs = [str(r) for c in cells if c.kind == "dl" and c.finished() for r in c.runs() if (r / "metrics.json").is_file()]
     steps = []
     if dl_runs:
-        steps.append(("eval_faithfulness.py", [*dl_runs, "--plot", str(analysis / "faithfulness_curves.png"), "--figures",
-                                               str(analysis / "figures")], analysis / "faithfulness.md"))
+        steps.append(
+            (
+                "eval_faithfulness.py",
+                [*dl_runs, "--plot", str(analysis / "faithfulness_curves.png"), "--figures", str(analysis / "figures")],
+                analysis / "faithfulness.md",
+            )
+        )
     if any(c.kind != "study" and c.finished() for c in cells):
         steps.append(("stats.py", [str(Path(out) / "cells"), "--out", str(analysis)], analysis / "stats.md"))
     for script, script_args, report in steps:
@@ -290,8 +323,12 @@ def run_local(cells, args):
     free = list(slots)
     free_lock = threading.Lock()
     progress = Progress(len(cells), workers)
-    print(f"[benchmark] {len(cells)} cells, {workers} at a time on this machine ({gpus} GPUs, {args.runs_per_gpu} run per GPU; "
-          f"{threads} CPU threads each), in {Path(args.out).resolve()}", file=sys.stderr, flush=True)
+    print(
+        f"[benchmark] {len(cells)} cells, {workers} at a time on this machine ({gpus} GPUs, {args.runs_per_gpu} run per GPU; "
+        f"{threads} CPU threads each), in {Path(args.out).resolve()}",
+        file=sys.stderr,
+        flush=True,
+    )
 
     def work(cell):
         if STOPPING["set"]:
@@ -335,9 +372,16 @@ def slurm_executor(args):
         return executor
     executor = submitit.AutoExecutor(folder=folder, cluster=args.slurm_cluster)
     extra = dict(kv.split("=", 1) for kv in args.slurm_extra)
-    executor.update_parameters(timeout_min=args.slurm_time, gpus_per_node=args.slurm_gpus_per_task, cpus_per_task=args.slurm_cpus_per_task,
-                               slurm_partition=args.slurm_partition, slurm_array_parallelism=args.slurm_array_parallelism,
-                               slurm_signal_delay_s=args.slurm_signal_delay_s, slurm_additional_parameters=extra, name="camal-benchmark")
+    executor.update_parameters(
+        timeout_min=args.slurm_time,
+        gpus_per_node=args.slurm_gpus_per_task,
+        cpus_per_task=args.slurm_cpus_per_task,
+        slurm_partition=args.slurm_partition,
+        slurm_array_parallelism=args.slurm_array_parallelism,
+        slurm_signal_delay_s=args.slurm_signal_delay_s,
+        slurm_additional_parameters=extra,
+        name="camal-benchmark",
+    )
     return executor
 
 
@@ -346,8 +390,12 @@ def run_slurm(cells, args):
     todo = [c for c in cells if not c.finished()]
     results = {c: ("done", 0) for c in cells if c not in todo}
     jobs = executor.map_array(CellJob(args.retries), todo) if todo else []
-    print(f"[benchmark] {len(todo)} cells submitted as a SLURM array ({len(results)} finished before); job "
-          f"{jobs[0].job_id.split('_')[0] if jobs else '-'}; logs in {Path(args.out) / 'slurm'}", file=sys.stderr, flush=True)
+    print(
+        f"[benchmark] {len(todo)} cells submitted as a SLURM array ({len(results)} finished before); job "
+        f"{jobs[0].job_id.split('_')[0] if jobs else '-'}; logs in {Path(args.out) / 'slurm'}",
+        file=sys.stderr,
+        flush=True,
+    )
     progress = Progress(len(cells), args.slurm_array_parallelism)
     progress.update(done=len(results))
     pending = dict(zip(todo, jobs))
@@ -370,8 +418,10 @@ def run_slurm(cells, args):
 
 # ---------------------------------------------------------------------------------------------
 def parse(argv):
-    p = argparse.ArgumentParser(description="Run a grid of the paper's experiments, resumably; any flag not listed here goes to the "
-                                            "training script unchanged.", allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description="Run a grid of the paper's experiments, resumably; any flag not listed here goes to the training script unchanged.",
+        allow_abbrev=False,
+    )
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="drl (Table 8), dl (Table 7), dl-suppress, study (Table 4)")
     p.add_argument("--envs", nargs="+", choices=ENVS, help="DRL environments (all four by default)")
     p.add_argument("--methods", nargs="+", choices=["camal", "vanilla", "prior", "suppress"])
@@ -392,8 +442,12 @@ def parse(argv):
     p.add_argument("--slurm-gpus-per-task", type=int, default=1)
     p.add_argument("--slurm-cpus-per-task", type=int, default=8)
     p.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per task; a task that runs out checkpoints and is requeued")
-    p.add_argument("--slurm-signal-delay-s", type=int, default=90,
-                   help="seconds before the time limit at which SLURM signals a task (SIGUSR2) to checkpoint and be requeued")
+    p.add_argument(
+        "--slurm-signal-delay-s",
+        type=int,
+        default=90,
+        help="seconds before the time limit at which SLURM signals a task (SIGUSR2) to checkpoint and be requeued",
+    )
     p.add_argument("--slurm-array-parallelism", type=int, default=64)
     p.add_argument("--slurm-extra", nargs="*", default=[], metavar="KEY=VALUE", help="more sbatch options, e.g. account=proj qos=high")
     p.add_argument("--slurm-cluster", default=None, choices=["slurm", "local", "debug"], help=argparse.SUPPRESS)  # tests: submitit locally
@@ -418,10 +472,14 @@ def parse(argv):
         problems.append(f"--slurm-signal-delay-s must lie between 0 and --slurm-time ({60 * args.slurm_time} s)")
     if any("=" not in kv for kv in args.slurm_extra):
         problems.append("--slurm-extra takes KEY=VALUE pairs")
-    if any(a in ("--resume", "--fold", "--env", "--seed", "--method", "--model", "--dataset") or a.split("=")[0] in ("--resume", "--fold")
-           for a in passthrough):
-        problems.append(f"these flags are the grid's own or the benchmark's: {[a for a in passthrough if a.startswith('--')]}; "
-                        "use --envs, --methods, --seeds, --models, --datasets, --folds")
+    if any(
+        a in ("--resume", "--fold", "--env", "--seed", "--method", "--model", "--dataset") or a.split("=")[0] in ("--resume", "--fold")
+        for a in passthrough
+    ):
+        problems.append(
+            f"these flags are the grid's own or the benchmark's: {[a for a in passthrough if a.startswith('--')]}; "
+            "use --envs, --methods, --seeds, --models, --datasets, --folds"
+        )
     if problems:
         p.exit(2, "error: " + "; ".join(problems) + "\n")
     return args, passthrough
@@ -432,8 +490,9 @@ def main(argv=None):
     cells = grid(args, passthrough)
     if args.dry_run:
         for i, cell in enumerate(cells):
-            where = ("finished" if cell.finished() else
-                     f"SLURM array task {i}" if args.backend == "slurm" else "this machine") + (", resumes" if cell.resumable() else "")
+            where = ("finished" if cell.finished() else f"SLURM array task {i}" if args.backend == "slurm" else "this machine") + (
+                ", resumes" if cell.resumable() else ""
+            )
             print(f"cd {shlex.quote(str(cell.folder))} && {shlex.join(cell.command())}  # {cell.id}: {where}")
         return 0
     results = run_slurm(cells, args) if args.backend == "slurm" else run_local(cells, args)

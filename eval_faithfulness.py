@@ -43,7 +43,7 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # Grad-CAM and model helpers, copied unchanged (tests/test_shared_helpers.py checks)
 # ---------------------------------------------------------------------------------------------
-def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
+def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
 
     activations: the feature map in the graph that `score` was computed from.
@@ -51,27 +51,27 @@ def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
     size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
     when the model's layout differs. rectify: "relu" is Grad-CAM (Eq. 3); "abs" keeps the evidence that
     lowers the score too, |sum_k w_k A_k|, so a map is empty only where no feature moves the score.
-    Returns B x H x W in [0, 1]; differentiable w.r.t. the model's parameters when grad mode is on
-    (create_graph), a plain measurement under no_grad.
+    create_graph: True for a map a loss will be differentiated through (CAMAL's double backward); False for a measurement,
+    which keeps no graph. Returns B x H x W in [0, 1].
     """
     # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
-    grads = torch.autograd.grad(
-        score, activations, grad_outputs=torch.ones_like(score), create_graph=torch.is_grad_enabled(), retain_graph=True
-    )[0]
-    if to_nchw is not None:
-        activations, grads = to_nchw(activations), to_nchw(grads)
-    activations, grads = activations.float(), grads.float()
-    weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
-    cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
-    cam = torch.relu(cam) if rectify == "relu" else cam.abs()
-    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
-    # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
-    # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
-    h, w = cam.shape[1:]
-    eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
-    r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
-    r_x = F.interpolate(eye(w), size=size[1], mode="linear", align_corners=False)[0].T  # W x w
-    return r_y @ cam @ r_x.T
+    grads = torch.autograd.grad(score, activations, grad_outputs=torch.ones_like(score), create_graph=create_graph, retain_graph=True)[0]
+    # the arithmetic joins the graph only for a map a loss will differentiate, whatever the ambient grad mode
+    with torch.set_grad_enabled(create_graph):
+        if to_nchw is not None:
+            activations, grads = to_nchw(activations), to_nchw(grads)
+        activations, grads = activations.float(), grads.float()
+        weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
+        cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
+        cam = torch.relu(cam) if rectify == "relu" else cam.abs()
+        cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
+        # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
+        # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
+        h, w = cam.shape[1:]
+        eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
+        r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
+        r_x = F.interpolate(eye(w), size=size[1], mode="linear", align_corners=False)[0].T  # W x w
+        return r_y @ cam @ r_x.T
 
 
 def build_model(name, num_classes, imagenet=None):
@@ -155,8 +155,7 @@ def class_cam(model, images, labels, double_backward, autocast, forward=None):
         logits, acts = (forward or model)(normalise(images, next(model.parameters()).dtype))
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     score = logits.gather(1, labels[:, None]).squeeze(1)
-    with torch.set_grad_enabled(double_backward):
-        cam = grad_cam(acts, score, images.shape[-2:], model.to_nchw)
+    cam = grad_cam(acts, score, images.shape[-2:], create_graph=double_backward, to_nchw=model.to_nchw)
     return logits, cam
 
 
@@ -222,8 +221,10 @@ def load_weights_only(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "Weights only load failed" in str(e):
-            raise RunError(f"{path} holds pickled Python objects, not only tensors (an older version of train_dl_camal.py "
-                           "wrote it, or something else did); loading it could run code, so it is refused") from e
+            raise RunError(
+                f"{path} holds pickled Python objects, not only tensors (an older version of train_dl_camal.py "
+                "wrote it, or something else did); loading it could run code, so it is refused"
+            ) from e
         raise RunError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
 
 
@@ -244,8 +245,10 @@ def load_run(run_dir):
     if pre.get("resize_mode", "shorter-side") not in ("square", "shorter-side"):  # runs before --resize: shorter-side
         raise RunError(f"{run_dir}/model.pt names an unknown resize {pre.get('resize_mode')!r} (square or shorter-side)")
     if tuple(pre.get("mean", ())) != MEAN or tuple(pre.get("std", ())) != STD or not isinstance(crop, int) or crop < 32:
-        raise RunError(f"{run_dir}/model.pt was trained with other preprocessing ({pre}); this version expects "
-                       f"mean {MEAN}, std {STD} and a crop of at least 32 pixels")
+        raise RunError(
+            f"{run_dir}/model.pt was trained with other preprocessing ({pre}); this version expects "
+            f"mean {MEAN}, std {STD} and a crop of at least 32 pixels"
+        )
     try:
         model = CamModel(saved["architecture"], saved["num_classes"])
         model.net.load_state_dict(saved["state_dict"])
@@ -275,7 +278,7 @@ def evaluate_run(model, samples, args, device, tie_rng, random_rng):
                 logits, _ = model(normalise(batch, next(model.parameters()).dtype))
             return torch.softmax(logits.float(), dim=1)[:, label].cpu().numpy()
 
-        logits, cam = class_cam(model, image[None], torch.tensor([label], device=device), False, nullcontext())
+        logits, cam = class_cam(model, image[None], torch.tensor([label], device=device), double_backward=False, autocast=nullcontext())
         cams.append(cam[0].cpu())
         rankings = {"attention": pixel_ranking(cams[-1].numpy(), tie_rng)}
         if args.baseline == "random":
@@ -286,10 +289,14 @@ def evaluate_run(model, samples, args, device, tie_rng, random_rng):
             # the paper's AUCs, and the same over curves divided by the intact image's probability (removal starts there:
             # a model that is wrong from the start has a low removal AUC for free)
             start = float(removal[0])
-            entry[kind] = {"removal": removal.tolist(), "insertion": insertion.tolist(),
-                           "removal_auc": auc(ks, removal), "insertion_auc": auc(ks, insertion),
-                           "removal_auc_normalised": auc(ks, removal / start) if start > 0 else None,
-                           "insertion_auc_normalised": auc(ks, insertion / start) if start > 0 else None}
+            entry[kind] = {
+                "removal": removal.tolist(),
+                "insertion": insertion.tolist(),
+                "removal_auc": auc(ks, removal),
+                "insertion_auc": auc(ks, insertion),
+                "removal_auc_normalised": auc(ks, removal / start) if start > 0 else None,
+                "insertion_auc_normalised": auc(ks, insertion / start) if start > 0 else None,
+            }
         entry["start_probability"] = entry["attention"]["removal"][0]
         out.append(entry)
     return ks, out, torch.stack(cams)
@@ -300,9 +307,14 @@ def summarise(ks, entries, kind):
     insertion = np.array([e[kind]["insertion"] for e in entries])
     r_mean, r_ci = mean_ci([e[kind]["removal_auc"] for e in entries])
     i_mean, i_ci = mean_ci([e[kind]["insertion_auc"] for e in entries])
-    return {"mean_removal": removal.mean(0).tolist(), "mean_insertion": insertion.mean(0).tolist(),
-            "removal_auc": {"mean": r_mean, "ci95": r_ci}, "insertion_auc": {"mean": i_mean, "ci95": i_ci},
-            "start_probability": float(removal[:, 0].mean()), "n": len(entries)}
+    return {
+        "mean_removal": removal.mean(0).tolist(),
+        "mean_insertion": insertion.mean(0).tolist(),
+        "removal_auc": {"mean": r_mean, "ci95": r_ci},
+        "insertion_auc": {"mean": i_mean, "ci95": i_ci},
+        "start_probability": float(removal[:, 0].mean()),
+        "n": len(entries),
+    }
 
 
 def plot_curves(path, ks, groups):
@@ -443,17 +455,37 @@ if __name__ == "__main__":
         if args.figures:
             figure_runs.append({"method": metrics["method"], "samples": samples, "cams": cams})
         model.to("cpu")  # one model on the device at a time
-        result = {"run": os.path.basename(os.path.normpath(run)), "method": metrics["method"], "model": metrics["model"],
-                  "dataset": metrics["dataset"], "fold": metrics["fold"], "steps": args.steps, "k": ks.tolist(),
-                  "samples": entries, "attention": summarise(ks, entries, "attention")}
+        result = {
+            "run": os.path.basename(os.path.normpath(run)),
+            "method": metrics["method"],
+            "model": metrics["model"],
+            "dataset": metrics["dataset"],
+            "fold": metrics["fold"],
+            "steps": args.steps,
+            "k": ks.tolist(),
+            "samples": entries,
+            "attention": summarise(ks, entries, "attention"),
+        }
         if args.baseline == "random":
             result["random"] = summarise(ks, entries, "random")
         write_json(os.path.join(run, "faithfulness.json"), result, indent=2)
         # the random floor is per method: each ranks pixels at random for its own models
         kinds = [("attention", metrics["method"])] + ([("random", f"{metrics['method']}/random")] if args.baseline == "random" else [])
         for kind, name in kinds:
-            g = groups.setdefault(name, {"removal": [], "insertion": [], "removal_auc": [], "insertion_auc": [], "start": [],
-                                         "removal_auc_normalised": [], "insertion_auc_normalised": [], "correct": {}, "aucs": {}})
+            g = groups.setdefault(
+                name,
+                {
+                    "removal": [],
+                    "insertion": [],
+                    "removal_auc": [],
+                    "insertion_auc": [],
+                    "start": [],
+                    "removal_auc_normalised": [],
+                    "insertion_auc_normalised": [],
+                    "correct": {},
+                    "aucs": {},
+                },
+            )
             for e, key in zip(entries, sample_keys):
                 for c in ("removal", "insertion", "removal_auc", "insertion_auc", "removal_auc_normalised", "insertion_auc_normalised"):
                     g[c].append(e[kind][c])
@@ -461,18 +493,23 @@ if __name__ == "__main__":
                 g["correct"][key] = e["correct"]
                 g["aucs"][key] = (e[kind]["removal_auc"], e[kind]["insertion_auc"])
         a = result["attention"]
-        print(f"{run}: removal AUC {a['removal_auc']['mean']:.4f}, insertion AUC {a['insertion_auc']['mean']:.4f} "
-              f"over {a['n']} samples -> faithfulness.json")
+        print(
+            f"{run}: removal AUC {a['removal_auc']['mean']:.4f}, insertion AUC {a['insertion_auc']['mean']:.4f} "
+            f"over {a['n']} samples -> faithfulness.json"
+        )
 
-    print(f"\n{'method':<16}{'samples':>8}{'wrong at k=0':>13}{'p(true) at k=0':>16}{'removal AUC (lower is better)':>32}"
-          f"{'insertion AUC (higher is better)':>34}")
+    print(
+        f"\n{'method':<16}{'samples':>8}{'wrong at k=0':>13}{'p(true) at k=0':>16}{'removal AUC (lower is better)':>32}"
+        f"{'insertion AUC (higher is better)':>34}"
+    )
     stats = {}
     for name, g in groups.items():
         stats[name] = (mean_ci(g["removal_auc"]), mean_ci(g["insertion_auc"]))
         (rm, rc), (im, ic) = stats[name]
         wrong = sum(not c for c in g["correct"].values())
-        print(f"{name:<16}{len(g['removal_auc']):>8}{wrong:>13}{np.mean(g['start']):>16.3f}{f'{rm:.4f} +- {rc:.4f}':>32}"
-              f"{f'{im:.4f} +- {ic:.4f}':>34}")
+        print(
+            f"{name:<16}{len(g['removal_auc']):>8}{wrong:>13}{np.mean(g['start']):>16.3f}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}"
+        )
     print("\nthe same, with each curve divided by the sample's probability at k=0 (samples whose probability is 0 left out)")
     for name, g in groups.items():
         r = [v for v in g["removal_auc_normalised"] if v is not None]
@@ -489,9 +526,12 @@ if __name__ == "__main__":
             print(f"{name:<16}{len(common):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
     for name, g in groups.items():
         if "/" not in name and np.mean(g["start"]) < 0.5:
-            print(f"warning: {name}'s models give the true class {np.mean(g['start']):.2f} on average before any pixel is removed: its "
-                  "removal AUC is low because the model is wrong from the start, not because its attention is faithful. Compare "
-                  "removal AUCs only between methods whose p(true) at k=0 is alike.", file=sys.stderr)
+            print(
+                f"warning: {name}'s models give the true class {np.mean(g['start']):.2f} on average before any pixel is removed: its "
+                "removal AUC is low because the model is wrong from the start, not because its attention is faithful. Compare "
+                "removal AUCs only between methods whose p(true) at k=0 is alike.",
+                file=sys.stderr,
+            )
     names = list(groups)
     if len(names) > 1:
         print("\nrelative change of the mean AUC (first against second; the paper: CAMAL -39 % removal, +35.3 % insertion against Prior)")

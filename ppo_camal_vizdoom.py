@@ -23,8 +23,12 @@ import tyro
 import vizdoom as vzd
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-STOP_POINT = "iteration"  # where a run stops when asked to (request_stop)
+# where a run stops when asked to (request_stop), and what it calls one pass
+STOP_POINT = "within a step during a rollout (the model has not changed since the last update), else after this update"
+STOP_UNIT = "iteration"
+FRAME_TITLES = ("frame", "mask", "CAM")  # the labels of the attention images
 SCENARIOS = {
     "Basic": "basic.cfg",
     "DefendLine": "defend_the_line.cfg",
@@ -68,7 +72,7 @@ class Args:
     num_envs: int = 8
     """the number of parallel game environments"""
     vector_env: Literal["auto", "async", "sync"] = "auto"
-    """async: games step in worker processes; sync: in this process; auto: async when the machine has more than 2 cores (see README)"""
+    """async: games step in worker processes; sync: in this process; auto: async when the machine has more than 2 cores (docs/ppo_camal_vizdoom.md)"""
 
     # PPO (the paper's Table 8)
     total_timesteps: int = 10_000_000
@@ -110,7 +114,7 @@ class Args:
     tau: float = 0.7
     """the threshold on H for the attention IoU"""
     cam: Literal["abs", "paper", "abs-target"] = "abs"
-    """the critic's CAM: abs = |mean_k w_k A_k| of V(s) (default: never empty, README); paper = ReLU(mean_k w_k A_k) of V(s), Eq. 3 exactly; abs-target = the paper's CAM of |V(s)|"""
+    """the critic's CAM: abs = |mean_k w_k A_k| of V(s) (default: never empty, docs/ppo_camal_vizdoom.md); paper = ReLU(mean_k w_k A_k) of V(s), Eq. 3 exactly; abs-target = the paper's CAM of |V(s)|"""
     collapse_patience: int = 5
     """warn when over half the CAMs are empty (all zero) for this many iterations in a row"""
 
@@ -143,7 +147,7 @@ class Args:
 # CAMAL helpers. Copied unchanged into the other scripts; tests/test_shared_helpers.py keeps the
 # copies identical.
 # ---------------------------------------------------------------------------------------------
-def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
+def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
 
     activations: the feature map in the graph that `score` was computed from.
@@ -151,27 +155,27 @@ def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
     size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
     when the model's layout differs. rectify: "relu" is Grad-CAM (Eq. 3); "abs" keeps the evidence that
     lowers the score too, |sum_k w_k A_k|, so a map is empty only where no feature moves the score.
-    Returns B x H x W in [0, 1]; differentiable w.r.t. the model's parameters when grad mode is on
-    (create_graph), a plain measurement under no_grad.
+    create_graph: True for a map a loss will be differentiated through (CAMAL's double backward); False for a measurement,
+    which keeps no graph. Returns B x H x W in [0, 1].
     """
     # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
-    grads = torch.autograd.grad(
-        score, activations, grad_outputs=torch.ones_like(score), create_graph=torch.is_grad_enabled(), retain_graph=True
-    )[0]
-    if to_nchw is not None:
-        activations, grads = to_nchw(activations), to_nchw(grads)
-    activations, grads = activations.float(), grads.float()
-    weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
-    cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
-    cam = torch.relu(cam) if rectify == "relu" else cam.abs()
-    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
-    # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
-    # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
-    h, w = cam.shape[1:]
-    eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
-    r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
-    r_x = F.interpolate(eye(w), size=size[1], mode="linear", align_corners=False)[0].T  # W x w
-    return r_y @ cam @ r_x.T
+    grads = torch.autograd.grad(score, activations, grad_outputs=torch.ones_like(score), create_graph=create_graph, retain_graph=True)[0]
+    # the arithmetic joins the graph only for a map a loss will differentiate, whatever the ambient grad mode
+    with torch.set_grad_enabled(create_graph):
+        if to_nchw is not None:
+            activations, grads = to_nchw(activations), to_nchw(grads)
+        activations, grads = activations.float(), grads.float()
+        weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
+        cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
+        cam = torch.relu(cam) if rectify == "relu" else cam.abs()
+        cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
+        # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
+        # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
+        h, w = cam.shape[1:]
+        eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
+        r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
+        r_x = F.interpolate(eye(w), size=size[1], mode="linear", align_corners=False)[0].T  # W x w
+        return r_y @ cam @ r_x.T
 
 
 def camal_terms(cam, mask):
@@ -330,8 +334,7 @@ def nature_cnn_output_size(frame_height, frame_width):
     for kernel, stride in ((8, 4), (4, 2), (3, 1)):
         if min(size) < kernel:
             raise ValueError(
-                f"frame {frame_height} x {frame_width} is too small for the Nature CNN (8/4, 4/2, 3/1 convolutions): "
-                "use at least 36 x 36"
+                f"frame {frame_height} x {frame_width} is too small for the Nature CNN (8/4, 4/2, 3/1 convolutions): use at least 36 x 36"
             )
         size = [(s - kernel) // stride + 1 for s in size]
     return tuple(size)
@@ -379,13 +382,13 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden), feats
 
 
-def critic_cam(feats, value, size, cam):
-    """The critic's attention under --cam (see Args.cam); differentiable when grad mode is on."""
+def critic_cam(feats, value, size, cam, create_graph):
+    """The critic's attention under --cam (see Args.cam); create_graph as in grad_cam."""
     target = value
     if cam == "abs-target":
         with torch.enable_grad():  # in the graph also when the map is only measured (under no_grad)
             target = value.abs()
-    return grad_cam(feats, target, size, rectify="abs" if cam == "abs" else "relu")
+    return grad_cam(feats, target, size, create_graph=create_graph, rectify="abs" if cam == "abs" else "relu")
 
 
 def empty_cams(cam):
@@ -398,21 +401,26 @@ def value_cam(agent, obs, size, cam):
     with torch.enable_grad():
         feats = agent.get_features(obs)
         value = agent.critic(agent.head(feats))
-        with torch.no_grad():
-            return critic_cam(feats, value, size, cam)
+        return critic_cam(feats, value, size, cam, create_graph=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pictures: frame | mask | CAM overlay, for TensorBoard and videos
 # ---------------------------------------------------------------------------------------------
-def attention_panel(frame, mask, cam):
-    """H x 3W x 3 uint8 RGB: the frame, the mask in red over it, the CAM as a jet overlay."""
-    rgb = np.repeat(frame[..., None], 3, axis=2)
+def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
+    """H x 3W x 3 uint8 RGB, each part labelled: the image, the mask in red over it, the CAM as a jet overlay.
+    image: H x W (gray) or H x W x 3 uint8; mask: H x W, non-zero inside; cam: H x W in [0, 1]."""
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image)
+    inside = np.asarray(mask).astype(bool)
     masked = rgb.copy()
-    masked[mask.astype(bool)] = (255, 0, 0)
+    masked[inside] = (0.5 * masked[inside] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
     heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    overlay = np.uint8(0.5 * rgb + 0.5 * heat)
-    return np.concatenate([rgb, masked, overlay], axis=1)
+    parts = [rgb.copy(), masked, np.uint8(0.5 * rgb + 0.5 * heat)]
+    scale = max(0.3, rgb.shape[0] / 400)  # readable at 60 x 80 and at 224 x 224
+    for part, title in zip(parts, titles):
+        for colour, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):  # white on a dark edge: readable on any image
+            cv2.putText(part, title, (2, 2 + int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
+    return np.concatenate(parts, axis=1)
 
 
 def write_video(path, panels, fps):
@@ -448,12 +456,11 @@ def evaluate(agent, envs, args, device, video_dir=None):
         mask = torch.from_numpy(obs["mask"]).to(device).bool()
         with torch.enable_grad():
             action, _, _, value, feats = agent.get_action_and_value(frames)
-            with torch.no_grad():
-                cam = critic_cam(feats, value, size, args.cam)
+            cam = critic_cam(feats, value, size, args.cam, create_graph=False)
         iou, valid = attention_iou(cam, mask, args.tau)
         iou, valid, empty = iou.cpu().numpy(), valid.cpu().numpy(), empty_cams(cam).cpu().numpy()
         if video_dir is not None and done_count[0] < quota[0]:
-            panels.append(attention_panel(obs["frames"][0, -1], obs["mask"][0], cam[0].cpu().numpy()))
+            panels.append(attention_panel(obs["frames"][0, -1], obs["mask"][0], cam[0].cpu().numpy(), titles=FRAME_TITLES))
         obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
         ret += reward
         length += 1
@@ -463,8 +470,9 @@ def evaluate(agent, envs, args, device, video_dir=None):
         for i in np.flatnonzero(np.logical_or(term, trunc)):
             if done_count[i] < quota[i]:
                 ep_iou = float(iou_sum[i] / iou_n[i]) if iou_n[i] else None
-                episodes.append({"return": float(ret[i]), "length": int(length[i]), "attention_iou": ep_iou,
-                                 "cam_empty_fraction": float(empty_n[i] / length[i])})
+                episodes.append(
+                    {"return": float(ret[i]), "length": int(length[i]), "attention_iou": ep_iou, "cam_empty_fraction": float(empty_n[i] / length[i])}
+                )
                 if i == 0 and video_dir is not None:
                     write_video(os.path.join(video_dir, f"eval-episode-{done_count[0]}.mp4"), panels, 35 / args.frame_skip)
                     panels = []
@@ -492,15 +500,27 @@ def start_tracking(args, run_name, run_dir):
         raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
     import hashlib
 
-    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
-                      id=hashlib.sha1(run_name.encode()).hexdigest()[:16], resume="allow", save_code=True, dir=run_dir)
+    return wandb.init(
+        project=args.wandb_project_name,
+        entity=args.wandb_entity,
+        sync_tensorboard=True,
+        config=vars(args),
+        name=run_name,
+        id=hashlib.sha1(run_name.encode()).hexdigest()[:16],
+        resume="allow",
+        save_code=True,
+        dir=run_dir,
+    )
 
 
 def ignored_flags(cli, saved, keep):
     """The flags given with --resume that the run does not take (it continues with its own settings), as text."""
     default = type(cli)()
-    return [f"--{k.replace('_', '-')} {getattr(cli, k)} (the run's: {saved.get(k)})" for k in cli.__dataclass_fields__
-            if k not in keep and getattr(cli, k) != getattr(default, k) and getattr(cli, k) != saved.get(k)]
+    return [
+        f"--{k.replace('_', '-')} {getattr(cli, k)} (the run's: {saved.get(k)})"
+        for k in cli.__dataclass_fields__
+        if k not in keep and getattr(cli, k) != getattr(default, k) and getattr(cli, k) != saved.get(k)
+    ]
 
 
 def rng_state():
@@ -554,8 +574,10 @@ def read_checkpoint(path, keys):
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # refused by the weights-only unpickler, or truncated or corrupt (zip, pickle, storage)
             if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-                problems.append(f"{p} holds pickled Python objects, not only tensors (an older version of this script "
-                                "wrote it, or something else did); loading it could run code, so it is refused")
+                problems.append(
+                    f"{p} holds pickled Python objects, not only tensors (an older version of this script "
+                    "wrote it, or something else did); loading it could run code, so it is refused"
+                )
             else:
                 problems.append(f"{p} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
@@ -565,8 +587,11 @@ def read_checkpoint(path, keys):
         if p != path:
             every = state["args"].get("checkpoint_every") if isinstance(state["args"], dict) else None
             lost = f"up to {every} iterations or epochs of progress" if every else "the progress since the one before"
-            print(f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: "
-                  f"{lost} will be redone", file=sys.stderr, flush=True)
+            print(
+                f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: {lost} will be redone",
+                file=sys.stderr,
+                flush=True,
+            )
         return state
     raise ValueError("; ".join(problems) or f"no checkpoint at {path}")
 
@@ -575,10 +600,18 @@ PPO_CHECKPOINT_KEYS = ("args", "agent", "optimizer", "iteration", "global_step",
 
 
 def save_checkpoint(path, agent, optimizer, args, iteration, global_step, episodes_seen):
-    write_checkpoint(path, {
-        "args": asdict(args), "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-        "global_step": global_step, "episodes_seen": episodes_seen, "rng": rng_state(),
-    })
+    write_checkpoint(
+        path,
+        {
+            "args": asdict(args),
+            "agent": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "iteration": iteration,
+            "global_step": global_step,
+            "episodes_seen": episodes_seen,
+            "rng": rng_state(),
+        },
+    )
     # where a resume would start, for readers without torch (stats.py): events past this step are redone, not kept
     write_json(os.path.splitext(path)[0] + ".json", {"iteration": iteration, "global_step": global_step})
 
@@ -666,24 +699,47 @@ def attention_figure(args):
 
 
 STOP_SIGNAL = []  # the signal that asked this run to stop, once one has
+PACE = {}  # "seconds": how long the last iteration or epoch took, for the stop message
 
 
 def request_stop(signum, frame):
-    """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop at
-    the end of this {STOP_POINT} with a checkpoint. Only a second Ctrl-C stops at once: schedulers repeat their signal
-    (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one clean stop."""
+    """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop
+    at the next safe point (STOP_POINT) with a checkpoint. Only a second Ctrl-C stops at once: schedulers repeat their
+    signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one stop."""
     if STOP_SIGNAL:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         return
     STOP_SIGNAL.append(signum)
-    print(f"\n{signal.Signals(signum).name}: stopping at the end of this {STOP_POINT}, with a checkpoint (Ctrl-C again: stop now)",
-          flush=True)
+    pace = f" (the last {STOP_UNIT} took {PACE['seconds']:.0f} s)" if PACE.get("seconds") else ""
+    print(
+        f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping {STOP_POINT}{pace}; Ctrl-C again stops at once, without one", flush=True
+    )
 
 
 def catch_stop_signals():
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, request_stop)
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
+
+
+def envs_are_async(envs):
+    return isinstance(envs, gym.vector.AsyncVectorEnv)
+
+
+def duration(seconds):
+    """3d 4h, 2h 05m, 4m 10s: an ETA a reader takes in at a glance."""
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
 def check_args(args):
@@ -702,9 +758,7 @@ def check_args(args):
         raise ValueError(f"--total-timesteps must be positive, got {args.total_timesteps}")
     batch_size = args.num_envs * args.num_steps
     if args.total_timesteps < batch_size:
-        raise ValueError(
-            f"--total-timesteps {args.total_timesteps} is less than one rollout (num-envs x num-steps = {batch_size})"
-        )
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is less than one rollout (num-envs x num-steps = {batch_size})")
     if batch_size % args.num_minibatches:
         raise ValueError(f"num-envs x num-steps = {batch_size} does not split into {args.num_minibatches} minibatches")
     if not 0.0 <= args.tau < 1.0:
@@ -806,7 +860,13 @@ if __name__ == "__main__":
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
 
-    catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: finish the iteration, checkpoint, exit
+    catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
+    print(
+        f"{run_name}: {describe_device(device)}, {args.num_envs} {'async' if envs_are_async(envs) else 'sync'} envs at {H} x {W}, "
+        f"{args.num_iterations} iterations of {args.batch_size} steps\n  run folder: {run_dir}   watch: tensorboard --logdir "
+        f"{os.path.dirname(run_dir) or '.'}   stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
+        flush=True,
+    )
 
     # ALGO Logic: Storage setup (frames as uint8: a quarter of float32's memory at 240 x 320)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space["frames"].shape, dtype=torch.uint8, device=device)
@@ -827,6 +887,16 @@ if __name__ == "__main__":
         recent_returns = []
         iteration = start_iteration - 1
         collapsed_for = 0  # iterations in a row with over half the CAMs empty
+        # a bar on a terminal (none in logs, where each iteration's line carries the ETA)
+        bar = tqdm(
+            total=args.num_iterations * args.batch_size,
+            initial=global_step,
+            unit="step",
+            unit_scale=True,
+            disable=None,
+            dynamic_ncols=True,
+            leave=False,
+        )
 
         for iteration in range(start_iteration, args.num_iterations + 1):
             if args.anneal_lr:
@@ -834,7 +904,17 @@ if __name__ == "__main__":
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             rollout_start, env_seconds = time.perf_counter(), 0.0  # where an iteration's time goes: perf/ in TensorBoard
+            step_at_start, episodes_at_start = global_step, episodes_seen
             for step in range(0, args.num_steps):
+                if STOP_SIGNAL:  # the model is as the last update left it: save that state now rather than after this update
+                    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration - 1, step_at_start, episodes_at_start)
+                    bar.close()
+                    print(
+                        f"stopped in iteration {iteration}'s rollout; saved the state after iteration {iteration - 1}. "
+                        f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}",
+                        flush=True,
+                    )
+                    sys.exit(128 + STOP_SIGNAL[0])
                 global_step += args.num_envs
                 obs[step] = next_obs
                 masks[step] = next_mask
@@ -943,9 +1023,8 @@ if __name__ == "__main__":
                     # computes the map only then, and without the double-backward graph.
                     measure = epoch == 0
                     if args.method == "camal" or measure:
-                        with torch.set_grad_enabled(args.method == "camal"):
-                            cam = critic_cam(feats, newvalue, (H, W), args.cam)
-                            camal_l = camal_loss(cam, mb_masks)
+                        cam = critic_cam(feats, newvalue, (H, W), args.cam, create_graph=args.method == "camal")
+                        camal_l = camal_loss(cam, mb_masks)
                     if args.method == "camal":
                         loss = loss + args.camal_coef * camal_l
 
@@ -959,8 +1038,14 @@ if __name__ == "__main__":
                             cam = cam.detach()
                             alpha, beta, valid = camal_terms(cam, mb_masks)
                             iou, _ = attention_iou(cam, mb_masks, args.tau)
-                            for k, v in (("camal_loss", camal_l.detach()), ("alpha", alpha.sum()), ("beta", beta.sum()),
-                                         ("iou", (iou * valid).sum()), ("valid", valid.sum()), ("empty", empty_cams(cam).sum())):
+                            for k, v in (
+                                ("camal_loss", camal_l.detach()),
+                                ("alpha", alpha.sum()),
+                                ("beta", beta.sum()),
+                                ("iou", (iou * valid).sum()),
+                                ("valid", valid.sum()),
+                                ("empty", empty_cams(cam).sum()),
+                            ):
                                 att[k] += v
                         n_measured += 1
 
@@ -994,16 +1079,27 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/beta", beta_sum / n_valid, global_step)
                 writer.add_scalar("charts/attention_iou", iou_sum / n_valid, global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
+            PACE["seconds"] = time.perf_counter() - rollout_start
+            eta = (args.num_iterations - iteration) * args.batch_size / max(sps, 1)
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.flush()  # a crash loses at most this iteration's curves
             mean_ret = f"{np.mean(recent_returns):.2f}" if recent_returns else "-"
-            print(
-                f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} "
+            bar.update(args.batch_size)
+            bar.set_postfix(SPS=sps, refresh=False)
+            tqdm.write(
+                f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} eta={duration(eta)} "
                 f"episodes={len(recent_returns)} mean_return={mean_ret} "
                 f"alpha={alpha_sum / max(n_valid, 1):.3f} beta={beta_sum / max(n_valid, 1):.3f} "
-                f"iou={iou_sum / max(n_valid, 1):.3f} cam_empty={empty_fraction:.2f}",
-                flush=True,
+                f"iou={iou_sum / max(n_valid, 1):.3f} cam_empty={empty_fraction:.2f}"
             )
+            sys.stdout.flush()
+            if iteration == start_iteration and eta > 86400:
+                tqdm.write(
+                    f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 want a GPU). "
+                    f"A quick CPU run: python {os.path.basename(__file__)} --env {args.env} --frame-height 60 --frame-width 80 "
+                    f"--total-timesteps 200000",
+                    file=sys.stderr,
+                )
             recent_returns = []
             # An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently.
             collapsed_for = collapsed_for + 1 if empty_fraction > 0.5 else 0
@@ -1011,30 +1107,36 @@ if __name__ == "__main__":
                 print(
                     f"warning: the critic's CAM has been empty for over half the samples for {collapsed_for} iterations "
                     f"({empty_fraction:.0%} now): CAMAL has no gradient there and attention IoU measures nothing. "
-                    f"See README (--cam): --cam abs keeps the map alive.",
+                    f"See docs/ppo_camal_vizdoom.md (--cam): --cam abs keeps the map alive.",
                     file=sys.stderr,
                     flush=True,
                 )
 
-            if args.image_every and (iteration == 1 or iteration % args.image_every == 0):
+            # the first image after the first update, then every --image-every iterations, and the trained agent's at the end
+            if args.image_every and (iteration == 1 or iteration % args.image_every == 0 or iteration == args.num_iterations):
                 # up to 4 frames with objects on screen, spread over the rollout
                 has_obj = torch.nonzero(b_masks.flatten(1).any(1)).flatten().cpu()
                 pick = has_obj if len(has_obj) else torch.arange(args.batch_size)
                 pick = pick[torch.linspace(0, len(pick) - 1, min(4, len(pick))).long()].to(device)
                 cams = value_cam(agent, b_obs[pick], (H, W), args.cam).cpu().numpy()
-                panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c) for j, c in zip(pick, cams)]
+                panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c, titles=FRAME_TITLES) for j, c in zip(pick, cams)]
                 writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
                 if video_dir is not None:  # env 0's whole rollout of this iteration
                     cams = value_cam(agent, obs[:, 0], (H, W), args.cam).cpu().numpy()
-                    clip = [attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t]) for t in range(args.num_steps)]
+                    clip = [
+                        attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t], titles=FRAME_TITLES)
+                        for t in range(args.num_steps)
+                    ]
                     write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
 
             last = iteration == args.num_iterations
             if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (STOP_SIGNAL and not last):
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration, global_step, episodes_seen)
             if STOP_SIGNAL and not last:
+                bar.close()
                 print(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
                 sys.exit(128 + STOP_SIGNAL[0])
+        bar.close()
 
         if args.save_model:
             model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
@@ -1066,6 +1168,9 @@ if __name__ == "__main__":
             }
             write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
             print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
+        print(f"\nstopped at once, without a checkpoint; the last saved one (if any) is in {run_dir}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     finally:
         envs.close()
         writer.close()

@@ -319,8 +319,7 @@ def correlations(response):
     if np.all(response == response[0]):
         return {"spearman": None, "pearson": None}
     sev = np.arange(1, len(response) + 1)
-    return {"spearman": float(scipy.stats.spearmanr(sev, response).statistic),
-            "pearson": float(scipy.stats.pearsonr(sev, response).statistic)}
+    return {"spearman": float(scipy.stats.spearmanr(sev, response).statistic), "pearson": float(scipy.stats.pearsonr(sev, response).statistic)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,9 +339,12 @@ def summarise(per_image, significance):
                 responding = [x for x in v if x is not None]
                 # rounded: correlations equal up to floating-point error are ties, not evidence for either side
                 values[reg] = np.round([0.0 if x is None else x for x in v], 9)
-                cell[reg] = {"mean": float(np.mean(responding)) if responding else None,
-                             "std": float(np.std(responding, ddof=1)) if len(responding) > 1 else None,
-                             "responding": len(responding), "flat": len(v) - len(responding)}
+                cell[reg] = {
+                    "mean": float(np.mean(responding)) if responding else None,
+                    "std": float(np.std(responding, ddof=1)) if len(responding) > 1 else None,
+                    "responding": len(responding),
+                    "flat": len(v) - len(responding),
+                }
             d = values["camal"] - values["suppress"]
             if np.any(d != 0):
                 with warnings.catch_warnings():
@@ -367,20 +369,28 @@ def cell_text(c, bold=False):
 
 
 def table_markdown(dataset, table, n_images, significance):
-    lines = [f"### Regulariser response to perturbed attention: {DATASET_NAMES.get(dataset, dataset)}, {n_images} masks "
-             "(the paper's Table 4)", "",
-             "| Perturbation | Spearman CAMAL | Spearman Supp. only | Pearson CAMAL | Pearson Supp. only |", "|---|---|---|---|---|"]
+    lines = [
+        f"### Regulariser response to perturbed attention: {DATASET_NAMES.get(dataset, dataset)}, {n_images} masks (the paper's Table 4)",
+        "",
+        "| Perturbation | Spearman CAMAL | Spearman Supp. only | Pearson CAMAL | Pearson Supp. only |",
+        "|---|---|---|---|---|",
+    ]
     for kind in PERTURBATIONS:
         row = [kind.capitalize()]
         for corr in ("spearman", "pearson"):
             c = table[kind, corr]
             row += [cell_text(c["camal"], c["verdict"] == "significant"), cell_text(c["suppress"])]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Correlation of severity with the response, mean ± std over the masks where the regulariser responds. "
-                  f"—: no response on any mask (a constant value); (k flat): no response on k masks. **Bold**: CAMAL's mean is higher "
-                  f"and the one-tailed Wilcoxon signed-rank test over masks (H1: CAMAL > suppress-only; no response counts as 0) "
-                  f"gives p < {significance:g}.", "",
-              "| Perturbation | Correlation | p (one-tailed) | Result |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Correlation of severity with the response, mean ± std over the masks where the regulariser responds. "
+        f"—: no response on any mask (a constant value); (k flat): no response on k masks. **Bold**: CAMAL's mean is higher "
+        f"and the one-tailed Wilcoxon signed-rank test over masks (H1: CAMAL > suppress-only; no response counts as 0) "
+        f"gives p < {significance:g}.",
+        "",
+        "| Perturbation | Correlation | p (one-tailed) | Result |",
+        "|---|---|---|---|",
+    ]
     for kind in PERTURBATIONS:
         for corr in ("spearman", "pearson"):
             c = table[kind, corr]
@@ -440,17 +450,24 @@ def plot_figure9(path, mask, maps, resp, mean_resp, levels):
             ax.axis("off")
         sev = np.arange(1, levels + 1)
         for reg, name in REGULARIZERS.items():
-            line, = row[5].plot(sev, resp[kind][reg], marker="o", label=f"{name} (this mask)")
+            (line,) = row[5].plot(sev, resp[kind][reg], marker="o", label=f"{name} (this mask)")
             row[5].plot(sev, mean_resp[kind][reg], linestyle="--", color=line.get_color(), label=f"{name} (mean over masks)")
         row[5].set_xlabel("severity")
         row[5].set_ylabel("R(M, H)")
     # legends beside the panels, never over them
     axes[0][5].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    axes[0][2].legend(handles=[Patch(color=c, label=n) for n, c in OVERLAP.items()], fontsize=7, loc="upper center",
-                      bbox_to_anchor=(0.5, -0.02), ncol=1)
-    axes[0][4].legend(handles=[Patch(color=(0.25, 0.7, 0.25), label="encouraged (dR/dH < 0)"),
-                               Patch(color=(0.85, 0.2, 0.2), label="suppressed (dR/dH > 0, H > 0)")], fontsize=7,
-                      loc="upper center", bbox_to_anchor=(0.5, -0.02))
+    axes[0][2].legend(
+        handles=[Patch(color=c, label=n) for n, c in OVERLAP.items()], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=1
+    )
+    axes[0][4].legend(
+        handles=[
+            Patch(color=(0.25, 0.7, 0.25), label="encouraged (dR/dH < 0)"),
+            Patch(color=(0.85, 0.2, 0.2), label="suppressed (dR/dH > 0, H > 0)"),
+        ],
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.02),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -522,8 +539,14 @@ if __name__ == "__main__":
         print(f"{len(left_out)} masks left out: empty or covering the whole image (first: {left_out[0]})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        result = {"args": asdict(args), "masks": len(per_image), "left_out": left_out,
-                  "table": {f"{k}/{c}": v for (k, c), v in table.items()}, "mean_response": mean_resp, "per_image": per_image}
+        result = {
+            "args": asdict(args),
+            "masks": len(per_image),
+            "left_out": left_out,
+            "table": {f"{k}/{c}": v for (k, c), v in table.items()},
+            "mean_response": mean_resp,
+            "per_image": per_image,
+        }
         write_json(os.path.join(args.out, "study.json"), result, indent=1)
         mask, maps, resp = example
         plot_figure9(os.path.join(args.out, "figure9.png"), mask, maps, resp, mean_resp, args.levels)

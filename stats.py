@@ -43,21 +43,60 @@ class Args:
 BASELINES = ("vanilla", "prior", "suppress")
 METHOD_NAMES = {"camal": "CAMAL", "vanilla": "Vanilla", "prior": "Prior", "suppress": "Supp. only"}
 DATASET_NAMES = {"busi": "BUSI", "pets": "Oxford-IIIT-Pet", "flowers": "Oxford-Flower", "shapes": "Shapes"}
-MODEL_NAMES = {"resnet18": "ResNet", "convnext_tiny": "ConvNeXt", "efficientnet_b0": "EfficientNet", "vit_b_16": "ViT",
-               "swin_v2_t": "Swin", "maxvit_t": "MaxViT"}
+MODEL_NAMES = {
+    "resnet18": "ResNet",
+    "convnext_tiny": "ConvNeXt",
+    "efficientnet_b0": "EfficientNet",
+    "vit_b_16": "ViT",
+    "swin_v2_t": "Swin",
+    "maxvit_t": "MaxViT",
+}
 ENV_ORDER = ("Basic", "DefendLine", "DefendCenter", "TakeCover")
 DL_METRICS = {"test_accuracy": "Test accuracy", "test_iou": "Test IoU"}
-PAPER_TABLE = {("test_iou", "prior"): "Table 1", ("test_accuracy", "vanilla"): "Table 2",
-               ("test_accuracy", "prior"): "Table 3", ("test_iou", "vanilla"): "Table 5"}
+PAPER_TABLE = {
+    ("test_iou", "prior"): "Table 1",
+    ("test_accuracy", "vanilla"): "Table 2",
+    ("test_accuracy", "prior"): "Table 3",
+    ("test_iou", "vanilla"): "Table 5",
+}
 DRL_METRICS = {"return": ("charts/episodic_return", "Figure 6"), "iou": ("charts/attention_iou", "Figure 4")}
 DL_KEYS = {"dataset", "model", "method", "fold", "folds", "seed", "split_seed", "test_accuracy", "test_iou"}
 DRL_KEYS = {"env", "method", "seed", "mean_return", "mean_iou"}
 # The settings that define an experiment: runs that differ in one of them are never paired, pooled or taken for duplicates.
 # METHOD_SETTINGS only matter to the runs of those methods (vanilla has no camal_coef to match).
-DL_SETTINGS = ("folds", "split_seed", "epochs", "batch_size", "learning_rate", "weight_decay", "pretrained", "image_size", "tau",
-               "shapes_classes", "shapes_per_class", "shapes_cue", "shapes_cue_prob")
-DRL_SETTINGS = ("total_timesteps", "frame_height", "frame_width", "frame_skip", "frame_stack", "num_envs", "num_steps",
-                "learning_rate", "gamma", "gae_lambda", "num_minibatches", "update_epochs", "ent_coef", "vf_coef", "tau", "cam")
+DL_SETTINGS = (
+    "folds",
+    "split_seed",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "pretrained",
+    "image_size",
+    "tau",
+    "shapes_classes",
+    "shapes_per_class",
+    "shapes_cue",
+    "shapes_cue_prob",
+)
+DRL_SETTINGS = (
+    "total_timesteps",
+    "frame_height",
+    "frame_width",
+    "frame_skip",
+    "frame_stack",
+    "num_envs",
+    "num_steps",
+    "learning_rate",
+    "gamma",
+    "gae_lambda",
+    "num_minibatches",
+    "update_epochs",
+    "ent_coef",
+    "vf_coef",
+    "tau",
+    "cam",
+)
 METHOD_SETTINGS = {"camal": ("camal_coef",), "suppress": ("camal_coef",), "prior": ("camal_coef", "prior_model", "prior_threshold")}
 
 
@@ -138,16 +177,27 @@ def check_types(path, obj, spec):
     """StatsError naming the file and the field when a value has the wrong type (a number where text is due, say)."""
     for key, (kind, nullable) in spec.items():
         v = obj.get(key)
-        ok = (v is None and nullable) or (kind == TEXT and isinstance(v, str)) or (
-            kind == NUMBER and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        ok = (
+            (v is None and nullable)
+            or (kind == TEXT and isinstance(v, str))
+            or (kind == NUMBER and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        )
         if not ok:
             raise StatsError(f"{path}: {key} is {v!r}, expected {kind}" + (" or null" if nullable else ""))
 
 
-DL_TYPES = {"dataset": (TEXT, False), "model": (TEXT, False), "method": (TEXT, False), "fold": (NUMBER, False), "folds": (NUMBER, False),
-            "seed": (NUMBER, False), "split_seed": (NUMBER, False), "test_accuracy": (NUMBER, True), "test_iou": (NUMBER, True)}
-DRL_TYPES = {"env": (TEXT, False), "method": (TEXT, False), "seed": (NUMBER, False), "mean_return": (NUMBER, False),
-             "mean_iou": (NUMBER, True)}
+DL_TYPES = {
+    "dataset": (TEXT, False),
+    "model": (TEXT, False),
+    "method": (TEXT, False),
+    "fold": (NUMBER, False),
+    "folds": (NUMBER, False),
+    "seed": (NUMBER, False),
+    "split_seed": (NUMBER, False),
+    "test_accuracy": (NUMBER, True),
+    "test_iou": (NUMBER, True),
+}
+DRL_TYPES = {"env": (TEXT, False), "method": (TEXT, False), "seed": (NUMBER, False), "mean_return": (NUMBER, False), "mean_iou": (NUMBER, True)}
 
 
 def load_json(path):
@@ -214,13 +264,26 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                     raise StatsError(f"{path} is not an eval.json of ppo_camal_vizdoom.py (it needs {sorted(DRL_KEYS)})")
                 check_types(path, e, DRL_TYPES)
                 saved = load_json(os.path.join(d, "args.json")) if "args.json" in files else {}
-                drl.append({"dir": d, "env": e["env"], "method": e["method"], "seed": e["seed"], "mtime": os.path.getmtime(path),
-                            "total_timesteps": saved.get("total_timesteps"), "steps_done": e.get("total_timesteps"),
-                            # eval.json records cam, tau and camal_coef (its total_timesteps is the steps done, not the plan)
-                            "settings": {k: saved.get(k, e.get(k) if k in ("cam", "tau", "camal_coef") else None)
-                                         for k in DRL_SETTINGS + METHOD_SETTINGS.get(e["method"], ())},
-                            "return": e["mean_return"], "iou": e["mean_iou"], "cam_empty": e.get("cam_empty_fraction"),
-                            "source": f"eval.json ({len(e.get('episodic_returns', []))} evaluation episodes)"})
+                drl.append(
+                    {
+                        "dir": d,
+                        "env": e["env"],
+                        "method": e["method"],
+                        "seed": e["seed"],
+                        "mtime": os.path.getmtime(path),
+                        "total_timesteps": saved.get("total_timesteps"),
+                        "steps_done": e.get("total_timesteps"),
+                        # eval.json records cam, tau and camal_coef (its total_timesteps is the steps done, not the plan)
+                        "settings": {
+                            k: saved.get(k, e.get(k) if k in ("cam", "tau", "camal_coef") else None)
+                            for k in DRL_SETTINGS + METHOD_SETTINGS.get(e["method"], ())
+                        },
+                        "return": e["mean_return"],
+                        "iou": e["mean_iou"],
+                        "cam_empty": e.get("cam_empty_fraction"),
+                        "source": f"eval.json ({len(e.get('episodic_returns', []))} evaluation episodes)",
+                    }
+                )
             elif "eval.json" in files and not events:
                 left_out.append({"run": d, "reason": "eval.json but no TensorBoard events: --drl-score training cannot score it"})
             elif events:
@@ -232,11 +295,20 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                         warnings_.append({"run": d, "reason": f"unfinished, scored anyway (--include-unfinished): {run['unfinished']}"})
                         drl.append(run)
                     elif run["unfinished"]:
-                        left_out.append({"run": d, "reason": f"unfinished: {run['unfinished']}; not scored (finish it with "
-                                                             f"python ppo_camal_vizdoom.py --resume {d})"})
+                        left_out.append(
+                            {
+                                "run": d,
+                                "reason": f"unfinished: {run['unfinished']}; not scored (finish it with python ppo_camal_vizdoom.py --resume {d})",
+                            }
+                        )
                     elif drl_score == "eval" and "eval.json" not in files:
-                        left_out.append({"run": d, "reason": "finished without eval.json (--eval-episodes 0): not scored; "
-                                                             "--drl-score training scores every run from its training curves"})
+                        left_out.append(
+                            {
+                                "run": d,
+                                "reason": "finished without eval.json (--eval-episodes 0): not scored; "
+                                "--drl-score training scores every run from its training curves",
+                            }
+                        )
                     else:
                         drl.append(run)
                 elif "dataset" in hp:
@@ -260,9 +332,16 @@ def tensorboard_run(d, acc, hp, last_n, mtime):
     """A DRL run scored from its training curves: the mean of the last `last_n` values of each. `unfinished` says why
     the run has not reached its planned steps (None when it has)."""
     hp = {k: hp_value(v) for k, v in hp.items()}
-    run = {"dir": d, "env": hp["env"], "method": hp["method"], "seed": int(hp["seed"]), "mtime": mtime, "acc": acc,  # kept for the curves
-           "total_timesteps": hp.get("total_timesteps"),
-           "settings": {k: hp.get(k) for k in DRL_SETTINGS + METHOD_SETTINGS.get(hp["method"], ())}}
+    run = {
+        "dir": d,
+        "env": hp["env"],
+        "method": hp["method"],
+        "seed": int(hp["seed"]),
+        "mtime": mtime,
+        "acc": acc,  # kept for the curves
+        "total_timesteps": hp.get("total_timesteps"),
+        "settings": {k: hp.get(k) for k in DRL_SETTINGS + METHOD_SETTINGS.get(hp["method"], ())},
+    }
     sps_steps = scalar_series(acc, "charts/SPS")[0]  # one value per iteration
     run["steps_done"] = int(sps_steps[-1]) if len(sps_steps) else 0
     run["unfinished"] = None
@@ -297,8 +376,11 @@ def newest(runs, key, label, incomplete):
         k = key(r)
         if k in chosen:
             other = same_experiment(chosen[k], r)
-            what = f"another experiment ({other}) than the newer {r['dir']}, which is used; analyse them from separate folders" \
-                if other else f"duplicate {label(k)}; the newer {r['dir']} is used"
+            what = (
+                f"another experiment ({other}) than the newer {r['dir']}, which is used; analyse them from separate folders"
+                if other
+                else f"duplicate {label(k)}; the newer {r['dir']} is used"
+            )
             incomplete.append({"run": chosen[k]["dir"], "reason": what})
         chosen[k] = r
     return chosen
@@ -333,8 +415,11 @@ def variants(runs, where, names):
 
 def same_experiment(old, new):
     """Why two runs of one cell are two experiments (differing method settings), or None for a true duplicate."""
-    diff = [f"{k} {old['settings'].get(k)} vs {new['settings'].get(k)}" for k in METHOD_SETTINGS.get(new["method"], ())
-            if old["settings"].get(k) != new["settings"].get(k)]
+    diff = [
+        f"{k} {old['settings'].get(k)} vs {new['settings'].get(k)}"
+        for k in METHOD_SETTINGS.get(new["method"], ())
+        if old["settings"].get(k) != new["settings"].get(k)
+    ]
     return ", ".join(diff) or None
 
 
@@ -349,11 +434,23 @@ def dl_analysis(runs, args, incomplete, warnings_):
         methods = {}
         where = f"{ds}/{model}" + (f" [{variant}]" if variant else "")
         for m in sorted(groups[ds, model, variant], key=lambda m: order(m, tuple(METHOD_NAMES))):
-            methods[m] = newest(groups[ds, model, variant][m], lambda r: (r["folds"], r["split_seed"], r["fold"], r["seed"]),
-                                lambda k, m=m: f"{where}/{m} run for {fold_label(k)}", incomplete)
+            methods[m] = newest(
+                groups[ds, model, variant][m],
+                lambda r: (r["folds"], r["split_seed"], r["fold"], r["seed"]),
+                lambda k, m=m: f"{where}/{m} run for {fold_label(k)}",
+                incomplete,
+            )
             rs = list(methods[m].values())
-            summary.append({"dataset": ds, "model": model, "variant": variant, "method": m, "runs": len(rs),
-                            **{metric: describe([r[metric] for r in rs if r[metric] is not None]) for metric in DL_METRICS}})
+            summary.append(
+                {
+                    "dataset": ds,
+                    "model": model,
+                    "variant": variant,
+                    "method": m,
+                    "runs": len(rs),
+                    **{metric: describe([r[metric] for r in rs if r[metric] is not None]) for metric in DL_METRICS},
+                }
+            )
         if "camal" not in methods:
             incomplete.append({"run": where, "reason": f"{', '.join(methods)} runs but no camal run to compare with"})
             continue
@@ -369,8 +466,13 @@ def dl_analysis(runs, args, incomplete, warnings_):
             paired = sorted(set(cam) & set(other))
             if not paired:
                 continue
-            comp = {"dataset": ds, "model": model, "variant": variant, "baseline": base,
-                    "pairs": [{"fold": k[2], "seed": k[3], "camal": cam[k]["dir"], base: other[k]["dir"]} for k in paired]}
+            comp = {
+                "dataset": ds,
+                "model": model,
+                "variant": variant,
+                "baseline": base,
+                "pairs": [{"fold": k[2], "seed": k[3], "camal": cam[k]["dir"], base: other[k]["dir"]} for k in paired],
+            }
             for metric in DL_METRICS:
                 usable = [k for k in paired if cam[k][metric] is not None and other[k][metric] is not None]
                 for k in sorted(set(paired) - set(usable)):
@@ -391,8 +493,9 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
     for k in paired:
         if k not in have:
             lacking = [r["dir"] for r in (cam[k], other[k]) if not r["faithfulness"]]
-            incomplete.append({"run": ", ".join(lacking), "reason": f"no faithfulness.json: {fold_label(k)} left out of the "
-                                                                      f"faithfulness of camal vs {base}"})
+            incomplete.append(
+                {"run": ", ".join(lacking), "reason": f"no faithfulness.json: {fold_label(k)} left out of the faithfulness of camal vs {base}"}
+            )
     pooled, grid = {}, None
     for name, runs in (("camal", cam), (base, other)):
         for k in have:
@@ -405,16 +508,23 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
 
 def check_faithfulness(path, f):
     """A faithfulness.json as eval_faithfulness.py writes it: k, and per sample two curves on k and two AUCs."""
+
     def numbers(v, n=None):
-        return isinstance(v, list) and (n is None or len(v) == n) and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        return (
+            isinstance(v, list)
+            and (n is None or len(v) == n)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        )
 
     if not isinstance(f, dict) or not numbers(f.get("k")) or len(f["k"]) < 2 or not isinstance(f.get("samples"), list):
         raise StatsError(f"{path} is not a faithfulness.json of eval_faithfulness.py (it needs k, a list of numbers, and samples)")
     for i, s in enumerate(f["samples"]):
         a = s.get("attention") if isinstance(s, dict) else None
-        if not isinstance(a, dict) or not all(numbers(a.get(c), len(f["k"])) for c in ("removal", "insertion")) \
-                or not numbers([a.get("removal_auc"), a.get("insertion_auc")]):
+        if (
+            not isinstance(a, dict)
+            or not all(numbers(a.get(c), len(f["k"])) for c in ("removal", "insertion"))
+            or not numbers([a.get("removal_auc"), a.get("insertion_auc")])
+        ):
             raise StatsError(f"{path}: sample {i} needs removal and insertion curves of {len(f['k'])} numbers and their AUCs")
 
 
@@ -435,8 +545,9 @@ def faithfulness_summary(pooled, base):
         out[auc] = {"camal": c, base: b, "relative_change_percent": 100 * (c["mean"] / b["mean"] - 1) if b["mean"] else float("nan")}
     # the removal curve starts at the intact image's probability: a model wrong from the start has a low removal AUC for free
     out["start_probability"] = {m: float(np.mean([c[0] for c in pooled[m]["removal"]])) for m in ("camal", base)}
-    out["mean_curves"] = {m: {"k": pooled[m]["k"], **{c: np.mean(pooled[m][c], axis=0).tolist() for c in ("removal", "insertion")}}
-                          for m in ("camal", base)}
+    out["mean_curves"] = {
+        m: {"k": pooled[m]["k"], **{c: np.mean(pooled[m][c], axis=0).tolist() for c in ("removal", "insertion")}} for m in ("camal", base)
+    }
     return out
 
 
@@ -493,19 +604,32 @@ def drl_analysis(runs, args, incomplete, warnings_):
                 cell = [r for r in runs if (r["method"], r["task"]) == (m, e)]
                 for r in cell:
                     if r[metric] is None:
-                        incomplete.append({"run": r["dir"], "reason": f"no {metric} value (no episode ended, or no object on screen): left out of the {metric} matrix"})
+                        incomplete.append(
+                            {
+                                "run": r["dir"],
+                                "reason": f"no {metric} value (no episode ended, or no object on screen): left out of the {metric} matrix",
+                            }
+                        )
                 cells[m, e] = [r for r in cell if r[metric] is not None]
         k = min((len(c) for c in cells.values()), default=0)
         if k == 0 or not envs:
             continue
         for (m, e), cell in cells.items():
             for r in cell[k:]:  # rliable's stratified bootstrap needs the same number of runs in every cell
-                incomplete.append({"run": r["dir"], "reason": f"{m}/{e} has more {metric} runs than the smallest cell ({k}): "
-                                                              f"the {k} lowest seeds are used, seed {r['seed']} is left out"})
+                incomplete.append(
+                    {
+                        "run": r["dir"],
+                        "reason": f"{m}/{e} has more {metric} runs than the smallest cell ({k}): "
+                        f"the {k} lowest seeds are used, seed {r['seed']} is left out",
+                    }
+                )
         used |= {r["dir"] for c in cells.values() for r in c[:k]}
         raw = {m: np.array([[cells[m, e][i][metric] for e in envs] for i in range(k)]) for m in methods}  # runs x envs
-        res = {"k": k, "seeds": {m: {e: [r["seed"] for r in cells[m, e][:k]] for e in envs} for m in methods},
-               "raw": {m: raw[m].tolist() for m in methods}}
+        res = {
+            "k": k,
+            "seeds": {m: {e: [r["seed"] for r in cells[m, e][:k]] for e in envs} for m in methods},
+            "raw": {m: raw[m].tolist() for m in methods},
+        }
         scores = raw
         if metric == "return":  # min-max per environment over the runs in the matrix (every method), so no env's scale dominates
             every = [[cells[m, e][i]["return"] for m in methods for i in range(k)] for e in envs]
@@ -529,8 +653,11 @@ def drl_analysis(runs, args, incomplete, warnings_):
                 res["poi"][y] = {"p": point, "ci95": ci, "significant": bool(k > 1 and point > 0.5 and ci[0] > 0.5)}
         result["metrics"][metric] = res
     # only the runs in the matrices: the table of runs, the learning curves and the step grid come from them alone
-    result["runs"] = [{k: r.get(k) for k in ("dir", "env", "task", "method", "seed", "total_timesteps", "steps_done", "return", "iou", "source")}
-                      for r in runs if r["dir"] in used]
+    result["runs"] = [
+        {k: r.get(k) for k in ("dir", "env", "task", "method", "seed", "total_timesteps", "steps_done", "return", "iou", "source")}
+        for r in runs
+        if r["dir"] in used
+    ]
     for e in envs:
         steps = sorted({r["steps_done"] for r in runs if r["task"] == e and r["dir"] in used and r.get("steps_done") is not None})
         if len(steps) > 1:
@@ -555,8 +682,9 @@ def learning_curves(runs, points):
         r["acc"] = r.get("acc") or read_tensorboard(r["dir"])
     for metric, (tag, _) in DRL_METRICS.items():
         for env in dict.fromkeys(r["task"] for r in runs):  # runs come in the matrices' order
-            series = [(r, *until(scalar_series(r["acc"], tag), r.get("checkpoint_step") if r.get("unfinished") else None))
-                      for r in runs if r["task"] == env]
+            series = [
+                (r, *until(scalar_series(r["acc"], tag), r.get("checkpoint_step") if r.get("unfinished") else None)) for r in runs if r["task"] == env
+            ]
             series = [s for s in series if len(s[1])]
             if not series:
                 continue
@@ -582,7 +710,11 @@ def learning_curves(runs, points):
                     std = np.where(n > 1, np.nanstd(rows, axis=0, ddof=1), 0.0)
                 band = 1.96 * std / np.sqrt(np.maximum(n, 1))
                 curves.setdefault(metric, {}).setdefault(env, {})[m] = {
-                    "steps": edges[1:].tolist(), "mean": mean.tolist(), "band": band.tolist(), "runs": len(rows)}
+                    "steps": edges[1:].tolist(),
+                    "mean": mean.tolist(),
+                    "band": band.tolist(),
+                    "runs": len(rows),
+                }
     return curves
 
 
@@ -618,16 +750,42 @@ def dataset_label(d, variant=""):
 def dl_tables(summary, comparisons, significance):
     tables = []
     if summary:
-        rows = [[dataset_label(s["dataset"], s["variant"]), MODEL_NAMES.get(s["model"], s["model"]), method_name(s["method"]),
-                 s["runs"], pct(s["test_accuracy"]), pct(s["test_iou"])] for s in summary]
-        csv_rows = [[s["dataset"], s["variant"], s["model"], s["method"], s["runs"],
-                     *[s[m][f] for m in ("test_accuracy", "test_iou") for f in ("mean", "std")]] for s in summary]
-        tables.append({"name": "dl_runs", "title": "DL runs: the runs used, per experiment and method (% mean ± std)",
-                       "header": ["Dataset", "Model", "Method", "Runs", "Test accuracy", "Test IoU"], "rows": rows,
-                       "notes": ["[...]: the settings in which an experiment differs from another of the same dataset and model; "
-                                 "runs of different experiments are never paired. Runs not used are listed under Incomplete."],
-                       "csv_header": ["dataset", "variant", "model", "method", "runs", "accuracy_mean", "accuracy_std", "iou_mean", "iou_std"],
-                       "csv_rows": csv_rows})
+        rows = [
+            [
+                dataset_label(s["dataset"], s["variant"]),
+                MODEL_NAMES.get(s["model"], s["model"]),
+                method_name(s["method"]),
+                s["runs"],
+                pct(s["test_accuracy"]),
+                pct(s["test_iou"]),
+            ]
+            for s in summary
+        ]
+        csv_rows = [
+            [
+                s["dataset"],
+                s["variant"],
+                s["model"],
+                s["method"],
+                s["runs"],
+                *[s[m][f] for m in ("test_accuracy", "test_iou") for f in ("mean", "std")],
+            ]
+            for s in summary
+        ]
+        tables.append(
+            {
+                "name": "dl_runs",
+                "title": "DL runs: the runs used, per experiment and method (% mean ± std)",
+                "header": ["Dataset", "Model", "Method", "Runs", "Test accuracy", "Test IoU"],
+                "rows": rows,
+                "notes": [
+                    "[...]: the settings in which an experiment differs from another of the same dataset and model; "
+                    "runs of different experiments are never paired. Runs not used are listed under Incomplete."
+                ],
+                "csv_header": ["dataset", "variant", "model", "method", "runs", "accuracy_mean", "accuracy_std", "iou_mean", "iou_std"],
+                "csv_rows": csv_rows,
+            }
+        )
     for base in BASELINES:
         for metric in DL_METRICS:
             comps = [c for c in comparisons if c["baseline"] == base and metric in c]
@@ -645,25 +803,84 @@ def dl_tables(summary, comparisons, significance):
                 rows.append(row)
             paper = PAPER_TABLE.get((metric, base))
             title = f"{DL_METRICS[metric]}: CAMAL vs {method_name(base)}" + (f" (the paper's {paper})" if paper else "")
-            notes = [f"% mean ± std over the paired folds. **Bold**: CAMAL's mean is higher and the one-tailed Wilcoxon signed-rank "
-                     f"test (H1: CAMAL > baseline) gives p < {significance:g}; <u>underlined</u>: higher, not significant."]
+            notes = [
+                f"% mean ± std over the paired folds. **Bold**: CAMAL's mean is higher and the one-tailed Wilcoxon signed-rank "
+                f"test (H1: CAMAL > baseline) gives p < {significance:g}; <u>underlined</u>: higher, not significant."
+            ]
             detail_rows, csv_rows = [], []
             for c in comps:
                 a, b, w = c[metric]["camal"], c[metric][base], c[metric]["wilcoxon"]
-                detail_rows.append([dataset_label(c["dataset"], c["variant"]), MODEL_NAMES.get(c["model"], c["model"]), a["n"],
-                                    f"{pct(a)} {ci_text(a)}", f"{pct(b)} {ci_text(b)}", f"{w['T']:g}", f"{w['p']:.4g}", w["verdict"]])
-                csv_rows.append([c["dataset"], c["variant"], c["model"], a["n"], a["mean"], a["std"], *a["ci95"], b["mean"], b["std"], *b["ci95"],
-                                 w["r_plus"], w["T"], w["p"], w["verdict"]])
+                detail_rows.append(
+                    [
+                        dataset_label(c["dataset"], c["variant"]),
+                        MODEL_NAMES.get(c["model"], c["model"]),
+                        a["n"],
+                        f"{pct(a)} {ci_text(a)}",
+                        f"{pct(b)} {ci_text(b)}",
+                        f"{w['T']:g}",
+                        f"{w['p']:.4g}",
+                        w["verdict"],
+                    ]
+                )
+                csv_rows.append(
+                    [
+                        c["dataset"],
+                        c["variant"],
+                        c["model"],
+                        a["n"],
+                        a["mean"],
+                        a["std"],
+                        *a["ci95"],
+                        b["mean"],
+                        b["std"],
+                        *b["ci95"],
+                        w["r_plus"],
+                        w["T"],
+                        w["p"],
+                        w["verdict"],
+                    ]
+                )
             # the paper's layout, then every number of its tests (the CSV holds them all)
-            tables.append({"name": f"dl_{metric}_camal_vs_{base}", "title": title, "header": header, "rows": rows, "notes": notes,
-                           "csv_header": ["dataset", "variant", "model", "pairs", "camal_mean", "camal_std", "camal_ci_low", "camal_ci_high",
-                                          f"{base}_mean", f"{base}_std", f"{base}_ci_low", f"{base}_ci_high", "r_plus", "T", "p", "result"],
-                           "csv_rows": csv_rows})
-            tables.append({"name": None, "title": f"{title}: tests",
-                           "header": ["Dataset", "Model", "Pairs", "CAMAL % [95 % CI]", f"{method_name(base)} % [95 % CI]", "T", "p (one-tailed)", "Result"],
-                           "rows": detail_rows,
-                           "notes": ["T = min(R+, R-) as in the paper's Eq. 5; p from scipy.stats.wilcoxon(camal, baseline, alternative='greater'). "
-                                     "CI: mean ± 1.96 standard errors."]})
+            tables.append(
+                {
+                    "name": f"dl_{metric}_camal_vs_{base}",
+                    "title": title,
+                    "header": header,
+                    "rows": rows,
+                    "notes": notes,
+                    "csv_header": [
+                        "dataset",
+                        "variant",
+                        "model",
+                        "pairs",
+                        "camal_mean",
+                        "camal_std",
+                        "camal_ci_low",
+                        "camal_ci_high",
+                        f"{base}_mean",
+                        f"{base}_std",
+                        f"{base}_ci_low",
+                        f"{base}_ci_high",
+                        "r_plus",
+                        "T",
+                        "p",
+                        "result",
+                    ],
+                    "csv_rows": csv_rows,
+                }
+            )
+            tables.append(
+                {
+                    "name": None,
+                    "title": f"{title}: tests",
+                    "header": ["Dataset", "Model", "Pairs", "CAMAL % [95 % CI]", f"{method_name(base)} % [95 % CI]", "T", "p (one-tailed)", "Result"],
+                    "rows": detail_rows,
+                    "notes": [
+                        "T = min(R+, R-) as in the paper's Eq. 5; p from scipy.stats.wilcoxon(camal, baseline, alternative='greater'). "
+                        "CI: mean ± 1.96 standard errors."
+                    ],
+                }
+            )
     return tables
 
 
@@ -693,75 +910,197 @@ def faithfulness_tables(comparisons):
             r, i = s["removal_auc"], s["insertion_auc"]
             fmt = lambda d: f"{d['mean']:.4f} {ci_text(d, 1.0, 4)}"  # noqa: E731
             p0 = s["start_probability"]
-            rows.append([dataset_label(ds, variant), MODEL_NAMES.get(model, model), f"{r['camal']['n']} / {r[base]['n']}",
-                         f"{p0['camal']:.2f} / {p0[base]:.2f}", fmt(r["camal"]),
-                         fmt(r[base]), f"{r['relative_change_percent']:+.1f} %", fmt(i["camal"]), fmt(i[base]), f"{i['relative_change_percent']:+.1f} %"])
-            csv_rows.append([ds, variant, model, r["camal"]["n"], r[base]["n"], p0["camal"], p0[base], r["camal"]["mean"], *r["camal"]["ci95"], r[base]["mean"], *r[base]["ci95"],
-                             r["relative_change_percent"], i["camal"]["mean"], *i["camal"]["ci95"], i[base]["mean"], *i[base]["ci95"],
-                             i["relative_change_percent"]])
+            rows.append(
+                [
+                    dataset_label(ds, variant),
+                    MODEL_NAMES.get(model, model),
+                    f"{r['camal']['n']} / {r[base]['n']}",
+                    f"{p0['camal']:.2f} / {p0[base]:.2f}",
+                    fmt(r["camal"]),
+                    fmt(r[base]),
+                    f"{r['relative_change_percent']:+.1f} %",
+                    fmt(i["camal"]),
+                    fmt(i[base]),
+                    f"{i['relative_change_percent']:+.1f} %",
+                ]
+            )
+            csv_rows.append(
+                [
+                    ds,
+                    variant,
+                    model,
+                    r["camal"]["n"],
+                    r[base]["n"],
+                    p0["camal"],
+                    p0[base],
+                    r["camal"]["mean"],
+                    *r["camal"]["ci95"],
+                    r[base]["mean"],
+                    *r[base]["ci95"],
+                    r["relative_change_percent"],
+                    i["camal"]["mean"],
+                    *i["camal"]["ci95"],
+                    i[base]["mean"],
+                    *i[base]["ci95"],
+                    i["relative_change_percent"],
+                ]
+            )
         b = method_name(base)
-        tables.append({"name": f"dl_faithfulness_camal_vs_{base}", "title": f"Faithfulness AUCs: CAMAL vs {b} (eval_faithfulness.py)",
-                       "header": ["Dataset", "Model", "Samples", "p(true) at k=0", "Removal CAMAL [95 % CI]", f"Removal {b}", "Change", "Insertion CAMAL",
-                                  f"Insertion {b}", "Change"],
-                       "rows": rows,
-                       "notes": ["Per-sample AUCs pooled over the paired folds that both have faithfulness.json. Removal: lower is better; "
-                                 "insertion: higher is better. Change: CAMAL's mean relative to the baseline's "
-                                 "(the paper, against Prior: -39 % removal, +35.3 % insertion). p(true) at k=0: the mean probability of "
-                                 "the true class on the intact images (CAMAL / baseline); removal starts there, so compare removal AUCs "
-                                 "only where these are alike: a model wrong from the start has a low removal AUC for free."],
-                       "csv_header": ["dataset", "variant", "model", "camal_samples", f"{base}_samples", "start_probability_camal",
-                                      f"start_probability_{base}", "removal_camal", "removal_camal_ci_low",
-                                      "removal_camal_ci_high", f"removal_{base}", f"removal_{base}_ci_low", f"removal_{base}_ci_high",
-                                      "removal_change_percent", "insertion_camal", "insertion_camal_ci_low", "insertion_camal_ci_high",
-                                      f"insertion_{base}", f"insertion_{base}_ci_low", f"insertion_{base}_ci_high", "insertion_change_percent"],
-                       "csv_rows": csv_rows})
+        tables.append(
+            {
+                "name": f"dl_faithfulness_camal_vs_{base}",
+                "title": f"Faithfulness AUCs: CAMAL vs {b} (eval_faithfulness.py)",
+                "header": [
+                    "Dataset",
+                    "Model",
+                    "Samples",
+                    "p(true) at k=0",
+                    "Removal CAMAL [95 % CI]",
+                    f"Removal {b}",
+                    "Change",
+                    "Insertion CAMAL",
+                    f"Insertion {b}",
+                    "Change",
+                ],
+                "rows": rows,
+                "notes": [
+                    "Per-sample AUCs pooled over the paired folds that both have faithfulness.json. Removal: lower is better; "
+                    "insertion: higher is better. Change: CAMAL's mean relative to the baseline's "
+                    "(the paper, against Prior: -39 % removal, +35.3 % insertion). p(true) at k=0: the mean probability of "
+                    "the true class on the intact images (CAMAL / baseline); removal starts there, so compare removal AUCs "
+                    "only where these are alike: a model wrong from the start has a low removal AUC for free."
+                ],
+                "csv_header": [
+                    "dataset",
+                    "variant",
+                    "model",
+                    "camal_samples",
+                    f"{base}_samples",
+                    "start_probability_camal",
+                    f"start_probability_{base}",
+                    "removal_camal",
+                    "removal_camal_ci_low",
+                    "removal_camal_ci_high",
+                    f"removal_{base}",
+                    f"removal_{base}_ci_low",
+                    f"removal_{base}_ci_high",
+                    "removal_change_percent",
+                    "insertion_camal",
+                    "insertion_camal_ci_low",
+                    "insertion_camal_ci_high",
+                    f"insertion_{base}",
+                    f"insertion_{base}_ci_low",
+                    f"insertion_{base}_ci_high",
+                    "insertion_change_percent",
+                ],
+                "csv_rows": csv_rows,
+            }
+        )
     return tables, results, curves
 
 
 def drl_tables(drl, args):
     tables = []
-    rows = [[r["task"], method_name(r["method"]), r["seed"], "—" if r["return"] is None else f"{r['return']:.2f}",
-             "—" if r["iou"] is None else f"{r['iou']:.3f}", r["source"]] for r in drl["runs"]]
-    tables.append({"name": "drl_runs", "title": "DRL runs: the score of every run used and where it comes from",
-                   "header": ["Env", "Method", "Seed", "Return", "IoU", "Source"], "rows": rows,
-                   "csv_header": ["env", "method", "seed", "return", "iou", "source", "run"],
-                   "csv_rows": [[r["task"], r["method"], r["seed"], r["return"], r["iou"], r["source"], r["dir"]] for r in drl["runs"]]})
+    rows = [
+        [
+            r["task"],
+            method_name(r["method"]),
+            r["seed"],
+            "—" if r["return"] is None else f"{r['return']:.2f}",
+            "—" if r["iou"] is None else f"{r['iou']:.3f}",
+            r["source"],
+        ]
+        for r in drl["runs"]
+    ]
+    tables.append(
+        {
+            "name": "drl_runs",
+            "title": "DRL runs: the score of every run used and where it comes from",
+            "header": ["Env", "Method", "Seed", "Return", "IoU", "Source"],
+            "rows": rows,
+            "csv_header": ["env", "method", "seed", "return", "iou", "source", "run"],
+            "csv_rows": [[r["task"], r["method"], r["seed"], r["return"], r["iou"], r["source"], r["dir"]] for r in drl["runs"]],
+        }
+    )
     for metric, res in drl["metrics"].items():
         label = "return" if metric == "return" else "attention IoU"
         figure = DRL_METRICS[metric][1]
-        per_env = [[e, method_name(m), d["n"], f"{d['mean']:.3f}" + (f" ± {d['std']:.3f}" if d["n"] > 1 else "")]
-                   for e in drl["envs"] for m in drl["methods"] for d in [res["per_env"][m][e]]]
+        per_env = [
+            [e, method_name(m), d["n"], f"{d['mean']:.3f}" + (f" ± {d['std']:.3f}" if d["n"] > 1 else "")]
+            for e in drl["envs"]
+            for m in drl["methods"]
+            for d in [res["per_env"][m][e]]
+        ]
         notes = [f"{res['k']} run{'s' if res['k'] > 1 else ''} per method and environment (the lowest seeds where a cell has more)."]
         if res["k"] == 1:
-            notes.append("With one run per environment the bootstrap has nothing to resample: the CIs have zero width and "
-                         "say nothing about uncertainty, and no probability of improvement is called significant.")
+            notes.append(
+                "With one run per environment the bootstrap has nothing to resample: the CIs have zero width and "
+                "say nothing about uncertainty, and no probability of improvement is called significant."
+            )
         if metric == "return":
-            notes.append("Returns are min-max normalised per environment over the runs in the matrix, of every method, before aggregation (min -> 0, "
-                         "max -> 1; an environment where all are equal -> 0): "
-                         + ", ".join(f"{e} [{lo:g}, {hi:g}]" for e, (lo, hi) in res["normalisation"].items()) + ".")
-        notes.append(f"SBCI: rliable get_interval_estimates with the mean aggregate, {args.reps} stratified bootstrap resamples, "
-                     f"numpy seeded with {args.seed}.")
-        sbci = [[method_name(m), f"{res['k']} x {len(drl['envs'])}", f"{v['mean']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"]
-                for m, v in res["sbci_mean"].items()]
-        tables.append({"name": f"drl_{metric}_per_env", "title": f"DRL {label} per environment (raw, mean ± std)",
-                       "header": ["Env", "Method", "Runs", label[0].upper() + label[1:]], "rows": per_env,
-                       "csv_header": ["env", "method", "runs", "mean", "std"],
-                       "csv_rows": [[e, m, res["per_env"][m][e]["n"], res["per_env"][m][e]["mean"], res["per_env"][m][e]["std"]]
-                                    for e in drl["envs"] for m in drl["methods"]]})
-        tables.append({"name": f"drl_{metric}_sbci", "title": f"DRL {label}: SBCI of the mean (the paper's {figure}, left)",
-                       "header": ["Method", "Runs x envs", "Mean" + (" (normalised)" if metric == "return" else ""), "95 % CI"],
-                       "rows": sbci, "notes": notes,
-                       "csv_header": ["method", "runs", "envs", "mean", "ci_low", "ci_high"],
-                       "csv_rows": [[m, res["k"], len(drl["envs"]), v["mean"], *v["ci95"]] for m, v in res["sbci_mean"].items()]})
+            notes.append(
+                "Returns are min-max normalised per environment over the runs in the matrix, of every method, before aggregation (min -> 0, "
+                "max -> 1; an environment where all are equal -> 0): "
+                + ", ".join(f"{e} [{lo:g}, {hi:g}]" for e, (lo, hi) in res["normalisation"].items())
+                + "."
+            )
+        notes.append(
+            f"SBCI: rliable get_interval_estimates with the mean aggregate, {args.reps} stratified bootstrap resamples, "
+            f"numpy seeded with {args.seed}."
+        )
+        sbci = [
+            [method_name(m), f"{res['k']} x {len(drl['envs'])}", f"{v['mean']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"]
+            for m, v in res["sbci_mean"].items()
+        ]
+        tables.append(
+            {
+                "name": f"drl_{metric}_per_env",
+                "title": f"DRL {label} per environment (raw, mean ± std)",
+                "header": ["Env", "Method", "Runs", label[0].upper() + label[1:]],
+                "rows": per_env,
+                "csv_header": ["env", "method", "runs", "mean", "std"],
+                "csv_rows": [
+                    [e, m, res["per_env"][m][e]["n"], res["per_env"][m][e]["mean"], res["per_env"][m][e]["std"]]
+                    for e in drl["envs"]
+                    for m in drl["methods"]
+                ],
+            }
+        )
+        tables.append(
+            {
+                "name": f"drl_{metric}_sbci",
+                "title": f"DRL {label}: SBCI of the mean (the paper's {figure}, left)",
+                "header": ["Method", "Runs x envs", "Mean" + (" (normalised)" if metric == "return" else ""), "95 % CI"],
+                "rows": sbci,
+                "notes": notes,
+                "csv_header": ["method", "runs", "envs", "mean", "ci_low", "ci_high"],
+                "csv_rows": [[m, res["k"], len(drl["envs"]), v["mean"], *v["ci95"]] for m, v in res["sbci_mean"].items()],
+            }
+        )
         if res["poi"]:
-            tables.append({"name": f"drl_{metric}_poi", "title": f"DRL {label}: probability of improvement (the paper's {figure}, right)",
-                           "header": ["X", "Y", "P(X > Y)", "95 % CI", "Result"],
-                           "rows": [["CAMAL", method_name(y), f"{v['p']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]",
-                                     "significant" if v["significant"] else "not significant"] for y, v in res["poi"].items()],
-                           "notes": ["rliable probability_of_improvement (Mann-Whitney per environment, averaged; the paper's Eq. 6) with "
-                                     "its stratified bootstrap CI. Significant when P > 0.5 and 0.5 is outside the CI."],
-                           "csv_header": ["x", "y", "p", "ci_low", "ci_high", "significant"],
-                           "csv_rows": [["camal", y, v["p"], *v["ci95"], v["significant"]] for y, v in res["poi"].items()]})
+            tables.append(
+                {
+                    "name": f"drl_{metric}_poi",
+                    "title": f"DRL {label}: probability of improvement (the paper's {figure}, right)",
+                    "header": ["X", "Y", "P(X > Y)", "95 % CI", "Result"],
+                    "rows": [
+                        [
+                            "CAMAL",
+                            method_name(y),
+                            f"{v['p']:.3f}",
+                            f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]",
+                            "significant" if v["significant"] else "not significant",
+                        ]
+                        for y, v in res["poi"].items()
+                    ],
+                    "notes": [
+                        "rliable probability_of_improvement (Mann-Whitney per environment, averaged; the paper's Eq. 6) with "
+                        "its stratified bootstrap CI. Significant when P > 0.5 and 0.5 is outside the CI."
+                    ],
+                    "csv_header": ["x", "y", "p", "ci_low", "ci_high", "significant"],
+                    "csv_rows": [["camal", y, v["p"], *v["ci95"], v["significant"]] for y, v in res["poi"].items()],
+                }
+            )
     return tables
 
 
@@ -781,9 +1120,16 @@ def plot_drl(drl, curves, out):
     if metrics_:
         point = {method_name(m): np.array([drl["metrics"][x]["sbci_mean"][m]["mean"] for x in metrics_]) for m in drl["methods"]}
         interval = {method_name(m): np.array([drl["metrics"][x]["sbci_mean"][m]["ci95"] for x in metrics_]).T for m in drl["methods"]}
-        fig, _ = plot_utils.plot_interval_estimates(point, interval, metric_names=[labels[x] for x in metrics_],
-                                                    algorithms=list(point), xlabel="Mean (SBCI, 95 % CI)",
-                                                    row_height=0.6, subfigure_width=4.0, xlabel_y_coordinate=-0.35)
+        fig, _ = plot_utils.plot_interval_estimates(
+            point,
+            interval,
+            metric_names=[labels[x] for x in metrics_],
+            algorithms=list(point),
+            xlabel="Mean (SBCI, 95 % CI)",
+            row_height=0.6,
+            subfigure_width=4.0,
+            xlabel_y_coordinate=-0.35,
+        )
         fig.savefig(os.path.join(out, "drl_interval_estimates.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append("drl_interval_estimates.png")
@@ -792,9 +1138,12 @@ def plot_drl(drl, curves, out):
         fig, axes = plt.subplots(1, len(poi), figsize=(5 * len(poi), 3), squeeze=False)
         for ax, x in zip(axes[0], poi):
             res = drl["metrics"][x]["poi"]
-            plot_utils.plot_probability_of_improvement({f"CAMAL,{method_name(y)}": v["p"] for y, v in res.items()},
-                                                       {f"CAMAL,{method_name(y)}": np.array(v["ci95"]) for y, v in res.items()},
-                                                       ax=ax, xlabel=f"P(X > Y), {labels[x]}")
+            plot_utils.plot_probability_of_improvement(
+                {f"CAMAL,{method_name(y)}": v["p"] for y, v in res.items()},
+                {f"CAMAL,{method_name(y)}": np.array(v["ci95"]) for y, v in res.items()},
+                ax=ax,
+                xlabel=f"P(X > Y), {labels[x]}",
+            )
         fig.tight_layout()
         fig.savefig(os.path.join(out, "drl_probability_of_improvement.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -891,8 +1240,10 @@ def analyse(args):
         seen = f" ({len(skipped)} folders with TensorBoard events but no usable run)" if skipped else ""
         if left_out:
             seen += f"; {len(left_out)} PPO runs not scored, e.g. {left_out[0]['run']}: {left_out[0]['reason']}"
-        raise StatsError(f"no runs of train_dl_camal.py or ppo_camal_vizdoom.py under {', '.join(args.paths)}{seen}: "
-                         "a run folder holds metrics.json (DL), eval.json or the TensorBoard events of a PPO run")
+        raise StatsError(
+            f"no runs of train_dl_camal.py or ppo_camal_vizdoom.py under {', '.join(args.paths)}{seen}: "
+            "a run folder holds metrics.json (DL), eval.json or the TensorBoard events of a PPO run"
+        )
     incomplete = list(left_out)
     summary, comparisons = dl_analysis(dl_runs, args, incomplete, warnings_) if dl_runs else ([], [])
     drl = drl_analysis(drl_runs, args, incomplete, warnings_) if drl_runs else None
@@ -902,9 +1253,19 @@ def analyse(args):
     tables += faith_tables
     if drl:
         tables += drl_tables(drl, args)
-    stats = {"args": asdict(args), "dl": {"runs": len(dl_runs), "summary": summary, "comparisons": [
-        {k: v for k, v in c.items() if k != "faithfulness"} for c in comparisons], "faithfulness": faithfulness},
-        "drl": drl, "incomplete": incomplete, "warnings": warnings_, "skipped": skipped}
+    stats = {
+        "args": asdict(args),
+        "dl": {
+            "runs": len(dl_runs),
+            "summary": summary,
+            "comparisons": [{k: v for k, v in c.items() if k != "faithfulness"} for c in comparisons],
+            "faithfulness": faithfulness,
+        },
+        "drl": drl,
+        "incomplete": incomplete,
+        "warnings": warnings_,
+        "skipped": skipped,
+    }
     return stats, tables, curves, drl_runs
 
 
@@ -918,16 +1279,24 @@ def empty_cam_warnings(dl_runs, drl_runs, warnings_):
     for name, values in sorted(cells.items()):
         values = [v for v in values if v is not None]  # runs written before the fraction was recorded have none
         if values and np.mean(values) > 0.5:
-            warnings_.append({"run": name, "reason": f"{np.mean(values):.0%} of its CAMs were empty (all zero) on average over "
-                                                     f"{len(values)} runs: its IoU comes mostly from empty maps and says little "
-                                                     "about where it looked"})
+            warnings_.append(
+                {
+                    "run": name,
+                    "reason": f"{np.mean(values):.0%} of its CAMs were empty (all zero) on average over "
+                    f"{len(values)} runs: its IoU comes mostly from empty maps and says little "
+                    "about where it looked",
+                }
+            )
 
 
 def report(stats, tables):
     parts = ["# CAMAL statistics", ""]
     parts += [markdown(t) for t in tables]
-    for title, items in (("Incomplete: listed, left out of the tests above", stats["incomplete"]),
-                         ("Warnings: used, but check the settings", stats["warnings"]), ("Skipped folders", stats["skipped"])):
+    for title, items in (
+        ("Incomplete: listed, left out of the tests above", stats["incomplete"]),
+        ("Warnings: used, but check the settings", stats["warnings"]),
+        ("Skipped folders", stats["skipped"]),
+    ):
         if items:
             parts += [f"### {title}", ""] + [f"- {i['run']}: {i['reason']}" for i in items] + [""]
     return "\n".join(parts)

@@ -25,12 +25,17 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t")
 DATASETS = ("shapes", "pets", "flowers", "busi")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
 RESIZE, CROP = 256, 224
-STOP_POINT = "epoch"  # where a run stops when asked to (request_stop)
+# where a run stops when asked to (request_stop), and what it calls one pass
+STOP_POINT = "at the end of this epoch"
+STOP_UNIT = "epoch"
+# what an epoch sums over its batches (one device tensor, one all_reduce under torchrun)
+EPOCH_SUMS = ("loss", "ce", "reg", "alpha", "beta", "valid", "correct", "seen", "empty", "stop_votes")
 
 
 @dataclass
@@ -125,7 +130,7 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # CAMAL helpers, copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py checks).
 # ---------------------------------------------------------------------------------------------
-def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
+def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
 
     activations: the feature map in the graph that `score` was computed from.
@@ -133,27 +138,27 @@ def grad_cam(activations, score, size, to_nchw=None, rectify="relu"):
     size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
     when the model's layout differs. rectify: "relu" is Grad-CAM (Eq. 3); "abs" keeps the evidence that
     lowers the score too, |sum_k w_k A_k|, so a map is empty only where no feature moves the score.
-    Returns B x H x W in [0, 1]; differentiable w.r.t. the model's parameters when grad mode is on
-    (create_graph), a plain measurement under no_grad.
+    create_graph: True for a map a loss will be differentiated through (CAMAL's double backward); False for a measurement,
+    which keeps no graph. Returns B x H x W in [0, 1].
     """
     # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
-    grads = torch.autograd.grad(
-        score, activations, grad_outputs=torch.ones_like(score), create_graph=torch.is_grad_enabled(), retain_graph=True
-    )[0]
-    if to_nchw is not None:
-        activations, grads = to_nchw(activations), to_nchw(grads)
-    activations, grads = activations.float(), grads.float()
-    weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
-    cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
-    cam = torch.relu(cam) if rectify == "relu" else cam.abs()
-    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
-    # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
-    # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
-    h, w = cam.shape[1:]
-    eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
-    r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
-    r_x = F.interpolate(eye(w), size=size[1], mode="linear", align_corners=False)[0].T  # W x w
-    return r_y @ cam @ r_x.T
+    grads = torch.autograd.grad(score, activations, grad_outputs=torch.ones_like(score), create_graph=create_graph, retain_graph=True)[0]
+    # the arithmetic joins the graph only for a map a loss will differentiate, whatever the ambient grad mode
+    with torch.set_grad_enabled(create_graph):
+        if to_nchw is not None:
+            activations, grads = to_nchw(activations), to_nchw(grads)
+        activations, grads = activations.float(), grads.float()
+        weights = grads.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of the gradient
+        cam = (weights * activations).mean(dim=1)  # mean over k, as in Appendix C
+        cam = torch.relu(cam) if rectify == "relu" else cam.abs()
+        cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
+        # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
+        # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
+        h, w = cam.shape[1:]
+        eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
+        r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
+        r_x = F.interpolate(eye(w), size=size[1], mode="linear", align_corners=False)[0].T  # W x w
+        return r_y @ cam @ r_x.T
 
 
 def camal_terms(cam, mask):
@@ -502,7 +507,7 @@ def clip_prior_cams(args, records, classes, device):
         a = acts.pop("a")
         grid = a.shape[-2:] if to_nchw is None else (side, side)
         with torch.no_grad():
-            cams.append(grad_cam(a, score, grid, to_nchw).half().cpu())
+            cams.append(grad_cam(a, score, grid, create_graph=False, to_nchw=to_nchw).half().cpu())
         print(f"prior: CLIP CAMs {sum(len(c) for c in cams)}/{len(records)} ({time.time() - start:.0f} s)", flush=True)
     hook.remove()
     cams = torch.cat(cams)
@@ -624,24 +629,32 @@ def class_cam(model, images, labels, double_backward, autocast, forward=None):
         logits, acts = (forward or model)(normalise(images, next(model.parameters()).dtype))
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     score = logits.gather(1, labels[:, None]).squeeze(1)
-    with torch.set_grad_enabled(double_backward):
-        cam = grad_cam(acts, score, images.shape[-2:], model.to_nchw)
+    cam = grad_cam(acts, score, images.shape[-2:], create_graph=double_backward, to_nchw=model.to_nchw)
     return logits, cam
 
 
 # ---------------------------------------------------------------------------------------------
 # Pictures
 # ---------------------------------------------------------------------------------------------
+def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
+    """H x 3W x 3 uint8 RGB, each part labelled: the image, the mask in red over it, the CAM as a jet overlay.
+    image: H x W (gray) or H x W x 3 uint8; mask: H x W, non-zero inside; cam: H x W in [0, 1]."""
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image)
+    inside = np.asarray(mask).astype(bool)
+    masked = rgb.copy()
+    masked[inside] = (0.5 * masked[inside] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    parts = [rgb.copy(), masked, np.uint8(0.5 * rgb + 0.5 * heat)]
+    scale = max(0.3, rgb.shape[0] / 400)  # readable at 60 x 80 and at 224 x 224
+    for part, title in zip(parts, titles):
+        for colour, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):  # white on a dark edge: readable on any image
+            cv2.putText(part, title, (2, 2 + int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
+    return np.concatenate(parts, axis=1)
+
+
 def overlay_grid(images, masks, cams):
-    """Rows of image | mask (red) | CAM overlay (jet), as one H x W x 3 uint8 array."""
-    rows = []
-    for img, m, c in zip(images, masks, cams):
-        rgb = img.permute(1, 2, 0).numpy()
-        masked = rgb.copy()
-        masked[m.numpy()] = (0.5 * masked[m.numpy()] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
-        heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * c.clamp(0, 1).numpy()), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-        rows.append(np.concatenate([rgb, masked, np.uint8(0.5 * rgb + 0.5 * heat)], axis=1))
-    return np.concatenate(rows, axis=0)
+    """Rows of image | mask (red) | CAM overlay (jet), labelled, as one H x W x 3 uint8 array."""
+    return np.concatenate([attention_panel(img.permute(1, 2, 0).numpy(), m.numpy(), c.numpy()) for img, m, c in zip(images, masks, cams)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,7 +668,7 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
     sums = torch.zeros(5)  # iou, alpha, beta, valid count, empty CAMs
     for images, masks, labels in loader:
         images, masks, labels = images.to(device), masks.to(device), labels.to(device)
-        logits, cam = class_cam(model, images, labels, False, autocast)
+        logits, cam = class_cam(model, images, labels, double_backward=False, autocast=autocast)
         pred = logits.argmax(1)
         total += torch.bincount(labels, minlength=num_classes).cpu()  # per class, no sync per class
         correct += torch.bincount(labels[pred == labels], minlength=num_classes).cpu()
@@ -704,15 +717,27 @@ def start_tracking(args, run_name, run_dir):
         raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
     import hashlib
 
-    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
-                      id=hashlib.sha1(run_name.encode()).hexdigest()[:16], resume="allow", save_code=True, dir=run_dir)
+    return wandb.init(
+        project=args.wandb_project_name,
+        entity=args.wandb_entity,
+        sync_tensorboard=True,
+        config=vars(args),
+        name=run_name,
+        id=hashlib.sha1(run_name.encode()).hexdigest()[:16],
+        resume="allow",
+        save_code=True,
+        dir=run_dir,
+    )
 
 
 def ignored_flags(cli, saved, keep):
     """The flags given with --resume that the run does not take (it continues with its own settings), as text."""
     default = type(cli)()
-    return [f"--{k.replace('_', '-')} {getattr(cli, k)} (the run's: {saved.get(k)})" for k in cli.__dataclass_fields__
-            if k not in keep and getattr(cli, k) != getattr(default, k) and getattr(cli, k) != saved.get(k)]
+    return [
+        f"--{k.replace('_', '-')} {getattr(cli, k)} (the run's: {saved.get(k)})"
+        for k in cli.__dataclass_fields__
+        if k not in keep and getattr(cli, k) != getattr(default, k) and getattr(cli, k) != saved.get(k)
+    ]
 
 
 def rng_state():
@@ -766,8 +791,10 @@ def read_checkpoint(path, keys):
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # refused by the weights-only unpickler, or truncated or corrupt (zip, pickle, storage)
             if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-                problems.append(f"{p} holds pickled Python objects, not only tensors (an older version of this script "
-                                "wrote it, or something else did); loading it could run code, so it is refused")
+                problems.append(
+                    f"{p} holds pickled Python objects, not only tensors (an older version of this script "
+                    "wrote it, or something else did); loading it could run code, so it is refused"
+                )
             else:
                 problems.append(f"{p} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
@@ -777,8 +804,11 @@ def read_checkpoint(path, keys):
         if p != path:
             every = state["args"].get("checkpoint_every") if isinstance(state["args"], dict) else None
             lost = f"up to {every} iterations or epochs of progress" if every else "the progress since the one before"
-            print(f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: "
-                  f"{lost} will be redone", file=sys.stderr, flush=True)
+            print(
+                f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: {lost} will be redone",
+                file=sys.stderr,
+                flush=True,
+            )
         return state
     raise ValueError("; ".join(problems) or f"no checkpoint at {path}")
 
@@ -787,11 +817,18 @@ DL_CHECKPOINT_KEYS = ("args", "fold", "model", "optimizer", "epoch", "global_ste
 
 
 def save_checkpoint(path, model, optimizer, args, fold, epoch, global_step):
-    write_checkpoint(path, {
-        "args": asdict(args), "fold": fold,  # the fold in progress (args.fold may be `all`)
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "global_step": global_step,
-        "rng": rng_state(),
-    })
+    write_checkpoint(
+        path,
+        {
+            "args": asdict(args),
+            "fold": fold,  # the fold in progress (args.fold may be `all`)
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "global_step": global_step,
+            "rng": rng_state(),
+        },
+    )
 
 
 def world():
@@ -858,12 +895,27 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     if distributed:  # each process takes its share of every global batch
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     per_process = args.batch_size // world_size
-    train_loader = DataLoader(train_set, batch_size=per_process, shuffle=sampler is None, sampler=sampler,
-                              num_workers=args.num_workers, generator=gen, drop_last=len(train_set) > args.batch_size)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=per_process,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        generator=gen,
+        drop_last=len(train_set) > args.batch_size,
+    )
     test_loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
     grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))
     supervised = args.method != "vanilla"
     start_time = time.time()
+    if rank == 0:
+        print(
+            f"{run_name}: {describe_device(device)}, {args.model} ({'ImageNet weights' if imagenet else 'random start'}), "
+            f"{len(train_set)} training and {len(test_set)} held-out images, {args.epochs} epochs of {len(train_loader)} batches\n"
+            f"  run folder: {run_dir}   watch: tensorboard --logdir {os.path.dirname(run_dir) or '.'}   "
+            f"stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
+            flush=True,
+        )
 
     epoch, result = start_epoch - 1, None
     collapsed_for, train_empty = 0, None  # epochs in a row with over half the CAMs empty
@@ -871,10 +923,14 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
-        sums = torch.zeros(10, device=device)  # loss, ce, reg, alpha, beta, valid count, correct, samples, empty CAMs, stop
-        for images, masks, labels in train_loader:
+        epoch_start = time.perf_counter()
+        sums = torch.zeros(len(EPOCH_SUMS), device=device)  # summed on the device, read once per epoch (no sync per batch)
+        batches = tqdm(
+            train_loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None if rank == 0 else True
+        )  # a bar on a terminal only
+        for images, masks, labels in batches:
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
-            logits, cam = class_cam(model, images, labels, supervised, autocast, forward)
+            logits, cam = class_cam(model, images, labels, double_backward=supervised, autocast=autocast, forward=forward)
             ce = F.cross_entropy(logits, labels)
             reg = regularizer(cam, masks, "camal" if args.method == "vanilla" else args.method)  # prior: masks are pseudo
             loss = ce + args.camal_coef * reg if supervised else ce
@@ -885,14 +941,26 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             with torch.no_grad():
                 alpha, beta, valid = camal_terms(cam.detach(), masks)
                 n = len(labels)
-                sums += torch.stack([loss.detach() * n, ce.detach() * n, reg.detach() * n, alpha.sum(), beta.sum(),
-                                     valid.sum(), (logits.argmax(1) == labels).sum(), torch.tensor(n, device=device),
-                                     empty_cams(cam).sum(), torch.zeros((), device=device)])
-        sums[9] = float(bool(STOP_SIGNAL))
+                batch_sums = {
+                    "loss": loss.detach() * n,
+                    "ce": ce.detach() * n,
+                    "reg": reg.detach() * n,
+                    "alpha": alpha.sum(),
+                    "beta": beta.sum(),
+                    "valid": valid.sum(),
+                    "correct": (logits.argmax(1) == labels).sum(),
+                    "seen": torch.tensor(n, device=device),
+                    "empty": empty_cams(cam).sum(),
+                    "stop_votes": torch.zeros((), device=device),
+                }
+                sums += torch.stack([batch_sums[k] for k in EPOCH_SUMS])
+        sums[EPOCH_SUMS.index("stop_votes")] = float(bool(STOP_SIGNAL))
         if distributed:
             dist.all_reduce(sums)  # epoch statistics over every process's samples; one stop decision for all
-        loss_s, ce_s, reg_s, alpha_s, beta_s, n_valid, correct, seen, n_empty, stop_votes = sums.tolist()
-        stop = stop_votes > 0 and epoch < args.epochs
+        total = dict(zip(EPOCH_SUMS, sums.tolist()))
+        loss_s, ce_s, reg_s, alpha_s, beta_s = (total[k] for k in ("loss", "ce", "reg", "alpha", "beta"))
+        n_valid, correct, seen, n_empty = (total[k] for k in ("valid", "correct", "seen", "empty"))
+        stop = total["stop_votes"] > 0 and epoch < args.epochs
         if rank != 0:  # rank 0 evaluates, logs and saves
             if stop:
                 sys.exit(128 + (STOP_SIGNAL[0] if STOP_SIGNAL else signal.SIGTERM))
@@ -914,19 +982,27 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             if result[key] is not None:
                 writer.add_scalar(f"test/{'attention_iou' if key == 'iou' else key}", result[key], epoch)
         images, masks, labels = grid
-        _, cams = class_cam(model, images.to(device), labels.to(device), False, autocast)
+        _, cams = class_cam(model, images.to(device), labels.to(device), double_backward=False, autocast=autocast)
         writer.add_image("test/image_mask_cam", overlay_grid(images, masks, cams.cpu()), epoch, dataformats="HWC")
         writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
         writer.flush()
         iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
-        print(f"fold {fold} epoch {epoch}/{args.epochs} loss={loss_s / seen:.4f} train_acc={correct / seen:.3f} "
-              f"test_acc={result['accuracy']:.3f} test_iou={iou} cam_empty={n_empty / seen:.2f}", flush=True)
+        PACE["seconds"] = time.perf_counter() - epoch_start
+        eta = (time.time() - start_time) / (epoch - start_epoch + 1) * (args.epochs - epoch)
+        print(
+            f"fold {fold} epoch {epoch}/{args.epochs} loss={loss_s / seen:.4f} train_acc={correct / seen:.3f} "
+            f"test_acc={result['accuracy']:.3f} test_iou={iou} cam_empty={n_empty / seen:.2f} eta={duration(eta)}",
+            flush=True,
+        )
         # An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently.
         collapsed_for = collapsed_for + 1 if n_empty / seen > 0.5 else 0
         if collapsed_for == args.collapse_patience:
-            print(f"warning: the CAM has been empty for over half the training samples for {collapsed_for} epochs "
-                  f"({n_empty / seen:.0%} now): the regulariser has no gradient there and attention IoU measures nothing",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: the CAM has been empty for over half the training samples for {collapsed_for} epochs "
+                f"({n_empty / seen:.0%} now): the regulariser has no gradient there and attention IoU measures nothing",
+                file=sys.stderr,
+                flush=True,
+            )
 
         if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stop:
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
@@ -942,21 +1018,43 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     if result is None:  # resumed a finished run
         result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
     metrics = {
-        "dataset": args.dataset, "model": args.model, "method": args.method, "fold": fold, "folds": args.folds,
-        "seed": args.seed, "split_seed": args.split_seed, "test_accuracy": result["accuracy"], "test_iou": result["iou"],
-        "test_alpha": result["alpha"], "test_beta": result["beta"], "test_cam_empty_fraction": result["cam_empty_fraction"],
-        "train_cam_empty_fraction": train_empty, "image_size": args.image_size,
+        "dataset": args.dataset,
+        "model": args.model,
+        "method": args.method,
+        "fold": fold,
+        "folds": args.folds,
+        "seed": args.seed,
+        "split_seed": args.split_seed,
+        "test_accuracy": result["accuracy"],
+        "test_iou": result["iou"],
+        "test_alpha": result["alpha"],
+        "test_beta": result["beta"],
+        "test_cam_empty_fraction": result["cam_empty_fraction"],
+        "train_cam_empty_fraction": train_empty,
+        "image_size": args.image_size,
         "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
-        "epochs": args.epochs, "wall_time": time.time() - start_time, "tau": args.tau, "camal_coef": args.camal_coef,
-        "train_size": len(train_set), "test_size": len(test_set), "processes": world_size, "run_name": run_name,
+        "epochs": args.epochs,
+        "wall_time": time.time() - start_time,
+        "tau": args.tau,
+        "camal_coef": args.camal_coef,
+        "train_size": len(train_set),
+        "test_size": len(test_set),
+        "processes": world_size,
+        "run_name": run_name,
         "args": asdict(args),  # every setting, so stats.py never takes runs of two experiments for one
     }
     write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)
-    torch.save({
-        "state_dict": model.net.state_dict(), "architecture": args.model, "num_classes": num_classes, "classes": classes,
-        "preprocessing": {"resize": resize_for(args.image_size), "resize_mode": args.resize, "crop": args.image_size, "mean": MEAN, "std": STD},
-        "cam_layer": CAM_LAYERS[args.model],
-    }, os.path.join(run_dir, "model.pt"))
+    torch.save(
+        {
+            "state_dict": model.net.state_dict(),
+            "architecture": args.model,
+            "num_classes": num_classes,
+            "classes": classes,
+            "preprocessing": {"resize": resize_for(args.image_size), "resize_mode": args.resize, "crop": args.image_size, "mean": MEAN, "std": STD},
+            "cam_layer": CAM_LAYERS[args.model],
+        },
+        os.path.join(run_dir, "model.pt"),
+    )
     torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
     writer.close()
     if tracked is not None:
@@ -1002,8 +1100,10 @@ def check_args(args):
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
     if args.method == "prior":
         if args.prior_weights is None:
-            raise ValueError("--method prior needs --prior-weights PATH (open_clip weights for --prior-model), "
-                             "or --prior-weights random for an untrained encoder (tests)")
+            raise ValueError(
+                "--method prior needs --prior-weights PATH (open_clip weights for --prior-model), "
+                "or --prior-weights random for an untrained encoder (tests)"
+            )
         if args.prior_weights != "random" and not os.path.isfile(args.prior_weights):
             raise FileNotFoundError(f"--prior-weights {args.prior_weights}: no such file")
         if not 0.0 <= args.prior_threshold < 1.0:
@@ -1012,20 +1112,39 @@ def check_args(args):
         raise FileNotFoundError(f"--weights {args.weights}: no such file")
 
 
+def describe_device(device):
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
+
+
+def duration(seconds):
+    """3d 4h, 2h 05m, 4m 10s: an ETA a reader takes in at a glance."""
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
+
+
 STOP_SIGNAL = []  # the signal that asked this run to stop, once one has
+PACE = {}  # "seconds": how long the last iteration or epoch took, for the stop message
 
 
 def request_stop(signum, frame):
-    """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop at
-    the end of this {STOP_POINT} with a checkpoint. Only a second Ctrl-C stops at once: schedulers repeat their signal
-    (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one clean stop."""
+    """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop
+    at the next safe point (STOP_POINT) with a checkpoint. Only a second Ctrl-C stops at once: schedulers repeat their
+    signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one stop."""
     if STOP_SIGNAL:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         return
     STOP_SIGNAL.append(signum)
-    print(f"\n{signal.Signals(signum).name}: stopping at the end of this {STOP_POINT}, with a checkpoint (Ctrl-C again: stop now)",
-          flush=True)
+    pace = f" (the last {STOP_UNIT} took {PACE['seconds']:.0f} s)" if PACE.get("seconds") else ""
+    print(
+        f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping {STOP_POINT}{pace}; Ctrl-C again stops at once, without one", flush=True
+    )
 
 
 def catch_stop_signals():
@@ -1059,8 +1178,10 @@ def setup(args, argv):
         if not os.path.isdir(args.resume):
             raise FileNotFoundError(f"--resume {args.resume} does not exist")
         if os.path.isfile(os.path.join(args.resume, "metrics.json")):
-            raise ValueError(f"--resume {args.resume}: this run finished (its metrics.json is there); there is nothing to resume "
-                             "(a --fold all run continues from the newest fold's folder)")
+            raise ValueError(
+                f"--resume {args.resume}: this run finished (its metrics.json is there); there is nothing to resume "
+                "(a --fold all run continues from the newest fold's folder)"
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there")
         try:
@@ -1130,6 +1251,9 @@ if __name__ == "__main__":
         except (FileNotFoundError, DataError) as e:  # a file that went missing or is corrupt, found mid-run
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
+            print("\nstopped at once, without a checkpoint; the last saved one (if any) is in the run folder", file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGINT)
         checkpoint = None
         if run_dir is not None:
             print(f"fold {fold}: results in {run_dir}")

@@ -9,6 +9,7 @@ IoU, the share of evaluation frames whose CAM was empty, and the return. At 120 
 11 x 16 cells (4 x 6 at 60 x 80), fine enough to outline a monster. Exit code 0 when CAMAL's evaluation IoU beats
 vanilla's in every seed and vanilla's CAMs are not empty, 1 otherwise, 2 on bad input.
 """
+
 import argparse
 import json
 import shutil
@@ -34,8 +35,13 @@ def fresh_folder(out, marker):
 
 def collapsed_iterations(log):
     """'k/n': of the n training iterations in a run's log, k had over half of their CAMs empty."""
-    empty = [float(w.split("=")[1]) for line in log.read_text().splitlines() if line.startswith("iter ")
-             for w in line.split() if w.startswith("cam_empty=")]
+    empty = [
+        float(w.split("=")[1])
+        for line in log.read_text().splitlines()
+        if line.startswith("iter ")
+        for w in line.split()
+        if w.startswith("cam_empty=")
+    ]
     return f"{sum(e > 0.5 for e in empty)}/{len(empty)}"
 
 
@@ -55,9 +61,26 @@ def main():
     for seed in args.seeds:
         for method in ("camal", "vanilla"):
             t = time.time()
-            cmd = [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), "--env", args.env, "--method", method, "--seed", str(seed),
-                   "--frame-height", str(args.frame_height), "--frame-width", str(args.frame_width),
-                   "--total-timesteps", str(args.total_timesteps), "--save-model", "--exp-name", "drl_alignment", *args.train_args.split()]
+            cmd = [
+                sys.executable,
+                str(ROOT / "ppo_camal_vizdoom.py"),
+                "--env",
+                args.env,
+                "--method",
+                method,
+                "--seed",
+                str(seed),
+                "--frame-height",
+                str(args.frame_height),
+                "--frame-width",
+                str(args.frame_width),
+                "--total-timesteps",
+                str(args.total_timesteps),
+                "--save-model",
+                "--exp-name",
+                "drl_alignment",
+                *args.train_args.split(),
+            ]
             with open(out / f"train_{method}_{seed}.log", "w") as f:
                 code = subprocess.run(cmd, cwd=out, stdout=f, stderr=subprocess.STDOUT).returncode
             print(f"{method} seed {seed}: {time.time() - t:.0f} s", flush=True)
@@ -65,8 +88,9 @@ def main():
                 print(f"error: ppo_camal_vizdoom.py exited with {code}; see {out / f'train_{method}_{seed}.log'}", file=sys.stderr)
                 sys.exit(1)
     with open(out / "stats.md", "w") as f:
-        code = subprocess.run([sys.executable, str(ROOT / "stats.py"), str(out / "runs"), "--out", str(out / "stats")],
-                              stdout=f, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            [sys.executable, str(ROOT / "stats.py"), str(out / "runs"), "--out", str(out / "stats")], stdout=f, stderr=subprocess.STDOUT
+        ).returncode
     print(f"total {time.time() - start:.0f} s\n")
     if code:
         print(f"error: stats.py exited with {code}; see {out / 'stats.md'}", file=sys.stderr)
@@ -75,18 +99,24 @@ def main():
 
     evals = [json.loads((d / "eval.json").read_text()) for d in sorted((out / "runs").iterdir())]
     by = {(e["method"], e["seed"]): e for e in evals}
-    print("| seed | CAMAL IoU | vanilla IoU | CAMAL empty CAMs | vanilla empty CAMs | CAMAL collapsed iterations | "
-          "vanilla collapsed iterations | CAMAL return | vanilla return |")
+    print(
+        "| seed | CAMAL IoU | vanilla IoU | CAMAL empty CAMs | vanilla empty CAMs | CAMAL collapsed iterations | "
+        "vanilla collapsed iterations | CAMAL return | vanilla return |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     wins = []
     for seed in args.seeds:
         c, v = by["camal", seed], by["vanilla", seed]
         collapsed = [collapsed_iterations(out / f"train_{m}_{seed}.log") for m in ("camal", "vanilla")]
-        print(f"| {seed} | {c['mean_iou']:.3f} | {v['mean_iou']:.3f} | {c['cam_empty_fraction']:.0%} | {v['cam_empty_fraction']:.0%} "
-              f"| {collapsed[0]} | {collapsed[1]} | {c['mean_return']:.1f} | {v['mean_return']:.1f} |")
+        print(
+            f"| {seed} | {c['mean_iou']:.3f} | {v['mean_iou']:.3f} | {c['cam_empty_fraction']:.0%} | {v['cam_empty_fraction']:.0%} "
+            f"| {collapsed[0]} | {collapsed[1]} | {c['mean_return']:.1f} | {v['mean_return']:.1f} |"
+        )
         wins.append(c["mean_iou"] > v["mean_iou"] and v["cam_empty_fraction"] < 0.5)
-    print(f"\n{'PASS' if all(wins) else 'FAIL'}: CAMAL's evaluation IoU above vanilla's, with vanilla's CAMs not empty, "
-          f"in {sum(wins)} of {len(wins)} seeds")
+    print(
+        f"\n{'PASS' if all(wins) else 'FAIL'}: CAMAL's evaluation IoU above vanilla's, with vanilla's CAMs not empty, "
+        f"in {sum(wins)} of {len(wins)} seeds"
+    )
     sys.exit(0 if all(wins) else 1)
 
 

@@ -19,6 +19,7 @@ nothing about a GPU. Each part stops being started once --budget-s is spent (it 
 JSON is rewritten after every part, so a run cut short keeps what it measured. Exit code 0 when every part that ran
 worked, 1 when one failed, 2 on bad input.
 """
+
 import argparse
 import json
 import os
@@ -43,17 +44,45 @@ FAITH = ROOT / "eval_faithfulness.py"
 
 # The paper's setting on a GPU; small enough for a 2-core CPU in the reduced mode.
 # ppo train runs: (envs, method, extra flags); the later ones are levers, measured when the budget allows.
-FULL = dict(height=240, width=320, env_counts=[8, 16, 32, 64], num_steps=128, iterations=4,
-            train_runs=[(8, "vanilla", []), (8, "camal", []), (32, "vanilla", []), (32, "camal", []),
-                        (32, "camal", ["--no-torch-deterministic"]), (64, "camal", [])],
-            env_seconds=5.0, models=list(gradcam_overhead.dl.MODELS), batch=32, repeats=5, precisions=["fp32", "bf16"],
-            extraction_models=["resnet18", "vit_b_16"], sizes=[1, 32],
-            shapes=["--shapes-per-class", "40", "--folds", "5"])
-REDUCED = dict(height=60, width=80, env_counts=[2, 4], num_steps=32, iterations=3,
-               train_runs=[(2, "vanilla", []), (2, "camal", ["--no-torch-deterministic"])],
-               env_seconds=1.0, models=["resnet18"], batch=2, repeats=1, precisions=["fp32"],
-               extraction_models=["resnet18"], sizes=[1, 4],
-               shapes=["--shapes-per-class", "8", "--folds", "4", "--image-size", "64"])
+FULL = dict(
+    height=240,
+    width=320,
+    env_counts=[8, 16, 32, 64],
+    num_steps=128,
+    iterations=4,
+    train_runs=[
+        (8, "vanilla", []),
+        (8, "camal", []),
+        (32, "vanilla", []),
+        (32, "camal", []),
+        (32, "camal", ["--no-torch-deterministic"]),
+        (64, "camal", []),
+    ],
+    env_seconds=5.0,
+    models=list(gradcam_overhead.dl.MODELS),
+    batch=32,
+    repeats=5,
+    precisions=["fp32", "bf16"],
+    extraction_models=["resnet18", "vit_b_16"],
+    sizes=[1, 32],
+    shapes=["--shapes-per-class", "40", "--folds", "5"],
+)
+REDUCED = dict(
+    height=60,
+    width=80,
+    env_counts=[2, 4],
+    num_steps=32,
+    iterations=3,
+    train_runs=[(2, "vanilla", []), (2, "camal", ["--no-torch-deterministic"])],
+    env_seconds=1.0,
+    models=["resnet18"],
+    batch=2,
+    repeats=1,
+    precisions=["fp32"],
+    extraction_models=["resnet18"],
+    sizes=[1, 4],
+    shapes=["--shapes-per-class", "8", "--folds", "4", "--image-size", "64"],
+)
 TARGETS = {"ppo_camal_sps": 2000, "camal_over_vanilla": 0.9, "dl_overhead_pct": 10.0}
 
 
@@ -82,10 +111,32 @@ def scalars(run_dir, tag):
 
 def ppo_train(cfg, num_envs, method, extra, cuda, timeout, tmp):
     """One short real run; steady-state SPS and the mean perf/ seconds of every iteration after the first."""
-    cmd = [sys.executable, str(PPO), "--env", "TakeCover", "--method", method, "--num-envs", str(num_envs),
-           "--num-steps", str(cfg["num_steps"]), "--total-timesteps", str(num_envs * cfg["num_steps"] * cfg["iterations"]),
-           "--frame-height", str(cfg["height"]), "--frame-width", str(cfg["width"]), "--vector-env", "async",
-           "--eval-episodes", "0", "--image-every", "0", "--cuda" if cuda else "--no-cuda", *extra]
+    cmd = [
+        sys.executable,
+        str(PPO),
+        "--env",
+        "TakeCover",
+        "--method",
+        method,
+        "--num-envs",
+        str(num_envs),
+        "--num-steps",
+        str(cfg["num_steps"]),
+        "--total-timesteps",
+        str(num_envs * cfg["num_steps"] * cfg["iterations"]),
+        "--frame-height",
+        str(cfg["height"]),
+        "--frame-width",
+        str(cfg["width"]),
+        "--vector-env",
+        "async",
+        "--eval-episodes",
+        "0",
+        "--image-every",
+        "0",
+        "--cuda" if cuda else "--no-cuda",
+        *extra,
+    ]
     cwd = Path(tmp) / f"ppo_{method}_{num_envs}_{len(list(Path(tmp).iterdir()))}"
     cwd.mkdir()
     rc, seconds, out = run(cmd, cwd, timeout)
@@ -125,8 +176,7 @@ def dl_runs(cfg, cuda, timeout, tmp):
     cwd = Path(tmp) / "ddp"
     cwd.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(DL), *base,
-           "--epochs", "1", "--amp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(DL), *base, "--epochs", "1", "--amp"]
     rc, s, out = run(cmd, cwd, timeout, env=env)
     backend = "nccl" if "(nccl)" in out else "gloo" if "(gloo)" in out else None
     row = {"what": "torchrun --nproc_per_node 1", "rc": rc, "wall_s": round(s, 1), "backend": backend}
@@ -144,8 +194,7 @@ def exactness(name, device, n=4):
     def cams(x, y):
         logits, acts = model(dl.normalise(x))
         score = logits.gather(1, y[:, None]).squeeze(1)
-        with torch.no_grad():  # a measurement: no double-backward graph
-            return dl.grad_cam(acts, score, (224, 224), model.to_nchw)
+        return dl.grad_cam(acts, score, (224, 224), create_graph=False, to_nchw=model.to_nchw)
 
     batch = cams(images, labels)
     single = torch.cat([cams(images[b : b + 1], labels[b : b + 1]) for b in range(n)])
@@ -179,16 +228,22 @@ def main():
     mode = "gpu" if cuda else "cpu-reduced"
     device = torch.device("cuda" if cuda else "cpu")
     system = {
-        "mode": mode, "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "cpu_count": os.cpu_count(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": mode,
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "cpu_count": os.cpu_count(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if cuda:
         print(f"gpu_check: {system['device']}, torch {system['torch']}, CUDA {system['cuda']}, {system['cpu_count']} cores", flush=True)
     else:
-        print("gpu_check: REDUCED MODE on the CPU (no CUDA, or --reduced): small settings that test every path; "
-              "these figures say nothing about a GPU", flush=True)
+        print(
+            "gpu_check: REDUCED MODE on the CPU (no CUDA, or --reduced): small settings that test every path; these figures say nothing about a GPU",
+            flush=True,
+        )
     result = {"system": system, "settings": cfg, "targets": TARGETS, "skipped": [], "failed": []}
 
     def left():
@@ -210,6 +265,7 @@ def main():
         write(opts.out, result)
 
     with tempfile.TemporaryDirectory() as tmp:
+
         def env_part():
             print(f"\n[ppo env] TakeCover {cfg['height']} x {cfg['width']}, async workers, random actions", flush=True)
             rows = []
@@ -222,8 +278,11 @@ def main():
             result["ppo_env"] = rows
 
         def train_part():
-            print(f"\n[ppo train] TakeCover {cfg['height']} x {cfg['width']}, {cfg['num_steps']} steps x "
-                  f"{cfg['iterations']} iterations (the first left out), async envs", flush=True)
+            print(
+                f"\n[ppo train] TakeCover {cfg['height']} x {cfg['width']}, {cfg['num_steps']} steps x "
+                f"{cfg['iterations']} iterations (the first left out), async envs",
+                flush=True,
+            )
             print(f"  {'envs':>4} {'method':<8}{'SPS':>8}{'env':>7}{'policy':>8}{'update':>8}{'update s':>10}  flags", flush=True)
             rows = result["ppo_train"] = []
             for n, method, extra in cfg["train_runs"]:
@@ -237,8 +296,11 @@ def main():
                     result["failed"].append(name)
                     print(f"  {n:>4} {method:<8} FAILED (exit {r['rc']})\n{r['log_tail']}", flush=True)
                 else:
-                    print(f"  {n:>4} {method:<8}{r['sps']:>8.0f}{r['env_share']:>7.0%}{r['policy_share']:>8.0%}"
-                          f"{r['update_share']:>8.0%}{r['update_seconds']:>10.2f}  {r['flags']}", flush=True)
+                    print(
+                        f"  {n:>4} {method:<8}{r['sps']:>8.0f}{r['env_share']:>7.0%}{r['policy_share']:>8.0%}"
+                        f"{r['update_share']:>8.0%}{r['update_seconds']:>10.2f}  {r['flags']}",
+                        flush=True,
+                    )
                 write(opts.out, result)
 
         def step_part():
@@ -249,21 +311,20 @@ def main():
                 o = argparse.Namespace(batch_size=cfg["batch"], repeats=cfg["repeats"])
                 for name in cfg["models"]:
                     plain, camal = gradcam_overhead.step_overhead(name, o, device, autocast)
-                    rows.append({"model": name, "precision": precision, "ce_s": plain, "camal_s": camal,
-                                 "overhead_pct": 100 * (camal / plain - 1)})
-                    print(f"  {name:<16}{precision:<6}{1000 * plain:>9.1f} ms{1000 * camal:>9.1f} ms"
-                          f"{rows[-1]['overhead_pct']:>8.1f} %", flush=True)
+                    rows.append({"model": name, "precision": precision, "ce_s": plain, "camal_s": camal, "overhead_pct": 100 * (camal / plain - 1)})
+                    print(f"  {name:<16}{precision:<6}{1000 * plain:>9.1f} ms{1000 * camal:>9.1f} ms{rows[-1]['overhead_pct']:>8.1f} %", flush=True)
                     if left() <= 0:
                         return
 
         def extraction_part():
-            print(f"\n[extraction] Grad-CAM backward, batch-level vs per-sample, fp32", flush=True)
+            print("\n[extraction] Grad-CAM backward, batch-level vs per-sample, fp32", flush=True)
             rows = result["extraction"] = []
             o = argparse.Namespace(repeats=cfg["repeats"])
             for name in cfg["extraction_models"]:
                 for n, fast, slow, arith in gradcam_overhead.extraction(name, cfg["sizes"], o, device):
-                    rows.append({"model": name, "batch": n, "batch_level_s": fast, "per_sample_s": slow,
-                                 "speedup": slow / fast, "cam_arithmetic_s": arith})
+                    rows.append(
+                        {"model": name, "batch": n, "batch_level_s": fast, "per_sample_s": slow, "speedup": slow / fast, "cam_arithmetic_s": arith}
+                    )
                     print(f"  {name:<16}B={n:<4}{1000 * fast:>8.2f} ms vs {1000 * slow:>8.2f} ms: {slow / fast:>5.1f} x", flush=True)
                 diff = exactness(name, device)
                 result.setdefault("exactness_max_abs_diff", {})[name] = diff
@@ -272,7 +333,7 @@ def main():
                     raise AssertionError(f"{name}: batch-level Grad-CAM differs from per-sample Grad-CAM by {diff:.2e}")
 
         def dl_part():
-            print(f"\n[dl run] shapes, 2 epochs, --amp; eval_faithfulness.py; torchrun --nproc_per_node 1", flush=True)
+            print("\n[dl run] shapes, 2 epochs, --amp; eval_faithfulness.py; torchrun --nproc_per_node 1", flush=True)
             rows = result["dl_run"] = dl_runs(cfg, cuda, max(left(), 120), tmp)
             for r in rows:
                 extra = {k: v for k, v in r.items() if k not in ("what", "rc", "wall_s", "log_tail")}
@@ -290,8 +351,7 @@ def main():
     result["verdict"] = verdict(result) if cuda else None
     result["total_s"] = round(time.perf_counter() - start, 1)
     write(opts.out, result)
-    print(f"\n{mode}: {result['total_s']:.0f} s; skipped: {result['skipped'] or 'none'}; failed: {result['failed'] or 'none'}"
-          f"; JSON in {opts.out}")
+    print(f"\n{mode}: {result['total_s']:.0f} s; skipped: {result['skipped'] or 'none'}; failed: {result['failed'] or 'none'}; JSON in {opts.out}")
     for line in result["verdict"] or []:
         print(line)
     sys.exit(1 if result["failed"] else 0)
@@ -304,14 +364,19 @@ def verdict(result):
     for n in sorted({k[0] for k in train}):
         if (n, "camal") in train and (n, "vanilla") in train:
             c, v = train[(n, "camal")]["sps"], train[(n, "vanilla")]["sps"]
-            lines.append(f"{'MET ' if c >= TARGETS['ppo_camal_sps'] else 'MISS'} {n} envs: PPO + CAMAL {c:.0f} SPS "
-                         f"(target {TARGETS['ppo_camal_sps']})")
-            lines.append(f"{'MET ' if c / v >= TARGETS['camal_over_vanilla'] else 'MISS'} {n} envs: CAMAL / vanilla "
-                         f"{c / v:.2f} (target {TARGETS['camal_over_vanilla']})")
+            lines.append(
+                f"{'MET ' if c >= TARGETS['ppo_camal_sps'] else 'MISS'} {n} envs: PPO + CAMAL {c:.0f} SPS (target {TARGETS['ppo_camal_sps']})"
+            )
+            lines.append(
+                f"{'MET ' if c / v >= TARGETS['camal_over_vanilla'] else 'MISS'} {n} envs: CAMAL / vanilla "
+                f"{c / v:.2f} (target {TARGETS['camal_over_vanilla']})"
+            )
     for r in result.get("dl_step", []):
         ok = r["overhead_pct"] <= TARGETS["dl_overhead_pct"]
-        lines.append(f"{'MET ' if ok else 'MISS'} {r['model']} {r['precision']}: CAMAL step overhead "
-                     f"{r['overhead_pct']:.1f} % (target {TARGETS['dl_overhead_pct']:.0f} %)")
+        lines.append(
+            f"{'MET ' if ok else 'MISS'} {r['model']} {r['precision']}: CAMAL step overhead "
+            f"{r['overhead_pct']:.1f} % (target {TARGETS['dl_overhead_pct']:.0f} %)"
+        )
     return lines
 
 

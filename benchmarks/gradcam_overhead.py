@@ -12,6 +12,7 @@
 Each figure is the median of --repeats timed calls after a warm-up; in (1) the two steps alternate, so drift hits
 both alike. Read ratios: machines are shared and noisy.
 """
+
 import argparse
 import importlib.util
 import statistics
@@ -60,7 +61,7 @@ def step_overhead(name, opts, device, autocast):
 
     def step(camal):
         if camal:
-            logits, cam = dl.class_cam(model, images, labels, True, autocast)
+            logits, cam = dl.class_cam(model, images, labels, double_backward=True, autocast=autocast)
             loss = F.cross_entropy(logits, labels) + dl.camal_loss(cam, masks)
         else:
             with autocast:
@@ -90,8 +91,7 @@ def extraction(name, sizes, opts, device):
                 torch.autograd.grad(score[b], acts, retain_graph=True)
 
         def whole():  # grad_cam end to end: the backward plus the CAM arithmetic
-            with torch.no_grad():
-                dl.grad_cam(acts, score, (224, 224), model.to_nchw)
+            dl.grad_cam(acts, score, (224, 224), create_graph=False, to_nchw=model.to_nchw)
 
         fast, slow, total = timed([batch_level, per_sample, whole], opts.repeats, device)
         rows.append((n, fast, slow, max(total - fast, 0.0)))

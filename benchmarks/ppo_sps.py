@@ -10,6 +10,7 @@ state: steps over wall time between the events of the first and the last iterati
 first iteration's warm-up are left out. Targets (issue 2): camal >= 0.85 x vanilla, and at 60 x 80 on a
 CPU, training >= 40 % of env-only.
 """
+
 import argparse
 import importlib.util
 import subprocess
@@ -33,8 +34,13 @@ def load_ppo():
 
 def env_only_sps(ppo, opts, async_envs, seconds):
     """Random actions on the same vector env the trainer uses."""
-    args = ppo.Args(env=opts.env, num_envs=opts.num_envs, frame_height=opts.frame_height,
-                    frame_width=opts.frame_width, vector_env="async" if async_envs else "sync")
+    args = ppo.Args(
+        env=opts.env,
+        num_envs=opts.num_envs,
+        frame_height=opts.frame_height,
+        frame_width=opts.frame_width,
+        vector_env="async" if async_envs else "sync",
+    )
     envs = ppo.make_envs(args)
     try:
         envs.reset(seed=0)
@@ -56,12 +62,31 @@ def training_sps(opts, method, async_envs):
 
     batch = opts.num_envs * opts.num_steps
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(SCRIPT), "--env", opts.env, "--method", method,
-               "--num-envs", str(opts.num_envs), "--num-steps", str(opts.num_steps),
-               "--total-timesteps", str(batch * opts.iterations),
-               "--frame-height", str(opts.frame_height), "--frame-width", str(opts.frame_width),
-               "--eval-episodes", "0", "--image-every", "0",
-               "--vector-env", "async" if async_envs else "sync", "--cuda" if opts.cuda else "--no-cuda"]
+        cmd = [
+            sys.executable,
+            str(SCRIPT),
+            "--env",
+            opts.env,
+            "--method",
+            method,
+            "--num-envs",
+            str(opts.num_envs),
+            "--num-steps",
+            str(opts.num_steps),
+            "--total-timesteps",
+            str(batch * opts.iterations),
+            "--frame-height",
+            str(opts.frame_height),
+            "--frame-width",
+            str(opts.frame_width),
+            "--eval-episodes",
+            "0",
+            "--image-every",
+            "0",
+            "--vector-env",
+            "async" if async_envs else "sync",
+            "--cuda" if opts.cuda else "--no-cuda",
+        ]
         subprocess.run(cmd, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
         (run_dir,) = (Path(tmp) / "runs").iterdir()
         acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
@@ -95,8 +120,10 @@ def main():
             for method in ("vanilla", "camal"):
                 results.setdefault((tag, method), []).append(training_sps(opts, method, async_envs))
 
-    print(f"\n{opts.env}, {opts.frame_height} x {opts.frame_width}, {opts.num_envs} envs x {opts.num_steps} steps, "
-          f"{'cuda' if opts.cuda else 'cpu'}, median of {opts.rounds}")
+    print(
+        f"\n{opts.env}, {opts.frame_height} x {opts.frame_width}, {opts.num_envs} envs x {opts.num_steps} steps, "
+        f"{'cuda' if opts.cuda else 'cpu'}, median of {opts.rounds}"
+    )
     print(f"{'vector env':<11}{'env-only':>10}{'vanilla':>10}{'camal':>10}{'camal/vanilla':>15}{'vanilla/env':>13}{'camal/env':>11}")
     for async_envs in modes:
         tag = "async" if async_envs else "sync"

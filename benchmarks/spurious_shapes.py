@@ -12,11 +12,11 @@ resnet18 from scratch on every fold (train_dl_camal.py --fold all), then stats.p
 Wilcoxon tests. The verdict lines check: CAMAL's held-out accuracy at least 0.8 on every fold, vanilla's at most 0.5,
 CAMAL's mean IoU at least twice vanilla's, and both differences significant (p < 0.05).
 Exit code 0 when every criterion holds, 1 when one fails, 2 on bad input. About 12 minutes on 2 CPU cores for the
-default two methods (README, "Does CAMAL work here?").
+default two methods (docs/results.md).
 """
+
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,11 +24,27 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The benchmark's settings, chosen by measurement to fit 2 CPU cores (README, "The spurious-shapes benchmark").
+# The benchmark's settings, chosen by measurement to fit 2 CPU cores (docs/results.md).
 # A learning rate of 3e-4 instead of Table 7's 1e-3 (for 500 epochs from ImageNet weights): from scratch at 1e-3, held-out
 # accuracy swings by up to 0.6 between consecutive epochs, so the last epoch is a lottery for every method.
-SETTINGS = ["--dataset", "shapes", "--shapes-cue", "background", "--shapes-cue-prob", "0.95", "--shapes-classes", "4",
-            "--shapes-per-class", "100", "--image-size", "112", "--epochs", "8", "--learning-rate", "3e-4"]
+SETTINGS = [
+    "--dataset",
+    "shapes",
+    "--shapes-cue",
+    "background",
+    "--shapes-cue-prob",
+    "0.95",
+    "--shapes-classes",
+    "4",
+    "--shapes-per-class",
+    "100",
+    "--image-size",
+    "112",
+    "--epochs",
+    "8",
+    "--learning-rate",
+    "3e-4",
+]
 
 
 def fresh_folder(out, marker):
@@ -55,8 +71,12 @@ def main():
     p.add_argument("--methods", nargs="+", default=["camal", "vanilla"], choices=["camal", "vanilla", "suppress"])
     p.add_argument("--folds", type=int, default=5, help="k of the k-fold split; every fold is trained")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--cue", default="background", choices=["background", "corner"],
-                   help="the shortcut: background (the benchmark) or corner, the compact-cue stress case for mean-based alpha and beta")
+    p.add_argument(
+        "--cue",
+        default="background",
+        choices=["background", "corner"],
+        help="the shortcut: background (the benchmark) or corner, the compact-cue stress case for mean-based alpha and beta",
+    )
     p.add_argument("--train-args", default="", help="extra train_dl_camal.py flags, one string (tests: tiny settings)")
     args = p.parse_args()
     if "camal" not in args.methods or len(args.methods) < 2:
@@ -103,10 +123,12 @@ def main():
     if comp is not None:
         cam_iou = sum(r["test_iou"] for r in by["camal"]) / len(by["camal"])
         van_iou = sum(r["test_iou"] for r in by["vanilla"]) / len(by["vanilla"])
-        checks += [("vanilla held-out accuracy <= 0.5 on every fold", all(r["test_accuracy"] <= 0.5 for r in by["vanilla"])),
-                   ("CAMAL mean IoU >= 2 x vanilla's", cam_iou >= 2 * van_iou),
-                   ("accuracy: CAMAL > vanilla, Wilcoxon p < 0.05", comp["test_accuracy"]["wilcoxon"]["verdict"] == "significant"),
-                   ("IoU: CAMAL > vanilla, Wilcoxon p < 0.05", comp["test_iou"]["wilcoxon"]["verdict"] == "significant")]
+        checks += [
+            ("vanilla held-out accuracy <= 0.5 on every fold", all(r["test_accuracy"] <= 0.5 for r in by["vanilla"])),
+            ("CAMAL mean IoU >= 2 x vanilla's", cam_iou >= 2 * van_iou),
+            ("accuracy: CAMAL > vanilla, Wilcoxon p < 0.05", comp["test_accuracy"]["wilcoxon"]["verdict"] == "significant"),
+            ("IoU: CAMAL > vanilla, Wilcoxon p < 0.05", comp["test_iou"]["wilcoxon"]["verdict"] == "significant"),
+        ]
     print()
     for name, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}: {name}")

@@ -7,6 +7,7 @@ calls it once per resample. stats.py passes the same bootstrap a vectorised func
 (tests/test_stats.py checks both). Both run here on the same resamples (same seed, --reps each), and the figures
 are extrapolated to stats.py's default of 50,000 resamples. Read the ratio: machines are shared and noisy.
 """
+
 import argparse
 import importlib.util
 import time

@@ -1,4 +1,5 @@
 """Shared test plumbing: load the single-file scripts as modules, run them as a user would, read TensorBoard."""
+
 import importlib.util
 import os
 import subprocess
@@ -28,7 +29,12 @@ def run_script(name, args, cwd, timeout=300, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
         [sys.executable, str(ROOT / f"{name}.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
     )
 
 
@@ -64,8 +70,22 @@ def ppo_smoke_run(tmp_path_factory):
             extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
             # for --figure; and the paper's ReLU CAM, whose critic map is empty from the start at seed 2 (the collapse warning)
             extra += ["--save-model", "--cam", "paper"] if (env, method) == ("Basic", "vanilla") else []
-            args = ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", "--collapse-patience", "1",
-                    *PPO_TINY, *extra]
+            args = [
+                "--env",
+                env,
+                "--method",
+                method,
+                "--seed",
+                "2",
+                "--eval-episodes",
+                "2",
+                "--image-every",
+                "1",
+                "--collapse-patience",
+                "1",
+                *PPO_TINY,
+                *extra,
+            ]
             done[env, method] = (run_script("ppo_camal_vizdoom", args, cwd=cwd), cwd)
         return done[env, method]
 
@@ -84,8 +104,11 @@ def shapes_runs(tmp_path_factory):
         proc = run_script("train_dl_camal", ["--method", method, "--fold", "all", *DL_TINY], cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(str(p) for p in (root / "runs").iterdir())
-    proc = run_script("eval_faithfulness", [*runs, "--steps", "5", "--baseline", "random", "--plot", "curves.png", "--figures", "figs",
-                                            "--figure-samples", "4"], cwd=root)
+    proc = run_script(
+        "eval_faithfulness",
+        [*runs, "--steps", "5", "--baseline", "random", "--plot", "curves.png", "--figures", "figs", "--figure-samples", "4"],
+        cwd=root,
+    )
     return root, runs, proc
 
 

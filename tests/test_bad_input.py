@@ -4,6 +4,7 @@ Most settings are checked in-process, through the functions each script runs bef
 ppo_camal_vizdoom's check_args or train_dl_camal's setup). A few cases run the real command line, which turns those
 same errors into a message and exit code 2; starting a script costs seconds (torch imports), so only a few do.
 """
+
 import pytest
 import tyro
 

@@ -1,4 +1,5 @@
 """benchmark.py: the grids, dry runs, real local runs that skip, resume, retry and lock, the analysis, and SLURM through submitit."""
+
 import json
 import os
 import signal
@@ -15,18 +16,27 @@ TINY_DL = ["--shapes-classes", "2", "--shapes-per-class", "4", "--num-folds", "2
 
 
 def bench(args, cwd, timeout=600, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "benchmark.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=env or dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmark.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
-@pytest.mark.parametrize("args, lines", [
-    (["--preset", "drl"], 40),
-    (["--preset", "dl"], 540),
-    (["--preset", "dl-suppress"], 360),
-    (["--preset", "study"], 2),
-    (["--preset", "drl", "--envs", "Basic", "TakeCover", "--seeds", "1", "2", "3"], 12),
-    (["--preset", "dl", "--datasets", "pets", "--models", "resnet18", "--folds", "0", "1", "--data-dir", "DATA"], 6),
-])
+@pytest.mark.parametrize(
+    "args, lines",
+    [
+        (["--preset", "drl"], 40),
+        (["--preset", "dl"], 540),
+        (["--preset", "dl-suppress"], 360),
+        (["--preset", "study"], 2),
+        (["--preset", "drl", "--envs", "Basic", "TakeCover", "--seeds", "1", "2", "3"], 12),
+        (["--preset", "dl", "--datasets", "pets", "--models", "resnet18", "--folds", "0", "1", "--data-dir", "DATA"], 6),
+    ],
+)
 def test_dry_run_prints_one_line_per_cell(tmp_path, args, lines):
     proc = bench([*args, "--dry-run"], tmp_path)
     assert proc.returncode == 0 and proc.stderr == ""
@@ -44,13 +54,16 @@ def test_cell_identity_is_the_cell_and_its_flags_not_the_time(tmp_path):
     assert "--frame-height 60" in c and "cells/drl__Basic__camal__1__" in c  # other flags: another cell
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "drl", "--folds", "1"], "--folds does not apply to --preset drl"),
-    (["--preset", "drl", "--seed", "3"], "the grid's own"),
-    (["--preset", "nope"], "invalid choice"),
-    (["--preset", "dl", "--runs-per-gpu", "0"], "--runs-per-gpu must be at least 1"),
-    (["--preset", "drl", "--envs", "Doom2"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "drl", "--folds", "1"], "--folds does not apply to --preset drl"),
+        (["--preset", "drl", "--seed", "3"], "the grid's own"),
+        (["--preset", "nope"], "invalid choice"),
+        (["--preset", "dl", "--runs-per-gpu", "0"], "--runs-per-gpu must be at least 1"),
+        (["--preset", "drl", "--envs", "Doom2"], "invalid choice"),
+    ],
+)
 def test_bad_input(tmp_path, args, message):
     proc = bench(args, tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
@@ -89,11 +102,36 @@ def test_local_grid_runs_skips_and_analyses(tmp_path):
 
 def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
     iters, per_iter = 12, 64
-    args = ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--no-analysis", "--checkpoint-every", "2",
-            "--num-envs", "2", "--num-steps", "32", "--total-timesteps", str(iters * per_iter), "--frame-height", "60", "--frame-width", "80",
-            "--eval-episodes", "1", "--image-every", "0"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        "--preset",
+        "drl",
+        "--envs",
+        "Basic",
+        "--seeds",
+        "1",
+        "--methods",
+        "camal",
+        "--no-analysis",
+        "--checkpoint-every",
+        "2",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "32",
+        "--total-timesteps",
+        str(iters * per_iter),
+        "--frame-height",
+        "60",
+        "--frame-width",
+        "80",
+        "--eval-episodes",
+        "1",
+        "--image-every",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     cells = tmp_path / "benchmark_runs" / "cells"
     deadline = time.time() + 300
     while not list(cells.glob("drl__Basic__camal__1__*/runs/*/checkpoint.pt")) and time.time() < deadline:
@@ -114,8 +152,25 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_failed_cell_is_retried_and_summarised(tmp_path):
-    proc = bench(["--preset", "dl", "--datasets", "pets", "--models", "resnet18", "--methods", "camal", "--folds", "0", "--retries", "1",
-                  "--data-dir", "no/such/dir"], tmp_path)
+    proc = bench(
+        [
+            "--preset",
+            "dl",
+            "--datasets",
+            "pets",
+            "--models",
+            "resnet18",
+            "--methods",
+            "camal",
+            "--folds",
+            "0",
+            "--retries",
+            "1",
+            "--data-dir",
+            "no/such/dir",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 1
     (cell,) = (tmp_path / "benchmark_runs" / "cells").iterdir()
     log = (cell / "log.txt").read_text()
@@ -126,8 +181,9 @@ def test_failed_cell_is_retried_and_summarised(tmp_path):
 
 def test_a_cell_runs_once_under_two_invocations(tmp_path):
     args = ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--no-analysis", *TINY_DRL]
-    first = subprocess.Popen([sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     cells = tmp_path / "benchmark_runs" / "cells"
     deadline = time.time() + 120
     while not list(cells.glob("*/log.txt")) and time.time() < deadline:
@@ -144,8 +200,30 @@ def test_a_cell_runs_once_under_two_invocations(tmp_path):
 def test_dl_grid_with_analysis_through_submitit(tmp_path):
     """--backend slurm on submitit's local executor (the same array jobs, without a cluster), then eval_faithfulness and stats."""
     pytest.importorskip("submitit", reason="requirements-cluster.txt")  # .ci/run installs it, so CI runs this
-    proc = bench(["--preset", "dl", "--datasets", "shapes", "--models", "resnet18", "--methods", "camal", "vanilla", "--folds", "0", "1",
-                  "--backend", "slurm", "--slurm-cluster", "local", "--poll", "1", *TINY_DL], tmp_path)
+    proc = bench(
+        [
+            "--preset",
+            "dl",
+            "--datasets",
+            "shapes",
+            "--models",
+            "resnet18",
+            "--methods",
+            "camal",
+            "vanilla",
+            "--folds",
+            "0",
+            "1",
+            "--backend",
+            "slurm",
+            "--slurm-cluster",
+            "local",
+            "--poll",
+            "1",
+            *TINY_DL,
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 cells submitted as a SLURM array" in proc.stderr and "4 done, 0 failed" in proc.stderr
     analysis = tmp_path / "benchmark_runs" / "analysis"
@@ -162,15 +240,49 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     signal and requeue as on a cluster). One curve value per iteration across the requeue."""
     pytest.importorskip("submitit", reason="requirements-cluster.txt")  # .ci/run installs it, so CI runs this
     iters, per_iter = 80, 64  # about 25 s of training on 2 idle cores: the 20 s before the signal cannot finish it
-    proc = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--no-analysis", "--backend", "slurm",
-                  "--slurm-cluster", "local", "--slurm-time", "1", "--slurm-signal-delay-s", "40", "--poll", "1",
-                  "--num-envs", "2", "--num-steps", "32", "--total-timesteps", str(iters * per_iter), "--frame-height", "60",
-                  "--frame-width", "80", "--eval-episodes", "1", "--image-every", "0"], tmp_path)
+    proc = bench(
+        [
+            "--preset",
+            "drl",
+            "--envs",
+            "Basic",
+            "--seeds",
+            "1",
+            "--methods",
+            "camal",
+            "--no-analysis",
+            "--backend",
+            "slurm",
+            "--slurm-cluster",
+            "local",
+            "--slurm-time",
+            "1",
+            "--slurm-signal-delay-s",
+            "40",
+            "--poll",
+            "1",
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "32",
+            "--total-timesteps",
+            str(iters * per_iter),
+            "--frame-height",
+            "60",
+            "--frame-width",
+            "80",
+            "--eval-episodes",
+            "1",
+            "--image-every",
+            "0",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 done, 0 failed" in proc.stderr
     (cell,) = (tmp_path / "benchmark_runs" / "cells").iterdir()
     log = (cell / "log.txt").read_text()
-    assert "SIGUSR1: stopping at the end of this iteration" in log and "--resume runs/" in log and "resuming" in log, log[-3000:]
+    assert "SIGUSR1: saving a checkpoint and stopping" in log and "--resume runs/" in log and "resuming" in log, log[-3000:]
     submitit_logs = "".join(f.read_text() for f in (tmp_path / "benchmark_runs" / "slurm").rglob("*_log.*"))
     assert "Caught signal SIGUSR2" in submitit_logs and "saves a checkpoint; submitit requeues" in submitit_logs
     assert "Requeued job" in submitit_logs
@@ -179,16 +291,43 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     assert [e.step for e in read_events(run).Scalars("charts/SPS")] == [per_iter * i for i in range(1, iters + 1)]
 
 
-@pytest.mark.parametrize("script, args, tags", [
-    ("ppo_camal_vizdoom", ["--env", "Basic", *TINY_DRL], [b"charts/SPS", b"losses/camal_loss", b"charts/attention_iou"]),
-    ("train_dl_camal", ["--shapes-classes", "2", "--shapes-per-class", "4", "--folds", "2", "--fold", "0", "--batch-size", "4", "--epochs", "2",
-                        "--image-size", "64"], [b"train/loss", b"test/accuracy", b"test/attention_iou"]),
-])
+@pytest.mark.parametrize(
+    "script, args, tags",
+    [
+        ("ppo_camal_vizdoom", ["--env", "Basic", *TINY_DRL], [b"charts/SPS", b"losses/camal_loss", b"charts/attention_iou"]),
+        (
+            "train_dl_camal",
+            [
+                "--shapes-classes",
+                "2",
+                "--shapes-per-class",
+                "4",
+                "--folds",
+                "2",
+                "--fold",
+                "0",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "2",
+                "--image-size",
+                "64",
+            ],
+            [b"train/loss", b"test/accuracy", b"test/attention_iou"],
+        ),
+    ],
+)
 def test_track_offline_holds_the_scalars(tmp_path, script, args, tags):
     """--track, CleanRL's way: W&B mirrors the TensorBoard events. Offline, the run file holds every scalar's tag."""
     pytest.importorskip("wandb", reason="requirements-cluster.txt")  # .ci/run installs it, so CI runs this
-    proc = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *args, "--track", "--wandb-project-name", "camal-test"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / f"{script}.py"), *args, "--track", "--wandb-project-name", "camal-test"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
     (offline,) = run.glob("wandb/offline-run-*/run-*.wandb")

@@ -1,4 +1,5 @@
 """The CAMAL helpers against hand-made cases and a slow per-sample Grad-CAM reference."""
+
 import math
 
 import numpy as np
@@ -100,7 +101,7 @@ def agent_and_batch(ppo):
 def test_batch_grad_cam_equals_per_sample(ppo, agent_and_batch):
     agent, obs, _ = agent_and_batch
     _, _, _, value, feats = agent.get_action_and_value(obs)
-    cam = ppo.grad_cam(feats, value, (60, 80))
+    cam = ppo.grad_cam(feats, value, (60, 80), create_graph=True)
     assert cam.shape == (6, 60, 80)
     assert cam.min() >= 0 and cam.max() <= 1
     assert (cam.amax(dim=(1, 2)) > 0.99).sum() >= 3, "most maps should be non-trivial, or the test proves nothing"
@@ -115,13 +116,13 @@ def test_camal_loss_gradient_equals_per_sample(ppo, agent_and_batch):
     agent, obs, masks = agent_and_batch
     params = list(agent.parameters())
     _, _, _, value, feats = agent.get_action_and_value(obs)
-    batch_loss = ppo.camal_loss(ppo.grad_cam(feats, value, (60, 80)), masks)
+    batch_loss = ppo.camal_loss(ppo.grad_cam(feats, value, (60, 80), create_graph=True), masks)
     batch_grads = torch.autograd.grad(batch_loss, params, allow_unused=True)
 
     per_sample = []
     for b in range(6):
         _, _, _, v_b, f_b = agent.get_action_and_value(obs[b : b + 1])
-        alpha, beta, valid = ppo.camal_terms(ppo.grad_cam(f_b, v_b, (60, 80)), masks[b : b + 1])
+        alpha, beta, valid = ppo.camal_terms(ppo.grad_cam(f_b, v_b, (60, 80), create_graph=True), masks[b : b + 1])
         assert valid.item()
         per_sample.append(beta - alpha)
     ref_grads = torch.autograd.grad(torch.cat(per_sample).mean(), params, allow_unused=True)
@@ -135,12 +136,13 @@ def test_camal_loss_gradient_equals_per_sample(ppo, agent_and_batch):
             torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 
-def test_grad_cam_under_no_grad_is_a_measurement(ppo, agent_and_batch):
+def test_grad_cam_without_create_graph_is_a_measurement(ppo, agent_and_batch):
+    """Differentiability is the caller's explicit choice, whatever the ambient grad mode."""
     agent, obs, _ = agent_and_batch
     _, _, _, value, feats = agent.get_action_and_value(obs)
-    differentiable = ppo.grad_cam(feats, value, (60, 80))
-    with torch.no_grad():
-        measured = ppo.grad_cam(feats, value, (60, 80))
+    with torch.no_grad():  # the ambient mode does not decide: the argument does
+        differentiable = ppo.grad_cam(feats, value, (60, 80), create_graph=True)
+    measured = ppo.grad_cam(feats, value, (60, 80), create_graph=False)
     assert differentiable.requires_grad and not measured.requires_grad
     torch.testing.assert_close(measured, differentiable.detach())
     # the forward graph survives, so PPO's own backward can follow
@@ -155,17 +157,17 @@ def test_grad_cam_to_nchw(ppo):
     w = torch.randn(8)
     nchw = torch.relu(x)
     score = (nchw * w[None, :, None, None]).sum(dim=(1, 2, 3)) ** 2
-    expected = ppo.grad_cam(nchw, score, (10, 14))
+    expected = ppo.grad_cam(nchw, score, (10, 14), create_graph=False)
     nhwc = torch.relu(x).permute(0, 2, 3, 1)
     score = (nhwc * w).sum(dim=(1, 2, 3)) ** 2
-    got = ppo.grad_cam(nhwc, score, (10, 14), to_nchw=lambda t: t.permute(0, 3, 1, 2))
+    got = ppo.grad_cam(nhwc, score, (10, 14), create_graph=False, to_nchw=lambda t: t.permute(0, 3, 1, 2))
     torch.testing.assert_close(got, expected)
 
 
 def test_all_zero_cam_is_zero_not_nan(ppo):
     feats = torch.rand(2, 3, 4, 4, requires_grad=True)
     score = -(feats.sum(dim=(1, 2, 3)))  # every w_k < 0: ReLU leaves nothing
-    cam = ppo.grad_cam(feats, score, (8, 8))
+    cam = ppo.grad_cam(feats, score, (8, 8), create_graph=True)
     assert torch.isfinite(cam).all() and cam.abs().max() == 0
     assert math.isfinite(ppo.camal_loss(cam, torch.rand(2, 8, 8) > 0.5).item())
 
@@ -179,27 +181,44 @@ def test_collapsed_cam_has_no_gradient_and_the_abs_cam_does(ppo, agent_and_batch
         agent.critic.weight.copy_(-agent.critic.weight.abs())
     params = list(agent.parameters())
     _, _, _, value, feats = agent.get_action_and_value(obs)
-    paper = ppo.critic_cam(feats, value, (60, 80), "paper")
+    paper = ppo.critic_cam(feats, value, (60, 80), "paper", create_graph=True)
     assert ppo.empty_cams(paper).all()
     grads = torch.autograd.grad(ppo.camal_loss(paper, masks), params, allow_unused=True, retain_graph=True)
     assert all(g is None or g.abs().max() == 0 for g in grads)
 
     for cam in ("abs", "abs-target"):
-        alive = ppo.critic_cam(feats, value, (60, 80), cam)
+        alive = ppo.critic_cam(feats, value, (60, 80), cam, create_graph=True)
         assert not ppo.empty_cams(alive).any() and alive.amax(dim=(1, 2)).min() > 0.99
         first_conv = torch.autograd.grad(ppo.camal_loss(alive, masks), params[0], retain_graph=True)[0]
         assert first_conv.abs().sum() > 0
     # the |.| map is the paper's map of -V here: the same evidence, sign kept
-    torch.testing.assert_close(ppo.critic_cam(feats, value, (60, 80), "abs"), ppo.critic_cam(feats, -value, (60, 80), "paper"))
+    torch.testing.assert_close(
+        ppo.critic_cam(feats, value, (60, 80), "abs", create_graph=False), ppo.critic_cam(feats, -value, (60, 80), "paper", create_graph=False)
+    )
 
 
 def test_abs_target_cam_equals_per_sample(ppo, agent_and_batch):
-    """The CAM of |V| stays exact per sample (Proposition 1 holds for any per-sample target), under no_grad too."""
+    """The CAM of |V| stays exact per sample (Proposition 1 holds for any per-sample target), also as a measurement."""
     agent, obs, _ = agent_and_batch
     _, _, _, value, feats = agent.get_action_and_value(obs)
     with torch.no_grad():
-        cam = ppo.critic_cam(feats, value, (60, 80), "abs-target")
+        cam = ppo.critic_cam(feats, value, (60, 80), "abs-target", create_graph=False)
     for b in range(6):
         _, _, _, v_b, f_b = agent.get_action_and_value(obs[b : b + 1])
-        ref = ppo.grad_cam(f_b, v_b.abs(), (60, 80))
+        ref = ppo.grad_cam(f_b, v_b.abs(), (60, 80), create_graph=False)
         torch.testing.assert_close(cam[b], ref[0].detach(), atol=1e-5, rtol=0)
+
+
+def test_attention_panel_is_labelled_and_marks_the_mask(ppo):
+    """The TensorBoard and video panels name their parts (frame, mask, CAM) in white in each part's corner."""
+    frame, mask, cam = np.zeros((60, 80), np.uint8), np.zeros((60, 80), np.uint8), np.zeros((60, 80))
+    mask[40:, 50:] = 1
+    panel = ppo.attention_panel(frame, mask, cam, titles=("frame", "mask", "CAM"))
+    assert panel.shape == (60, 240, 3) and panel.dtype == np.uint8
+    white = panel.min(axis=-1) > 200  # anti-aliased white text
+    for k in range(3):
+        assert white[:15, 80 * k : 80 * k + 45].any(), f"part {k} has no label"
+        assert not white[20:, 80 * k : 80 * (k + 1)].any()  # the label stays in the corner
+    assert (panel[50, 80 + 60] == (127, 0, 0)).all() and (panel[10, 80 + 60] == 0).all()  # red inside the mask only
+    unlabelled = ppo.attention_panel(frame, mask, cam, titles=("", "", ""))
+    assert not (unlabelled.min(axis=-1) > 200).any()

@@ -1,4 +1,5 @@
 """Loaders on small trees in the real on-disk layouts, the k-fold split, and the shapes data."""
+
 import cv2
 import numpy as np
 import pytest
@@ -225,7 +226,8 @@ def test_bad_dataset_file_is_named_before_any_output(tmp_path, case):
     else:
         bad = base / "annotations" / "trimaps" / "Abyssinian_2.png"
         Image.fromarray(np.full((100, 100), 2, np.uint8)).save(bad)
-    proc = run_script("train_dl_camal", ["--dataset", "pets", "--data-dir", str(tmp_path), "--no-pretrained", "--epochs", "1",
-                                         "--folds", "2"], cwd=tmp_path)
+    proc = run_script(
+        "train_dl_camal", ["--dataset", "pets", "--data-dir", str(tmp_path), "--no-pretrained", "--epochs", "1", "--folds", "2"], cwd=tmp_path
+    )
     assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()

@@ -1,4 +1,5 @@
 """train_dl_camal.py under torchrun: DistributedDataParallel on the CPU with gloo, 2 processes."""
+
 import json
 import os
 import subprocess
@@ -8,12 +9,14 @@ from conftest import ROOT, read_events
 
 
 def test_torchrun_two_processes(tmp_path):
-    args = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "2",
-            "--fold", "0", "--no-cuda"]
+    args = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "2", "--fold", "0", "--no-cuda"]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(ROOT / "train_dl_camal.py"), *args],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "train_dl_camal.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "distributed: 2 processes (gloo), 3 samples each per batch" in proc.stdout

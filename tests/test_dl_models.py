@@ -1,4 +1,5 @@
 """All six torchvision classifiers: one CAMAL step at 224 x 224, and batch Grad-CAM against per-sample."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ def test_camal_step_and_proposition_1(name, batch):
 
     # one CAMAL training step
     model.train()
-    logits, cam = dl.class_cam(model, images, labels, True, dl.nullcontext())
+    logits, cam = dl.class_cam(model, images, labels, double_backward=True, autocast=dl.nullcontext())
     assert logits.shape == (2, 3) and cam.shape == (2, 224, 224)
     assert cam.min() >= 0 and cam.max() <= 1
     assert (cam.amax(dim=(1, 2)) > 0.5).all(), f"{name}: a CAM is all zero (the layer gets no gradient)"
@@ -44,9 +45,9 @@ def test_camal_step_and_proposition_1(name, batch):
     # batch Grad-CAM equals one backward per sample (eval mode: BatchNorm and dropout per sample). In float64,
     # so that float32's batch-size-dependent kernel paths (up to 8e-5 through MaxViT) cannot hide a real coupling.
     model.eval().double()
-    _, cam_batch = dl.class_cam(model, images, labels, False, dl.nullcontext())
+    _, cam_batch = dl.class_cam(model, images, labels, double_backward=False, autocast=dl.nullcontext())
     for b in range(2):
-        _, cam_one = dl.class_cam(model, images[b : b + 1], labels[b : b + 1], False, dl.nullcontext())
+        _, cam_one = dl.class_cam(model, images[b : b + 1], labels[b : b + 1], double_backward=False, autocast=dl.nullcontext())
         torch.testing.assert_close(cam_batch[b], cam_one[0], atol=1e-10, rtol=0)
 
 
@@ -62,7 +63,7 @@ def test_vit_layer_choice_and_math_attention():
     assert grad_last[:, 1:].abs().max() == 0, "the final block's patch tokens should get no gradient"
     assert grad_last[:, 0].abs().max() > 0
     # without the math backend, CPU's fused attention has no double backward
-    cam = dl.grad_cam(acts, logits[:, 0], (224, 224), model.to_nchw)
+    cam = dl.grad_cam(acts, logits[:, 0], (224, 224), create_graph=True, to_nchw=model.to_nchw)
     with pytest.raises(RuntimeError, match="not implemented"):
         cam.sum().backward()
 
@@ -80,7 +81,7 @@ def test_vit_math_attention_in_the_last_block_only():
 
     def camal_grads():
         model.zero_grad()
-        logits, cam = dl.class_cam(model, images, labels, True, dl.nullcontext())
+        logits, cam = dl.class_cam(model, images, labels, double_backward=True, autocast=dl.nullcontext())
         (F.cross_entropy(logits, labels) + dl.camal_loss(cam, masks)).backward()
         return [p.grad.clone() for p in model.parameters()]
 

@@ -1,4 +1,5 @@
 """train_dl_camal.py end to end on the built-in shapes data, its outputs, resume, and bad input."""
+
 import json
 
 import pytest
@@ -13,8 +14,9 @@ TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--b
 def test_shapes_end_to_end(tmp_path, method):
     workers = ["--num-workers", "2"] if method == "vanilla" else []  # one run loads through worker processes
     size = 96 if method == "suppress" else 224  # one run at a smaller --image-size
-    proc = run_script("train_dl_camal", ["--method", method, "--fold", "1", "--image-size", str(size), "--collapse-patience", "1",
-                                         *TINY, *workers], cwd=tmp_path)
+    proc = run_script(
+        "train_dl_camal", ["--method", method, "--fold", "1", "--image-size", str(size), "--collapse-patience", "1", *TINY, *workers], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"shapes__resnet18__{method}__fold1__1__")
@@ -29,8 +31,13 @@ def test_shapes_end_to_end(tmp_path, method):
     saved = torch.load(run_dir / "model.pt", weights_only=True)
     assert saved["architecture"] == "resnet18" and saved["classes"] == ["circle", "square", "triangle"]
     resize = {224: 256, 96: 110}[size]  # in the paper's 256 / 224 proportion
-    assert saved["preprocessing"] == {"resize": resize, "resize_mode": "square", "crop": size, "mean": (0.485, 0.456, 0.406),
-                                      "std": (0.229, 0.224, 0.225)}
+    assert saved["preprocessing"] == {
+        "resize": resize,
+        "resize_mode": "square",
+        "crop": size,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+    }
     import torchvision
 
     net = torchvision.models.resnet18(num_classes=3)
@@ -43,9 +50,20 @@ def test_shapes_end_to_end(tmp_path, method):
 
     acc = read_events(run_dir)
     scalars = set(acc.Tags()["scalars"])
-    expected = {"train/loss", "train/ce", "train/regularizer", "train/alpha", "train/beta", "train/accuracy",
-                "test/accuracy", "test/attention_iou", "test/alpha", "test/beta", "train/cam_empty_fraction",
-                "test/cam_empty_fraction"}
+    expected = {
+        "train/loss",
+        "train/ce",
+        "train/regularizer",
+        "train/alpha",
+        "train/beta",
+        "train/accuracy",
+        "test/accuracy",
+        "test/attention_iou",
+        "test/alpha",
+        "test/beta",
+        "train/cam_empty_fraction",
+        "test/cam_empty_fraction",
+    }
     assert expected <= scalars, expected - scalars
     assert [e.step for e in acc.Scalars("test/accuracy")] == [1, 2]
     assert "test/image_mask_cam" in acc.Tags()["images"]

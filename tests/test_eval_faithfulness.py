@@ -1,4 +1,5 @@
 """eval_faithfulness.py: curves on a model whose answer is known, end to end on shapes runs, bad input."""
+
 import json
 from pathlib import Path
 
@@ -72,8 +73,14 @@ def test_end_to_end_on_shapes_runs(shapes_runs):
     tmp_path, runs, proc = shapes_runs  # camal and vanilla, 3 folds each, then eval_faithfulness.py over all six
     assert len(runs) == 6
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ("camal/random", "vanilla/random", "camal vs vanilla: removal", "wrong at k=0", "divided by the sample's probability",
-                 "samples that every method's model classifies correctly"):
+    for line in (
+        "camal/random",
+        "vanilla/random",
+        "camal vs vanilla: removal",
+        "wrong at k=0",
+        "divided by the sample's probability",
+        "samples that every method's model classifies correctly",
+    ):
         assert line in proc.stdout
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the paper's Figures 3 and 10: the same samples side by side (both methods hold the same images per fold),
@@ -90,8 +97,7 @@ def test_end_to_end_on_shapes_runs(shapes_runs):
         s = result["samples"][0]["attention"]
         assert len(s["removal"]) == 6 and 0 <= s["removal_auc"] <= 1
         assert s["removal_auc"] == pytest.approx(ef.auc(result["k"], s["removal"]))
-        assert result["attention"]["removal_auc"]["mean"] == pytest.approx(
-            np.mean([x["attention"]["removal_auc"] for x in result["samples"]]))
+        assert result["attention"]["removal_auc"]["mean"] == pytest.approx(np.mean([x["attention"]["removal_auc"] for x in result["samples"]]))
         assert "random" in result
 
 
@@ -111,13 +117,28 @@ def test_bad_input(tmp_path):
     (fake / "metrics.json").write_text("{}")
     with pytest.raises(ef.RunError, match="not a train_dl_camal.py model file of this version"):
         ef.load_run(str(fake))
-    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "architecture": "resnet18", "num_classes": 3, "classes": [],
-                "preprocessing": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}},
-               fake / "model.pt")
+    torch.save(
+        {
+            "state_dict": {"fc.weight": torch.zeros(2, 2)},
+            "architecture": "resnet18",
+            "num_classes": 3,
+            "classes": [],
+            "preprocessing": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+        },
+        fake / "model.pt",
+    )
     with pytest.raises(ef.RunError, match="does not match resnet18"):
         ef.load_run(str(fake))
-    torch.save({"state_dict": {}, "architecture": "resnet18", "num_classes": 3, "classes": [],
-                "preprocessing": {"resize": 256, "crop": 192, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}, fake / "model.pt")
+    torch.save(
+        {
+            "state_dict": {},
+            "architecture": "resnet18",
+            "num_classes": 3,
+            "classes": [],
+            "preprocessing": {"resize": 256, "crop": 192, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+        },
+        fake / "model.pt",
+    )
     with pytest.raises(ef.RunError, match="trained with other preprocessing"):
         ef.load_run(str(fake))
 

@@ -1,4 +1,5 @@
 """benchmarks/gpu_check.py in its reduced CPU mode: every part runs the project's real code and reports it."""
+
 import json
 import subprocess
 import sys
@@ -10,8 +11,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 def test_reduced_mode_runs_every_part(tmp_path):
     out = tmp_path / "g.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--reduced"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--reduced"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.splitlines()[0].startswith("gpu_check: REDUCED MODE")
     r = json.loads(out.read_text())
@@ -35,14 +35,14 @@ def test_reduced_mode_runs_every_part(tmp_path):
 
 def test_budget_skips_parts_and_keeps_the_json(tmp_path):
     out = tmp_path / "g.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--budget-s", "1e-9"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--budget-s", "1e-9"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(out.read_text())["skipped"] == ["ppo env", "ppo train", "dl step", "extraction", "dl run"]
 
 
 def test_bad_input(tmp_path):
-    for args, message in ((["--budget-s", "0"], "--budget-s must be positive"),
-                          (["--out", str(tmp_path / "missing" / "g.json")], "does not exist")):
+    for args, message in ((["--budget-s", "0"], "--budget-s must be positive"), (["--out", str(tmp_path / "missing" / "g.json")], "does not exist")):
         p = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr

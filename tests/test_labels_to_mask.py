@@ -1,4 +1,5 @@
 """labels_to_mask on real ViZDoom frames of every scenario."""
+
 import cv2
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ def frame_with_objects(env, max_steps=300):
     env.reset(seed=3)
     for t in range(max_steps):
         state = env.game.get_state()
-        objects = [l for l in state.labels if l.object_name != "DoomPlayer"]
-        if objects and any((state.labels_buffer == l.value).any() for l in objects):
+        objects = [label for label in state.labels if label.object_name != "DoomPlayer"]
+        if objects and any((state.labels_buffer == label.value).any() for label in objects):
             return state
         _, _, term, trunc, _ = env.step(t % env.action_space.n)
         if term or trunc:
@@ -27,8 +28,8 @@ def test_labels_to_mask_real_frames(ppo, name):
         mask = ppo.labels_to_mask(lb, state.labels)
         assert mask.dtype == np.bool_ and mask.shape == lb.shape == (240, 320)
 
-        objects = {l.value for l in state.labels if l.object_name != "DoomPlayer"}
-        player = {l.value for l in state.labels if l.object_name == "DoomPlayer"}
+        objects = {label.value for label in state.labels if label.object_name != "DoomPlayer"}
+        player = {label.value for label in state.labels if label.object_name == "DoomPlayer"}
         assert mask.any()
         for v in objects:  # every object pixel is in
             assert mask[lb == v].all(), f"object value {v} not in the mask"

@@ -1,13 +1,26 @@
 """Real ViZDoom runs of the whole script with tiny settings: every env, both methods."""
+
 import json
 
 import pytest
 
 from conftest import read_events
+
 TRAIN_TAGS = {
-    "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
-    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
-    "losses/clipfrac", "losses/explained_variance", "losses/camal_loss", "charts/mask_valid_fraction", "charts/cam_empty_fraction",
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/SPS",
+    "charts/learning_rate",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/old_approx_kl",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "losses/camal_loss",
+    "charts/mask_valid_fraction",
+    "charts/cam_empty_fraction",
 }
 ATTENTION_TAGS = {"charts/alpha", "charts/beta", "charts/attention_iou"}
 
@@ -89,7 +102,9 @@ def test_attention_figure(ppo_smoke_run, tmp_path):
     with Image.open(tmp_path / "fig.png") as im:
         assert im.size[0] > 2 * im.size[1] > 0  # two rows of four panels
     # bad input: a missing folder, a run without a saved model
-    for args, message in (([str(tmp_path / "nope"), str(runs[1])], "does not exist"),
-                          ([str(runs[0]), str(next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir()))], "--save-model")):
+    for args, message in (
+        ([str(tmp_path / "nope"), str(runs[1])], "does not exist"),
+        ([str(runs[0]), str(next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir()))], "--save-model"),
+    ):
         proc = run_script("ppo_camal_vizdoom", ["--figure", *args], cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

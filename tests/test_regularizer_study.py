@@ -1,4 +1,5 @@
 """regularizer_study.py on hand-made masks where the answer is known, on a real dataset layout, and end to end."""
+
 import json
 import math
 
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from test_dl_data import make_pets
 
 from conftest import load_script, run_script
-from test_dl_data import make_pets
 
 rs = load_script("regularizer_study")
 

@@ -1,4 +1,5 @@
 """Checkpoints and --resume: a killed or interrupted run continues into the same TensorBoard run."""
+
 import json
 import os
 import signal
@@ -12,16 +13,36 @@ import torch
 from conftest import ROOT, load_script, read_events, run_script
 
 ITERS, PER_ITER = 12, 32
-ARGS = ["--env", "Basic", "--num-envs", "2", "--num-steps", "16", "--total-timesteps", str(ITERS * PER_ITER),
-        "--frame-height", "60", "--frame-width", "80", "--eval-episodes", "1", "--image-every", "0"]
+ARGS = [
+    "--env",
+    "Basic",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "16",
+    "--total-timesteps",
+    str(ITERS * PER_ITER),
+    "--frame-height",
+    "60",
+    "--frame-width",
+    "80",
+    "--eval-episodes",
+    "1",
+    "--image-every",
+    "0",
+]
 
 
 def start(tmp_path, extra):
     # a session of its own: the crash kills the whole group, game engines included, so none is left behind
     return subprocess.Popen(
         [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *ARGS, *extra],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        start_new_session=True,
     )
 
 
@@ -77,13 +98,38 @@ def test_interrupt_saves_and_resumes(tmp_path):
     Long rollouts and a one-minibatch update, so the signal lands while the workers are stepping the games.
     """
     iters, per_iter = 6, 2 * 256
-    args = ["--env", "Basic", "--num-envs", "2", "--num-steps", "256", "--total-timesteps", str(iters * per_iter),
-            "--update-epochs", "1", "--num-minibatches", "1", "--frame-height", "60", "--frame-width", "80",
-            "--eval-episodes", "1", "--image-every", "0", "--vector-env", "async"]
+    args = [
+        "--env",
+        "Basic",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "256",
+        "--total-timesteps",
+        str(iters * per_iter),
+        "--update-epochs",
+        "1",
+        "--num-minibatches",
+        "1",
+        "--frame-height",
+        "60",
+        "--frame-width",
+        "80",
+        "--eval-episodes",
+        "1",
+        "--image-every",
+        "0",
+        "--vector-env",
+        "async",
+    ]
     proc = subprocess.Popen(  # no --checkpoint-every: Ctrl-C alone must save the run
         [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *args],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        start_new_session=True,
     )
     for line in proc.stdout:
         if line.startswith("iter 1/"):
@@ -93,9 +139,12 @@ def test_interrupt_saves_and_resumes(tmp_path):
     out = proc.stdout.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGINT, out[-3000:]
     assert "Traceback" not in out and "--resume" in out
+    # within a step: the rollout had not changed the model, so the state after iteration 1 is saved at once
+    assert "SIGINT: saving a checkpoint and stopping within a step during a rollout" in out and "(the last iteration took" in out
+    assert "stopped in iteration 2's rollout; saved the state after iteration 1" in out, out[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert 2 <= state["iteration"] < iters
+    assert state["iteration"] == 1 and state["global_step"] == per_iter
     assert not (run_dir / "eval.json").exists()
 
     resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
@@ -133,3 +182,48 @@ def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(s
             module.request_stop(signal.SIGINT, None)
     finally:
         module.STOP_SIGNAL.clear()
+
+
+def test_first_run_explains_itself(tmp_path):
+    """The start-up line (device, run folder, TensorBoard, how to stop), an ETA on every line, a warning when the run
+    would take days, and Ctrl-C answered within a step. (A second Ctrl-C cannot be timed from outside: two SIGINTs sent
+    together merge into one. test_repeated_scheduler_signals_... checks that the second raises KeyboardInterrupt.)"""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "ppo_camal_vizdoom.py"),
+            "--env",
+            "Basic",
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "64",
+            "--total-timesteps",
+            "100000000",
+            "--frame-height",
+            "60",
+            "--frame-width",
+            "80",
+            "--no-cuda",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("iter 1/"):
+            os.kill(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, err[-3000:]
+    assert ": CPU (" in lines[0] and "2 sync envs at 60 x 80, 781250 iterations of 128 steps" in lines[0]
+    assert "watch: tensorboard --logdir runs" in lines[1] and "--resume runs/Basic__" in lines[1]
+    eta = lines[-1].split(" eta=")[1].split(" episodes=")[0]
+    assert eta.endswith("h") and "d " in eta  # days and hours
+    assert "warning: at " in err and "more (the paper's 10M steps" in err and "--frame-height 60 --frame-width 80" in err
+    assert "SIGINT: saving a checkpoint and stopping" in out and "continue with: python ppo_camal_vizdoom.py --resume" in out
+    assert "Traceback" not in err + out

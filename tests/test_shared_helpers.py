@@ -1,4 +1,5 @@
 """Helpers are copied between scripts (CleanRL's way), never imported: every copy must match its original."""
+
 import ast
 import functools
 
@@ -6,14 +7,53 @@ from conftest import ROOT
 
 # (origin script, helpers): a script that defines one of these must hold it exactly as the origin does
 SHARED = [
-    ("ppo_camal_vizdoom.py", ("grad_cam", "camal_terms", "camal_loss", "attention_iou", "empty_cams", "rng_state", "restore_rng",
-                              "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint", "write_json",
-                              "start_tracking", "STOP_SIGNAL", "request_stop", "catch_stop_signals")),
+    (
+        "ppo_camal_vizdoom.py",
+        (
+            "grad_cam",
+            "camal_terms",
+            "camal_loss",
+            "attention_iou",
+            "empty_cams",
+            "rng_state",
+            "restore_rng",
+            "ignored_flags",
+            "write_checkpoint",
+            "previous_checkpoint",
+            "read_checkpoint",
+            "write_json",
+            "start_tracking",
+            "STOP_SIGNAL",
+            "PACE",
+            "request_stop",
+            "catch_stop_signals",
+            "attention_panel",
+            "describe_device",
+            "duration",
+        ),
+    ),
     ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "class_cam")),
-    ("train_dl_camal.py", ("DataError", "load_gray", "require", "pets_records", "flowers_records", "busi_records", "read_mask",
-                           "render_shape", "shapes_records", "dataset_records", "resize_crop", "SHAPE_NAMES", "CUE_COLOURS",
-                           "RESIZE, CROP")),
+    (
+        "train_dl_camal.py",
+        (
+            "DataError",
+            "load_gray",
+            "require",
+            "pets_records",
+            "flowers_records",
+            "busi_records",
+            "read_mask",
+            "render_shape",
+            "shapes_records",
+            "dataset_records",
+            "resize_crop",
+            "SHAPE_NAMES",
+            "CUE_COLOURS",
+            "RESIZE, CROP",
+        ),
+    ),
     ("eval_faithfulness.py", ("mean_ci", "plot_curves")),
+    ("stats.py", ("DATASET_NAMES",)),
     ("benchmarks/spurious_shapes.py", ("fresh_folder",)),
 ]
 
@@ -55,8 +95,9 @@ def test_stats_holds_the_copies():
 
 def test_regularizer_study_holds_the_copies():
     defs = top_level_definitions(ROOT / "regularizer_study.py")
-    assert {"camal_terms", "dataset_records", "read_mask", "render_shape", "resize_crop", "pets_records", "flowers_records",
-            "busi_records"} <= set(defs)
+    assert {"camal_terms", "dataset_records", "read_mask", "render_shape", "resize_crop", "pets_records", "flowers_records", "busi_records"} <= set(
+        defs
+    )
 
 
 def test_benchmarks_hold_the_copies():

@@ -1,4 +1,5 @@
 """benchmarks/spurious_shapes.py end to end at a tiny size: both methods on every fold, stats.py, the verdict lines."""
+
 import json
 import subprocess
 import sys
@@ -8,8 +9,23 @@ from conftest import ROOT
 
 def test_pipeline_runs_and_judges(tmp_path):
     tiny = "--shapes-classes 2 --shapes-per-class 4 --epochs 1 --batch-size 4 --image-size 64"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--folds", "2", "--out", str(tmp_path / "b"),
-                           "--cue", "corner", "--train-args", tiny], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "spurious_shapes.py"),
+            "--folds",
+            "2",
+            "--out",
+            str(tmp_path / "b"),
+            "--cue",
+            "corner",
+            "--train-args",
+            tiny,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     # a one-epoch model at 64 pixels cannot meet the criteria: the verdict says so with exit code 1, not a crash
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     out = proc.stdout
@@ -26,13 +42,18 @@ def test_pipeline_runs_and_judges(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--methods", "vanilla", "suppress",
-                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--methods", "vanilla", "suppress", "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "needs camal" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--out", str(tmp_path / "mine")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--out", str(tmp_path / "mine")], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "was not made by this benchmark" in proc.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -40,9 +61,27 @@ def test_bad_input(tmp_path):
 def test_drl_alignment_pipeline(tmp_path):
     """benchmarks/drl_alignment.py at a tiny size: camal and vanilla for one seed, stats.py, the per-seed table."""
     tiny = "--num-envs 2 --num-steps 32 --eval-episodes 2 --image-every 0"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "drl_alignment.py"), "--seeds", "1", "--frame-height", "60",
-                           "--frame-width", "80", "--total-timesteps", "128", "--out", str(tmp_path / "d"), "--train-args", tiny],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "drl_alignment.py"),
+            "--seeds",
+            "1",
+            "--frame-height",
+            "60",
+            "--frame-width",
+            "80",
+            "--total-timesteps",
+            "128",
+            "--out",
+            str(tmp_path / "d"),
+            "--train-args",
+            tiny,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
     assert len(rows) == 1 and rows[0].count("|") == 10 and "/2 |" in rows[0]  # 2 iterations each, collapsed or not

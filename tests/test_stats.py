@@ -1,4 +1,5 @@
 """stats.py on run folders written with known numbers, checked against scipy and rliable called directly."""
+
 import json
 import os
 import shutil
@@ -20,13 +21,29 @@ def st():
 def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, faithfulness=None, epochs=2):
     run = root / f"{dataset}__{model}__{method}__fold{fold}__{seed}__0"
     run.mkdir(parents=True)
-    metrics = {"dataset": dataset, "model": model, "method": method, "fold": fold, "folds": folds, "seed": seed, "split_seed": 0,
-               "test_accuracy": acc, "test_iou": iou, "epochs": epochs, "run_name": run.name}
+    metrics = {
+        "dataset": dataset,
+        "model": model,
+        "method": method,
+        "fold": fold,
+        "folds": folds,
+        "seed": seed,
+        "split_seed": 0,
+        "test_accuracy": acc,
+        "test_iou": iou,
+        "epochs": epochs,
+        "run_name": run.name,
+    }
     (run / "metrics.json").write_text(json.dumps(metrics))
     if faithfulness is not None:  # (removal AUCs, insertion AUCs) per sample, with straight-line curves on 3 points
         k = [0.0, 0.5, 1.0]
-        samples = [{"label": 0, "attention": {"removal": [1.0, 2 * r - 1.0, 0.0], "insertion": [0.0, 2 * i - 0.5, 1.0],
-                                              "removal_auc": r, "insertion_auc": i}} for r, i in zip(*faithfulness)]
+        samples = [
+            {
+                "label": 0,
+                "attention": {"removal": [1.0, 2 * r - 1.0, 0.0], "insertion": [0.0, 2 * i - 0.5, 1.0], "removal_auc": r, "insertion_auc": i},
+            }
+            for r, i in zip(*faithfulness)
+        ]
         (run / "faithfulness.json").write_text(json.dumps({"k": k, "samples": samples, "method": method}))
     return run
 
@@ -34,8 +51,15 @@ def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, fait
 def write_drl(root, env, method, seed, ret, iou, total_timesteps=1000, cam_empty=None):
     run = root / f"{env}__ppo_camal_vizdoom__{method}__{seed}__0"
     run.mkdir(parents=True)
-    result = {"env": env, "method": method, "seed": seed, "mean_return": ret, "mean_iou": iou, "total_timesteps": total_timesteps,
-              "episodic_returns": [ret] * 4}
+    result = {
+        "env": env,
+        "method": method,
+        "seed": seed,
+        "mean_return": ret,
+        "mean_iou": iou,
+        "total_timesteps": total_timesteps,
+        "episodic_returns": [ret] * 4,
+    }
     if cam_empty is not None:
         result["cam_empty_fraction"] = cam_empty
     (run / "eval.json").write_text(json.dumps(result))
@@ -153,7 +177,8 @@ def drl_folder(root):
 
 
 def test_drl_matches_rliable(st, tmp_path):
-    from rliable import library as rly, metrics
+    from rliable import library as rly
+    from rliable import metrics
 
     truth = drl_folder(tmp_path)
     stats, tables, _, _ = st.analyse(args_for(st, tmp_path, seed=3))
@@ -284,8 +309,10 @@ def test_runs_of_other_settings_are_other_experiments(st, tmp_path):
     assert comps["epochs 20"]["test_accuracy"]["camal"]["values"] == [0.7] * 3
     assert not any("duplicate" in i["reason"] for i in stats["incomplete"])
     # a setting a run does not record (an older metrics.json) is no evidence of another experiment
-    assert st.variants([{"dir": "x", "settings": {"epochs": 2}}, {"dir": "y", "settings": {"epochs": None}}],
-                       lambda r: 0, ("epochs",)) == {"x": "", "y": ""}
+    assert st.variants([{"dir": "x", "settings": {"epochs": 2}}, {"dir": "y", "settings": {"epochs": None}}], lambda r: 0, ("epochs",)) == {
+        "x": "",
+        "y": "",
+    }
     runs_table = next(t for t in tables if t["name"] == "dl_runs")
     assert {row[0] for row in runs_table["rows"]} == {"Shapes [epochs 2]", "Shapes [epochs 20]"}
     # one method run twice with another camal_coef: two experiments of camal, named as such, the newer used
@@ -313,8 +340,16 @@ def test_cli_repeats_and_writes_everything(tmp_path):
     a["args"].pop("out"), b["args"].pop("out")
     assert a == b
     files = set(os.listdir(tmp_path / "out0"))
-    assert {"stats.json", "dl_test_accuracy_camal_vs_vanilla.csv", "dl_test_iou_camal_vs_prior.csv", "drl_return_sbci.csv",
-            "drl_iou_poi.csv", "drl_runs.csv", "drl_interval_estimates.png", "drl_probability_of_improvement.png"} <= files
+    assert {
+        "stats.json",
+        "dl_test_accuracy_camal_vs_vanilla.csv",
+        "dl_test_iou_camal_vs_prior.csv",
+        "drl_return_sbci.csv",
+        "drl_iou_poi.csv",
+        "drl_runs.csv",
+        "drl_interval_estimates.png",
+        "drl_probability_of_improvement.png",
+    } <= files
     csv_rows = (tmp_path / "out0" / "dl_test_accuracy_camal_vs_vanilla.csv").read_text().splitlines()
     assert csv_rows[0].startswith("dataset,variant,model,pairs,camal_mean") and len(csv_rows) == 3
 
@@ -330,8 +365,7 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
     (crashed_run,) = crashed.iterdir()
     (crashed_run / "eval.json").unlink()
     paths = [shapes_root / "runs", crashed] + [cwd / "runs" for key, (_, cwd) in ppo.items() if key != ("TakeCover", "vanilla")]
-    proc = run_script("stats", [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--out", str(tmp_path / "out")],
-                      cwd=tmp_path, timeout=300)
+    proc = run_script("stats", [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--out", str(tmp_path / "out")], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
 
@@ -356,8 +390,12 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
     assert f"{crashed_run}: finished without eval.json" in reasons
     assert all(r["source"].startswith("eval.json") for r in drl["runs"])
 
-    proc = run_script("stats", [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--drl-score", "training", "--out",
-                                str(tmp_path / "out")], cwd=tmp_path, timeout=300)
+    proc = run_script(
+        "stats",
+        [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--drl-score", "training", "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     drl = json.loads((tmp_path / "out" / "stats.json").read_text())["drl"]
     assert drl["envs"] == ["DefendLine", "DefendCenter", "TakeCover"]
@@ -375,14 +413,17 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
     assert "TensorBoard: mean of the last" in proc.stdout and "Table 2" in proc.stdout
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
-    ("foreign", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
-    ("missing", "does not exist"),
-    ("broken", "cannot be read as JSON"),
-    ("not_ours", "is not a metrics.json of train_dl_camal.py"),
-    ("reps", "--reps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
+        ("foreign", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
+        ("missing", "does not exist"),
+        ("broken", "cannot be read as JSON"),
+        ("not_ours", "is not a metrics.json of train_dl_camal.py"),
+        ("reps", "--reps must be at least 1"),
+    ],
+)
 def test_bad_input(tmp_path, case, message):
     folder = tmp_path / "runs"
     folder.mkdir()
