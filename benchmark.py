@@ -367,7 +367,7 @@ def slurm_executor(args):
         raise SystemExit("error: --backend slurm needs submitit: pip install submitit") from None
     folder = str(Path(args.out) / "slurm" / "%j")
     if args.slurm_cluster == "local":  # tests: the same pickled array tasks, time limit, signal and requeue, on this machine
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=5)  # a slow test machine may need more requeues
         executor.update_parameters(timeout_min=args.slurm_time, signal_delay_s=args.slurm_signal_delay_s)
         return executor
     executor = submitit.AutoExecutor(folder=folder, cluster=args.slurm_cluster)

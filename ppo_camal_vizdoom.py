@@ -765,6 +765,78 @@ def check_args(args):
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
 
 
+def evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
+    """Play --eval-episodes episodes with the trained policy; log them and write eval.json (stats.py reads it)."""
+    episodes = evaluate(agent, envs, args, device, video_dir)
+    for idx, ep in enumerate(episodes):
+        writer.add_scalar("eval/episodic_return", ep["return"], idx)
+        if ep["attention_iou"] is not None:
+            writer.add_scalar("eval/attention_iou", ep["attention_iou"], idx)
+    ious = [ep["attention_iou"] for ep in episodes if ep["attention_iou"] is not None]
+    result = {
+        "env": args.env,
+        "method": args.method,
+        "seed": args.seed,
+        "total_timesteps": global_step,
+        "mean_return": float(np.mean([ep["return"] for ep in episodes])),
+        "mean_iou": float(np.mean(ious)) if ious else None,
+        "episodic_returns": [ep["return"] for ep in episodes],
+        "episodic_lengths": [ep["length"] for ep in episodes],
+        "episodic_iou": [ep["attention_iou"] for ep in episodes],
+        "cam_empty_fraction": float(np.mean([ep["cam_empty_fraction"] for ep in episodes])),
+        "cam": args.cam,
+        "tau": args.tau,
+        "camal_coef": args.camal_coef,
+        "run_name": run_name,
+    }
+    write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
+    print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
+
+
+def log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir):
+    """TensorBoard: frame | mask | CAM for up to 4 frames with objects on screen, spread over the rollout; with
+    --capture-video, env 0's whole rollout of this iteration as an mp4."""
+    size = (args.frame_height, args.frame_width)
+    has_obj = torch.nonzero(b_masks.flatten(1).any(1)).flatten().cpu()
+    pick = has_obj if len(has_obj) else torch.arange(args.batch_size)
+    pick = pick[torch.linspace(0, len(pick) - 1, min(4, len(pick))).long()].to(b_obs.device)
+    cams = value_cam(agent, b_obs[pick], size, args.cam).cpu().numpy()
+    panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c, titles=FRAME_TITLES) for j, c in zip(pick, cams)]
+    writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
+    if video_dir is not None:
+        cams = value_cam(agent, obs[:, 0], size, args.cam).cpu().numpy()
+        clip = [attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t], titles=FRAME_TITLES) for t in range(args.num_steps)]
+        write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
+
+
+def resume_from(args):
+    """(the run's own Args, its checkpoint) for --resume RUN; a clear message and exit code 2 when it cannot resume."""
+    ckpt_path = os.path.join(args.resume, "checkpoint.pt")
+    if not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume} does not exist")
+    if os.path.isfile(os.path.join(args.resume, "eval.json")):
+        fail(f"--resume {args.resume}: this run finished (its eval.json is there); there is nothing to resume")
+    if not os.path.isfile(ckpt_path):
+        fail(f"--resume {args.resume}: no checkpoint.pt there (was the run started with --checkpoint-every?)")
+    try:
+        checkpoint = read_checkpoint(ckpt_path, PPO_CHECKPOINT_KEYS)
+    except ValueError as e:
+        fail(f"--resume {args.resume}: {e}")
+    # the run continues with the hyperparameters it was started with
+    saved = checkpoint["args"]
+    ignored = ignored_flags(args, saved, keep=("resume", "cuda"))
+    if ignored:
+        print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
+    saved.update(resume=args.resume, cuda=args.cuda)
+    unknown = set(saved) - set(Args.__dataclass_fields__)
+    if unknown:
+        fail(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
+    args = Args(**saved)
+    if checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps):
+        fail(f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to resume")
+    return args, checkpoint
+
+
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -778,31 +850,7 @@ if __name__ == "__main__":
         except ValueError as e:
             fail(str(e))
         sys.exit(0)
-    checkpoint = None
-    if args.resume is not None:
-        ckpt_path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume} does not exist")
-        if os.path.isfile(os.path.join(args.resume, "eval.json")):
-            fail(f"--resume {args.resume}: this run finished (its eval.json is there); there is nothing to resume")
-        if not os.path.isfile(ckpt_path):
-            fail(f"--resume {args.resume}: no checkpoint.pt there (was the run started with --checkpoint-every?)")
-        try:
-            checkpoint = read_checkpoint(ckpt_path, PPO_CHECKPOINT_KEYS)
-        except ValueError as e:
-            fail(f"--resume {args.resume}: {e}")
-        # the run continues with the hyperparameters it was started with
-        saved = checkpoint["args"]
-        ignored = ignored_flags(args, saved, keep=("resume", "cuda"))
-        if ignored:
-            print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
-        saved.update(resume=args.resume, cuda=args.cuda)
-        unknown = set(saved) - set(Args.__dataclass_fields__)
-        if unknown:
-            fail(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
-        args = Args(**saved)
-        if checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps):
-            fail(f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to resume")
+    args, checkpoint = resume_from(args) if args.resume is not None else (args, None)
     try:
         check_args(args)
     except ValueError as e:
@@ -1114,20 +1162,7 @@ if __name__ == "__main__":
 
             # the first image after the first update, then every --image-every iterations, and the trained agent's at the end
             if args.image_every and (iteration == 1 or iteration % args.image_every == 0 or iteration == args.num_iterations):
-                # up to 4 frames with objects on screen, spread over the rollout
-                has_obj = torch.nonzero(b_masks.flatten(1).any(1)).flatten().cpu()
-                pick = has_obj if len(has_obj) else torch.arange(args.batch_size)
-                pick = pick[torch.linspace(0, len(pick) - 1, min(4, len(pick))).long()].to(device)
-                cams = value_cam(agent, b_obs[pick], (H, W), args.cam).cpu().numpy()
-                panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c, titles=FRAME_TITLES) for j, c in zip(pick, cams)]
-                writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
-                if video_dir is not None:  # env 0's whole rollout of this iteration
-                    cams = value_cam(agent, obs[:, 0], (H, W), args.cam).cpu().numpy()
-                    clip = [
-                        attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t], titles=FRAME_TITLES)
-                        for t in range(args.num_steps)
-                    ]
-                    write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
+                log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir)
 
             last = iteration == args.num_iterations
             if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (STOP_SIGNAL and not last):
@@ -1144,30 +1179,7 @@ if __name__ == "__main__":
             print(f"model saved to {model_path}")
 
         if args.eval_episodes:
-            episodes = evaluate(agent, envs, args, device, video_dir)
-            for idx, ep in enumerate(episodes):
-                writer.add_scalar("eval/episodic_return", ep["return"], idx)
-                if ep["attention_iou"] is not None:
-                    writer.add_scalar("eval/attention_iou", ep["attention_iou"], idx)
-            ious = [ep["attention_iou"] for ep in episodes if ep["attention_iou"] is not None]
-            result = {
-                "env": args.env,
-                "method": args.method,
-                "seed": args.seed,
-                "total_timesteps": global_step,
-                "mean_return": float(np.mean([ep["return"] for ep in episodes])),
-                "mean_iou": float(np.mean(ious)) if ious else None,
-                "episodic_returns": [ep["return"] for ep in episodes],
-                "episodic_lengths": [ep["length"] for ep in episodes],
-                "episodic_iou": [ep["attention_iou"] for ep in episodes],
-                "cam_empty_fraction": float(np.mean([ep["cam_empty_fraction"] for ep in episodes])),
-                "cam": args.cam,
-                "tau": args.tau,
-                "camal_coef": args.camal_coef,
-                "run_name": run_name,
-            }
-            write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
-            print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
+            evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print(f"\nstopped at once, without a checkpoint; the last saved one (if any) is in {run_dir}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)

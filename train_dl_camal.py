@@ -838,6 +838,74 @@ def world():
     return 0, 1
 
 
+def run_folder(args, fold, resuming, distributed):
+    """(run_name, run_dir): the resumed run's own folder, or runs/{dataset}__{model}__{method}__fold{K}__{seed}__{unix time}."""
+    if resuming:
+        run_dir = args.resume.rstrip("/")
+        return os.path.basename(run_dir), run_dir
+    stamp = [int(time.time())]
+    if distributed:
+        dist.broadcast_object_list(stamp, src=0)  # one run name for all processes
+    run_name = f"{args.dataset}__{args.model}__{args.method}__fold{fold}__{args.seed}__{stamp[0]}"
+    return run_name, f"runs/{run_name}"
+
+
+def log_test(writer, result, model, grid, device, autocast, epoch):
+    """The held-out fold's scalars, and image | mask | CAM for a few held-out samples."""
+    writer.add_scalar("test/accuracy", result["accuracy"], epoch)
+    writer.add_scalar("test/cam_empty_fraction", result["cam_empty_fraction"], epoch)
+    for key in ("iou", "alpha", "beta"):
+        if result[key] is not None:
+            writer.add_scalar(f"test/{'attention_iou' if key == 'iou' else key}", result[key], epoch)
+    images, masks, labels = grid
+    _, cams = class_cam(model, images.to(device), labels.to(device), double_backward=False, autocast=autocast)
+    writer.add_image("test/image_mask_cam", overlay_grid(images, masks, cams.cpu()), epoch, dataformats="HWC")
+
+
+def save_results(args, fold, result, train_empty, classes, train_set, test_set, model, run_dir, run_name, world_size, wall_time):
+    """metrics.json (stats.py), model.pt (a plain torchvision state dict with its preprocessing) and the held-out samples
+    eval_faithfulness.py scores."""
+    metrics = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "method": args.method,
+        "fold": fold,
+        "folds": args.folds,
+        "seed": args.seed,
+        "split_seed": args.split_seed,
+        "test_accuracy": result["accuracy"],
+        "test_iou": result["iou"],
+        "test_alpha": result["alpha"],
+        "test_beta": result["beta"],
+        "test_cam_empty_fraction": result["cam_empty_fraction"],
+        "train_cam_empty_fraction": train_empty,
+        "image_size": args.image_size,
+        "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
+        "epochs": args.epochs,
+        "wall_time": wall_time,
+        "tau": args.tau,
+        "camal_coef": args.camal_coef,
+        "train_size": len(train_set),
+        "test_size": len(test_set),
+        "processes": world_size,
+        "run_name": run_name,
+        "args": asdict(args),  # every setting, so stats.py never takes runs of two experiments for one
+    }
+    write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)
+    torch.save(
+        {
+            "state_dict": model.net.state_dict(),
+            "architecture": args.model,
+            "num_classes": len(classes),
+            "classes": classes,
+            "preprocessing": {"resize": resize_for(args.image_size), "resize_mode": args.resize, "crop": args.image_size, "mean": MEAN, "std": STD},
+            "cam_layer": CAM_LAYERS[args.model],
+        },
+        os.path.join(run_dir, "model.pt"),
+    )
+    torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
+
+
 def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
     (rank 0 writes it). prior_cams: the method prior's CLIP CAMs, aligned with records."""
@@ -851,15 +919,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     if not len(test_set) or not len(train_set):
         raise ValueError(f"fold {fold} of {args.folds} leaves an empty train or test set ({len(records)} samples)")
 
-    if checkpoint is not None:
-        run_dir = args.resume.rstrip("/")
-        run_name = os.path.basename(run_dir)
-    else:
-        stamp = [int(time.time())]
-        if distributed:
-            dist.broadcast_object_list(stamp, src=0)  # one run name for all processes
-        run_name = f"{args.dataset}__{args.model}__{args.method}__fold{fold}__{args.seed}__{stamp[0]}"
-        run_dir = f"runs/{run_name}"
+    run_name, run_dir = run_folder(args, fold, resuming=checkpoint is not None, distributed=distributed)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
 
@@ -976,14 +1036,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             writer.add_scalar("train/beta", beta_s / n_valid, epoch)
 
         result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
-        writer.add_scalar("test/accuracy", result["accuracy"], epoch)
-        writer.add_scalar("test/cam_empty_fraction", result["cam_empty_fraction"], epoch)
-        for key in ("iou", "alpha", "beta"):
-            if result[key] is not None:
-                writer.add_scalar(f"test/{'attention_iou' if key == 'iou' else key}", result[key], epoch)
-        images, masks, labels = grid
-        _, cams = class_cam(model, images.to(device), labels.to(device), double_backward=False, autocast=autocast)
-        writer.add_image("test/image_mask_cam", overlay_grid(images, masks, cams.cpu()), epoch, dataformats="HWC")
+        log_test(writer, result, model, grid, device, autocast, epoch)
         writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
         writer.flush()
         iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
@@ -1017,45 +1070,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         return None
     if result is None:  # resumed a finished run
         result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
-    metrics = {
-        "dataset": args.dataset,
-        "model": args.model,
-        "method": args.method,
-        "fold": fold,
-        "folds": args.folds,
-        "seed": args.seed,
-        "split_seed": args.split_seed,
-        "test_accuracy": result["accuracy"],
-        "test_iou": result["iou"],
-        "test_alpha": result["alpha"],
-        "test_beta": result["beta"],
-        "test_cam_empty_fraction": result["cam_empty_fraction"],
-        "train_cam_empty_fraction": train_empty,
-        "image_size": args.image_size,
-        "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
-        "epochs": args.epochs,
-        "wall_time": time.time() - start_time,
-        "tau": args.tau,
-        "camal_coef": args.camal_coef,
-        "train_size": len(train_set),
-        "test_size": len(test_set),
-        "processes": world_size,
-        "run_name": run_name,
-        "args": asdict(args),  # every setting, so stats.py never takes runs of two experiments for one
-    }
-    write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)
-    torch.save(
-        {
-            "state_dict": model.net.state_dict(),
-            "architecture": args.model,
-            "num_classes": num_classes,
-            "classes": classes,
-            "preprocessing": {"resize": resize_for(args.image_size), "resize_mode": args.resize, "crop": args.image_size, "mean": MEAN, "std": STD},
-            "cam_layer": CAM_LAYERS[args.model],
-        },
-        os.path.join(run_dir, "model.pt"),
-    )
-    torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
+    save_results(args, fold, result, train_empty, classes, train_set, test_set, model, run_dir, run_name, world_size, time.time() - start_time)
     writer.close()
     if tracked is not None:
         tracked.finish()
