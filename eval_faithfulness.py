@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import tyro
+from tqdm import tqdm
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation, as in train_dl_camal.py
 
@@ -448,7 +449,9 @@ if __name__ == "__main__":
     groups = {}  # method -> pooled per-sample AUCs and curves over its runs (e.g. its folds)
     figure_runs = []
     tie_rng, random_rng = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 1])
-    for run, model, samples, metrics in loaded:
+    # a bar over the runs on a terminal (a grid's analysis scores hundreds); each run's line is printed through it
+    bar = tqdm(loaded, unit="run", leave=False, dynamic_ncols=True, disable=None)
+    for run, model, samples, metrics in bar:
         # one key per held-out sample: runs of different methods on the same fold and seed hold the same samples
         sample_keys = [(metrics["dataset"], metrics.get("split_seed"), metrics["fold"], metrics["seed"], i) for i in range(len(samples["labels"]))]
         ks, entries, cams = evaluate_run(model.to(device), samples, args, device, tie_rng, random_rng)
@@ -493,7 +496,7 @@ if __name__ == "__main__":
                 g["correct"][key] = e["correct"]
                 g["aucs"][key] = (e[kind]["removal_auc"], e[kind]["insertion_auc"])
         a = result["attention"]
-        print(
+        tqdm.write(
             f"{run}: removal AUC {a['removal_auc']['mean']:.4f}, insertion AUC {a['insertion_auc']['mean']:.4f} "
             f"over {a['n']} samples -> faithfulness.json"
         )
