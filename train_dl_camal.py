@@ -194,9 +194,9 @@ def attention_iou(cam, mask, tau=0.7):
     return torch.where(valid, inter / union.clamp(min=1), torch.zeros_like(inter)), valid
 
 
-def regularizer(cam, mask, method):
+def regularizer(cam, mask, kind):
     """The method's attention term before lambda: mean(beta - alpha) for camal and prior, mean(beta) for suppress."""
-    if method in ("camal", "prior"):
+    if kind in ("camal", "prior"):
         return camal_loss(cam, mask)
     alpha, beta, valid = camal_terms(cam, mask)
     return (beta * valid).sum() / valid.sum().clamp(min=1)
@@ -665,7 +665,7 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
     model.eval()
     correct = torch.zeros(num_classes)
     total = torch.zeros(num_classes)
-    sums = torch.zeros(5)  # iou, alpha, beta, valid count, empty CAMs
+    sums = dict.fromkeys(("iou", "alpha", "beta", "valid", "empty"), 0.0)  # summed over the held-out samples
     for images, masks, labels in loader:
         images, masks, labels = images.to(device), masks.to(device), labels.to(device)
         logits, cam = class_cam(model, images, labels, double_backward=False, autocast=autocast)
@@ -674,15 +674,17 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
         correct += torch.bincount(labels[pred == labels], minlength=num_classes).cpu()
         alpha, beta, valid = camal_terms(cam, masks)
         iou, _ = attention_iou(cam, masks, tau)
-        sums += torch.stack([(iou * valid).sum(), alpha.sum(), beta.sum(), valid.sum(), empty_cams(cam).sum()]).cpu()
-    n_valid = sums[3].item()
+        batch = torch.stack([(iou * valid).sum(), alpha.sum(), beta.sum(), valid.sum(), empty_cams(cam).sum()]).tolist()  # one sync
+        for key, value in zip(sums, batch):
+            sums[key] += value
+    n_valid = sums["valid"]
     return {
         "accuracy": (correct.sum() / total.sum().clamp(min=1)).item(),
         "per_class_accuracy": [(correct[c] / total[c]).item() if total[c] else None for c in range(num_classes)],
-        "iou": sums[0].item() / n_valid if n_valid else None,
-        "alpha": sums[1].item() / n_valid if n_valid else None,
-        "beta": sums[2].item() / n_valid if n_valid else None,
-        "cam_empty_fraction": sums[4].item() / total.sum().clamp(min=1).item(),
+        "iou": sums["iou"] / n_valid if n_valid else None,
+        "alpha": sums["alpha"] / n_valid if n_valid else None,
+        "beta": sums["beta"] / n_valid if n_valid else None,
+        "cam_empty_fraction": sums["empty"] / total.sum().clamp(min=1).item(),
     }
 
 
@@ -992,7 +994,8 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
             logits, cam = class_cam(model, images, labels, double_backward=supervised, autocast=autocast, forward=forward)
             ce = F.cross_entropy(logits, labels)
-            reg = regularizer(cam, masks, "camal" if args.method == "vanilla" else args.method)  # prior: masks are pseudo
+            # vanilla trains on CE alone but reports what CAMAL's term would be; prior's masks are pseudo-masks
+            reg = regularizer(cam, masks, kind="camal" if args.method == "vanilla" else args.method)
             loss = ce + args.camal_coef * reg if supervised else ce
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
