@@ -62,7 +62,7 @@ def test_smoke(ppo_smoke_run, env, method):
     empty = [ev.value for ev in acc.Scalars("charts/cam_empty_fraction")]
     assert all(0.0 <= v <= 1.0 for v in empty)
     assert ("warning: the critic's CAM has been empty" in proc.stderr) == any(v > 0.5 for v in empty), (empty, proc.stderr[-2000:])
-    if (env, method) == ("Basic", "vanilla"):  # the paper's CAM at seed 2: every critic map is empty (README, --cam)
+    if (env, method) == ("Basic", "vanilla"):  # the paper's CAM at seed 2: every critic map is empty (docs/ppo_camal_vizdoom.md, --cam)
         assert empty == [1.0, 1.0]
     else:  # the default |.| CAM is never empty
         assert empty == [0.0, 0.0]
