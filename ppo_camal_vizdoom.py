@@ -728,10 +728,6 @@ def describe_device(device):
     return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
 
 
-def envs_are_async(envs):
-    return isinstance(envs, gym.vector.AsyncVectorEnv)
-
-
 def duration(seconds):
     """3d 4h, 2h 05m, 4m 10s: an ETA a reader takes in at a glance."""
     seconds = int(seconds)
@@ -910,7 +906,7 @@ if __name__ == "__main__":
 
     catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
     print(
-        f"{run_name}: {describe_device(device)}, {args.num_envs} {'async' if envs_are_async(envs) else 'sync'} envs at {H} x {W}, "
+        f"{run_name}: {describe_device(device)}, {args.num_envs} {'async' if isinstance(envs, gym.vector.AsyncVectorEnv) else 'sync'} envs at {H} x {W}, "
         f"{args.num_iterations} iterations of {args.batch_size} steps\n  run folder: {run_dir}   watch: tensorboard --logdir "
         f"{os.path.dirname(run_dir) or '.'}   stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
         flush=True,
@@ -925,6 +921,10 @@ if __name__ == "__main__":
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
 
+    # a bar on a terminal (none in logs, where each iteration's line carries the ETA); closed however the run ends
+    bar = tqdm(
+        total=args.num_iterations * args.batch_size, initial=global_step, unit="step", unit_scale=True, disable=None, dynamic_ncols=True, leave=False
+    )
     try:
         start_time, start_step = time.time(), global_step
         next_obs_np, _ = envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)
@@ -935,16 +935,6 @@ if __name__ == "__main__":
         recent_returns = []
         iteration = start_iteration - 1
         collapsed_for = 0  # iterations in a row with over half the CAMs empty
-        # a bar on a terminal (none in logs, where each iteration's line carries the ETA)
-        bar = tqdm(
-            total=args.num_iterations * args.batch_size,
-            initial=global_step,
-            unit="step",
-            unit_scale=True,
-            disable=None,
-            dynamic_ncols=True,
-            leave=False,
-        )
 
         for iteration in range(start_iteration, args.num_iterations + 1):
             if args.anneal_lr:
@@ -956,11 +946,9 @@ if __name__ == "__main__":
             for step in range(0, args.num_steps):
                 if STOP_SIGNAL:  # the model is as the last update left it: save that state now rather than after this update
                     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration - 1, step_at_start, episodes_at_start)
-                    bar.close()
-                    print(
+                    tqdm.write(
                         f"stopped in iteration {iteration}'s rollout; saved the state after iteration {iteration - 1}. "
-                        f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}",
-                        flush=True,
+                        f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}"
                     )
                     sys.exit(128 + STOP_SIGNAL[0])
                 global_step += args.num_envs
@@ -1168,10 +1156,9 @@ if __name__ == "__main__":
             if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (STOP_SIGNAL and not last):
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration, global_step, episodes_seen)
             if STOP_SIGNAL and not last:
-                bar.close()
-                print(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
+                tqdm.write(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
                 sys.exit(128 + STOP_SIGNAL[0])
-        bar.close()
+        bar.close()  # before the evaluation's own output
 
         if args.save_model:
             model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
@@ -1184,6 +1171,7 @@ if __name__ == "__main__":
         print(f"\nstopped at once, without a checkpoint; the last saved one (if any) is in {run_dir}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
     finally:
+        bar.close()
         envs.close()
         writer.close()
         if tracked is not None:

@@ -101,12 +101,13 @@ def run(cmd, cwd, timeout, env=None):
         return 124, time.perf_counter() - start, out + f"\n(timed out after {timeout:.0f} s)"
 
 
-def scalars(run_dir, tag):
+def read_events(run_dir):
+    """A run's TensorBoard scalars, read once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    return acc.Scalars(tag)
+    return acc
 
 
 def ppo_train(cfg, num_envs, method, extra, cuda, timeout, tmp):
@@ -137,17 +138,17 @@ def ppo_train(cfg, num_envs, method, extra, cuda, timeout, tmp):
         "--cuda" if cuda else "--no-cuda",
         *extra,
     ]
-    cwd = Path(tmp) / f"ppo_{method}_{num_envs}_{len(list(Path(tmp).iterdir()))}"
-    cwd.mkdir()
+    cwd = Path(tempfile.mkdtemp(prefix=f"ppo_{method}_{num_envs}_", dir=tmp))
     rc, seconds, out = run(cmd, cwd, timeout)
     row = {"num_envs": num_envs, "method": method, "flags": " ".join(extra), "rc": rc, "wall_s": round(seconds, 1)}
     if rc != 0:
         return {**row, "log_tail": tail(out)}
     (run_dir,) = (cwd / "runs").iterdir()
-    sps = scalars(run_dir, "charts/SPS")
+    events = read_events(run_dir)
+    sps = events.Scalars("charts/SPS")
     row["sps"] = (sps[-1].step - sps[0].step) / (sps[-1].wall_time - sps[0].wall_time)
     for tag in ("env_seconds", "rollout_seconds", "update_seconds"):
-        row[tag] = statistics.mean(e.value for e in scalars(run_dir, f"perf/{tag}")[1:])
+        row[tag] = statistics.mean(e.value for e in events.Scalars(f"perf/{tag}")[1:])
     iteration = row["rollout_seconds"] + row["update_seconds"]
     row["env_share"] = row["env_seconds"] / iteration
     row["policy_share"] = (row["rollout_seconds"] - row["env_seconds"]) / iteration  # inference and host-device copies
@@ -268,10 +269,10 @@ def main():
 
         def env_part():
             print(f"\n[ppo env] TakeCover {cfg['height']} x {cfg['width']}, async workers, random actions", flush=True)
-            rows = []
+            rows, ppo = [], ppo_sps.load_ppo()
             for n in cfg["env_counts"]:
                 o = argparse.Namespace(env="TakeCover", num_envs=n, frame_height=cfg["height"], frame_width=cfg["width"])
-                rows.append({"num_envs": n, "sps": ppo_sps.env_only_sps(ppo_sps.load_ppo(), o, True, cfg["env_seconds"])})
+                rows.append({"num_envs": n, "sps": ppo_sps.env_only_sps(ppo, o, True, cfg["env_seconds"])})
                 print(f"  {n:>3} envs  {rows[-1]['sps']:>8.0f} steps/s", flush=True)
                 if left() <= 0:
                     break

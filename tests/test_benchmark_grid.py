@@ -12,6 +12,29 @@ import pytest
 from conftest import PPO_TINY, ROOT, read_events
 
 TINY_DRL = [*PPO_TINY, "--eval-episodes", "2", "--image-every", "0"]
+# one camal cell on Basic that runs long enough to be interrupted: 2 envs x 32 steps per iteration, 64 steps
+CELL = ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--no-analysis"]
+
+
+def long_cell(iterations):
+    return [
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "32",
+        "--total-timesteps",
+        str(64 * iterations),
+        "--frame-height",
+        "60",
+        "--frame-width",
+        "80",
+        "--eval-episodes",
+        "1",
+        "--image-every",
+        "0",
+    ]
+
+
 TINY_DL = ["--shapes-classes", "2", "--shapes-per-class", "4", "--num-folds", "2", "--batch-size", "4", "--epochs", "1", "--image-size", "64"]
 
 
@@ -102,33 +125,7 @@ def test_local_grid_runs_skips_and_analyses(tmp_path):
 
 def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
     iters, per_iter = 12, 64
-    args = [
-        "--preset",
-        "drl",
-        "--envs",
-        "Basic",
-        "--seeds",
-        "1",
-        "--methods",
-        "camal",
-        "--no-analysis",
-        "--checkpoint-every",
-        "2",
-        "--num-envs",
-        "2",
-        "--num-steps",
-        "32",
-        "--total-timesteps",
-        str(iters * per_iter),
-        "--frame-height",
-        "60",
-        "--frame-width",
-        "80",
-        "--eval-episodes",
-        "1",
-        "--image-every",
-        "0",
-    ]
+    args = [*CELL, "--checkpoint-every", "2", *long_cell(iters)]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -180,7 +177,7 @@ def test_failed_cell_is_retried_and_summarised(tmp_path):
 
 
 def test_a_cell_runs_once_under_two_invocations(tmp_path):
-    args = ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--no-analysis", *TINY_DRL]
+    args = [*CELL, *TINY_DRL]
     first = subprocess.Popen(
         [sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -242,15 +239,7 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     iters, per_iter = 80, 64  # about 25 s of training on 2 idle cores: the 20 s before the signal cannot finish it
     proc = bench(
         [
-            "--preset",
-            "drl",
-            "--envs",
-            "Basic",
-            "--seeds",
-            "1",
-            "--methods",
-            "camal",
-            "--no-analysis",
+            *CELL,
             "--backend",
             "slurm",
             "--slurm-cluster",
@@ -261,20 +250,7 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
             "40",
             "--poll",
             "1",
-            "--num-envs",
-            "2",
-            "--num-steps",
-            "32",
-            "--total-timesteps",
-            str(iters * per_iter),
-            "--frame-height",
-            "60",
-            "--frame-width",
-            "80",
-            "--eval-episodes",
-            "1",
-            "--image-every",
-            "0",
+            *long_cell(iters),
         ],
         tmp_path,
     )
