@@ -12,6 +12,9 @@ What it runs, each part with the project's own code:
   extraction   batch-level Grad-CAM (one backward, Proposition 1) against one backward per sample (Figure 2)
   dl run       a 2-epoch shapes run of train_dl_camal.py with --cuda --amp, eval_faithfulness.py on it, and the
                same training under torchrun --nproc_per_node 1 (NCCL on a GPU)
+  dl causes    where CAMAL's extra step time goes for the models that miss the target: torch.profiler's kernel time
+               and count per step against the wall time, and (CUDA only) both steps captured as CUDA graphs and
+               replayed, which removes Python and launch costs
 
 Without CUDA (or with --reduced) every part runs in a reduced mode (60 x 80 frames, few envs, one small model,
 tiny batches) so the tests cover each path; the first line and the JSON's "mode" say so, and its figures say
@@ -64,6 +67,7 @@ FULL = dict(
     repeats=5,
     precisions=["fp32", "bf16"],
     extraction_models=["resnet18", "vit_b_16"],
+    cause_runs=[("resnet18", "fp32"), ("vit_b_16", "fp32"), ("resnet18", "bf16"), ("vit_b_16", "bf16")],
     sizes=[1, 32],
     shapes=["--shapes-per-class", "40", "--folds", "5"],
 )
@@ -80,9 +84,11 @@ REDUCED = dict(
     repeats=1,
     precisions=["fp32"],
     extraction_models=["resnet18"],
+    cause_runs=[("resnet18", "fp32")],
     sizes=[1, 4],
     shapes=["--shapes-per-class", "8", "--folds", "4", "--image-size", "64"],
 )
+PARTS = ["ppo env", "ppo train", "dl step", "extraction", "dl run", "dl causes"]
 TARGETS = {"ppo_camal_sps": 2000, "camal_over_vanilla": 0.9, "dl_overhead_pct": 10.0}
 
 
@@ -214,6 +220,8 @@ def main():
     p.add_argument("--out", default="gpu_check.json", help="the JSON file to write")
     p.add_argument("--budget-s", type=float, default=460.0, help="no part starts after this many seconds")
     p.add_argument("--reduced", action="store_true", help="the reduced mode even on a GPU")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="run only these parts (e.g. to rerun one)")
+    p.add_argument("--repeats", type=int, help="timed calls per figure in dl step, dl causes and extraction (default: 5 on a GPU)")
     opts = p.parse_args()
     if opts.budget_s <= 0:
         print(f"error: --budget-s must be positive, got {opts.budget_s}", file=sys.stderr)
@@ -223,9 +231,14 @@ def main():
         print(f"error: --out {opts.out}: the folder {out_dir} does not exist", file=sys.stderr)
         sys.exit(2)
 
+    if opts.repeats is not None and opts.repeats < 1:
+        print(f"error: --repeats must be at least 1, got {opts.repeats}", file=sys.stderr)
+        sys.exit(2)
+
     start = time.perf_counter()
     cuda = torch.cuda.is_available() and not opts.reduced
-    cfg = FULL if cuda else REDUCED
+    cfg = dict(FULL if cuda else REDUCED)
+    cfg["repeats"] = opts.repeats or cfg["repeats"]
     mode = "gpu" if cuda else "cpu-reduced"
     device = torch.device("cuda" if cuda else "cpu")
     system = {
@@ -251,6 +264,8 @@ def main():
         return opts.budget_s - (time.perf_counter() - start)
 
     def part(name, fn):
+        if name not in opts.parts:
+            return
         if left() <= 0:
             result["skipped"].append(name)
             print(f"\n[{name}] skipped: --budget-s spent", flush=True)
@@ -317,6 +332,31 @@ def main():
                     if left() <= 0:
                         return
 
+        def causes_part():
+            print(f"\n[dl causes] per step, batch {cfg['batch']}: wall and kernel time (torch.profiler); CUDA graphs replayed", flush=True)
+            print(f"  {'model':<16}{'':<6}{'wall CE/CAMAL ms':>18}{'kernels ms':>16}{'kernels':>12}{'graphed ms':>16}{'graphed +%':>11}", flush=True)
+            rows = result["dl_causes"] = []
+            for name, precision in cfg["cause_runs"]:
+                bf16 = precision == "bf16"
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else gradcam_overhead.dl.nullcontext()
+                r = gradcam_overhead.step_profile(name, cfg["batch"], device, autocast, steps=cfg["repeats"])
+                r["precision"] = precision
+                if cuda:  # a graph needs autocast's weight cache off
+                    graph_autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if bf16 else autocast
+                    ce, camal = gradcam_overhead.graphed_overhead(name, cfg["batch"], cfg["repeats"], device, graph_autocast)
+                    r.update(graphed_ce_s=ce, graphed_camal_s=camal, graphed_overhead_pct=100 * (camal / ce - 1))
+                rows.append(r)
+                graphed = f"{1e3 * r['graphed_ce_s']:>7.1f}/{1e3 * r['graphed_camal_s']:<7.1f}{r['graphed_overhead_pct']:>10.1f} %" if cuda else ""
+                print(
+                    f"  {name:<16}{precision:<6}{r['ce_wall_ms']:>8.1f}/{r['camal_wall_ms']:<9.1f}{r['ce_kernel_ms']:>7.1f}/{r['camal_kernel_ms']:<8.1f}"
+                    f"{r['ce_kernels']:>5.0f}/{r['camal_kernels']:<6.0f}{graphed}",
+                    flush=True,
+                )
+                print("    most added: " + "; ".join(f"{k} {v:+.2f} ms" for k, v in r["top_extra_ms"][:4]), flush=True)
+                write(opts.out, result)
+                if left() <= 0:
+                    return
+
         def extraction_part():
             print("\n[extraction] Grad-CAM backward, batch-level vs per-sample, fp32", flush=True)
             rows = result["extraction"] = []
@@ -348,6 +388,7 @@ def main():
         part("dl step", step_part)
         part("extraction", extraction_part)
         part("dl run", dl_part)
+        part("dl causes", causes_part)  # last: a CUDA graph capture that fails can leave the device unusable
 
     result["verdict"] = verdict(result) if cuda else None
     result["total_s"] = round(time.perf_counter() - start, 1)

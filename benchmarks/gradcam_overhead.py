@@ -53,13 +53,15 @@ def batch(n, device, classes=10):
     return images, masks.to(device), torch.randint(0, classes, (n,), generator=gen).to(device)
 
 
-def step_overhead(name, opts, device, autocast):
+def training_step(name, batch_size, device, autocast, capturable=False):
+    """One model, its AdamW and a fixed batch; returns step(camal) that runs one training step of train_dl_camal.py."""
     torch.manual_seed(0)
     model = dl.CamModel(name, 10).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images, masks, labels = batch(opts.batch_size, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=capturable)
+    images, masks, labels = batch(batch_size, device)
 
     def step(camal):
+        opt.zero_grad(set_to_none=True)
         if camal:
             logits, cam = dl.class_cam(model, images, labels, double_backward=True, autocast=autocast)
             loss = F.cross_entropy(logits, labels) + dl.camal_loss(cam, masks)
@@ -67,11 +69,93 @@ def step_overhead(name, opts, device, autocast):
             with autocast:
                 logits, _ = model(dl.normalise(images))
             loss = F.cross_entropy(logits.float(), labels)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    return step
+
+
+def step_overhead(name, opts, device, autocast):
+    step = training_step(name, opts.batch_size, device, autocast)
     return timed([lambda: step(False), lambda: step(True)], opts.repeats, device)
+
+
+def step_profile(name, batch_size, device, autocast, steps=3):
+    """Where CAMAL's extra step time goes, from torch.profiler: per step, the wall time, the summed time of the
+    kernels (on CUDA; of the operators' own CPU time on a CPU), how many there are, and the operators that add most.
+    Wall time rising by more than the kernel time means the GPU waits on the host (launches, Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    step = training_step(name, batch_size, device, autocast)
+    out = {}
+    for camal in (False, True):
+        for _ in range(2):
+            step(camal)  # warm-up: cuDNN's choices and the allocator settle
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(camal)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / steps
+        rows = {}
+        for e in prof.key_averages():
+            if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            rows[e.key] = (us / steps / 1e3, e.count / steps)  # ms and calls per step
+        out["camal" if camal else "ce"] = {"wall_ms": 1e3 * wall, "rows": rows}
+    ce, cm = out["ce"]["rows"], out["camal"]["rows"]
+    extra = {k: cm[k][0] - ce.get(k, (0.0, 0))[0] for k in cm}
+    return {
+        "model": name,
+        "ce_wall_ms": out["ce"]["wall_ms"],
+        "camal_wall_ms": out["camal"]["wall_ms"],
+        "ce_kernel_ms": sum(v[0] for v in ce.values()),
+        "camal_kernel_ms": sum(v[0] for v in cm.values()),
+        "ce_kernels": sum(v[1] for v in ce.values()),
+        "camal_kernels": sum(v[1] for v in cm.values()),
+        "top_extra_ms": sorted(([k[:90], round(v, 3)] for k, v in extra.items()), key=lambda kv: -kv[1])[:8],
+    }
+
+
+def graphed_overhead(name, batch_size, repeats, device, autocast):
+    """CE and CAMAL steps each captured once as a CUDA graph and replayed (CUDA only): the same kernels with no
+    Python and no per-kernel launch cost. Returns the median seconds of (CE, CAMAL).
+
+    normalise() makes its mean and std with torch.tensor(list, device=...), a copy from host memory that a graph
+    cannot capture; here they are made once, before the capture (same numbers)."""
+    made, original = {}, dl.normalise
+
+    def normalise(images, dtype=torch.float32):
+        if (images.device, dtype) not in made:
+            made[images.device, dtype] = [torch.tensor(v, device=images.device, dtype=dtype).view(1, 3, 1, 1) for v in (dl.MEAN, dl.STD)]
+        mean, std = made[images.device, dtype]
+        return (images.to(dtype) / 255.0 - mean) / std
+
+    # a graph keeps its own memory pool, not the model, optimizer and batch it reads: keep the steps alive with it
+    steps, replays = [], []
+    dl.normalise = normalise
+    try:
+        for camal in (False, True):
+            step = training_step(name, batch_size, device, autocast, capturable=True)
+            steps.append(step)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graph's documentation asks
+                for _ in range(3):
+                    step(camal)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step(camal)
+            replays.append(graph.replay)
+        return timed(replays, repeats, device)
+    finally:
+        dl.normalise = original
 
 
 def extraction(name, sizes, opts, device):

@@ -24,6 +24,9 @@ def test_reduced_mode_runs_every_part(tmp_path):
         assert abs(row["env_share"] + row["policy_share"] + row["update_share"] - 1) < 1e-6
         assert 0 < row["env_share"] < 1 and row["policy_share"] > 0 and row["update_seconds"] > 0
     assert {(row["model"], row["precision"]) for row in r["dl_step"]} == {("resnet18", "fp32")}
+    (cause,) = r["dl_causes"]  # a profile of both steps; no CUDA graphs on a CPU
+    assert cause["model"] == "resnet18" and cause["camal_kernels"] > cause["ce_kernels"] > 0 and cause["camal_kernel_ms"] > 0
+    assert "graphed_overhead_pct" not in cause and cause["top_extra_ms"]
     assert [row["batch"] for row in r["extraction"]] == [1, 4]
     assert r["exactness_max_abs_diff"]["resnet18"] < 1e-4
     runs = {row["what"]: row for row in r["dl_run"]}
@@ -39,10 +42,14 @@ def test_budget_skips_parts_and_keeps_the_json(tmp_path):
         [sys.executable, str(SCRIPT), "--out", str(out), "--budget-s", "1e-9"], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads(out.read_text())["skipped"] == ["ppo env", "ppo train", "dl step", "extraction", "dl run"]
+    assert json.loads(out.read_text())["skipped"] == ["ppo env", "ppo train", "dl step", "extraction", "dl run", "dl causes"]
 
 
 def test_bad_input(tmp_path):
-    for args, message in ((["--budget-s", "0"], "--budget-s must be positive"), (["--out", str(tmp_path / "missing" / "g.json")], "does not exist")):
+    for args, message in (
+        (["--budget-s", "0"], "--budget-s must be positive"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--out", str(tmp_path / "missing" / "g.json")], "does not exist"),
+    ):
         p = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
