@@ -25,8 +25,10 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# where a run stops when asked to (request_stop), and what it calls one pass
-STOP_POINT = "within a step during a rollout (the model has not changed since the last update), else after this update"
+# what a run does when asked to stop (request_stop), and what it calls one pass
+STOP_POINT = (
+    "saving a checkpoint and stopping within a step during a rollout (the model has not changed since the last update), else after this update"
+)
 STOP_UNIT = "iteration"
 FRAME_TITLES = ("frame", "mask", "CAM")  # the labels of the attention images
 SCENARIOS = {
@@ -704,7 +706,7 @@ PACE = {}  # "seconds": how long the last iteration or epoch took, for the stop 
 
 def request_stop(signum, frame):
     """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop
-    at the next safe point (STOP_POINT) with a checkpoint. Only a second Ctrl-C stops at once: schedulers repeat their
+    at the next safe point, as STOP_POINT says. Only a second Ctrl-C stops at once: schedulers repeat their
     signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one stop."""
     if STOP_SIGNAL:
         if signum == signal.SIGINT:
@@ -712,9 +714,7 @@ def request_stop(signum, frame):
         return
     STOP_SIGNAL.append(signum)
     pace = f" (the last {STOP_UNIT} took {PACE['seconds']:.0f} s)" if PACE.get("seconds") else ""
-    print(
-        f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping {STOP_POINT}{pace}; Ctrl-C again stops at once, without one", flush=True
-    )
+    print(f"\n{signal.Signals(signum).name}: {STOP_POINT}{pace}; Ctrl-C again stops at once, without saving", flush=True)
 
 
 def catch_stop_signals():
@@ -833,6 +833,189 @@ def resume_from(args):
     return args, checkpoint
 
 
+# ---------------------------------------------------------------------------------------------
+# The run around the loop: folders, logs, progress, stopping
+# ---------------------------------------------------------------------------------------------
+def start_run(args, checkpoint):
+    """(run_name, run_dir, video_dir). A resumed run keeps its own folder; args.json says what the run is (--figure reads it)."""
+    if checkpoint is not None:
+        run_dir = args.resume.rstrip("/")
+        run_name = os.path.basename(run_dir)
+    else:
+        run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
+        run_dir = f"runs/{run_name}"
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(os.path.join(run_dir, "args.json"), asdict(args), indent=2)
+    video_dir = None
+    if args.capture_video:
+        video_dir = f"videos/{run_name}"
+        os.makedirs(video_dir, exist_ok=True)
+    return run_name, run_dir, video_dir
+
+
+def restore(agent, optimizer, checkpoint, args, run_name):
+    """(start_iteration, global_step, episodes_seen): 1, 0, 0 for a new run; a resumed one gets its weights and RNG back."""
+    if checkpoint is None:
+        return 1, 0, 0
+    agent.load_state_dict(checkpoint["agent"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng(checkpoint["rng"])
+    print(f"resuming {run_name} at iteration {checkpoint['iteration'] + 1}/{args.num_iterations}, global_step={checkpoint['global_step']}")
+    return checkpoint["iteration"] + 1, checkpoint["global_step"], checkpoint["episodes_seen"]
+
+
+def open_logs(args, run_name, run_dir, resumed, global_step):
+    """(TensorBoard writer, W&B run or None)."""
+    tracked = None
+    if args.track:
+        try:
+            tracked = start_tracking(args, run_name, run_dir)  # before the writer, so W&B mirrors its events
+        except ValueError as e:
+            fail(str(e))
+    # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves do not double
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resumed else None)
+    if not resumed:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    return writer, tracked
+
+
+def announce(args, run_name, run_dir, envs, device):
+    kind = "async" if isinstance(envs, gym.vector.AsyncVectorEnv) else "sync"
+    print(
+        f"{run_name}: {describe_device(device)}, {args.num_envs} {kind} envs at {args.frame_height} x {args.frame_width}, "
+        f"{args.num_iterations} iterations of {args.batch_size} steps\n  run folder: {run_dir}   watch: tensorboard --logdir "
+        f"{os.path.dirname(run_dir) or '.'}   stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
+        flush=True,
+    )
+
+
+def stop_in_rollout(run_dir, agent, optimizer, args, iteration, global_step, episodes_seen):
+    """A stop asked for during a rollout: the model is as the last update left it, so save that state now, not after this update."""
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration - 1, global_step, episodes_seen)
+    tqdm.write(
+        f"stopped in iteration {iteration}'s rollout; saved the state after iteration {iteration - 1}. "
+        f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}"
+    )
+    sys.exit(128 + STOP_SIGNAL[0])
+
+
+def gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
+    """Generalized advantage estimates over a rollout (num_steps x num_envs), as in CleanRL's PPO."""
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    num_steps = rewards.shape[0]
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            nextnonterminal = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages
+
+
+ATTENTION_SUMS = ("camal_loss", "alpha", "beta", "iou", "valid", "empty")  # summed over an iteration's first epoch
+
+
+def add_attention(att, cam, camal_l, masks, tau):
+    """Add one minibatch's attention figures to the sums in `att` (on the device: no sync per minibatch)."""
+    with torch.no_grad():
+        cam = cam.detach()
+        alpha, beta, valid = camal_terms(cam, masks)
+        iou, _ = attention_iou(cam, masks, tau)
+        for k, v in zip(ATTENTION_SUMS, (camal_l.detach(), alpha.sum(), beta.sum(), (iou * valid).sum(), valid.sum(), empty_cams(cam).sum())):
+            att[k] += v
+
+
+def log_iteration(writer, args, optimizer, global_step, losses, b_values, b_returns, att, n_measured, timing):
+    """An iteration's curves in TensorBoard; returns the attention figures for the progress line.
+
+    timing: env_seconds, and the perf_counter() at the rollout's and the update's start. The update's time is read
+    after the syncs here, so on a GPU it includes the update's queued kernels."""
+    y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+    var_y = np.var(y_true)
+    explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+    for name, value in losses.items():
+        writer.add_scalar(f"losses/{name}", value.item(), global_step)
+    writer.add_scalar("losses/explained_variance", explained_var, global_step)
+    att = dict(zip(att, torch.stack(list(att.values())).tolist()))  # one device sync per iteration
+    writer.add_scalar("perf/env_seconds", timing["env_seconds"], global_step)
+    writer.add_scalar("perf/rollout_seconds", timing["update_start"] - timing["rollout_start"], global_step)
+    writer.add_scalar("perf/update_seconds", time.perf_counter() - timing["update_start"], global_step)
+    n_valid = att["valid"]
+    shown = {k: att[k] / max(n_valid, 1) for k in ("alpha", "beta", "iou")}
+    shown["cam_empty"] = att["empty"] / args.batch_size
+    writer.add_scalar("losses/camal_loss", att["camal_loss"] / n_measured, global_step)
+    writer.add_scalar("charts/mask_valid_fraction", n_valid / args.batch_size, global_step)
+    writer.add_scalar("charts/cam_empty_fraction", shown["cam_empty"], global_step)
+    if n_valid:  # no object on screen in the whole batch: nothing to report, never NaN
+        writer.add_scalar("charts/alpha", shown["alpha"], global_step)
+        writer.add_scalar("charts/beta", shown["beta"], global_step)
+        writer.add_scalar("charts/attention_iou", shown["iou"], global_step)
+    return shown
+
+
+def report_progress(bar, args, iteration, first_iteration, global_step, sps, recent_returns, shown):
+    """The iteration's line (and the bar on a terminal); after the first iteration, a warning when the run would take days."""
+    eta = (args.num_iterations - iteration) * args.batch_size / max(sps, 1)
+    mean_ret = f"{np.mean(recent_returns):.2f}" if recent_returns else "-"
+    bar.update(args.batch_size)
+    bar.set_postfix(SPS=sps, refresh=False)
+    tqdm.write(
+        f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} eta={duration(eta)} "
+        f"episodes={len(recent_returns)} mean_return={mean_ret} alpha={shown['alpha']:.3f} beta={shown['beta']:.3f} "
+        f"iou={shown['iou']:.3f} cam_empty={shown['cam_empty']:.2f}"
+    )
+    sys.stdout.flush()
+    if iteration == first_iteration and eta > 86400:
+        tqdm.write(
+            f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 want a GPU). "
+            f"A quick CPU run: python {os.path.basename(__file__)} --env {args.env} --frame-height 60 --frame-width 80 "
+            f"--total-timesteps 200000",
+            file=sys.stderr,
+        )
+
+
+def warn_collapse(iterations, empty_fraction):
+    """An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently."""
+    print(
+        f"warning: the critic's CAM has been empty for over half the samples for {iterations} iterations "
+        f"({empty_fraction:.0%} now): CAMAL has no gradient there and attention IoU measures nothing. "
+        f"See docs/ppo_camal_vizdoom.md (--cam): --cam abs keeps the map alive.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
+    """After the last iteration: the weights (--save-model), then the evaluation and eval.json."""
+    global STOP_POINT
+    if args.save_model:
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+        torch.save(agent.state_dict(), model_path)
+        print(f"model saved to {model_path}")
+    if args.eval_episodes:
+        # training is over and a finished run cannot be resumed: a first stop lets the evaluation write eval.json
+        STOP_POINT = f"the training is done; stopping after the final evaluation ({args.eval_episodes} episodes) has written eval.json"
+        PACE.clear()  # the last iteration's time says nothing about the evaluation's
+        print(f"evaluating the trained policy over {args.eval_episodes} episodes", flush=True)
+        evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
+
+
+def close_run(bar, envs, writer, tracked, video_dir):
+    bar.close()
+    envs.close()
+    writer.close()
+    if tracked is not None:
+        if video_dir is not None:  # the mp4s go with the W&B run, as CleanRL's monitor_gym does
+            for name in sorted(os.listdir(video_dir)):
+                tracked.save(os.path.join(video_dir, name), base_path=os.path.dirname(video_dir), policy="now")
+        tracked.finish()
+
+
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -854,19 +1037,7 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-
-    if checkpoint is not None:
-        run_dir = args.resume.rstrip("/")
-        run_name = os.path.basename(run_dir)
-    else:
-        run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
-        run_dir = f"runs/{run_name}"
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "args.json"), asdict(args), indent=2)  # what the run is, for --figure and other readers
-    video_dir = None
-    if args.capture_video:
-        video_dir = f"videos/{run_name}"
-        os.makedirs(video_dir, exist_ok=True)
+    run_name, run_dir, video_dir = start_run(args, checkpoint)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -879,38 +1050,10 @@ if __name__ == "__main__":
     H, W = args.frame_height, args.frame_width
     agent = Agent(envs.single_action_space.n, args.frame_stack, H, W).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-
-    start_iteration, global_step, episodes_seen = 1, 0, 0
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_iteration = checkpoint["iteration"] + 1
-        global_step = checkpoint["global_step"]
-        episodes_seen = checkpoint["episodes_seen"]
-        restore_rng(checkpoint["rng"])
-        print(f"resuming {run_name} at iteration {start_iteration}/{args.num_iterations}, global_step={global_step}")
-
-    tracked = None
-    if args.track:
-        try:
-            tracked = start_tracking(args, run_name, run_dir)  # before the writer, so W&B mirrors its events
-        except ValueError as e:
-            fail(str(e))
-    # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves do not double
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint is not None else None)
-    if checkpoint is None:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-        )
-
+    start_iteration, global_step, episodes_seen = restore(agent, optimizer, checkpoint, args, run_name)
+    writer, tracked = open_logs(args, run_name, run_dir, checkpoint is not None, global_step)
     catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
-    print(
-        f"{run_name}: {describe_device(device)}, {args.num_envs} {'async' if isinstance(envs, gym.vector.AsyncVectorEnv) else 'sync'} envs at {H} x {W}, "
-        f"{args.num_iterations} iterations of {args.batch_size} steps\n  run folder: {run_dir}   watch: tensorboard --logdir "
-        f"{os.path.dirname(run_dir) or '.'}   stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
-        flush=True,
-    )
+    announce(args, run_name, run_dir, envs, device)
 
     # ALGO Logic: Storage setup (frames as uint8: a quarter of float32's memory at 240 x 320)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space["frames"].shape, dtype=torch.uint8, device=device)
@@ -921,7 +1064,7 @@ if __name__ == "__main__":
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
 
-    # a bar on a terminal (none in logs, where each iteration's line carries the ETA); closed however the run ends
+    # a bar on a terminal (none in logs, where each iteration's line carries the ETA)
     bar = tqdm(
         total=args.num_iterations * args.batch_size, initial=global_step, unit="step", unit_scale=True, disable=None, dynamic_ncols=True, leave=False
     )
@@ -932,9 +1075,7 @@ if __name__ == "__main__":
         next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
         next_done = torch.zeros(args.num_envs, device=device)
         ep_return, ep_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-        recent_returns = []
-        iteration = start_iteration - 1
-        collapsed_for = 0  # iterations in a row with over half the CAMs empty
+        recent_returns, collapsed_for = [], 0  # collapsed_for: iterations in a row with over half the CAMs empty
 
         for iteration in range(start_iteration, args.num_iterations + 1):
             if args.anneal_lr:
@@ -944,13 +1085,8 @@ if __name__ == "__main__":
             rollout_start, env_seconds = time.perf_counter(), 0.0  # where an iteration's time goes: perf/ in TensorBoard
             step_at_start, episodes_at_start = global_step, episodes_seen
             for step in range(0, args.num_steps):
-                if STOP_SIGNAL:  # the model is as the last update left it: save that state now rather than after this update
-                    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration - 1, step_at_start, episodes_at_start)
-                    tqdm.write(
-                        f"stopped in iteration {iteration}'s rollout; saved the state after iteration {iteration - 1}. "
-                        f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}"
-                    )
-                    sys.exit(128 + STOP_SIGNAL[0])
+                if STOP_SIGNAL:
+                    stop_in_rollout(run_dir, agent, optimizer, args, iteration, step_at_start, episodes_at_start)
                 global_step += args.num_envs
                 obs[step] = next_obs
                 masks[step] = next_mask
@@ -987,17 +1123,7 @@ if __name__ == "__main__":
             # bootstrap value if not done
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
-                advantages = torch.zeros_like(rewards)
-                lastgaelam = 0
-                for t in reversed(range(args.num_steps)):
-                    if t == args.num_steps - 1:
-                        nextnonterminal = 1.0 - next_done
-                        nextvalues = next_value
-                    else:
-                        nextnonterminal = 1.0 - dones[t + 1]
-                        nextvalues = values[t + 1]
-                    delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
-                    advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+                advantages = gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
                 returns = advantages + values
 
             # flatten the batch
@@ -1012,9 +1138,7 @@ if __name__ == "__main__":
             # Optimizing the policy and value network
             b_inds = np.arange(args.batch_size)
             clipfracs = []
-            # attention statistics summed on the device, read once per iteration (no sync per minibatch)
-            att = {k: torch.zeros((), device=device) for k in ("camal_loss", "alpha", "beta", "iou", "valid", "empty")}
-            n_measured = 0
+            att, n_measured = {k: torch.zeros((), device=device) for k in ATTENTION_SUMS}, 0
             for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
@@ -1068,114 +1192,41 @@ if __name__ == "__main__":
                     loss.backward()
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                     optimizer.step()
-
                     if measure:
-                        with torch.no_grad():
-                            cam = cam.detach()
-                            alpha, beta, valid = camal_terms(cam, mb_masks)
-                            iou, _ = attention_iou(cam, mb_masks, args.tau)
-                            for k, v in (
-                                ("camal_loss", camal_l.detach()),
-                                ("alpha", alpha.sum()),
-                                ("beta", beta.sum()),
-                                ("iou", (iou * valid).sum()),
-                                ("valid", valid.sum()),
-                                ("empty", empty_cams(cam).sum()),
-                            ):
-                                att[k] += v
+                        add_attention(att, cam, camal_l, mb_masks, args.tau)
                         n_measured += 1
 
                 if args.target_kl is not None and approx_kl > args.target_kl:
                     break
 
-            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-            var_y = np.var(y_true)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-
             # TRY NOT TO MODIFY: record rewards for plotting purposes
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-            writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
-            writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            att = dict(zip(att, torch.stack(list(att.values())).tolist()))  # one device sync per iteration
-            writer.add_scalar("perf/env_seconds", env_seconds, global_step)
-            writer.add_scalar("perf/rollout_seconds", update_start - rollout_start, global_step)
-            writer.add_scalar("perf/update_seconds", time.perf_counter() - update_start, global_step)
-            camal_sum, alpha_sum, beta_sum, iou_sum, n_valid = (att[k] for k in ("camal_loss", "alpha", "beta", "iou", "valid"))
-            empty_fraction = att["empty"] / args.batch_size
-            writer.add_scalar("losses/camal_loss", camal_sum / n_measured, global_step)
-            writer.add_scalar("charts/mask_valid_fraction", n_valid / args.batch_size, global_step)
-            writer.add_scalar("charts/cam_empty_fraction", empty_fraction, global_step)
-            if n_valid:  # no object on screen in the whole batch: nothing to report, never NaN
-                writer.add_scalar("charts/alpha", alpha_sum / n_valid, global_step)
-                writer.add_scalar("charts/beta", beta_sum / n_valid, global_step)
-                writer.add_scalar("charts/attention_iou", iou_sum / n_valid, global_step)
+            losses = dict(value_loss=v_loss, policy_loss=pg_loss, entropy=entropy_loss, old_approx_kl=old_approx_kl, approx_kl=approx_kl)
+            losses["clipfrac"] = torch.stack(clipfracs).mean()
+            timing = dict(env_seconds=env_seconds, rollout_start=rollout_start, update_start=update_start)
+            shown = log_iteration(writer, args, optimizer, global_step, losses, b_values, b_returns, att, n_measured, timing)
             sps = int((global_step - start_step) / (time.time() - start_time))
             PACE["seconds"] = time.perf_counter() - rollout_start
-            eta = (args.num_iterations - iteration) * args.batch_size / max(sps, 1)
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.flush()  # a crash loses at most this iteration's curves
-            mean_ret = f"{np.mean(recent_returns):.2f}" if recent_returns else "-"
-            bar.update(args.batch_size)
-            bar.set_postfix(SPS=sps, refresh=False)
-            tqdm.write(
-                f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} eta={duration(eta)} "
-                f"episodes={len(recent_returns)} mean_return={mean_ret} "
-                f"alpha={alpha_sum / max(n_valid, 1):.3f} beta={beta_sum / max(n_valid, 1):.3f} "
-                f"iou={iou_sum / max(n_valid, 1):.3f} cam_empty={empty_fraction:.2f}"
-            )
-            sys.stdout.flush()
-            if iteration == start_iteration and eta > 86400:
-                tqdm.write(
-                    f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 want a GPU). "
-                    f"A quick CPU run: python {os.path.basename(__file__)} --env {args.env} --frame-height 60 --frame-width 80 "
-                    f"--total-timesteps 200000",
-                    file=sys.stderr,
-                )
+            report_progress(bar, args, iteration, start_iteration, global_step, sps, recent_returns, shown)
             recent_returns = []
-            # An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently.
-            collapsed_for = collapsed_for + 1 if empty_fraction > 0.5 else 0
+            collapsed_for = collapsed_for + 1 if shown["cam_empty"] > 0.5 else 0
             if collapsed_for == args.collapse_patience:
-                print(
-                    f"warning: the critic's CAM has been empty for over half the samples for {collapsed_for} iterations "
-                    f"({empty_fraction:.0%} now): CAMAL has no gradient there and attention IoU measures nothing. "
-                    f"See docs/ppo_camal_vizdoom.md (--cam): --cam abs keeps the map alive.",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                warn_collapse(collapsed_for, shown["cam_empty"])
 
             # the first image after the first update, then every --image-every iterations, and the trained agent's at the end
-            if args.image_every and (iteration == 1 or iteration % args.image_every == 0 or iteration == args.num_iterations):
-                log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir)
-
             last = iteration == args.num_iterations
+            if args.image_every and (iteration == 1 or iteration % args.image_every == 0 or last):
+                log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir)
             if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (STOP_SIGNAL and not last):
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration, global_step, episodes_seen)
             if STOP_SIGNAL and not last:
                 tqdm.write(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
                 sys.exit(128 + STOP_SIGNAL[0])
         bar.close()  # before the evaluation's own output
-
-        if args.save_model:
-            model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-            torch.save(agent.state_dict(), model_path)
-            print(f"model saved to {model_path}")
-
-        if args.eval_episodes:
-            evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
+        finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print(f"\nstopped at once, without a checkpoint; the last saved one (if any) is in {run_dir}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
     finally:
-        bar.close()
-        envs.close()
-        writer.close()
-        if tracked is not None:
-            if video_dir is not None:  # the mp4s go with the W&B run, as CleanRL's monitor_gym does
-                for name in sorted(os.listdir(video_dir)):
-                    tracked.save(os.path.join(video_dir, name), base_path=os.path.dirname(video_dir), policy="now")
-            tracked.finish()
+        close_run(bar, envs, writer, tracked, video_dir)

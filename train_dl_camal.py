@@ -31,8 +31,8 @@ MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t
 DATASETS = ("shapes", "pets", "flowers", "busi")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
 RESIZE, CROP = 256, 224
-# where a run stops when asked to (request_stop), and what it calls one pass
-STOP_POINT = "at the end of this epoch"
+# what a run does when asked to stop (request_stop), and what it calls one pass
+STOP_POINT = "saving a checkpoint and stopping at the end of this epoch"
 STOP_UNIT = "epoch"
 # what an epoch sums over its batches (one device tensor, one all_reduce under torchrun)
 EPOCH_SUMS = ("loss", "ce", "reg", "alpha", "beta", "valid", "correct", "seen", "empty", "stop_votes")
@@ -1152,7 +1152,7 @@ PACE = {}  # "seconds": how long the last iteration or epoch took, for the stop 
 
 def request_stop(signum, frame):
     """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop
-    at the next safe point (STOP_POINT) with a checkpoint. Only a second Ctrl-C stops at once: schedulers repeat their
+    at the next safe point, as STOP_POINT says. Only a second Ctrl-C stops at once: schedulers repeat their
     signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one stop."""
     if STOP_SIGNAL:
         if signum == signal.SIGINT:
@@ -1160,9 +1160,7 @@ def request_stop(signum, frame):
         return
     STOP_SIGNAL.append(signum)
     pace = f" (the last {STOP_UNIT} took {PACE['seconds']:.0f} s)" if PACE.get("seconds") else ""
-    print(
-        f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping {STOP_POINT}{pace}; Ctrl-C again stops at once, without one", flush=True
-    )
+    print(f"\n{signal.Signals(signum).name}: {STOP_POINT}{pace}; Ctrl-C again stops at once, without saving", flush=True)
 
 
 def catch_stop_signals():

@@ -222,3 +222,28 @@ def test_attention_panel_is_labelled_and_marks_the_mask(ppo):
     assert (panel[50, 80 + 60] == (127, 0, 0)).all() and (panel[10, 80 + 60] == 0).all()  # red inside the mask only
     unlabelled = ppo.attention_panel(frame, mask, cam, titles=("", "", ""))
     assert not (unlabelled.min(axis=-1) > 200).any()
+
+
+# ----- PPO's advantages against the definition ----------------------------------------------------
+def test_gae_matches_the_discounted_sum_of_td_errors(ppo):
+    # A_t = sum_l (gamma lambda)^l delta_{t+l}, cut where an episode ends; dones[t] marks obs[t] as a new episode's first
+    gen = torch.Generator().manual_seed(0)
+    steps, envs, gamma, lam = 7, 3, 0.99, 0.95
+    rewards, values = torch.randn(steps, envs, generator=gen), torch.randn(steps, envs, generator=gen)
+    dones = (torch.rand(steps, envs, generator=gen) < 0.3).float()
+    next_value, next_done = torch.randn(1, envs, generator=gen), torch.tensor([0.0, 1.0, 0.0])
+    got = ppo.gae(rewards, values, dones, next_value, next_done, gamma, lam)
+    want = torch.zeros(steps, envs)
+    for e in range(envs):
+        following_done = torch.cat([dones[1:, e], next_done[e : e + 1]])  # does obs[t + 1] start a new episode?
+        following_value = torch.cat([values[1:, e], next_value[0, e : e + 1]])
+        delta = rewards[:, e] + gamma * following_value * (1 - following_done) - values[:, e]
+        for t in range(steps):
+            total, discount = 0.0, 1.0
+            for u in range(t, steps):
+                total += discount * delta[u]
+                if following_done[u]:
+                    break
+                discount *= gamma * lam
+            want[t, e] = total
+    torch.testing.assert_close(got, want)

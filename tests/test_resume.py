@@ -186,8 +186,8 @@ def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(s
 
 def test_first_run_explains_itself(tmp_path):
     """The start-up line (device, run folder, TensorBoard, how to stop), an ETA on every line, a warning when the run
-    would take days, and Ctrl-C answered within a step. (A second Ctrl-C cannot be timed from outside: two SIGINTs sent
-    together merge into one. test_repeated_scheduler_signals_... checks that the second raises KeyboardInterrupt.)"""
+    would take days, and Ctrl-C answered within a step. (A rollout stops too fast for a second Ctrl-C to arrive in
+    time; test_ctrl_c_during_the_final_evaluation sends one.)"""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -227,3 +227,39 @@ def test_first_run_explains_itself(tmp_path):
     assert "warning: at " in err and "more (the paper's 10M steps" in err and "--frame-height 60 --frame-width 80" in err
     assert "SIGINT: saving a checkpoint and stopping" in out and "continue with: python ppo_camal_vizdoom.py --resume" in out
     assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize("second_ctrl_c", [False, True])
+def test_ctrl_c_during_the_final_evaluation(tmp_path, second_ctrl_c):
+    """Training is over, so a first Ctrl-C lets the evaluation finish and write eval.json (a finished run cannot be
+    resumed) and says so; a second Ctrl-C stops at once, with exit code 130 and no traceback."""
+    episodes = 1000 if second_ctrl_c else 20
+    args = ["--env", "Basic", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "64", "--frame-height", "60", "--frame-width", "80"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *args, "--eval-episodes", str(episodes), "--image-every", "0", "--no-cuda"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith(f"evaluating the trained policy over {episodes} episodes"):
+            os.kill(proc.pid, signal.SIGINT)
+        if f"SIGINT: the training is done; stopping after the final evaluation ({episodes} episodes) has written eval.json" in line:
+            if second_ctrl_c:
+                os.kill(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.stdout.read(), proc.stderr.read()
+    said = "".join(said) + out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "SIGINT: the training is done" in said and "(the last iteration took" not in said, said  # no iteration's pace
+    assert "Traceback" not in said + err
+    if second_ctrl_c:
+        assert proc.wait(timeout=120) == 128 + signal.SIGINT, said + err[-3000:]
+        assert "stopped at once, without a checkpoint" in err and not (run_dir / "eval.json").exists()
+    else:
+        assert proc.wait(timeout=120) == 0, said + err[-3000:]
+        assert len(json.loads((run_dir / "eval.json").read_text())["episodic_returns"]) == episodes
