@@ -908,19 +908,131 @@ def save_results(args, fold, result, train_empty, classes, train_set, test_set, 
     torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
 
 
-def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
-    """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
-    (rank 0 writes it). prior_cams: the method prior's CLIP CAMs, aligned with records."""
-    rank, world_size = world()
-    distributed = dist.is_available() and dist.is_initialized()  # under torchrun, even with one process (DDP, NCCL)
-    num_classes = len(classes)
+def fold_sets(args, fold, records, prior_cams):
+    """(train_set, test_set): every fold but `fold` to train on, `fold` held out (always with the true masks)."""
     fold_of = stratified_folds([r[2] for r in records], args.folds, args.split_seed)
     train_cams = None if prior_cams is None else prior_cams[torch.from_numpy(fold_of != fold)]
     train_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f != fold], args, train=True, prior_cams=train_cams)
     test_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f == fold], args, train=False)
     if not len(test_set) or not len(train_set):
         raise ValueError(f"fold {fold} of {args.folds} leaves an empty train or test set ({len(records)} samples)")
+    return train_set, test_set
 
+
+def pick_device(args, distributed):
+    """(device, autocast): torchrun's LOCAL_RANK picks the GPU; --amp is bf16 autocast on a GPU, nothing on a CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
+    return device, autocast
+
+
+def restore_fold(model, optimizer, checkpoint, args, run_name):
+    """(start_epoch, global_step): 1, 0 for a new run; a resumed one gets its weights and RNG back."""
+    if checkpoint is None:
+        return 1, 0
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng(checkpoint["rng"])
+    print(f"resuming {run_name} at epoch {checkpoint['epoch'] + 1}/{args.epochs}")
+    return checkpoint["epoch"] + 1, checkpoint["global_step"]
+
+
+def open_logs(args, run_name, run_dir, resumed, start_epoch):
+    """(TensorBoard writer, W&B run or None) of rank 0: one W&B run per fold; a resumed run purges the epochs it redoes."""
+    tracked = start_tracking(args, run_name, run_dir) if args.track else None
+    writer = SummaryWriter(run_dir, purge_step=start_epoch if resumed else None)
+    if not resumed:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer, tracked
+
+
+def loaders(args, train_set, test_set, start_epoch, distributed):
+    """(train_loader, its DistributedSampler or None, test_loader, a few held-out samples for the pictures)."""
+    rank, world_size = world()
+    sampler = None
+    if distributed:  # each process takes its share of every global batch
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size // world_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed * 1000 + start_epoch),
+        drop_last=len(train_set) > args.batch_size,
+    )
+    test_loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
+    grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))
+    return train_loader, sampler, test_loader, grid
+
+
+def batch_sums(loss, ce, reg, cam, masks, logits, labels):
+    """One batch's share of the epoch's figures, in EPOCH_SUMS order (summed on the device: no sync per batch)."""
+    with torch.no_grad():
+        alpha, beta, valid = camal_terms(cam.detach(), masks)
+        n = len(labels)
+        sums = {
+            "loss": loss.detach() * n,
+            "ce": ce.detach() * n,
+            "reg": reg.detach() * n,
+            "alpha": alpha.sum(),
+            "beta": beta.sum(),
+            "valid": valid.sum(),
+            "correct": (logits.argmax(1) == labels).sum(),
+            "seen": torch.tensor(n, device=labels.device),
+            "empty": empty_cams(cam).sum(),
+            "stop_votes": torch.zeros((), device=labels.device),
+        }
+        return torch.stack([sums[k].float() for k in EPOCH_SUMS])
+
+
+def log_train(writer, total, epoch):
+    """The epoch's training curves from the summed figures (every process's, under torchrun)."""
+    seen = total["seen"]
+    writer.add_scalar("train/loss", total["loss"] / seen, epoch)
+    writer.add_scalar("train/ce", total["ce"] / seen, epoch)
+    writer.add_scalar("train/regularizer", total["reg"] / seen, epoch)
+    writer.add_scalar("train/accuracy", total["correct"] / seen, epoch)
+    writer.add_scalar("train/cam_empty_fraction", total["empty"] / seen, epoch)
+    if total["valid"]:
+        writer.add_scalar("train/alpha", total["alpha"] / total["valid"], epoch)
+        writer.add_scalar("train/beta", total["beta"] / total["valid"], epoch)
+
+
+def report_epoch(fold, epoch, args, total, result, eta):
+    iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
+    print(
+        f"fold {fold} epoch {epoch}/{args.epochs} loss={total['loss'] / total['seen']:.4f} train_acc={total['correct'] / total['seen']:.3f} "
+        f"test_acc={result['accuracy']:.3f} test_iou={iou} cam_empty={total['empty'] / total['seen']:.2f} eta={duration(eta)}",
+        flush=True,
+    )
+
+
+def warn_collapse(epochs, empty_fraction):
+    """An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently."""
+    print(
+        f"warning: the CAM has been empty for over half the training samples for {epochs} epochs "
+        f"({empty_fraction:.0%} now): the regulariser has no gradient there and attention IoU measures nothing",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def close_logs(writer, tracked):
+    if writer is not None:
+        writer.close()
+    if tracked is not None:
+        tracked.finish()
+
+
+def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
+    """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
+    (rank 0 writes it). prior_cams: the method prior's CLIP CAMs, aligned with records."""
+    rank, world_size = world()
+    distributed = dist.is_available() and dist.is_initialized()  # under torchrun, even with one process (DDP, NCCL)
+    train_set, test_set = fold_sets(args, fold, records, prior_cams)
     run_name, run_dir = run_folder(args, fold, resuming=checkpoint is not None, distributed=distributed)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -929,45 +1041,17 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
+    device, autocast = pick_device(args, distributed)
 
     imagenet = imagenet_state_dict(args.model, args.weights) if args.pretrained else None
-    model = CamModel(args.model, num_classes, imagenet).to(device)
+    model = CamModel(args.model, len(classes), imagenet).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    start_epoch, global_step = 1, 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, global_step = checkpoint["epoch"] + 1, checkpoint["global_step"]
-        restore_rng(checkpoint["rng"])
-        print(f"resuming {run_name} at epoch {start_epoch}/{args.epochs}")
+    start_epoch, global_step = restore_fold(model, optimizer, checkpoint, args, run_name)
     forward = None
     if distributed:  # all ranks start from rank 0's weights; gradients are averaged in backward
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    tracked = start_tracking(args, run_name, run_dir) if args.track and rank == 0 else None  # one W&B run per fold
-    writer = SummaryWriter(run_dir, purge_step=start_epoch if checkpoint is not None else None) if rank == 0 else None
-    if checkpoint is None and rank == 0:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    gen = torch.Generator().manual_seed(args.seed * 1000 + start_epoch)
-    sampler = None
-    if distributed:  # each process takes its share of every global batch
-        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    per_process = args.batch_size // world_size
-    train_loader = DataLoader(
-        train_set,
-        batch_size=per_process,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        generator=gen,
-        drop_last=len(train_set) > args.batch_size,
-    )
-    test_loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
-    grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))
+    writer, tracked = open_logs(args, run_name, run_dir, checkpoint is not None, start_epoch) if rank == 0 else (None, None)
+    train_loader, sampler, test_loader, grid = loaders(args, train_set, test_set, start_epoch, distributed)
     supervised = args.method != "vanilla"
     start_time = time.time()
     if rank == 0:
@@ -979,18 +1063,15 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             flush=True,
         )
 
-    epoch, result = start_epoch - 1, None
-    collapsed_for, train_empty = 0, None  # epochs in a row with over half the CAMs empty
+    result, collapsed_for, train_empty = None, 0, None  # collapsed_for: epochs in a row with over half the CAMs empty
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        sums = torch.zeros(len(EPOCH_SUMS), device=device)  # summed on the device, read once per epoch (no sync per batch)
-        batches = tqdm(
-            train_loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None if rank == 0 else True
-        )  # a bar on a terminal only
-        for images, masks, labels in batches:
+        sums = torch.zeros(len(EPOCH_SUMS), device=device)  # read once per epoch
+        bar = dict(desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None if rank == 0 else True)
+        for images, masks, labels in tqdm(train_loader, **bar):  # a bar on a terminal only
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
             logits, cam = class_cam(model, images, labels, double_backward=supervised, autocast=autocast, forward=forward)
             ce = F.cross_entropy(logits, labels)
@@ -1001,82 +1082,42 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             loss.backward()
             optimizer.step()
             global_step += 1
-            with torch.no_grad():
-                alpha, beta, valid = camal_terms(cam.detach(), masks)
-                n = len(labels)
-                batch_sums = {
-                    "loss": loss.detach() * n,
-                    "ce": ce.detach() * n,
-                    "reg": reg.detach() * n,
-                    "alpha": alpha.sum(),
-                    "beta": beta.sum(),
-                    "valid": valid.sum(),
-                    "correct": (logits.argmax(1) == labels).sum(),
-                    "seen": torch.tensor(n, device=device),
-                    "empty": empty_cams(cam).sum(),
-                    "stop_votes": torch.zeros((), device=device),
-                }
-                sums += torch.stack([batch_sums[k] for k in EPOCH_SUMS])
+            sums += batch_sums(loss, ce, reg, cam, masks, logits, labels)
         sums[EPOCH_SUMS.index("stop_votes")] = float(bool(STOP_SIGNAL))
         if distributed:
             dist.all_reduce(sums)  # epoch statistics over every process's samples; one stop decision for all
         total = dict(zip(EPOCH_SUMS, sums.tolist()))
-        loss_s, ce_s, reg_s, alpha_s, beta_s = (total[k] for k in ("loss", "ce", "reg", "alpha", "beta"))
-        n_valid, correct, seen, n_empty = (total[k] for k in ("valid", "correct", "seen", "empty"))
         stop = total["stop_votes"] > 0 and epoch < args.epochs
         if rank != 0:  # rank 0 evaluates, logs and saves
             if stop:
                 sys.exit(128 + (STOP_SIGNAL[0] if STOP_SIGNAL else signal.SIGTERM))
             continue
-        writer.add_scalar("train/loss", loss_s / seen, epoch)
-        writer.add_scalar("train/ce", ce_s / seen, epoch)
-        writer.add_scalar("train/regularizer", reg_s / seen, epoch)
-        writer.add_scalar("train/accuracy", correct / seen, epoch)
-        writer.add_scalar("train/cam_empty_fraction", n_empty / seen, epoch)
-        train_empty = n_empty / seen
-        if n_valid:
-            writer.add_scalar("train/alpha", alpha_s / n_valid, epoch)
-            writer.add_scalar("train/beta", beta_s / n_valid, epoch)
 
-        result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
+        log_train(writer, total, epoch)
+        result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
         log_test(writer, result, model, grid, device, autocast, epoch)
         writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
         writer.flush()
-        iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
         PACE["seconds"] = time.perf_counter() - epoch_start
-        eta = (time.time() - start_time) / (epoch - start_epoch + 1) * (args.epochs - epoch)
-        print(
-            f"fold {fold} epoch {epoch}/{args.epochs} loss={loss_s / seen:.4f} train_acc={correct / seen:.3f} "
-            f"test_acc={result['accuracy']:.3f} test_iou={iou} cam_empty={n_empty / seen:.2f} eta={duration(eta)}",
-            flush=True,
-        )
-        # An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently.
-        collapsed_for = collapsed_for + 1 if n_empty / seen > 0.5 else 0
+        report_epoch(fold, epoch, args, total, result, eta=(time.time() - start_time) / (epoch - start_epoch + 1) * (args.epochs - epoch))
+        train_empty = total["empty"] / total["seen"]
+        collapsed_for = collapsed_for + 1 if train_empty > 0.5 else 0
         if collapsed_for == args.collapse_patience:
-            print(
-                f"warning: the CAM has been empty for over half the training samples for {collapsed_for} epochs "
-                f"({n_empty / seen:.0%} now): the regulariser has no gradient there and attention IoU measures nothing",
-                file=sys.stderr,
-                flush=True,
-            )
+            warn_collapse(collapsed_for, train_empty)
 
         if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stop:
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
         if stop:
-            writer.close()
-            if tracked is not None:
-                tracked.finish()
+            close_logs(writer, tracked)
             print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
             sys.exit(128 + (STOP_SIGNAL[0] if STOP_SIGNAL else signal.SIGTERM))
 
     if rank != 0:
         return None
     if result is None:  # resumed a finished run
-        result = evaluate(model, test_loader, device, num_classes, args.tau, autocast)
+        result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
     save_results(args, fold, result, train_empty, classes, train_set, test_set, model, run_dir, run_name, world_size, time.time() - start_time)
-    writer.close()
-    if tracked is not None:
-        tracked.finish()
+    close_logs(writer, tracked)
     return run_dir
 
 
