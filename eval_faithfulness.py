@@ -429,6 +429,71 @@ def attention_figures(out, runs, rows, tau):
     return paths
 
 
+POOLED = ("removal", "insertion", "removal_auc", "insertion_auc", "removal_auc_normalised", "insertion_auc_normalised")
+
+
+def new_group():
+    """A method's pooled per-sample figures over its runs (e.g. its folds); correct and aucs are keyed by sample."""
+    return {**{c: [] for c in POOLED}, "start": [], "correct": {}, "aucs": {}}
+
+
+def pool(group, entries, sample_keys, kind):
+    """Add one run's samples (their `kind` curves: attention or random) to a method's group."""
+    for e, key in zip(entries, sample_keys):
+        for c in POOLED:
+            group[c].append(e[kind][c])
+        group["start"].append(e["start_probability"])
+        group["correct"][key] = e["correct"]
+        group["aucs"][key] = (e[kind]["removal_auc"], e[kind]["insertion_auc"])
+
+
+def print_summary(groups):
+    """The tables: each method's AUCs with 95 % CIs, as they are, normalised by p(true) at k=0, and over the samples every
+    method classifies correctly; then the relative changes between methods, as the paper reports them."""
+    print(
+        f"\n{'method':<16}{'samples':>8}{'wrong at k=0':>13}{'p(true) at k=0':>16}{'removal AUC (lower is better)':>32}"
+        f"{'insertion AUC (higher is better)':>34}"
+    )
+    stats = {}
+    for name, g in groups.items():
+        stats[name] = (mean_ci(g["removal_auc"]), mean_ci(g["insertion_auc"]))
+        (rm, rc), (im, ic) = stats[name]
+        wrong = sum(not c for c in g["correct"].values())
+        print(
+            f"{name:<16}{len(g['removal_auc']):>8}{wrong:>13}{np.mean(g['start']):>16.3f}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}"
+        )
+    print("\nthe same, with each curve divided by the sample's probability at k=0 (samples whose probability is 0 left out)")
+    for name, g in groups.items():
+        r = [v for v in g["removal_auc_normalised"] if v is not None]
+        i = [v for v in g["insertion_auc_normalised"] if v is not None]
+        if r:
+            (rm, rc), (im, ic) = mean_ci(r), mean_ci(i)
+            print(f"{name:<16}{len(r):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
+    methods = [n for n in groups if "/" not in n]
+    common = set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
+    print(f"\nover the {len(common)} samples that every method's model classifies correctly at k=0")
+    for name, g in groups.items():
+        if common:
+            (rm, rc), (im, ic) = (mean_ci([g["aucs"][k][j] for k in sorted(common, key=str)]) for j in (0, 1))
+            print(f"{name:<16}{len(common):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
+    for name, g in groups.items():
+        if "/" not in name and np.mean(g["start"]) < 0.5:
+            print(
+                f"warning: {name}'s models give the true class {np.mean(g['start']):.2f} on average before any pixel is removed: its "
+                "removal AUC is low because the model is wrong from the start, not because its attention is faithful. Compare "
+                "removal AUCs only between methods whose p(true) at k=0 is alike.",
+                file=sys.stderr,
+            )
+    names = list(groups)
+    if len(names) > 1:
+        print("\nrelative change of the mean AUC (first against second; the paper: CAMAL -39 % removal, +35.3 % insertion against Prior)")
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                dr = 100 * (stats[a][0][0] / stats[b][0][0] - 1)
+                di = 100 * (stats[a][1][0] / stats[b][1][0] - 1)
+                print(f"  {a} vs {b}: removal {dr:+.1f} %, insertion {di:+.1f} %")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     try:
@@ -475,74 +540,14 @@ if __name__ == "__main__":
         # the random floor is per method: each ranks pixels at random for its own models
         kinds = [("attention", metrics["method"])] + ([("random", f"{metrics['method']}/random")] if args.baseline == "random" else [])
         for kind, name in kinds:
-            g = groups.setdefault(
-                name,
-                {
-                    "removal": [],
-                    "insertion": [],
-                    "removal_auc": [],
-                    "insertion_auc": [],
-                    "start": [],
-                    "removal_auc_normalised": [],
-                    "insertion_auc_normalised": [],
-                    "correct": {},
-                    "aucs": {},
-                },
-            )
-            for e, key in zip(entries, sample_keys):
-                for c in ("removal", "insertion", "removal_auc", "insertion_auc", "removal_auc_normalised", "insertion_auc_normalised"):
-                    g[c].append(e[kind][c])
-                g["start"].append(e["start_probability"])
-                g["correct"][key] = e["correct"]
-                g["aucs"][key] = (e[kind]["removal_auc"], e[kind]["insertion_auc"])
+            pool(groups.setdefault(name, new_group()), entries, sample_keys, kind)
         a = result["attention"]
         tqdm.write(
             f"{run}: removal AUC {a['removal_auc']['mean']:.4f}, insertion AUC {a['insertion_auc']['mean']:.4f} "
             f"over {a['n']} samples -> faithfulness.json"
         )
 
-    print(
-        f"\n{'method':<16}{'samples':>8}{'wrong at k=0':>13}{'p(true) at k=0':>16}{'removal AUC (lower is better)':>32}"
-        f"{'insertion AUC (higher is better)':>34}"
-    )
-    stats = {}
-    for name, g in groups.items():
-        stats[name] = (mean_ci(g["removal_auc"]), mean_ci(g["insertion_auc"]))
-        (rm, rc), (im, ic) = stats[name]
-        wrong = sum(not c for c in g["correct"].values())
-        print(
-            f"{name:<16}{len(g['removal_auc']):>8}{wrong:>13}{np.mean(g['start']):>16.3f}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}"
-        )
-    print("\nthe same, with each curve divided by the sample's probability at k=0 (samples whose probability is 0 left out)")
-    for name, g in groups.items():
-        r = [v for v in g["removal_auc_normalised"] if v is not None]
-        i = [v for v in g["insertion_auc_normalised"] if v is not None]
-        if r:
-            (rm, rc), (im, ic) = mean_ci(r), mean_ci(i)
-            print(f"{name:<16}{len(r):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
-    methods = [n for n in groups if "/" not in n]
-    common = set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
-    print(f"\nover the {len(common)} samples that every method's model classifies correctly at k=0")
-    for name, g in groups.items():
-        if common:
-            (rm, rc), (im, ic) = (mean_ci([g["aucs"][k][j] for k in sorted(common, key=str)]) for j in (0, 1))
-            print(f"{name:<16}{len(common):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
-    for name, g in groups.items():
-        if "/" not in name and np.mean(g["start"]) < 0.5:
-            print(
-                f"warning: {name}'s models give the true class {np.mean(g['start']):.2f} on average before any pixel is removed: its "
-                "removal AUC is low because the model is wrong from the start, not because its attention is faithful. Compare "
-                "removal AUCs only between methods whose p(true) at k=0 is alike.",
-                file=sys.stderr,
-            )
-    names = list(groups)
-    if len(names) > 1:
-        print("\nrelative change of the mean AUC (first against second; the paper: CAMAL -39 % removal, +35.3 % insertion against Prior)")
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                dr = 100 * (stats[a][0][0] / stats[b][0][0] - 1)
-                di = 100 * (stats[a][1][0] / stats[b][1][0] - 1)
-                print(f"  {a} vs {b}: removal {dr:+.1f} %, insertion {di:+.1f} %")
+    print_summary(groups)
     if args.plot:
         plot_curves(args.plot, ks, groups)
         print(f"curves written to {args.plot}")
