@@ -429,6 +429,19 @@ def attention_figures(out, runs, rows, tau):
     return paths
 
 
+def check_inputs(args):
+    """[(run, model, samples, metrics)] for every run, all checked before any work; bad input raises RunError."""
+    if not args.runs:
+        raise RunError("give one or more run folders of train_dl_camal.py (runs/...)")
+    if args.steps < 1:
+        raise RunError(f"--steps must be at least 1, got {args.steps}")
+    if args.figure_samples < 1:
+        raise RunError(f"--figure-samples must be at least 1, got {args.figure_samples}")
+    if args.baseline not in (None, "random"):
+        raise RunError(f"--baseline must be random, got {args.baseline!r}")
+    return [(run, *load_run(run)) for run in args.runs]
+
+
 POOLED = ("removal", "insertion", "removal_auc", "insertion_auc", "removal_auc_normalised", "insertion_auc_normalised")
 
 
@@ -497,19 +510,11 @@ def print_summary(groups):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     try:
-        if not args.runs:
-            raise RunError("give one or more run folders of train_dl_camal.py (runs/...)")
-        if args.steps < 1:
-            raise RunError(f"--steps must be at least 1, got {args.steps}")
-        if args.figure_samples < 1:
-            raise RunError(f"--figure-samples must be at least 1, got {args.figure_samples}")
-        if args.baseline not in (None, "random"):
-            raise RunError(f"--baseline must be random, got {args.baseline!r}")
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-        loaded = [(run, *load_run(run)) for run in args.runs]  # every run checked before any work
+        loaded = check_inputs(args)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     groups = {}  # method -> pooled per-sample AUCs and curves over its runs (e.g. its folds)
     figure_runs = []

@@ -1,5 +1,7 @@
 """Checkpoints and --resume: a killed or interrupted run continues into the same TensorBoard run."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -150,8 +152,21 @@ def test_interrupt_saves_and_resumes(tmp_path):
     resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_resumed_run(run_dir, iters, per_iter)
-    again = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
-    assert again.returncode == 2 and "this run finished" in again.stderr and "Traceback" not in again.stderr
+    assert refused_resume(run_dir) == "this run finished"
+
+
+def refused_resume(run_dir):
+    """--resume run_dir in-process through resume_from(), which the command line runs first: exit 2 and a message
+    (test_bad_input.py runs the command line). Returns the first words the message matched, for the assert."""
+    ppo = load_script("ppo_camal_vizdoom")
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
+        ppo.resume_from(ppo.Args(resume=str(run_dir)))
+    message = err.getvalue()
+    assert e.value.code == 2 and message.startswith(f"error: --resume {run_dir}: ") and "Traceback" not in message, message
+    for expected in ("this run finished", "truncated or corrupt", "could run code, so it is refused"):
+        if expected in message:
+            return expected
+    return message
 
 
 def test_broken_or_unsafe_checkpoint_is_a_clear_error(tmp_path):
@@ -161,11 +176,9 @@ def test_broken_or_unsafe_checkpoint_is_a_clear_error(tmp_path):
     run_dir = tmp_path / "runs" / "Basic__x__camal__1__1"
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
-    proc = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
-    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    assert refused_resume(run_dir) == "truncated or corrupt"
     write_code_running_file(run_dir / "checkpoint.pt", tmp_path / "ran", args={})
-    proc = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path)
-    assert proc.returncode == 2 and "could run code, so it is refused" in proc.stderr and "Traceback" not in proc.stderr
+    assert refused_resume(run_dir) == "could run code, so it is refused"
     assert not (tmp_path / "ran").exists()
 
 
