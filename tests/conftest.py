@@ -92,7 +92,7 @@ def ppo_smoke_run(tmp_path_factory):
     return run
 
 
-DL_TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "1"]
+DL_TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "1", "--image-size", "96"]
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,6 @@ def test_unknown_env_lists_the_four(tmp_path):
     "script, args, message",
     [
         (PPO, ["--total-timesteps", "100"], "less than one rollout"),
-        (PPO, ["--resume", "no/such/run"], "--resume no/such/run does not exist"),
-        (PPO, ["--resume", "."], "no checkpoint.pt"),
         (DL, ["--dataset", "pets"], "--data-dir"),
         (DL, ["--model", "resnet50"], "resnet18"),
     ],
@@ -39,6 +37,16 @@ def test_command_line(tmp_path, script, args, message):
     assert message in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message", [(["--resume", "no/such/run"], "--resume no/such/run does not exist"), (["--resume", "."], "no checkpoint.pt")]
+)
+def test_ppo_resume(ppo, capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:  # resume_from says why and exits 2, before any work
+        ppo.resume_from(tyro.cli(ppo.Args, args=args))
+    assert err.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

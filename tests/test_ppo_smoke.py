@@ -90,7 +90,7 @@ def test_smoke(ppo_smoke_run, env, method):
         assert cap.get(cv2.CAP_PROP_FRAME_WIDTH) == 3 * cap.get(cv2.CAP_PROP_FRAME_HEIGHT) * 80 / 60
 
 
-def test_attention_figure(ppo_smoke_run, tmp_path):
+def test_attention_figure(ppo_smoke_run, tmp_path, ppo):
     """The paper's Figure 11 from two saved runs: frame | mask | each agent's CAM on the same frames."""
     from PIL import Image
 
@@ -101,10 +101,10 @@ def test_attention_figure(ppo_smoke_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with Image.open(tmp_path / "fig.png") as im:
         assert im.size[0] > 2 * im.size[1] > 0  # two rows of four panels
-    # bad input: a missing folder, a run without a saved model
+    # bad input, in-process (the script prints the ValueError's message and exits 2): a missing folder, a run without a saved model
     for args, message in (
-        ([str(tmp_path / "nope"), str(runs[1])], "does not exist"),
-        ([str(runs[0]), str(next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir()))], "--save-model"),
+        ((str(tmp_path / "nope"), str(runs[1])), "does not exist"),
+        ((str(runs[0]), str(next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir()))), "--save-model"),
     ):
-        proc = run_script("ppo_camal_vizdoom", ["--figure", *args], cwd=tmp_path)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        with pytest.raises(ValueError, match=message):
+            ppo.attention_figure(ppo.Args(figure=args))
