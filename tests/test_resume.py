@@ -197,14 +197,25 @@ def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(s
         module.STOP_SIGNAL.clear()
 
 
+def start_ppo(cwd, args):
+    """The PPO script as a terminal runs it, its two streams read line by line as they come."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
 def test_first_run_explains_itself(tmp_path):
     """The start-up line (device, run folder, TensorBoard, how to stop), an ETA on every line, a warning when the run
     would take days, and Ctrl-C answered within a step. (A rollout stops too fast for a second Ctrl-C to arrive in
     time; test_ctrl_c_during_the_final_evaluation sends one.)"""
-    proc = subprocess.Popen(
+    proc = start_ppo(
+        tmp_path,
         [
-            sys.executable,
-            str(ROOT / "ppo_camal_vizdoom.py"),
             "--env",
             "Basic",
             "--num-envs",
@@ -219,11 +230,6 @@ def test_first_run_explains_itself(tmp_path):
             "80",
             "--no-cuda",
         ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     lines = []
     for line in proc.stdout:
@@ -248,14 +254,7 @@ def test_ctrl_c_during_the_final_evaluation(tmp_path, second_ctrl_c):
     resumed) and says so; a second Ctrl-C stops at once, with exit code 130 and no traceback."""
     episodes = 1000 if second_ctrl_c else 20
     args = ["--env", "Basic", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "64", "--frame-height", "60", "--frame-width", "80"]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *args, "--eval-episodes", str(episodes), "--image-every", "0", "--no-cuda"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+    proc = start_ppo(tmp_path, [*args, "--eval-episodes", str(episodes), "--image-every", "0", "--no-cuda"])
     said = []
     for line in proc.stdout:
         said.append(line)
