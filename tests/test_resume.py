@@ -35,16 +35,17 @@ ARGS = [
 ]
 
 
-def start(tmp_path, extra):
-    # a session of its own: the crash kills the whole group, game engines included, so none is left behind
+def start_ppo(cwd, args, stderr=subprocess.PIPE, own_session=False):
+    """The PPO script as a terminal runs it, its output read line by line as it comes. own_session: a process group of
+    its own, so a kill or a Ctrl-C sent to the group reaches the game engines too and none is left behind."""
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *ARGS, *extra],
-        cwd=tmp_path,
+        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *args],
+        cwd=cwd,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=stderr,
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        start_new_session=True,
+        start_new_session=own_session,
     )
 
 
@@ -62,7 +63,7 @@ def check_resumed_run(run_dir, iters=ITERS, per_iter=PER_ITER):
 
 def test_resume_after_crash(tmp_path):
     """Killed two iterations after a checkpoint: the resumed run re-logs those iterations once, not twice."""
-    proc = start(tmp_path, ["--checkpoint-every", "2", "--vector-env", "sync"])
+    proc = start_ppo(tmp_path, [*ARGS, "--checkpoint-every", "2", "--vector-env", "sync"], stderr=subprocess.STDOUT, own_session=True)
     saved, kill_after = None, None
     for line in proc.stdout:
         if line.startswith("iter "):
@@ -124,15 +125,8 @@ def test_interrupt_saves_and_resumes(tmp_path):
         "--vector-env",
         "async",
     ]
-    proc = subprocess.Popen(  # no --checkpoint-every: Ctrl-C alone must save the run
-        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        start_new_session=True,
-    )
+    # no --checkpoint-every: Ctrl-C alone must save the run
+    proc = start_ppo(tmp_path, args, stderr=subprocess.STDOUT, own_session=True)
     for line in proc.stdout:
         if line.startswith("iter 1/"):
             time.sleep(0.1)  # into iteration 2's rollout
@@ -195,18 +189,6 @@ def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(s
             module.request_stop(signal.SIGINT, None)
     finally:
         module.STOP_SIGNAL.clear()
-
-
-def start_ppo(cwd, args):
-    """The PPO script as a terminal runs it, its two streams read line by line as they come."""
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "ppo_camal_vizdoom.py"), *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
 
 
 def test_first_run_explains_itself(tmp_path):
