@@ -864,19 +864,21 @@ def restore(agent, optimizer, checkpoint, args, run_name):
     return checkpoint["iteration"] + 1, checkpoint["global_step"], checkpoint["episodes_seen"]
 
 
-def open_logs(args, run_name, run_dir, resumed, global_step):
-    """(TensorBoard writer, W&B run or None)."""
-    tracked = None
-    if args.track:
-        try:
-            tracked = start_tracking(args, run_name, run_dir)  # before the writer, so W&B mirrors its events
-        except ValueError as e:
-            fail(str(e))
-    # purge_step drops events a crashed run logged after its last checkpoint, so resumed curves do not double
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resumed else None)
-    if not resumed:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+def open_logs(args, run_name, run_dir, purge_step):
+    """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
+    crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
+    tracked = start_tracking(args, run_name, run_dir) if args.track else None  # before the writer, so W&B mirrors its events
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    if purge_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer, tracked
+
+
+def close_logs(writer, tracked):
+    if writer is not None:
+        writer.close()
+    if tracked is not None:
+        tracked.finish()
 
 
 def announce(args, run_name, run_dir, envs, device):
@@ -1008,12 +1010,10 @@ def finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, glob
 def close_run(bar, envs, writer, tracked, video_dir):
     bar.close()
     envs.close()
-    writer.close()
-    if tracked is not None:
-        if video_dir is not None:  # the mp4s go with the W&B run, as CleanRL's monitor_gym does
-            for name in sorted(os.listdir(video_dir)):
-                tracked.save(os.path.join(video_dir, name), base_path=os.path.dirname(video_dir), policy="now")
-        tracked.finish()
+    if tracked is not None and video_dir is not None:  # the mp4s go with the W&B run, as CleanRL's monitor_gym does
+        for name in sorted(os.listdir(video_dir)):
+            tracked.save(os.path.join(video_dir, name), base_path=os.path.dirname(video_dir), policy="now")
+    close_logs(writer, tracked)
 
 
 def fail(message):
@@ -1051,7 +1051,10 @@ if __name__ == "__main__":
     agent = Agent(envs.single_action_space.n, args.frame_stack, H, W).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     start_iteration, global_step, episodes_seen = restore(agent, optimizer, checkpoint, args, run_name)
-    writer, tracked = open_logs(args, run_name, run_dir, checkpoint is not None, global_step)
+    try:  # purge_step: the events after the checkpoint's step are the ones a resumed run redoes
+        writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else global_step + 1)
+    except ValueError as e:  # --track without wandb, or bad W&B settings
+        fail(str(e))
     catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
     announce(args, run_name, run_dir, envs, device)
 

@@ -939,15 +939,6 @@ def restore_fold(model, optimizer, checkpoint, args, run_name):
     return checkpoint["epoch"] + 1, checkpoint["global_step"]
 
 
-def open_logs(args, run_name, run_dir, resumed, start_epoch):
-    """(TensorBoard writer, W&B run or None) of rank 0: one W&B run per fold; a resumed run purges the epochs it redoes."""
-    tracked = start_tracking(args, run_name, run_dir) if args.track else None
-    writer = SummaryWriter(run_dir, purge_step=start_epoch if resumed else None)
-    if not resumed:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    return writer, tracked
-
-
 def loaders(args, train_set, test_set, start_epoch, distributed):
     """(train_loader, its DistributedSampler or None, test_loader, a few held-out samples for the pictures)."""
     rank, world_size = world()
@@ -1020,6 +1011,16 @@ def warn_collapse(epochs, empty_fraction):
     )
 
 
+def open_logs(args, run_name, run_dir, purge_step):
+    """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
+    crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
+    tracked = start_tracking(args, run_name, run_dir) if args.track else None  # before the writer, so W&B mirrors its events
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    if purge_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer, tracked
+
+
 def close_logs(writer, tracked):
     if writer is not None:
         writer.close()
@@ -1050,7 +1051,8 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     forward = None
     if distributed:  # all ranks start from rank 0's weights; gradients are averaged in backward
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer, tracked = open_logs(args, run_name, run_dir, checkpoint is not None, start_epoch) if rank == 0 else (None, None)
+    # rank 0 logs, one W&B run per fold; a resumed run redoes the epochs from start_epoch on
+    writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else start_epoch) if rank == 0 else (None, None)
     train_loader, sampler, test_loader, grid = loaders(args, train_set, test_set, start_epoch, distributed)
     supervised = args.method != "vanilla"
     start_time = time.time()
@@ -1070,8 +1072,10 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
         sums = torch.zeros(len(EPOCH_SUMS), device=device)  # read once per epoch
-        bar = dict(desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None if rank == 0 else True)
-        for images, masks, labels in tqdm(train_loader, **bar):  # a bar on a terminal only
+        batches = tqdm(
+            train_loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None if rank == 0 else True
+        )
+        for images, masks, labels in batches:  # a bar on a terminal only
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
             logits, cam = class_cam(model, images, labels, double_backward=supervised, autocast=autocast, forward=forward)
             ce = F.cross_entropy(logits, labels)

@@ -30,6 +30,8 @@ SHARED = [
             "attention_panel",
             "describe_device",
             "duration",
+            "open_logs",
+            "close_logs",
         ),
     ),
     ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "class_cam")),
