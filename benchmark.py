@@ -23,10 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 ENVS = ("Basic", "DefendLine", "DefendCenter", "TakeCover")
+CAMS = ("paper", "abs", "abs-target")  # ppo_camal_vizdoom.py's --cam
 MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t")
 # The paper's grids. Every axis can be narrowed or widened from the command line.
 PRESETS = {
-    "drl": {"kind": "drl", "envs": ENVS, "methods": ("camal", "vanilla"), "seeds": (1, 2, 3, 4, 5)},
+    # The paper's CAM of V(s) (--cam paper); --cams adds the project's remedies (abs, abs-target) as more CAMAL cells.
+    "drl": {"kind": "drl", "envs": ENVS, "methods": ("camal", "vanilla"), "cams": ("paper",), "seeds": (1, 2, 3, 4, 5)},
     "dl": {
         "kind": "dl",
         "datasets": ("pets", "flowers", "busi"),
@@ -110,10 +112,15 @@ def grid(args, passthrough):
         args.folds = list(range(args.num_folds))
     cells = []
     if kind == "drl":
+        cams = list(dict.fromkeys(pick("cams")))
         for env in pick("envs"):
             for method in pick("methods"):
-                for seed in pick("seeds"):
-                    cells.append(Cell(kind, {"env": env, "method": method, "seed": seed}, passthrough, args.out, args.checkpoint_every))
+                # vanilla trains without a CAM: one cell (with the first of --cams, for its training curves), whose evaluation
+                # measures the IoU under every --cam (eval.json's by_cam)
+                for cam in cams if method == "camal" else cams[:1]:
+                    for seed in pick("seeds"):
+                        axes = {"env": env, "method": method, "cam": cam, "seed": seed}
+                        cells.append(Cell(kind, axes, passthrough, args.out, args.checkpoint_every))
     elif kind == "dl":
         for dataset in pick("datasets"):
             for model in pick("models"):
@@ -425,6 +432,13 @@ def parse(argv):
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="drl (Table 8), dl (Table 7), dl-suppress, study (Table 4)")
     p.add_argument("--envs", nargs="+", choices=ENVS, help="DRL environments (all four by default)")
     p.add_argument("--methods", nargs="+", choices=["camal", "vanilla", "prior", "suppress"])
+    p.add_argument(
+        "--cams",
+        nargs="+",
+        choices=CAMS,
+        help="DRL: the CAMAL cells' --cam (default: paper, the paper's Eq. 3); vanilla runs once, with the first, and its evaluation "
+        "measures the IoU under each",
+    )
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--models", nargs="+", choices=MODELS)
     p.add_argument("--datasets", nargs="+", choices=["pets", "flowers", "busi", "shapes"])
@@ -455,8 +469,8 @@ def parse(argv):
     args, passthrough = p.parse_known_args(argv)
     problems = []
     kind = PRESETS[args.preset]["kind"]
-    applies = {"drl": ("envs", "methods", "seeds"), "dl": ("datasets", "models", "methods", "folds", "seeds"), "study": ("datasets",)}[kind]
-    for axis in ("envs", "methods", "seeds", "models", "datasets", "folds"):
+    applies = {"drl": ("envs", "methods", "cams", "seeds"), "dl": ("datasets", "models", "methods", "folds", "seeds"), "study": ("datasets",)}[kind]
+    for axis in ("envs", "methods", "cams", "seeds", "models", "datasets", "folds"):
         if getattr(args, axis) and axis not in applies:
             problems.append(f"--{axis} does not apply to --preset {args.preset}")
     if any(not 0 <= f < args.num_folds for f in args.folds or []):
@@ -472,13 +486,11 @@ def parse(argv):
         problems.append(f"--slurm-signal-delay-s must lie between 0 and --slurm-time ({60 * args.slurm_time} s)")
     if any("=" not in kv for kv in args.slurm_extra):
         problems.append("--slurm-extra takes KEY=VALUE pairs")
-    if any(
-        a in ("--resume", "--fold", "--env", "--seed", "--method", "--model", "--dataset") or a.split("=")[0] in ("--resume", "--fold")
-        for a in passthrough
-    ):
+    own = ("--resume", "--fold", "--env", "--seed", "--method", "--cam", "--model", "--dataset")
+    if any(a.split("=")[0] in own for a in passthrough):  # --seed 7 and --seed=7 alike
         problems.append(
-            f"these flags are the grid's own or the benchmark's: {[a for a in passthrough if a.startswith('--')]}; "
-            "use --envs, --methods, --seeds, --models, --datasets, --folds"
+            f"these flags are the grid's own or the benchmark's: {[a for a in passthrough if a.split('=')[0] in own]}; "
+            "use --envs, --methods, --cams, --seeds, --models, --datasets, --folds"
         )
     if problems:
         p.exit(2, "error: " + "; ".join(problems) + "\n")

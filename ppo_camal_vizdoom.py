@@ -3,6 +3,7 @@
 # on screen and pushed off everything else: L = L_PPO + lambda * mean_b(beta_b - alpha_b).
 # Single-file in CleanRL's style (cleanrl/ppo_atari.py); hyperparameters follow the paper's Table 8.
 import json
+import math
 import os
 import pickle
 import random
@@ -31,6 +32,7 @@ STOP_POINT = (
 )
 STOP_UNIT = "iteration"
 FRAME_TITLES = ("frame", "mask", "CAM")  # the labels of the attention images
+CAM_KINDS = ("abs", "paper", "abs-target")  # --cam's choices; the evaluation measures IoU under each
 SCENARIOS = {
     "Basic": "basic.cfg",
     "DefendLine": "defend_the_line.cfg",
@@ -107,6 +109,8 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
     """the target KL divergence threshold (None: no early stopping)"""
+    reward_scale: float = 1.0
+    """rewards are multiplied by this before Table 8's [-1, 1] clip (1: the paper's); 0.01 is ViZDoom's and Sample Factory's scale, under which the clip keeps a kill worth more than a step (docs/results.md)"""
 
     # CAMAL
     method: Literal["camal", "vanilla"] = "camal"
@@ -443,14 +447,16 @@ def evaluate(agent, envs, args, device, video_dir=None):
 
     Env i plays a fixed quota of episodes (eval_episodes split over the envs) so that short episodes
     are not favoured. Returns per-episode returns, lengths, mean attention IoU (None where no
-    frame of the episode had a valid mask) and the share of its frames whose CAM was empty.
+    frame of the episode had a valid mask) and the share of its frames whose CAM was empty, under the run's --cam;
+    `by_cam` has the last two under every CAM kind, so a run can serve as the baseline of each formulation.
     """
     size = (args.frame_height, args.frame_width)
     quota = [args.eval_episodes // args.num_envs + (i < args.eval_episodes % args.num_envs) for i in range(args.num_envs)]
     done_count = [0] * args.num_envs
     ret, length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-    iou_sum, iou_n = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-    empty_n = np.zeros(args.num_envs, dtype=int)
+    iou_sum, iou_n = np.zeros((len(CAM_KINDS), args.num_envs)), np.zeros(args.num_envs, dtype=int)
+    empty_n = np.zeros((len(CAM_KINDS), args.num_envs), dtype=int)
+    own = CAM_KINDS.index(args.cam)
     episodes, panels = [], []
     obs, _ = envs.reset(seed=args.seed + 1_000_003)
     while sum(done_count) < args.eval_episodes:
@@ -458,11 +464,13 @@ def evaluate(agent, envs, args, device, video_dir=None):
         mask = torch.from_numpy(obs["mask"]).to(device).bool()
         with torch.enable_grad():
             action, _, _, value, feats = agent.get_action_and_value(frames)
-            cam = critic_cam(feats, value, size, args.cam, create_graph=False)
-        iou, valid = attention_iou(cam, mask, args.tau)
-        iou, valid, empty = iou.cpu().numpy(), valid.cpu().numpy(), empty_cams(cam).cpu().numpy()
+            cams = [critic_cam(feats, value, size, kind, create_graph=False) for kind in CAM_KINDS]
+        ious = [attention_iou(cam, mask, args.tau) for cam in cams]
+        valid = ious[0][1].cpu().numpy()  # the mask decides validity, whatever the map
+        iou = torch.stack([i for i, _ in ious]).cpu().numpy()
+        empty = torch.stack([empty_cams(cam) for cam in cams]).cpu().numpy()
         if video_dir is not None and done_count[0] < quota[0]:
-            panels.append(attention_panel(obs["frames"][0, -1], obs["mask"][0], cam[0].cpu().numpy(), titles=FRAME_TITLES))
+            panels.append(attention_panel(obs["frames"][0, -1], obs["mask"][0], cams[own][0].cpu().numpy(), titles=FRAME_TITLES))
         obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
         ret += reward
         length += 1
@@ -471,15 +479,19 @@ def evaluate(agent, envs, args, device, video_dir=None):
         empty_n += empty
         for i in np.flatnonzero(np.logical_or(term, trunc)):
             if done_count[i] < quota[i]:
-                ep_iou = float(iou_sum[i] / iou_n[i]) if iou_n[i] else None
-                episodes.append(
-                    {"return": float(ret[i]), "length": int(length[i]), "attention_iou": ep_iou, "cam_empty_fraction": float(empty_n[i] / length[i])}
-                )
+                by_cam = {
+                    kind: {
+                        "attention_iou": float(iou_sum[k, i] / iou_n[i]) if iou_n[i] else None,
+                        "cam_empty_fraction": float(empty_n[k, i] / length[i]),
+                    }
+                    for k, kind in enumerate(CAM_KINDS)
+                }
+                episodes.append({"return": float(ret[i]), "length": int(length[i]), **by_cam[args.cam], "by_cam": by_cam})
                 if i == 0 and video_dir is not None:
                     write_video(os.path.join(video_dir, f"eval-episode-{done_count[0]}.mp4"), panels, 35 / args.frame_skip)
                     panels = []
                 done_count[i] += 1
-            ret[i], length[i], iou_sum[i], iou_n[i], empty_n[i] = 0.0, 0, 0.0, 0, 0
+            ret[i], length[i], iou_sum[:, i], iou_n[i], empty_n[:, i] = 0.0, 0, 0.0, 0, 0
     return episodes
 
 
@@ -759,6 +771,8 @@ def check_args(args):
         raise ValueError(f"num-envs x num-steps = {batch_size} does not split into {args.num_minibatches} minibatches")
     if not 0.0 <= args.tau < 1.0:
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
+    if not (math.isfinite(args.reward_scale) and args.reward_scale > 0):
+        raise ValueError(f"--reward-scale must be a positive number, got {args.reward_scale}")
 
 
 def evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
@@ -768,21 +782,28 @@ def evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, r
         writer.add_scalar("eval/episodic_return", ep["return"], idx)
         if ep["attention_iou"] is not None:
             writer.add_scalar("eval/attention_iou", ep["attention_iou"], idx)
-    ious = [ep["attention_iou"] for ep in episodes if ep["attention_iou"] is not None]
+    # the same policy's attention under every --cam: vanilla trains without a CAM, so it is the baseline of each formulation
+    by_cam = {}
+    for kind in CAM_KINDS:
+        ious = [ep["by_cam"][kind]["attention_iou"] for ep in episodes if ep["by_cam"][kind]["attention_iou"] is not None]
+        empty = [ep["by_cam"][kind]["cam_empty_fraction"] for ep in episodes]
+        by_cam[kind] = {"mean_iou": float(np.mean(ious)) if ious else None, "cam_empty_fraction": float(np.mean(empty))}
     result = {
         "env": args.env,
         "method": args.method,
         "seed": args.seed,
         "total_timesteps": global_step,
         "mean_return": float(np.mean([ep["return"] for ep in episodes])),
-        "mean_iou": float(np.mean(ious)) if ious else None,
+        "mean_iou": by_cam[args.cam]["mean_iou"],
         "episodic_returns": [ep["return"] for ep in episodes],
         "episodic_lengths": [ep["length"] for ep in episodes],
         "episodic_iou": [ep["attention_iou"] for ep in episodes],
-        "cam_empty_fraction": float(np.mean([ep["cam_empty_fraction"] for ep in episodes])),
+        "cam_empty_fraction": by_cam[args.cam]["cam_empty_fraction"],
         "cam": args.cam,
         "tau": args.tau,
         "camal_coef": args.camal_coef,
+        "reward_scale": args.reward_scale,
+        "by_cam": by_cam,
         "run_name": run_name,
     }
     write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
@@ -1106,8 +1127,8 @@ if __name__ == "__main__":
                 next_obs_np, reward, terminations, truncations, _ = envs.step(action_np)
                 env_seconds += time.perf_counter() - env_start
                 done = np.logical_or(terminations, truncations)
-                # clamp, not sign: keeps the size of small rewards (Table 8's [-1, 1] clip)
-                rewards[step] = torch.as_tensor(np.clip(reward, -1.0, 1.0), dtype=torch.float32, device=device)
+                # clamp, not sign: keeps the size of small rewards (Table 8's [-1, 1] clip), after --reward-scale
+                rewards[step] = torch.as_tensor(np.clip(reward * args.reward_scale, -1.0, 1.0), dtype=torch.float32, device=device)
                 next_obs = torch.from_numpy(next_obs_np["frames"]).to(device, copy=True)
                 next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
                 next_done = torch.as_tensor(done, dtype=torch.float32, device=device)

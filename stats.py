@@ -200,6 +200,52 @@ DL_TYPES = {
 DRL_TYPES = {"env": (TEXT, False), "method": (TEXT, False), "seed": (NUMBER, False), "mean_return": (NUMBER, False), "mean_iou": (NUMBER, True)}
 
 
+def check_by_cam(path, by_cam):
+    """eval.json's by_cam (the policy's IoU under every --cam), checked; {} for an eval.json written before it existed."""
+    if by_cam is None:
+        return {}
+    if not isinstance(by_cam, dict) or not all(isinstance(v, dict) for v in by_cam.values()):
+        raise StatsError(f"{path}: by_cam is {by_cam!r}, expected an object of objects")
+    for cam, v in by_cam.items():
+        check_types(f"{path} (by_cam {cam})", v, {"mean_iou": (NUMBER, True), "cam_empty_fraction": (NUMBER, False)})
+    return by_cam
+
+
+def baselines_per_cam(runs):
+    """Vanilla PPO trains without a CAM, and its eval.json measures the trained policy's attention under every --cam
+    (by_cam): a vanilla run is the baseline of each CAMAL formulation of its task, scored under that formulation's CAM.
+    Each run comes back once per --cam that the other methods' runs of its task use (its own when none does); a copy
+    under another CAM than the run's own has no IoU curve (training measured only its own)."""
+
+    def task(r):
+        return r["env"], tuple((k, r["settings"].get(k)) for k in DRL_SETTINGS if k != "cam")
+
+    cams = {}
+    for r in runs:
+        if r["method"] != "vanilla":
+            cams.setdefault(task(r), set()).add(r["settings"].get("cam"))
+    out = []
+    for r in runs:
+        own, by_cam = r["settings"].get("cam"), r.get("by_cam") or {}
+        placed = [c for c in sorted(cams.get(task(r), set()), key=str) if c == own or c in by_cam] if r["method"] == "vanilla" else []
+        for cam in placed or [own]:
+            if cam == own:
+                out.append(r)
+                continue
+            score = by_cam[cam]
+            out.append(
+                dict(
+                    r,
+                    settings=dict(r["settings"], cam=cam),
+                    iou=score["mean_iou"],
+                    cam_empty=score["cam_empty_fraction"],
+                    iou_curve=False,
+                    source=f"{r['source']}; IoU under --cam {cam} (eval.json's by_cam; the run's own is {own})",
+                )
+            )
+    return out
+
+
 def load_json(path):
     try:
         with open(path) as f:
@@ -281,6 +327,7 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                         "return": e["mean_return"],
                         "iou": e["mean_iou"],
                         "cam_empty": e.get("cam_empty_fraction"),
+                        "by_cam": check_by_cam(path, e.get("by_cam")),
                         "source": f"eval.json ({len(e.get('episodic_returns', []))} evaluation episodes)",
                     }
                 )
@@ -398,8 +445,8 @@ def shared_settings(r, names):
     return tuple((k, r["settings"].get(k)) for k in names)
 
 
-def variants(runs, where, names):
-    """A label per run naming the settings in which its experiment differs from the others at the same place
+def variants(runs, where, names, key=lambda r: r["dir"]):
+    """A label per run (by `key`) naming the settings in which its experiment differs from the others at the same place
     ("" where there is only one experiment): e.g. "epochs 20, shapes_per_class 120"."""
     sigs = {}
     for r in runs:
@@ -409,7 +456,7 @@ def variants(runs, where, names):
         group = sigs[where(r)]
         # None: a run written before the setting was recorded; unknown is no evidence of another experiment
         differ = [k for k in names if len({dict(sig)[k] for sig in group} - {None}) > 1]
-        labels[r["dir"]] = ", ".join(f"{k} {r['settings'].get(k)}" for k in differ)
+        labels[key(r)] = ", ".join(f"{k} {r['settings'].get(k)}" for k in differ)
     return labels
 
 
@@ -583,9 +630,12 @@ def probability_of_improvement(scores_x, scores_y):
 
 
 def drl_analysis(runs, args, incomplete, warnings_):
-    label = variants(runs, lambda r: r["env"], DRL_SETTINGS)
+    def key(r):  # a vanilla run can serve several CAMs (baselines_per_cam)
+        return r["dir"], r["settings"].get("cam")
+
+    label = variants(runs, lambda r: r["env"], DRL_SETTINGS, key)
     for r in runs:  # an environment run with other settings (frame size, steps, CAM) is another task, never pooled
-        r["task"] = r["env"] + (f" [{label[r['dir']]}]" if label[r["dir"]] else "")
+        r["task"] = r["env"] + (f" [{label[key(r)]}]" if label[key(r)] else "")
     chosen = newest(runs, lambda r: (r["task"], r["method"], r["seed"]), lambda k: f"{k[0]}/{k[1]} run with seed {k[2]}", incomplete)
     runs = sorted(chosen.values(), key=lambda r: (order(r["env"], ENV_ORDER), r["task"], order(r["method"], tuple(METHOD_NAMES)), r["seed"]))
     methods = sorted({r["method"] for r in runs}, key=lambda m: order(m, tuple(METHOD_NAMES)))
@@ -623,7 +673,7 @@ def drl_analysis(runs, args, incomplete, warnings_):
                         f"the {k} lowest seeds are used, seed {r['seed']} is left out",
                     }
                 )
-        used |= {r["dir"] for c in cells.values() for r in c[:k]}
+        used |= {(r["dir"], r["task"]) for c in cells.values() for r in c[:k]}  # a vanilla run can serve several tasks
         raw = {m: np.array([[cells[m, e][i][metric] for e in envs] for i in range(k)]) for m in methods}  # runs x envs
         res = {
             "k": k,
@@ -656,10 +706,10 @@ def drl_analysis(runs, args, incomplete, warnings_):
     result["runs"] = [
         {k: r.get(k) for k in ("dir", "env", "task", "method", "seed", "total_timesteps", "steps_done", "return", "iou", "source")}
         for r in runs
-        if r["dir"] in used
+        if (r["dir"], r["task"]) in used
     ]
     for e in envs:
-        steps = sorted({r["steps_done"] for r in runs if r["task"] == e and r["dir"] in used and r.get("steps_done") is not None})
+        steps = sorted({r["steps_done"] for r in runs if r["task"] == e and (r["dir"], e) in used and r.get("steps_done") is not None})
         if len(steps) > 1:
             warnings_.append({"run": e, "reason": f"runs of different lengths in this environment: steps done {steps}"})
     return result
@@ -671,6 +721,29 @@ def until(series, step):
     return (steps, values) if step is None else (steps[steps <= step], values[steps <= step])
 
 
+def binned(steps, values, edges):
+    """One run's curve on a step grid: the mean of its values in each bin (edges[i-1], edges[i]] (the first bin also takes
+    the steps before it); a bin without a value keeps the last one, NaN before the first."""
+    idx = np.searchsorted(edges, steps, side="left")
+    row, last = np.full(len(edges) - 1, np.nan), np.nan
+    for i in range(1, len(edges)):
+        sel = values[idx == i] if i > 1 else values[idx <= 1]
+        last = sel.mean() if len(sel) else last
+        row[i - 1] = last
+    return row
+
+
+def mean_band(rows):
+    """Runs x points: per point the mean over the runs that have a value and the half-width of its 95 % band (1.96 SE; 0
+    where one run has a value)."""
+    n = np.sum(~np.isnan(rows), axis=0)
+    with warnings.catch_warnings():  # points before a run's first value are NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(rows, axis=0)
+        std = np.where(n > 1, np.nanstd(rows, axis=0, ddof=1), 0.0)
+    return mean, 1.96 * std / np.sqrt(np.maximum(n, 1))
+
+
 def learning_curves(runs, points):
     """Per environment and method: training curves on a common step grid, mean and 95 % band over runs.
 
@@ -678,12 +751,16 @@ def learning_curves(runs, points):
     the shortest run's last step, so every point averages the same runs."""
     curves = {}
     print(f"learning curves: reading the TensorBoard events of {len(runs)} DRL runs", file=sys.stderr, flush=True)
-    for r in runs:
-        r["acc"] = r.get("acc") or read_tensorboard(r["dir"])
+    read = {}
+    for r in runs:  # a vanilla run serving several --cam tasks is read once
+        r["acc"] = r.get("acc") or read.get(r["dir"]) or read_tensorboard(r["dir"])
+        read[r["dir"]] = r["acc"]
     for metric, (tag, _) in DRL_METRICS.items():
         for env in dict.fromkeys(r["task"] for r in runs):  # runs come in the matrices' order
             series = [
-                (r, *until(scalar_series(r["acc"], tag), r.get("checkpoint_step") if r.get("unfinished") else None)) for r in runs if r["task"] == env
+                (r, *until(scalar_series(r["acc"], tag), r.get("checkpoint_step") if r.get("unfinished") else None))
+                for r in runs
+                if r["task"] == env and (metric != "iou" or r.get("iou_curve", True))
             ]
             series = [s for s in series if len(s[1])]
             if not series:
@@ -691,24 +768,8 @@ def learning_curves(runs, points):
             end = min(s[1][-1] for s in series)
             edges = np.linspace(0, end, points + 1)
             for m in sorted({s[0]["method"] for s in series}, key=lambda m: order(m, tuple(METHOD_NAMES))):
-                rows = []
-                for r, steps, values in series:
-                    if r["method"] != m:
-                        continue
-                    idx = np.searchsorted(edges, steps, side="left")  # bin i holds steps in (edges[i-1], edges[i]]
-                    row, last = np.full(points, np.nan), np.nan
-                    for i in range(1, points + 1):
-                        sel = values[idx == i] if i > 1 else values[idx <= 1]
-                        last = sel.mean() if len(sel) else last
-                        row[i - 1] = last
-                    rows.append(row)
-                rows = np.array(rows)
-                n = np.sum(~np.isnan(rows), axis=0)
-                with warnings.catch_warnings():  # points before a run's first value are NaN
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    mean = np.nanmean(rows, axis=0)
-                    std = np.where(n > 1, np.nanstd(rows, axis=0, ddof=1), 0.0)
-                band = 1.96 * std / np.sqrt(np.maximum(n, 1))
+                rows = np.array([binned(steps, values, edges) for r, steps, values in series if r["method"] == m])
+                mean, band = mean_band(rows)
                 curves.setdefault(metric, {}).setdefault(env, {})[m] = {
                     "steps": edges[1:].tolist(),
                     "mean": mean.tolist(),
@@ -1246,6 +1307,7 @@ def analyse(args):
         )
     incomplete = list(left_out)
     summary, comparisons = dl_analysis(dl_runs, args, incomplete, warnings_) if dl_runs else ([], [])
+    drl_runs = baselines_per_cam(drl_runs)
     drl = drl_analysis(drl_runs, args, incomplete, warnings_) if drl_runs else None
     empty_cam_warnings(dl_runs, drl_runs, warnings_)
     tables = dl_tables(summary, comparisons, args.significance)
@@ -1275,7 +1337,7 @@ def empty_cam_warnings(dl_runs, drl_runs, warnings_):
     for r in dl_runs:
         cells.setdefault(f"{r['dataset']}/{r['model']}/{r['method']}", []).append(r.get("test_cam_empty_fraction"))
     for r in drl_runs:
-        cells.setdefault(f"{r['env']}/{r['method']}", []).append(r.get("cam_empty"))
+        cells.setdefault(f"{r.get('task', r['env'])}/{r['method']}", []).append(r.get("cam_empty"))
     for name, values in sorted(cells.items()):
         values = [v for v in values if v is not None]  # runs written before the fraction was recorded have none
         if values and np.mean(values) > 0.5:
@@ -1313,7 +1375,8 @@ def write_outputs(args, stats, tables, curves, drl_runs):
                 w.writerows(clean(t["csv_rows"]))
             written.append(f"{t['name']}.csv")
     if stats["drl"]:
-        runs = [r for r in drl_runs if r["dir"] in {x["dir"] for x in stats["drl"]["runs"]}]
+        used = {(x["dir"], x["task"]) for x in stats["drl"]["runs"]}
+        runs = [r for r in drl_runs if (r["dir"], r.get("task")) in used]
         stats["drl"]["learning_curves"] = learning_curves(runs, args.curve_points)
         written += plot_drl(stats["drl"], stats["drl"]["learning_curves"], args.out)
     written += plot_faithfulness(curves, args.out)

@@ -57,6 +57,7 @@ def bench(args, cwd, timeout=600, env=None):
         (["--preset", "dl-suppress"], 360),
         (["--preset", "study"], 2),
         (["--preset", "drl", "--envs", "Basic", "TakeCover", "--seeds", "1", "2", "3"], 12),
+        (["--preset", "drl", "--cams", "paper", "abs", "abs-target"], 80),  # 3 CAMAL cells per env and seed, vanilla once
         (["--preset", "dl", "--datasets", "pets", "--models", "resnet18", "--folds", "0", "1", "--data-dir", "DATA"], 6),
     ],
 )
@@ -73,8 +74,21 @@ def test_cell_identity_is_the_cell_and_its_flags_not_the_time(tmp_path):
     a = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--dry-run"], tmp_path).stdout
     b = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--dry-run"], tmp_path).stdout
     c = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--dry-run", "--frame-height", "60"], tmp_path).stdout
-    assert a == b and "cells/drl__Basic__camal__1 " in a
-    assert "--frame-height 60" in c and "cells/drl__Basic__camal__1__" in c  # other flags: another cell
+    assert a == b and "cells/drl__Basic__camal__paper__1 " in a
+    assert "--frame-height 60" in c and "cells/drl__Basic__camal__paper__1__" in c  # other flags: another cell
+
+
+def test_the_paper_grid_runs_the_papers_cam(tmp_path):
+    """--preset drl reproduces Table 8 with the paper's Eq. 3 (--cam paper); --cams adds the remedies as more CAMAL cells, and
+    vanilla runs once (its eval.json measures the IoU under every CAM)."""
+    paper = bench(["--preset", "drl", "--dry-run"], tmp_path).stdout.splitlines()
+    assert all("--cam=paper" in line for line in paper) and sum("--method=vanilla" in line for line in paper) == 20
+    both = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--cams", "abs", "paper", "--dry-run"], tmp_path).stdout.splitlines()
+    assert [line.split("# ")[1].split(":")[0] for line in both] == [
+        "drl__Basic__camal__abs__1",
+        "drl__Basic__camal__paper__1",
+        "drl__Basic__vanilla__abs__1",  # with the first of --cams
+    ]
 
 
 @pytest.mark.parametrize(
@@ -82,6 +96,9 @@ def test_cell_identity_is_the_cell_and_its_flags_not_the_time(tmp_path):
     [
         (["--preset", "drl", "--folds", "1"], "--folds does not apply to --preset drl"),
         (["--preset", "drl", "--seed", "3"], "the grid's own"),
+        (["--preset", "drl", "--seed=3"], "the grid's own"),
+        (["--preset", "drl", "--cam", "abs"], "use --envs, --methods, --cams"),
+        (["--preset", "dl", "--cams", "abs"], "--cams does not apply to --preset dl"),
         (["--preset", "nope"], "invalid choice"),
         (["--preset", "dl", "--runs-per-gpu", "0"], "--runs-per-gpu must be at least 1"),
         (["--preset", "drl", "--envs", "Doom2"], "invalid choice"),
@@ -131,7 +148,7 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
     )
     cells = tmp_path / "benchmark_runs" / "cells"
     deadline = time.time() + 300
-    while not list(cells.glob("drl__Basic__camal__1__*/runs/*/checkpoint.pt")) and time.time() < deadline:
+    while not list(cells.glob("drl__Basic__camal__paper__1__*/runs/*/checkpoint.pt")) and time.time() < deadline:
         time.sleep(0.2)
     (cell,) = cells.iterdir()
     proc.send_signal(signal.SIGINT)  # Ctrl-C on the benchmark: the cell checkpoints and stops

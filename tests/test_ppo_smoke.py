@@ -78,6 +78,13 @@ def test_smoke(ppo_smoke_run, env, method):
     if ious:
         assert result["mean_iou"] == pytest.approx(sum(ious) / len(ious))
         assert all(0.0 <= v <= 1.0 for v in ious)
+    # the same policy measured under every --cam (the baseline of each formulation); the run's own is mean_iou
+    by_cam = result["by_cam"]
+    assert set(by_cam) == {"abs", "paper", "abs-target"} and result["reward_scale"] == 1.0
+    assert by_cam[result["cam"]] == {"mean_iou": result["mean_iou"], "cam_empty_fraction": result["cam_empty_fraction"]}
+    assert by_cam["abs"]["cam_empty_fraction"] == 0.0 <= by_cam["paper"]["cam_empty_fraction"] <= 1.0
+    if (env, method) == ("Basic", "vanilla"):
+        assert by_cam["paper"]["cam_empty_fraction"] == 1.0 and by_cam["paper"]["mean_iou"] in (0.0, None)
 
     if extra:
         assert (run_dir / "ppo_camal_vizdoom.cleanrl_model").is_file()

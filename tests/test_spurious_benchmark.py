@@ -19,6 +19,8 @@ def test_pipeline_runs_and_judges(tmp_path):
             str(tmp_path / "b"),
             "--cue",
             "corner",
+            "--seeds",
+            "3",
             "--train-args",
             tiny,
         ],
@@ -29,16 +31,18 @@ def test_pipeline_runs_and_judges(tmp_path):
     # a one-epoch model at 64 pixels cannot meet the criteria: the verdict says so with exit code 1, not a crash
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     out = proc.stdout
-    assert "camal: 2 folds in" in out and "vanilla: 2 folds in" in out
-    assert "| camal |" in out and "| vanilla |" in out and "Table 5" in out  # stats.py's IoU table against vanilla
+    assert "seed 3, camal: 2 folds in" in out and "seed 3, vanilla: 2 folds in" in out
+    assert "| 3 | camal | " in out and "| 3 | vanilla | " in out
+    assert "Table 5" in (tmp_path / "b" / "seed_3" / "stats.md").read_text()  # stats.py's IoU table against vanilla
     verdicts = [line for line in out.splitlines() if line.startswith(("PASS: ", "FAIL: "))]
-    assert len(verdicts) == 5
+    assert len(verdicts) == 5 and all(v.endswith(" of 3)") for v in verdicts)
     assert (proc.returncode == 0) == all(v.startswith("PASS") for v in verdicts)
-    runs = sorted(p.name for p in (tmp_path / "b" / "runs").iterdir())
+    runs = sorted(p.name for p in (tmp_path / "b" / "seed_3" / "runs").iterdir())
     assert len(runs) == 4 and sum("__camal__" in r for r in runs) == 2
-    settings = json.loads((tmp_path / "b" / "runs" / runs[0] / "metrics.json").read_text())["args"]
+    settings = json.loads((tmp_path / "b" / "seed_3" / "runs" / runs[0] / "metrics.json").read_text())["args"]
     assert (settings["shapes_cue"], settings["shapes_cue_prob"], settings["learning_rate"]) == ("corner", 0.95, 3e-4)  # the stress case
-    assert (tmp_path / "b" / "stats" / "stats.json").is_file()
+    assert (settings["seed"], settings["split_seed"]) == (3, 3)  # a seed is the data, the split and the initialisation
+    assert (tmp_path / "b" / "seed_3" / "stats" / "stats.json").is_file()
 
 
 def test_bad_input(tmp_path):
@@ -49,6 +53,13 @@ def test_bad_input(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and "needs camal" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--train-args", "--split-seed 4", "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "use --seeds" in proc.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     proc = subprocess.run(

@@ -48,8 +48,8 @@ def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, fait
     return run
 
 
-def write_drl(root, env, method, seed, ret, iou, total_timesteps=1000, cam_empty=None):
-    run = root / f"{env}__ppo_camal_vizdoom__{method}__{seed}__0"
+def write_drl(root, env, method, seed, ret, iou, total_timesteps=1000, cam_empty=None, cam=None, by_cam=None):
+    run = root / f"{env}__ppo_camal_vizdoom__{method}__{seed}__{cam or 0}"
     run.mkdir(parents=True)
     result = {
         "env": env,
@@ -62,6 +62,10 @@ def write_drl(root, env, method, seed, ret, iou, total_timesteps=1000, cam_empty
     }
     if cam_empty is not None:
         result["cam_empty_fraction"] = cam_empty
+    if cam is not None:
+        result["cam"] = cam
+    if by_cam is not None:
+        result["by_cam"] = {k: {"mean_iou": v, "cam_empty_fraction": 0.0} for k, v in by_cam.items()}
     (run / "eval.json").write_text(json.dumps(result))
     return run
 
@@ -209,6 +213,32 @@ def test_drl_matches_rliable(st, tmp_path):
     assert stats["warnings"] == []  # the shorter run is the left-out seed 4: no run in the matrix differs in length
     sbci = next(t for t in tables if t["name"] == "drl_return_sbci")
     assert any("min-max normalised" in n and "TakeCover [" in n for n in sbci["notes"])
+
+
+def test_vanilla_is_the_baseline_of_each_cam(st, tmp_path):
+    """benchmark.py's DRL grid runs vanilla once; its eval.json's by_cam gives its IoU under each CAMAL formulation."""
+    for seed in (1, 2, 3):
+        write_drl(tmp_path, "Basic", "camal", seed, 80.0, 0.30 + 0.01 * seed, cam="paper")
+        write_drl(tmp_path, "Basic", "camal", seed, 81.0, 0.50 + 0.01 * seed, cam="abs")
+        write_drl(tmp_path, "Basic", "vanilla", seed, 79.0, 0.05, cam="paper", by_cam={"paper": 0.05, "abs": 0.60, "abs-target": 0.2})
+    write_drl(tmp_path, "TakeCover", "camal", 1, 5.0, 0.2, cam="abs")
+    write_drl(tmp_path, "TakeCover", "vanilla", 1, 4.0, 0.1, cam="paper")  # an older eval.json: no by_cam, so no abs baseline
+    stats, _, _, _ = st.analyse(args_for(st, tmp_path))
+    drl = stats["drl"]
+    iou = drl["metrics"]["iou"]
+    assert drl["envs"] == ["Basic [cam abs]", "Basic [cam paper]"]
+    assert iou["raw"]["vanilla"] == [[0.60, 0.05]] * 3  # the same three runs, scored under each CAM
+    assert iou["poi"]["vanilla"]["p"] == 0.5  # paper: camal above vanilla in every seed; abs: below in every seed
+    assert sorted(r["task"] for r in drl["runs"] if r["method"] == "vanilla") == ["Basic [cam abs]"] * 3 + ["Basic [cam paper]"] * 3
+    reasons = {i["run"]: i["reason"] for i in stats["incomplete"]}
+    assert any("TakeCover" in k and "has no vanilla run" in v for k, v in reasons.items())  # not compared under another CAM
+    assert any("TakeCover" in k and "has no camal run" in v for k, v in reasons.items())
+    # by_cam of the wrong shape is named, never a traceback
+    bad = write_drl(tmp_path / "bad", "Basic", "vanilla", 1, 1.0, 0.1, cam="paper")
+    e = json.loads((bad / "eval.json").read_text())
+    (bad / "eval.json").write_text(json.dumps(dict(e, by_cam={"abs": {"mean_iou": "high"}})))
+    with pytest.raises(st.StatsError, match="by_cam abs"):
+        st.analyse(args_for(st, tmp_path / "bad"))
 
 
 def test_probability_of_improvement_equals_rliables(st):
@@ -382,11 +412,15 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
     assert res["removal_auc"]["camal"]["mean"] == pytest.approx(np.mean([s["attention"]["removal_auc"] for f in faith for s in f["samples"]]))
 
     drl = stats["drl"]
-    # Basic's vanilla run used the paper's CAM (--cam paper), its camal run the default: two experiments, never paired;
-    # the crashed copy finished but wrote no eval.json, so the default (eval.json) scores leave TakeCover out
-    assert drl["envs"] == ["DefendLine", "DefendCenter"] and drl["methods"] == ["camal", "vanilla"]
+    # Basic's vanilla run used the paper's CAM (--cam paper), its camal run the default: vanilla's eval.json measured it under
+    # every CAM, so it is scored under abs, as that camal run's baseline; the crashed copy finished but wrote no eval.json, so
+    # the default (eval.json) scores leave TakeCover out
+    assert drl["envs"] == ["Basic", "DefendLine", "DefendCenter"] and drl["methods"] == ["camal", "vanilla"]
+    (basic,) = [r for r in drl["runs"] if (r["env"], r["method"]) == ("Basic", "vanilla")]
+    (basic_run,) = (ppo["Basic", "vanilla"][1] / "runs").iterdir()
+    assert basic["iou"] == json.loads((basic_run / "eval.json").read_text())["by_cam"]["abs"]["mean_iou"]
+    assert "IoU under --cam abs (eval.json's by_cam; the run's own is paper)" in basic["source"]
     reasons = " ".join(f"{i['run']}: {i['reason']}" for i in stats["incomplete"])
-    assert "Basic [cam abs] has no vanilla run" in reasons and "Basic [cam paper] has no camal run" in reasons
     assert f"{crashed_run}: finished without eval.json" in reasons
     assert all(r["source"].startswith("eval.json") for r in drl["runs"])
 

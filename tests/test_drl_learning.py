@@ -1,0 +1,83 @@
+"""benchmarks/drl_learning.py and benchmarks/sb3_ppo_vizdoom.py: a tiny learning check end to end, and their bad input."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "drl_learning.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_learning_check_with_the_reference(tmp_path):
+    """Cells through benchmark.py, SB3's PPO on the same frames, stats.py per CAMAL configuration, the table, the steps to
+    the threshold, the figure and the verdicts; a rerun finds every run finished and trains nothing again."""
+    train = "--num-envs 2 --num-steps 32 --eval-episodes 1 --image-every 0 --reward-scale 0.01"
+    args = ["--out", "out", "--seeds", "1", "--total-timesteps", "1024", "--curve-points", "2", "--threshold", "-1000"]
+    args += ["--reference", "--reference-margin", "1e6", "--train-args", train]
+    proc = check(args, tmp_path)
+    # one seed: no probability of improvement can be significant, so the IoU verdict fails and the exit code says so
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "PASS: vanilla: evaluation return >= -1000 in every seed" in out
+    assert "PASS: CAMAL lambda 1, --cam abs: evaluation return >= -1000 in every seed" in out
+    assert "FAIL: CAMAL lambda 1, --cam abs: evaluation IoU above vanilla's (under --cam abs)" in out
+    assert "PASS: our vanilla PPO's mean evaluation return" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| vanilla", "| CAMAL lambda 1, --cam abs", "| SB3 PPO (reference)"]
+    assert "- SB3 PPO (reference): seed 1: 512" in out  # the first bin of the grid already reaches -1000
+    folder = tmp_path / "out"
+    assert (folder / "drl_learning.png").is_file() and (folder / "stats" / "camal_1_abs" / "stats.json").is_file()
+    curves = json.loads((folder / "curves.json").read_text())
+    assert curves["steps"] == [512.0, 1024.0] and set(curves["groups"]) == {
+        "vanilla (IoU curve: --cam abs)",
+        "CAMAL lambda 1, --cam abs",
+        "SB3 PPO (reference)",
+    }
+    ref = json.loads((folder / "reference" / "seed_1" / "reference_eval.json").read_text())
+    assert ref["total_timesteps"] == 1024 and len(ref["episodic_returns"]) == 10
+    (cell,) = (folder / "cells").glob("drl__Basic__camal__abs__1__*")
+    (run,) = (cell / "runs").iterdir()
+    assert json.loads((run / "args.json").read_text())["reward_scale"] == 0.01  # --train-args reach every run
+    assert json.loads((run / "eval.json").read_text())["reward_scale"] == 0.01
+    again = check(args, tmp_path)
+    assert again.returncode == 1 and "2 done, 0 failed" in again.stderr and "SB3 PPO seed" not in again.stdout
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "1", "1"], "--seeds must be distinct"),
+        (["--camal-coefs", "0"], "--camal-coefs must be positive"),
+        (["--train-args", "--camal-coef 3"], "--train-args may not set"),
+        (["--train-args=--cam=paper"], "--train-args may not set"),
+        (["--cams", "relu"], "invalid choice"),
+    ],
+)
+def test_learning_check_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        load("drl_learning").parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--total-timesteps", "100"], "less than one rollout"), (["--reward-scale", "nan"], "--reward-scale"), (["--seed", "-1"], "--seed")],
+)
+def test_reference_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        load("sb3_ppo_vizdoom").parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
