@@ -174,6 +174,8 @@ def run_cell(cell, retries, env=None, on_start=None):
                 return "done", 0
             if code in INTERRUPTED or STOPPING["set"]:
                 return "interrupted", code
+            if code == 2:  # the script refused its input: the same command would be refused again
+                return "failed", code
         return "failed", code
 
 
@@ -243,19 +245,21 @@ class Progress:
 
     def __init__(self, total, parallel):
         self.total, self.parallel, self.lock = total, max(1, parallel), threading.Lock()
-        self.done = self.running = self.failed = self.skipped = 0
+        self.done = self.running = self.failed = self.busy = self.interrupted = 0
         self.durations, self.start = [], time.time()
 
     def update(self, **delta):
         with self.lock:
             for k, v in delta.items():
                 setattr(self, k, getattr(self, k) + v)
-            left = self.total - self.done - self.failed - self.running - self.skipped
+            left = self.total - self.done - self.failed - self.running - self.busy - self.interrupted
             eta = ""
             if self.durations and left + self.running:
                 seconds = sum(self.durations) / len(self.durations) * (left + self.running) / self.parallel
                 eta = f", ETA {seconds / 3600:.1f} h" if seconds > 3600 else f", ETA {seconds / 60:.0f} min"
-            busy = f", {self.skipped} busy elsewhere" if self.skipped else ""
+            busy = (f", {self.busy} run by another invocation" if self.busy else "") + (
+                f", {self.interrupted} interrupted (a rerun resumes them)" if self.interrupted else ""
+            )
             end = "\r" if sys.stderr.isatty() else "\n"
             print(
                 f"[benchmark] done {self.done} / running {self.running} / failed {self.failed} / left {left}{busy}"
@@ -353,12 +357,12 @@ def run_local(cells, args):
                 with free_lock:
                     free.append(slot)
         if not ran:  # finished before this invocation, or another invocation holds it
-            progress.update(done=int(status == "done"), skipped=int(status != "done"))
+            progress.update(done=int(status == "done"), busy=int(status == "busy"), interrupted=int(status == "interrupted"))
         elif status == "done":
             progress.durations.append(time.time() - started)
             progress.update(running=-1, done=1)
         else:
-            progress.update(running=-1, failed=int(status == "failed"), skipped=int(status == "interrupted"))
+            progress.update(running=-1, failed=int(status == "failed"), interrupted=int(status == "interrupted"))
         return cell, (status, code)
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
@@ -418,12 +422,25 @@ def run_slurm(cells, args):
                     with open(cell.folder / "log.txt", "a") as log:
                         log.write(f"\nSLURM task failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}\n")
                 status = results[cell][0]
-                progress.update(done=int(status == "done"), failed=int(status == "failed"), skipped=int(status not in ("done", "failed")))
+                progress.update(
+                    done=int(status == "done"), failed=int(status == "failed"), interrupted=int(status == "interrupted"), busy=int(status == "busy")
+                )
                 del pending[cell]
     return results
 
 
 # ---------------------------------------------------------------------------------------------
+def unwritable(path):
+    """Why the folder `path` could not be made or written in (a file in the way, no permission), or None. Checked before
+    any work, so an output never fails once the work is done; nothing is created."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        return f"{here} is a file"
+    return None if os.access(here, os.W_OK) else f"{here} is not writable"
+
+
 def parse(argv):
     p = argparse.ArgumentParser(
         description="Run a grid of the paper's experiments, resumably; any flag not listed here goes to the training script unchanged.",
@@ -487,11 +504,14 @@ def parse(argv):
     if any("=" not in kv for kv in args.slurm_extra):
         problems.append("--slurm-extra takes KEY=VALUE pairs")
     own = ("--resume", "--fold", "--env", "--seed", "--method", "--cam", "--model", "--dataset")
-    if any(a.split("=")[0] in own for a in passthrough):  # --seed 7 and --seed=7 alike
+    # --seed 7, --seed=7, and an abbreviation such as --se 7 alike
+    taken = [a for a in passthrough if a.startswith("--") and any(o.startswith(a.split("=")[0]) for o in own) and len(a.split("=")[0]) > 2]
+    if taken:
         problems.append(
-            f"these flags are the grid's own or the benchmark's: {[a for a in passthrough if a.split('=')[0] in own]}; "
-            "use --envs, --methods, --cams, --seeds, --models, --datasets, --folds"
+            f"these flags are the grid's own or the benchmark's: {taken}; use --envs, --methods, --cams, --seeds, --models, --datasets, --folds"
         )
+    if unwritable(args.out):  # checked now, before any cell runs
+        problems.append(f"--out {args.out}: {unwritable(args.out)}")
     if problems:
         p.exit(2, "error: " + "; ".join(problems) + "\n")
     return args, passthrough

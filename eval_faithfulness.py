@@ -1,8 +1,11 @@
 # Attention faithfulness (the paper's Section 4.2) of classifiers trained by train_dl_camal.py:
 # remove (or insert) pixels in the order of the model's Grad-CAM and watch the ground-truth probability.
 # Reads only run folders (model.pt, faithfulness_samples.pt, metrics.json). Single-file in CleanRL's style.
+import errno
 import json
 import os
+import pickle
+import shutil
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -209,36 +212,135 @@ class RunError(ValueError):
     """A folder that is not a usable run of train_dl_camal.py."""
 
 
-def write_json(path, obj, **kw):
-    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, **kw)
-    os.replace(path + ".tmp", path)
+class RunFileError(ValueError):
+    """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
 
 
-def load_weights_only(path):
-    """torch.load of tensors and plain values only: a run folder from elsewhere cannot run code here."""
+def first_line(e):
+    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "its folder is not writable",
+    errno.EPERM: "its folder is not writable",
+}
+
+
+def atomic_write(path, write, previous=None):
+    """Write `path` all at once: write(f) into `path`.tmp beside it (binary), fsync, rename. A crash, a full disk or a
+    read-only folder leaves what was there whole and no .tmp behind, and raises RunFileError saying which file and why.
+    previous: where the file it replaces is kept (checkpoint.prev.pt), so a whole copy exists at every moment."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces anything
+        if previous is not None and os.path.isfile(path):
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's zip writer when the disk fills
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError:
+            free = None
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
+        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+    finally:
+        if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def read_json(path, kind=dict):
+    """A JSON file that should hold a `kind` (dict or list); RunFileError naming the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RunFileError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    if not data.strip():
+        raise RunFileError(f"{path} is empty (a write that was cut short?)")
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # not JSON, cut short, or not text at all
+        raise RunFileError(f"{path} is not whole JSON, truncated or corrupt ({first_line(e)})") from None
+    if not isinstance(obj, kind):
+        raise RunFileError(f"{path} holds a JSON {type(obj).__name__}, where a {kind.__name__} belongs")
+    return obj
+
+
+def read_torch(path):
+    """torch.load with weights only (tensors and plain values: a file from elsewhere cannot run code); RunFileError
+    naming the file and what is wrong: missing, unreadable, empty, truncated, random bytes or pickled code."""
+    try:
+        with open(path, "rb") as f:  # missing, a folder, no permission: said as such, before torch sees the file
+            empty = not f.read(1)
+    except OSError as e:
+        raise RunFileError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    if empty:
+        raise RunFileError(f"{path} is empty (a write that was cut short?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Weights only load failed" in str(e):
-            raise RunError(
-                f"{path} holds pickled Python objects, not only tensors (an older version of train_dl_camal.py "
-                "wrote it, or something else did); loading it could run code, so it is refused"
-            ) from e
-        raise RunError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise RunFileError(
+                f"{path} holds pickled Python objects, not only tensors (an older version of this script wrote it, or something "
+                "else did); loading it could run code, so it is refused"
+            ) from None
+        raise RunFileError(f"{path} is not a file torch.save wrote (random or corrupt bytes)") from None
+    except Exception as e:  # truncated or corrupt: zip, pickle, storage and OS errors of every kind (a cut zip gives EINVAL)
+        raise RunFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
+
+
+def make_folder(path):
+    """os.makedirs, or a RunFileError that says why not: a file in the way, a folder that is not writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parts = os.path.normpath(path).split(os.sep)
+        files = [p for p in (os.sep.join(parts[:i]) for i in range(1, len(parts) + 1)) if os.path.isfile(p)]
+        why = f"{files[0]} is a file" if files else WRITE_FAILURES.get(e.errno) or e.strerror or first_line(e)
+        raise RunFileError(f"cannot make the folder {path}: {why}") from None
+
+
+def unwritable(path):
+    """Why the folder `path` could not be made or written in (a file in the way, no permission), or None. Checked before
+    any work, so an output never fails once the work is done; nothing is created."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        return f"{here} is a file"
+    return None if os.access(here, os.W_OK) else f"{here} is not writable"
+
+
+def write_json(path, obj, **kw):
+    """JSON through atomic_write: a reader never sees half a file, a crash never leaves one."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
+
+
+METRICS_TYPES = {"dataset": str, "model": str, "method": str, "fold": int, "seed": int}  # what a run's scores are filed under
 
 
 def load_run(run_dir):
-    """Model (on the CPU), samples and metrics of a run; RunError if the folder is not a usable run."""
+    """Model (on the CPU), samples and metrics of a run; RunError if the folder is not a usable run (every file is read
+    through read_json or read_torch, so an empty, cut or foreign file is named, never a traceback)."""
     if not os.path.isdir(run_dir):
         raise RunError(f"{run_dir} " + ("is not a folder" if os.path.exists(run_dir) else "does not exist"))
     for name in ("model.pt", "faithfulness_samples.pt", "metrics.json"):
-        if not os.path.isfile(os.path.join(run_dir, name)):
+        if not os.path.lexists(os.path.join(run_dir, name)):
             raise RunError(f"{run_dir} is not a run of train_dl_camal.py: no {name}")
-    saved = load_weights_only(os.path.join(run_dir, "model.pt"))
+    saved = read_torch(os.path.join(run_dir, "model.pt"))
     need = {"state_dict", "architecture", "num_classes", "classes", "preprocessing"}
-    if not isinstance(saved, dict) or not need <= set(saved):
+    if not isinstance(saved, dict) or not need <= set(saved) or not isinstance(saved["preprocessing"], dict):
         raise RunError(f"{run_dir}/model.pt is not a train_dl_camal.py model file of this version (it needs {sorted(need)})")
     pre = saved["preprocessing"]
     crop = pre.get("crop")  # train_dl_camal.py's --image-size: 224 unless the run chose another
@@ -253,15 +355,36 @@ def load_run(run_dir):
     try:
         model = CamModel(saved["architecture"], saved["num_classes"])
         model.net.load_state_dict(saved["state_dict"])
-    except (AttributeError, RuntimeError) as e:
-        raise RunError(f"{run_dir}/model.pt does not match {saved['architecture']} of this version: {str(e).splitlines()[0]}") from e
-    samples = load_weights_only(os.path.join(run_dir, "faithfulness_samples.pt"))
+    except (AttributeError, RuntimeError, TypeError) as e:
+        raise RunError(f"{run_dir}/model.pt does not match {saved['architecture']} of this version: {first_line(e)}") from None
+    samples = read_torch(os.path.join(run_dir, "faithfulness_samples.pt"))
     if not isinstance(samples, dict) or not {"images", "masks", "labels"} <= set(samples):
         raise RunError(f"{run_dir}/faithfulness_samples.pt is not a train_dl_camal.py samples file (it needs images, masks, labels)")
     if samples["images"].dtype != torch.uint8 or samples["images"].shape[1:] != (3, crop, crop):
         raise RunError(f"{run_dir}/faithfulness_samples.pt: expected uint8 images of 3 x {crop} x {crop} (model.pt's crop)")
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        metrics = json.load(f)
+    if len(samples["labels"]) and int(samples["labels"].max()) >= saved["num_classes"]:
+        raise RunError(f"{run_dir}/faithfulness_samples.pt has labels beyond model.pt's {saved['num_classes']} classes")
+    metrics = read_json(os.path.join(run_dir, "metrics.json"))
+    wrong = [k for k, kind in METRICS_TYPES.items() if not isinstance(metrics.get(k), kind) or isinstance(metrics.get(k), bool)]
+    if wrong:
+        raise RunError(f"{run_dir}/metrics.json is not a metrics.json of train_dl_camal.py: {', '.join(wrong)} missing or of the wrong type")
+    # model.pt must be this run's: a file copied in from another run would be scored under this run's method
+    classes = list(metrics.get("per_class_accuracy") or saved["classes"])
+    theirs = {
+        "model": saved["architecture"],
+        "classes": list(saved["classes"]),
+        **{k: saved[k] for k in ("method", "dataset", "run_name") if k in saved},
+    }
+    ours = {
+        "model": metrics["model"],
+        "classes": classes,
+        "method": metrics["method"],
+        "dataset": metrics["dataset"],
+        "run_name": metrics.get("run_name"),
+    }
+    differ = [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in theirs if ours.get(k) is not None and theirs[k] != ours[k]]
+    if differ or saved["num_classes"] != len(saved["classes"]):
+        raise RunError(f"{run_dir}/model.pt is not this run's model (model.pt against metrics.json: {'; '.join(differ) or 'its class count'})")
     return model.eval(), samples, metrics
 
 
@@ -288,15 +411,17 @@ def evaluate_run(model, samples, args, device, tie_rng, random_rng):
         for kind, ranking in rankings.items():
             ks, removal, insertion = faithfulness_curves(predict, image, ranking, args.steps)
             # the paper's AUCs, and the same over curves divided by the intact image's probability (removal starts there:
-            # a model that is wrong from the start has a low removal AUC for free)
+            # a model that is wrong from the start has a low removal AUC for free); only where that probability is at least
+            # NORMALISE_FLOOR, so a ratio stays below 1 / NORMALISE_FLOOR instead of exploding for a near-zero start
             start = float(removal[0])
+            scaled = start >= NORMALISE_FLOOR
             entry[kind] = {
                 "removal": removal.tolist(),
                 "insertion": insertion.tolist(),
                 "removal_auc": auc(ks, removal),
                 "insertion_auc": auc(ks, insertion),
-                "removal_auc_normalised": auc(ks, removal / start) if start > 0 else None,
-                "insertion_auc_normalised": auc(ks, insertion / start) if start > 0 else None,
+                "removal_auc_normalised": auc(ks, removal / start) if scaled else None,
+                "insertion_auc_normalised": auc(ks, insertion / start) if scaled else None,
             }
         entry["start_probability"] = entry["attention"]["removal"][0]
         out.append(entry)
@@ -347,7 +472,7 @@ def plot_curves(path, ks, groups):
     axes[0].set_ylabel("probability of the true class")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -402,7 +527,7 @@ def attention_figures(out, runs, rows, tau):
     fig.suptitle(f"held-out samples: mask outlined in green, CAM in jet (IoU of CAM > {tau} with the mask)", fontsize=9)
     fig.tight_layout()
     paths = [os.path.join(out, "attention_samples.png")]
-    fig.savefig(paths[0], dpi=100)
+    atomic_write(paths[0], lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
 
     # pixel-wise mean and variance over every sample of each method (pooled over its runs), and over the masks
@@ -424,13 +549,14 @@ def attention_figures(out, runs, rows, tau):
     fig.suptitle("pixel-wise mean and variance over the held-out samples: masks and each method's CAM", fontsize=9)
     fig.tight_layout()
     paths.append(os.path.join(out, "attention_mean_variance.png"))
-    fig.savefig(paths[1], dpi=100)
+    atomic_write(paths[1], lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return paths
 
 
 def check_inputs(args):
-    """[(run, model, samples, metrics)] for every run, all checked before any work; bad input raises RunError."""
+    """[(run, model, samples, metrics)] for every run, all checked before any work (the outputs' folders too, so nothing
+    fails after the scoring); bad input raises RunError."""
     if not args.runs:
         raise RunError("give one or more run folders of train_dl_camal.py (runs/...)")
     if args.steps < 1:
@@ -439,9 +565,26 @@ def check_inputs(args):
         raise RunError(f"--figure-samples must be at least 1, got {args.figure_samples}")
     if args.baseline not in (None, "random"):
         raise RunError(f"--baseline must be random, got {args.baseline!r}")
-    return [(run, *load_run(run)) for run in args.runs]
+    if not 0 <= args.seed < 2**31:
+        raise RunError(f"--seed must lie in 0 .. 2**31 - 1, got {args.seed}")
+    if not 0.0 <= args.tau < 1.0:
+        raise RunError(f"--tau must lie in [0, 1), got {args.tau}")
+    if args.plot is not None:
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not args.plot or os.path.isdir(args.plot):
+            raise RunError(f"--plot {args.plot!r}: give the PNG's path")
+        if not os.path.isdir(folder) or unwritable(folder):
+            raise RunError(f"--plot {args.plot}: " + (f"the folder {folder} does not exist" if not os.path.isdir(folder) else unwritable(folder)))
+    if args.figures is not None and (not args.figures or unwritable(args.figures) or os.path.isfile(args.figures)):
+        raise RunError(f"--figures {args.figures!r}: " + (unwritable(args.figures) or "give a folder, not a file"))
+    loaded = [(run, *load_run(run)) for run in args.runs]
+    for run in args.runs:  # each run gets its faithfulness.json
+        if unwritable(run):
+            raise RunError(f"{run}: {unwritable(run)}, and its faithfulness.json goes there")
+    return loaded
 
 
+NORMALISE_FLOOR = 0.5  # the normalised AUCs use samples whose p(true) at k=0 is at least this (ratios below 2)
 POOLED = ("removal", "insertion", "removal_auc", "insertion_auc", "removal_auc_normalised", "insertion_auc_normalised")
 
 
@@ -460,35 +603,41 @@ def pool(group, entries, sample_keys, kind):
         group["aucs"][key] = (e[kind]["removal_auc"], e[kind]["insertion_auc"])
 
 
+def auc_cell(values):
+    """'mean +- CI' over the samples, or a plain 'too few samples' where there are fewer than two (no CI from one)."""
+    if len(values) < 2:
+        return f"too few samples ({len(values)})"
+    m, c = mean_ci(values)
+    return f"{m:.4f} +- {c:.4f}"
+
+
 def print_summary(groups):
     """The tables: each method's AUCs with 95 % CIs, as they are, normalised by p(true) at k=0, and over the samples every
-    method classifies correctly; then the relative changes between methods, as the paper reports them."""
+    method classifies correctly (each with the number of samples it rests on); then the relative changes between
+    methods, as the paper reports them."""
     print(
         f"\n{'method':<16}{'samples':>8}{'wrong at k=0':>13}{'p(true) at k=0':>16}{'removal AUC (lower is better)':>32}"
         f"{'insertion AUC (higher is better)':>34}"
     )
-    stats = {}
     for name, g in groups.items():
-        stats[name] = (mean_ci(g["removal_auc"]), mean_ci(g["insertion_auc"]))
-        (rm, rc), (im, ic) = stats[name]
         wrong = sum(not c for c in g["correct"].values())
-        print(
-            f"{name:<16}{len(g['removal_auc']):>8}{wrong:>13}{np.mean(g['start']):>16.3f}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}"
-        )
-    print("\nthe same, with each curve divided by the sample's probability at k=0 (samples whose probability is 0 left out)")
+        row = f"{auc_cell(g['removal_auc']):>32}{auc_cell(g['insertion_auc']):>34}"
+        print(f"{name:<16}{len(g['removal_auc']):>8}{wrong:>13}{np.mean(g['start']):>16.3f}{row}")
+    print(
+        f"\nthe same, with each curve divided by the sample's probability at k=0, over the samples where that probability is at "
+        f"least {NORMALISE_FLOOR} (the ratio then stays below {1 / NORMALISE_FLOOR:g}; others are left out)"
+    )
     for name, g in groups.items():
         r = [v for v in g["removal_auc_normalised"] if v is not None]
         i = [v for v in g["insertion_auc_normalised"] if v is not None]
-        if r:
-            (rm, rc), (im, ic) = mean_ci(r), mean_ci(i)
-            print(f"{name:<16}{len(r):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
+        print(f"{name:<16}{len(r):>8}{'':>29}{auc_cell(r):>32}{auc_cell(i):>34}")
     methods = [n for n in groups if "/" not in n]
     common = set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
     print(f"\nover the {len(common)} samples that every method's model classifies correctly at k=0")
     for name, g in groups.items():
         if common:
-            (rm, rc), (im, ic) = (mean_ci([g["aucs"][k][j] for k in sorted(common, key=str)]) for j in (0, 1))
-            print(f"{name:<16}{len(common):>8}{'':>29}{f'{rm:.4f} +- {rc:.4f}':>32}{f'{im:.4f} +- {ic:.4f}':>34}")
+            r, i = ([g["aucs"][k][j] for k in sorted(common, key=str)] for j in (0, 1))
+            print(f"{name:<16}{len(common):>8}{'':>29}{auc_cell(r):>32}{auc_cell(i):>34}")
     for name, g in groups.items():
         if "/" not in name and np.mean(g["start"]) < 0.5:
             print(
@@ -500,28 +649,18 @@ def print_summary(groups):
     names = list(groups)
     if len(names) > 1:
         print("\nrelative change of the mean AUC (first against second; the paper: CAMAL -39 % removal, +35.3 % insertion against Prior)")
+        means = {n: (np.mean(groups[n]["removal_auc"]), np.mean(groups[n]["insertion_auc"])) for n in names}
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
-                dr = 100 * (stats[a][0][0] / stats[b][0][0] - 1)
-                di = 100 * (stats[a][1][0] / stats[b][1][0] - 1)
+                dr = 100 * (means[a][0] / means[b][0] - 1)
+                di = 100 * (means[a][1] / means[b][1] - 1)
                 print(f"  {a} vs {b}: removal {dr:+.1f} %, insertion {di:+.1f} %")
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-    try:
-        loaded = check_inputs(args)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    groups = {}  # method -> pooled per-sample AUCs and curves over its runs (e.g. its folds)
-    figure_runs = []
+def score_runs(loaded, args, device, groups, figure_runs):
+    """Score every run: its faithfulness.json, its samples pooled into its method's group (and the figures' runs)."""
     tie_rng, random_rng = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 1])
-    # a bar over the runs on a terminal (a grid's analysis scores hundreds); each run's line is printed through it
-    bar = tqdm(loaded, unit="run", leave=False, dynamic_ncols=True, disable=None)
-    for run, model, samples, metrics in bar:
+    for run, model, samples, metrics in loaded:
         # one key per held-out sample: runs of different methods on the same fold and seed hold the same samples
         sample_keys = [(metrics["dataset"], metrics.get("split_seed"), metrics["fold"], metrics["seed"], i) for i in range(len(samples["labels"]))]
         ks, entries, cams = evaluate_run(model.to(device), samples, args, device, tie_rng, random_rng)
@@ -551,11 +690,31 @@ if __name__ == "__main__":
             f"{run}: removal AUC {a['removal_auc']['mean']:.4f}, insertion AUC {a['insertion_auc']['mean']:.4f} "
             f"over {a['n']} samples -> faithfulness.json"
         )
+    return ks
 
-    print_summary(groups)
-    if args.plot:
-        plot_curves(args.plot, ks, groups)
-        print(f"curves written to {args.plot}")
-    if args.figures:
-        for path in attention_figures(args.figures, figure_runs, args.figure_samples, args.tau):
-            print(f"figure written to {path}")
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        loaded = check_inputs(args)
+    except ValueError as e:  # RunError, and RunFileError from a file that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    groups = {}  # method -> pooled per-sample AUCs and curves over its runs (e.g. its folds)
+    figure_runs = []
+    # a bar over the runs on a terminal (a grid's analysis scores hundreds); each run's line is printed through it
+    bar = tqdm(loaded, unit="run", leave=False, dynamic_ncols=True, disable=None)
+    try:
+        ks = score_runs(bar, args, device, groups, figure_runs)
+        print_summary(groups)
+        if args.plot:
+            plot_curves(args.plot, ks, groups)
+            print(f"curves written to {args.plot}")
+        if args.figures:
+            for path in attention_figures(args.figures, figure_runs, args.figure_samples, args.tau):
+                print(f"figure written to {path}")
+    except RunFileError as e:  # a disk that filled or a folder made read-only: every faithfulness.json written is whole
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

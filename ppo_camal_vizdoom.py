@@ -2,13 +2,16 @@
 # The critic's Grad-CAM is pulled onto the game objects that ViZDoom's labels buffer marks
 # on screen and pushed off everything else: L = L_PPO + lambda * mean_b(beta_b - alpha_b).
 # Single-file in CleanRL's style (cleanrl/ppo_atari.py); hyperparameters follow the paper's Table 8.
+import errno
 import json
 import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Tuple
@@ -496,15 +499,138 @@ def evaluate(agent, envs, args, device, video_dir=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Files: every file a run writes goes through atomic_write, every file it reads through read_json or read_torch.
+# Copied unchanged into the other scripts; tests/test_shared_helpers.py keeps the copies identical.
+# ---------------------------------------------------------------------------------------------
+class RunFileError(ValueError):
+    """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
+
+
+def first_line(e):
+    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "its folder is not writable",
+    errno.EPERM: "its folder is not writable",
+}
+
+
+def atomic_write(path, write, previous=None):
+    """Write `path` all at once: write(f) into `path`.tmp beside it (binary), fsync, rename. A crash, a full disk or a
+    read-only folder leaves what was there whole and no .tmp behind, and raises RunFileError saying which file and why.
+    previous: where the file it replaces is kept (checkpoint.prev.pt), so a whole copy exists at every moment."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces anything
+        if previous is not None and os.path.isfile(path):
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's zip writer when the disk fills
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError:
+            free = None
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
+        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+    finally:
+        if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def write_json(path, obj, **kw):
+    """JSON through atomic_write: a reader never sees half a file, a crash never leaves one."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
+
+
+def read_json(path, kind=dict):
+    """A JSON file that should hold a `kind` (dict or list); RunFileError naming the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RunFileError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    if not data.strip():
+        raise RunFileError(f"{path} is empty (a write that was cut short?)")
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # not JSON, cut short, or not text at all
+        raise RunFileError(f"{path} is not whole JSON, truncated or corrupt ({first_line(e)})") from None
+    if not isinstance(obj, kind):
+        raise RunFileError(f"{path} holds a JSON {type(obj).__name__}, where a {kind.__name__} belongs")
+    return obj
+
+
+def read_torch(path):
+    """torch.load with weights only (tensors and plain values: a file from elsewhere cannot run code); RunFileError
+    naming the file and what is wrong: missing, unreadable, empty, truncated, random bytes or pickled code."""
+    try:
+        with open(path, "rb") as f:  # missing, a folder, no permission: said as such, before torch sees the file
+            empty = not f.read(1)
+    except OSError as e:
+        raise RunFileError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    if empty:
+        raise RunFileError(f"{path} is empty (a write that was cut short?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise RunFileError(
+                f"{path} holds pickled Python objects, not only tensors (an older version of this script wrote it, or something "
+                "else did); loading it could run code, so it is refused"
+            ) from None
+        raise RunFileError(f"{path} is not a file torch.save wrote (random or corrupt bytes)") from None
+    except Exception as e:  # truncated or corrupt: zip, pickle, storage and OS errors of every kind (a cut zip gives EINVAL)
+        raise RunFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
+
+
+def make_folder(path):
+    """os.makedirs, or a RunFileError that says why not: a file in the way, a folder that is not writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parts = os.path.normpath(path).split(os.sep)
+        files = [p for p in (os.sep.join(parts[:i]) for i in range(1, len(parts) + 1)) if os.path.isfile(p)]
+        why = f"{files[0]} is a file" if files else WRITE_FAILURES.get(e.errno) or e.strerror or first_line(e)
+        raise RunFileError(f"cannot make the folder {path}: {why}") from None
+
+
+def unwritable(path):
+    """Why the folder `path` could not be made or written in (a file in the way, no permission), or None. Checked before
+    any work, so an output never fails once the work is done; nothing is created."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        return f"{here} is a file"
+    return None if os.access(here, os.W_OK) else f"{here} is not writable"
+
+
+def state_bytes(obj):
+    """The bytes of the tensors in a (nested) state: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def write_json(path, obj, **kw):
-    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, **kw)
-    os.replace(path + ".tmp", path)
-
-
 def start_tracking(args, run_name, run_dir):
     """CleanRL's --track: a Weights and Biases run that mirrors the TensorBoard events (scalars, images). Its id comes from
     the run's name, so a resumed run continues the same W&B run. WANDB_MODE=offline keeps it on disk."""
@@ -514,17 +640,23 @@ def start_tracking(args, run_name, run_dir):
         raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
     import hashlib
 
-    return wandb.init(
-        project=args.wandb_project_name,
-        entity=args.wandb_entity,
-        sync_tensorboard=True,
-        config=vars(args),
-        name=run_name,
-        id=hashlib.sha1(run_name.encode()).hexdigest()[:16],
-        resume="allow",
-        save_code=True,
-        dir=run_dir,
-    )
+    try:
+        return wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            id=hashlib.sha1(run_name.encode()).hexdigest()[:16],
+            resume="allow",
+            save_code=True,
+            dir=run_dir,
+        )
+    except Exception as e:  # no API key, no network, a bad entity: W&B's own errors
+        raise ValueError(
+            f"--track: Weights and Biases did not start ({first_line(e)}); run `wandb login` or set WANDB_API_KEY, "
+            "or WANDB_MODE=offline to keep the run on disk"
+        ) from None
 
 
 def ignored_flags(cli, saved, keep):
@@ -560,14 +692,16 @@ def restore_rng(state):
 
 def write_checkpoint(path, state):
     """Save `state` to path atomically and keep the one before as checkpoint.prev.pt beside it: a crash, a full disk or
-    a copy cut short leaves at least one whole checkpoint."""
-    tmp, prev = path + ".tmp", previous_checkpoint(path)
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # on disk before it replaces anything
-    if os.path.isfile(path):
-        os.replace(path, prev)
-    os.replace(tmp, path)
+    a copy cut short leaves at least one whole checkpoint. A save briefly holds three checkpoints, so the room for one
+    more is checked first: RunFileError, before anything is written, when it is not there."""
+    need, folder = state_bytes(state) + 2**20, os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise RunFileError(
+            f"no room for a checkpoint in {folder}: it needs about {need / 2**20:.0f} MB beside the two kept "
+            f"(checkpoint.pt and checkpoint.prev.pt), and {free / 2**20:.0f} MB are free"
+        )
+    atomic_write(path, lambda f: torch.save(state, f), previous=previous_checkpoint(path))
 
 
 def previous_checkpoint(path):
@@ -576,30 +710,23 @@ def previous_checkpoint(path):
 
 
 def read_checkpoint(path, keys):
-    """The checkpoint at path, or the previous one when path is unreadable (with a warning); ValueError if neither is whole.
-
-    Loaded as weights only: tensors and plain Python values, so a file from elsewhere cannot run code.
+    """The checkpoint at path, or the previous one (checkpoint.prev.pt) when path is missing or unreadable (with a
+    warning); RunFileError if neither is whole. Loaded through read_torch: a file from elsewhere cannot run code.
     `keys`: the entries a checkpoint of this script holds."""
     problems = []
     for p in (path, previous_checkpoint(path)):
-        if not os.path.isfile(p):
+        if not os.path.lexists(p):
             continue
         try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # refused by the weights-only unpickler, or truncated or corrupt (zip, pickle, storage)
-            if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-                problems.append(
-                    f"{p} holds pickled Python objects, not only tensors (an older version of this script "
-                    "wrote it, or something else did); loading it could run code, so it is refused"
-                )
-            else:
-                problems.append(f"{p} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            state = read_torch(p)
+        except RunFileError as e:
+            problems.append(str(e))
             continue
-        if not isinstance(state, dict) or not set(keys) <= set(state):
+        if not isinstance(state, dict) or not set(keys) <= set(state) or not isinstance(state["args"], dict):
             problems.append(f"{p} is not a checkpoint of this script (it needs {sorted(keys)})")
             continue
         if p != path:
-            every = state["args"].get("checkpoint_every") if isinstance(state["args"], dict) else None
+            every = state["args"].get("checkpoint_every")
             lost = f"up to {every} iterations or epochs of progress" if every else "the progress since the one before"
             print(
                 f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: {lost} will be redone",
@@ -607,7 +734,10 @@ def read_checkpoint(path, keys):
                 flush=True,
             )
         return state
-    raise ValueError("; ".join(problems) or f"no checkpoint at {path}")
+    raise RunFileError(
+        "; ".join(problems)
+        or f"no checkpoint in {os.path.dirname(path) or '.'} (neither {os.path.basename(path)} nor {os.path.basename(previous_checkpoint(path))})"
+    )
 
 
 PPO_CHECKPOINT_KEYS = ("args", "agent", "optimizer", "iteration", "global_step", "episodes_seen", "rng")
@@ -635,22 +765,39 @@ def save_checkpoint(path, agent, optimizer, args, iteration, global_step, episod
 # ---------------------------------------------------------------------------------------------
 def load_saved_agent(run_dir):
     """(Args, Agent) of a run saved with --save-model: args.json and the state dict (weights only: no code runs)."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"{run_dir} is a file, not a run folder" if os.path.exists(run_dir) else f"{run_dir} does not exist")
     args_path = os.path.join(run_dir, "args.json")
-    if not os.path.isfile(args_path):
-        raise ValueError(f"{run_dir} is not a run folder of this script (no args.json)" if os.path.isdir(run_dir) else f"{run_dir} does not exist")
-    with open(args_path) as f:
-        saved = json.load(f)
-    run_args = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
-    model_path = os.path.join(run_dir, f"{run_args.exp_name}.cleanrl_model")
-    if not os.path.isfile(model_path):
-        raise ValueError(f"{run_dir} has no {os.path.basename(model_path)}: train it with --save-model")
+    if not os.path.lexists(args_path):
+        raise ValueError(f"{run_dir} is not a run folder of this script (no args.json)")
+    saved = read_json(args_path)
     try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        run_args = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+        check_args(run_args)
+    except (TypeError, ValueError) as e:
+        raise RunFileError(f"{args_path} does not hold this script's settings ({first_line(e)})") from None
+    model_path = os.path.join(run_dir, f"{run_args.exp_name}.cleanrl_model")
+    if not os.path.lexists(model_path):
+        raise ValueError(f"{run_dir} has no {os.path.basename(model_path)}: train it with --save-model")
+    state = read_torch(model_path)
+    try:
         agent = Agent(state["actor.weight"].shape[0], run_args.frame_stack, run_args.frame_height, run_args.frame_width)
         agent.load_state_dict(state)
-    except Exception as e:  # a file of another version or not a model at all: say which
-        raise ValueError(f"{model_path} is not a model of this script: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # a file of another version, another frame size, or not a model at all: say which
+        raise RunFileError(f"{model_path} is not a model of this run ({first_line(e)})") from None
     return run_args, agent.eval()
+
+
+def check_figure(args):
+    """--figure's own flags, before the minutes of play: a clear error instead of a traceback at the end."""
+    if args.figure_frames < 1:
+        raise ValueError(f"--figure-frames must be at least 1, got {args.figure_frames}")
+    out = args.figure_out if args.figure_out is not None else "figure11.png"
+    if not out or os.path.isdir(out):
+        raise ValueError(f"--figure-out {out!r}: give the PNG's path")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or unwritable(folder):
+        raise ValueError(f"--figure-out {out}: " + (f"the folder {folder} does not exist" if not os.path.isdir(folder) else unwritable(folder)))
 
 
 def attention_figure(args):
@@ -660,6 +807,7 @@ def attention_figure(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    check_figure(args)
     (args_a, agent_a), (args_b, agent_b) = (load_saved_agent(d) for d in args.figure)
     for name in ("env", "frame_height", "frame_width", "frame_stack", "frame_skip"):
         if getattr(args_a, name) != getattr(args_b, name):
@@ -707,7 +855,7 @@ def attention_figure(args):
     fig.suptitle(f"{args_a.env}: frames played by the {args_a.method} agent; each agent's critic CAM (IoU at tau {args.tau})", fontsize=9)
     fig.tight_layout()
     out = args.figure_out or f"figure11_{args_a.env}.png"
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return out
 
@@ -750,6 +898,21 @@ def duration(seconds):
     return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
+# (flag, lowest, highest, whether the lowest is allowed) of the real-valued flags; target_kl may also be None
+NUMBERS = (
+    ("learning_rate", 0.0, math.inf, False),
+    ("gamma", 0.0, 1.0, True),
+    ("gae_lambda", 0.0, 1.0, True),
+    ("clip_coef", 0.0, math.inf, False),
+    ("ent_coef", 0.0, math.inf, True),
+    ("vf_coef", 0.0, math.inf, True),
+    ("max_grad_norm", 0.0, math.inf, False),
+    ("target_kl", 0.0, math.inf, False),
+    ("camal_coef", 0.0, math.inf, True),
+    ("reward_scale", 0.0, math.inf, False),
+)
+
+
 def check_args(args):
     """Reject settings that cannot run, with a message that says why."""
     if args.frame_height <= 0 or args.frame_width <= 0:
@@ -759,7 +922,7 @@ def check_args(args):
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_skip", "frame_stack"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "image_every", "checkpoint_every", "camal_coef", "collapse_patience"):
+    for name in ("eval_episodes", "image_every", "checkpoint_every", "collapse_patience"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.total_timesteps <= 0:
@@ -771,8 +934,13 @@ def check_args(args):
         raise ValueError(f"num-envs x num-steps = {batch_size} does not split into {args.num_minibatches} minibatches")
     if not 0.0 <= args.tau < 1.0:
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
-    if not (math.isfinite(args.reward_scale) and args.reward_scale > 0):
-        raise ValueError(f"--reward-scale must be a positive number, got {args.reward_scale}")
+    if not 0 <= args.seed < 2**31:
+        raise ValueError(f"--seed must lie in 0 .. 2**31 - 1 (the games' and numpy's seeds), got {args.seed}")
+    for name, low, high, low_allowed in NUMBERS:  # nan fails every comparison, so it is refused here too
+        v = getattr(args, name)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= low if low_allowed else v > low) and v <= high):
+            bound = f"{'at least' if low_allowed else 'above'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+            raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}, got {v}")
 
 
 def evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
@@ -828,16 +996,19 @@ def log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, gl
 
 def resume_from(args):
     """(the run's own Args, its checkpoint) for --resume RUN; a clear message and exit code 2 when it cannot resume."""
-    ckpt_path = os.path.join(args.resume, "checkpoint.pt")
     if not os.path.isdir(args.resume):
-        fail(f"--resume {args.resume} does not exist")
-    if os.path.isfile(os.path.join(args.resume, "eval.json")):
+        fail(f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist")
+    try:
+        entries = set(os.listdir(args.resume))
+    except OSError as e:
+        fail(f"--resume {args.resume} cannot be read: {e.strerror}")
+    if "eval.json" in entries:
         fail(f"--resume {args.resume}: this run finished (its eval.json is there); there is nothing to resume")
-    if not os.path.isfile(ckpt_path):
+    if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is a whole state (a crash between renames)
         fail(f"--resume {args.resume}: no checkpoint.pt there (was the run started with --checkpoint-every?)")
     try:
-        checkpoint = read_checkpoint(ckpt_path, PPO_CHECKPOINT_KEYS)
-    except ValueError as e:
+        checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), PPO_CHECKPOINT_KEYS)
+    except RunFileError as e:
         fail(f"--resume {args.resume}: {e}")
     # the run continues with the hyperparameters it was started with
     saved = checkpoint["args"]
@@ -865,12 +1036,12 @@ def start_run(args, checkpoint):
     else:
         run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
         run_dir = f"runs/{run_name}"
-    os.makedirs(run_dir, exist_ok=True)
+    make_folder(run_dir)
     write_json(os.path.join(run_dir, "args.json"), asdict(args), indent=2)
     video_dir = None
     if args.capture_video:
         video_dir = f"videos/{run_name}"
-        os.makedirs(video_dir, exist_ok=True)
+        make_folder(video_dir)
     return run_name, run_dir, video_dir
 
 
@@ -889,6 +1060,8 @@ def open_logs(args, run_name, run_dir, purge_step):
     """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
     crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
     tracked = start_tracking(args, run_name, run_dir) if args.track else None  # before the writer, so W&B mirrors its events
+    # TensorBoard writes from a thread: its OSError (a full disk) comes back at the next write, where the run says why it stops
+    threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else threading.__excepthook__(a)
     writer = SummaryWriter(run_dir, purge_step=purge_step)
     if purge_step is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -897,7 +1070,10 @@ def open_logs(args, run_name, run_dir, purge_step):
 
 def close_logs(writer, tracked):
     if writer is not None:
-        writer.close()
+        try:
+            writer.close()
+        except OSError:  # a full disk: the events written so far stay readable, and the run has said why it stopped
+            pass
     if tracked is not None:
         tracked.finish()
 
@@ -1018,7 +1194,8 @@ def finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, glob
     global STOP_POINT
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        torch.save(agent.state_dict(), model_path)
+        state = agent.state_dict()
+        atomic_write(model_path, lambda f: torch.save(state, f))
         print(f"model saved to {model_path}")
     if args.eval_episodes:
         # training is over and a finished run cannot be resumed: a first stop lets the evaluation write eval.json
@@ -1042,6 +1219,15 @@ def fail(message):
     sys.exit(2)
 
 
+def abandon(run_dir, video_dir, checkpoint):
+    """A new run that failed before its first iteration leaves no folder behind (only what this script put there)."""
+    if checkpoint is not None:
+        return
+    for folder in filter(None, (run_dir, video_dir)):
+        if os.path.isdir(folder) and all(n == "args.json" or n == "wandb" or n.startswith("events.out.tfevents.") for n in os.listdir(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.figure is not None:
@@ -1053,12 +1239,15 @@ if __name__ == "__main__":
     args, checkpoint = resume_from(args) if args.resume is not None else (args, None)
     try:
         check_args(args)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a checkpoint whose settings have the wrong types
         fail(str(e))
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_name, run_dir, video_dir = start_run(args, checkpoint)
+    try:
+        run_name, run_dir, video_dir = start_run(args, checkpoint)
+    except RunFileError as e:  # runs/ is a file, the working folder is read-only, the disk is full
+        fail(str(e))
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1074,7 +1263,9 @@ if __name__ == "__main__":
     start_iteration, global_step, episodes_seen = restore(agent, optimizer, checkpoint, args, run_name)
     try:  # purge_step: the events after the checkpoint's step are the ones a resumed run redoes
         writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else global_step + 1)
-    except ValueError as e:  # --track without wandb, or bad W&B settings
+    except ValueError as e:  # --track without wandb or without a W&B key
+        envs.close()
+        abandon(run_dir, video_dir, checkpoint)
         fail(str(e))
     catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
     announce(args, run_name, run_dir, envs, device)
@@ -1252,5 +1443,9 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print(f"\nstopped at once, without a checkpoint; the last saved one (if any) is in {run_dir}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
+    except (RunFileError, OSError) as e:  # a full disk or a folder made read-only (TensorBoard's writer raises OSError)
+        why = e if isinstance(e, RunFileError) else f"cannot write in {run_dir}: {WRITE_FAILURES.get(e.errno) or first_line(e)}"
+        kept = [n for n in ("checkpoint.pt", "checkpoint.prev.pt") if os.path.isfile(os.path.join(run_dir, n))]
+        fail(f"{why}. " + (f"The last whole checkpoint is in {run_dir}: make room, then --resume {run_dir}" if kept else "No checkpoint was saved."))
     finally:
         close_run(bar, envs, writer, tracked, video_dir)

@@ -3,9 +3,11 @@
 # maps H_1..H_n of rising severity (shift, erosion, dilation); a regulariser that measures misalignment should rise
 # with the severity. Single-file in CleanRL's style; the dataset loaders and camal_terms are copied unchanged from
 # train_dl_camal.py and ppo_camal_vizdoom.py (tests/test_shared_helpers.py checks).
+import errno
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -247,11 +249,78 @@ def resize_crop(image, resize, crop, nearest=False, how="square"):
     return TF.center_crop(TF.resize(image, size, interpolation=mode, antialias=not nearest), crop)
 
 
+class RunFileError(ValueError):
+    """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
+
+
+def first_line(e):
+    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "its folder is not writable",
+    errno.EPERM: "its folder is not writable",
+}
+
+
+def atomic_write(path, write, previous=None):
+    """Write `path` all at once: write(f) into `path`.tmp beside it (binary), fsync, rename. A crash, a full disk or a
+    read-only folder leaves what was there whole and no .tmp behind, and raises RunFileError saying which file and why.
+    previous: where the file it replaces is kept (checkpoint.prev.pt), so a whole copy exists at every moment."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces anything
+        if previous is not None and os.path.isfile(path):
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's zip writer when the disk fills
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError:
+            free = None
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
+        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+    finally:
+        if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def make_folder(path):
+    """os.makedirs, or a RunFileError that says why not: a file in the way, a folder that is not writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parts = os.path.normpath(path).split(os.sep)
+        files = [p for p in (os.sep.join(parts[:i]) for i in range(1, len(parts) + 1)) if os.path.isfile(p)]
+        why = f"{files[0]} is a file" if files else WRITE_FAILURES.get(e.errno) or e.strerror or first_line(e)
+        raise RunFileError(f"cannot make the folder {path}: {why}") from None
+
+
+def unwritable(path):
+    """Why the folder `path` could not be made or written in (a file in the way, no permission), or None. Checked before
+    any work, so an output never fails once the work is done; nothing is created."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        return f"{here} is a file"
+    return None if os.access(here, os.W_OK) else f"{here} is not writable"
+
+
 def write_json(path, obj, **kw):
-    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, **kw)
-    os.replace(path + ".tmp", path)
+    """JSON through atomic_write: a reader never sees half a file, a crash never leaves one."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
 def crop_mask(mask, how):
@@ -469,7 +538,7 @@ def plot_figure9(path, mask, maps, resp, mean_resp, levels):
         bbox_to_anchor=(0.5, -0.02),
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
 
 
@@ -482,8 +551,8 @@ def check_args(args):
         raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
     if not 0 < args.significance < 1:
         raise ValueError(f"--significance must be between 0 and 1, got {args.significance}")
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} exists and is not a folder")
+    if args.out is not None and (not args.out or unwritable(args.out)):  # checked now, not after the study
+        raise ValueError(f"--out {args.out!r}: {unwritable(args.out) if args.out else 'give a folder'}")
 
 
 def study(args, records):
@@ -537,17 +606,21 @@ if __name__ == "__main__":
     print(table_markdown(args.dataset, table, len(per_image), args.significance))
     if left_out:
         print(f"{len(left_out)} masks left out: empty or covering the whole image (first: {left_out[0]})")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        result = {
-            "args": asdict(args),
-            "masks": len(per_image),
-            "left_out": left_out,
-            "table": {f"{k}/{c}": v for (k, c), v in table.items()},
-            "mean_response": mean_resp,
-            "per_image": per_image,
-        }
-        write_json(os.path.join(args.out, "study.json"), result, indent=1)
-        mask, maps, resp = example
-        plot_figure9(os.path.join(args.out, "figure9.png"), mask, maps, resp, mean_resp, args.levels)
-        print(f"written to {args.out}/: study.json, figure9.png")
+    try:  # a disk that fills or a folder made read-only: a clear message, and no half-written file
+        if args.out:
+            make_folder(args.out)
+            result = {
+                "args": asdict(args),
+                "masks": len(per_image),
+                "left_out": left_out,
+                "table": {f"{k}/{c}": v for (k, c), v in table.items()},
+                "mean_response": mean_resp,
+                "per_image": per_image,
+            }
+            write_json(os.path.join(args.out, "study.json"), result, indent=1)
+            mask, maps, resp = example
+            plot_figure9(os.path.join(args.out, "figure9.png"), mask, maps, resp, mean_resp, args.levels)
+            print(f"written to {args.out}/: study.json, figure9.png")
+    except RunFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -3,9 +3,12 @@
 # DRL runs of ppo_camal_vizdoom.py: score matrices (runs x environments), rliable's stratified bootstrap CIs of the
 # mean and its probability of improvement. Reads only run folders. Single-file in CleanRL's style.
 import csv
+import errno
+import io
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -62,42 +65,62 @@ PAPER_TABLE = {
 DRL_METRICS = {"return": ("charts/episodic_return", "Figure 6"), "iou": ("charts/attention_iou", "Figure 4")}
 DL_KEYS = {"dataset", "model", "method", "fold", "folds", "seed", "split_seed", "test_accuracy", "test_iou"}
 DRL_KEYS = {"env", "method", "seed", "mean_return", "mean_iou"}
-# The settings that define an experiment: runs that differ in one of them are never paired, pooled or taken for duplicates.
-# METHOD_SETTINGS only matter to the runs of those methods (vanilla has no camal_coef to match).
-DL_SETTINGS = (
-    "folds",
-    "split_seed",
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "weight_decay",
-    "pretrained",
-    "image_size",
-    "tau",
-    "shapes_classes",
-    "shapes_per_class",
-    "shapes_cue",
-    "shapes_cue_prob",
-)
-DRL_SETTINGS = (
-    "total_timesteps",
-    "frame_height",
-    "frame_width",
-    "frame_skip",
-    "frame_stack",
-    "num_envs",
-    "num_steps",
-    "learning_rate",
-    "gamma",
-    "gae_lambda",
-    "num_minibatches",
-    "update_epochs",
-    "ent_coef",
-    "vf_coef",
-    "tau",
-    "cam",
-)
-METHOD_SETTINGS = {"camal": ("camal_coef",), "suppress": ("camal_coef",), "prior": ("camal_coef", "prior_model", "prior_threshold")}
+# What defines an experiment: every setting a run records, except the ones below, which cannot change its result (where
+# inputs are read from and outputs written, the device, tracking, what is logged, checkpoint cadence), and the run's place
+# in the grid (CELL). Runs that differ in a setting are never paired, pooled or taken for duplicates.
+NOT_SETTINGS = {
+    "exp_name",
+    "cuda",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "resume",
+    "checkpoint_every",
+    "collapse_patience",
+    "num_workers",  # DL: DataLoader processes
+    "data_dir",  # DL: the same data and ImageNet weights at another path are the same experiment
+    "weights",
+    "prior_cache",
+    "capture_video",  # DRL: outputs
+    "save_model",
+    "image_every",
+    "eval_episodes",
+    "vector_env",  # DRL: the games step in worker processes or in the learner's; the same steps either way
+    "figure",
+    "figure_frames",
+    "figure_out",
+}
+CELL = {"dataset", "model", "method", "fold", "seed", "env"}
+# Settings only the runs of these methods carry (vanilla has no camal_coef to match); they tell experiments of one method apart.
+METHOD_SETTINGS = {
+    "camal": ("camal_coef",),
+    "suppress": ("camal_coef",),
+    "prior": ("camal_coef", "prior_model", "prior_weights", "prior_threshold"),
+}
+METHOD_ONLY = {k for keys in METHOD_SETTINGS.values() for k in keys}
+# metrics.json written before it held every setting ("args"): its top-level ones
+OLD_DL_SETTINGS = ("folds", "split_seed", "epochs", "image_size", "tau", "camal_coef")
+
+
+def freeze(v):
+    """A setting as a hashable value (a list becomes a tuple), so every recorded setting can key an experiment."""
+    if isinstance(v, (list, tuple)):
+        return tuple(freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((str(k), freeze(x)) for k, x in v.items()))
+    return v
+
+
+def recorded_settings(saved, method):
+    """The settings of a run's experiment: every one recorded but NOT_SETTINGS, its cell and other methods' own."""
+    out = {k: freeze(v) for k, v in saved.items() if k not in NOT_SETTINGS and k not in CELL and k not in METHOD_ONLY}
+    out.update({k: freeze(saved.get(k)) for k in METHOD_SETTINGS.get(method, ())})
+    return out
+
+
+def setting_names(runs):
+    """Every setting the runs record, but the method-only ones: what tells their experiments apart."""
+    return sorted({k for r in runs for k in r["settings"]} - METHOD_ONLY)
 
 
 class StatsError(ValueError):
@@ -134,22 +157,27 @@ def describe(values):
 
 
 def wilcoxon_greater(x, y, significance):
-    """One-tailed Wilcoxon signed-rank test of H1: x > y over paired values (scipy), and the paper's verdict."""
-    d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    """One-tailed Wilcoxon signed-rank test of H1: x > y over paired values (scipy, on the differences), and the paper's
+    verdict. The differences are rounded to 1e-9 first: scores such as accuracies are ratios of counts, and 17/20 - 16/20
+    and 15/20 - 14/20 differ in their last bits, which would rank a tie as two different values. Fewer than two pairs
+    cannot be tested: the verdict says so, with no p."""
+    d = np.round(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64), 9)
+    higher = float(np.mean(x)) > float(np.mean(y))
+    n = int(np.count_nonzero(d))  # zero differences are dropped (zero_method="wilcox")
+    if len(d) < 2:
+        return {"r_plus": None, "T": None, "nonzero_pairs": n, "p": None, "verdict": "too few pairs to test"}
     with warnings.catch_warnings():  # all-zero differences: scipy warns and returns p = 1
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = scipy.stats.wilcoxon(x, y, alternative="greater")
-    n = int(np.count_nonzero(d))  # zero differences are dropped (zero_method="wilcox")
+        res = scipy.stats.wilcoxon(d, alternative="greater")
     r_plus = float(res.statistic)
-    higher = float(np.mean(x)) > float(np.mean(y))
     p = float(res.pvalue)
     verdict = "significant" if higher and p < significance else "higher, not significant" if higher else "not higher"
     return {"r_plus": r_plus, "T": min(r_plus, n * (n + 1) / 2 - r_plus), "nonzero_pairs": n, "p": p, "verdict": verdict}
 
 
 def clean(obj):
-    """JSON without NaN (not valid JSON): NaN becomes null."""
-    if isinstance(obj, float) and math.isnan(obj):
+    """JSON without NaN or infinity (neither is valid JSON): both become null (an overflow is named under Warnings)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {k: clean(v) for k, v in obj.items()}
@@ -163,14 +191,99 @@ def clean(obj):
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
+class RunFileError(ValueError):
+    """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
+
+
+def first_line(e):
+    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "its folder is not writable",
+    errno.EPERM: "its folder is not writable",
+}
+
+
+def atomic_write(path, write, previous=None):
+    """Write `path` all at once: write(f) into `path`.tmp beside it (binary), fsync, rename. A crash, a full disk or a
+    read-only folder leaves what was there whole and no .tmp behind, and raises RunFileError saying which file and why.
+    previous: where the file it replaces is kept (checkpoint.prev.pt), so a whole copy exists at every moment."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces anything
+        if previous is not None and os.path.isfile(path):
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's zip writer when the disk fills
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError:
+            free = None
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
+        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+    finally:
+        if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def read_json(path, kind=dict):
+    """A JSON file that should hold a `kind` (dict or list); RunFileError naming the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RunFileError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    if not data.strip():
+        raise RunFileError(f"{path} is empty (a write that was cut short?)")
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # not JSON, cut short, or not text at all
+        raise RunFileError(f"{path} is not whole JSON, truncated or corrupt ({first_line(e)})") from None
+    if not isinstance(obj, kind):
+        raise RunFileError(f"{path} holds a JSON {type(obj).__name__}, where a {kind.__name__} belongs")
+    return obj
+
+
+def make_folder(path):
+    """os.makedirs, or a RunFileError that says why not: a file in the way, a folder that is not writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parts = os.path.normpath(path).split(os.sep)
+        files = [p for p in (os.sep.join(parts[:i]) for i in range(1, len(parts) + 1)) if os.path.isfile(p)]
+        why = f"{files[0]} is a file" if files else WRITE_FAILURES.get(e.errno) or e.strerror or first_line(e)
+        raise RunFileError(f"cannot make the folder {path}: {why}") from None
+
+
+def unwritable(path):
+    """Why the folder `path` could not be made or written in (a file in the way, no permission), or None. Checked before
+    any work, so an output never fails once the work is done; nothing is created."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        return f"{here} is a file"
+    return None if os.access(here, os.W_OK) else f"{here} is not writable"
+
+
 def write_json(path, obj, **kw):
-    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, **kw)
-    os.replace(path + ".tmp", path)
+    """JSON through atomic_write: a reader never sees half a file, a crash never leaves one."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
-NUMBER, TEXT = "a number", "a string"
+NUMBER, TEXT, INTEGER = "a number", "a string", "a whole number below 2**31"
 
 
 def check_types(path, obj, spec):
@@ -181,6 +294,7 @@ def check_types(path, obj, spec):
             (v is None and nullable)
             or (kind == TEXT and isinstance(v, str))
             or (kind == NUMBER and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            or (kind == INTEGER and isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**31)
         )
         if not ok:
             raise StatsError(f"{path}: {key} is {v!r}, expected {kind}" + (" or null" if nullable else ""))
@@ -190,14 +304,14 @@ DL_TYPES = {
     "dataset": (TEXT, False),
     "model": (TEXT, False),
     "method": (TEXT, False),
-    "fold": (NUMBER, False),
-    "folds": (NUMBER, False),
-    "seed": (NUMBER, False),
-    "split_seed": (NUMBER, False),
+    "fold": (INTEGER, False),
+    "folds": (INTEGER, False),
+    "seed": (INTEGER, False),
+    "split_seed": (INTEGER, False),
     "test_accuracy": (NUMBER, True),
     "test_iou": (NUMBER, True),
 }
-DRL_TYPES = {"env": (TEXT, False), "method": (TEXT, False), "seed": (NUMBER, False), "mean_return": (NUMBER, False), "mean_iou": (NUMBER, True)}
+DRL_TYPES = {"env": (TEXT, False), "method": (TEXT, False), "seed": (INTEGER, False), "mean_return": (NUMBER, False), "mean_iou": (NUMBER, True)}
 
 
 def check_by_cam(path, by_cam):
@@ -218,7 +332,7 @@ def baselines_per_cam(runs):
     under another CAM than the run's own has no IoU curve (training measured only its own)."""
 
     def task(r):
-        return r["env"], tuple((k, r["settings"].get(k)) for k in DRL_SETTINGS if k != "cam")
+        return r["env"], tuple(sorted((k, v) for k, v in r["settings"].items() if k != "cam" and k not in METHOD_ONLY))
 
     cams = {}
     for r in runs:
@@ -247,11 +361,11 @@ def baselines_per_cam(runs):
 
 
 def load_json(path):
+    """read_json, failing as a StatsError: one kind of error for every input the analysis cannot use."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise StatsError(f"{path} cannot be read as JSON ({e})") from e
+        return read_json(path)
+    except RunFileError as e:
+        raise StatsError(str(e)) from None
 
 
 def read_tensorboard(run_dir):
@@ -288,7 +402,8 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
     for root in paths:
         if not os.path.isdir(root):
             raise StatsError(f"{root} " + ("is not a folder" if os.path.exists(root) else "does not exist"))
-        for d, subdirs, files in os.walk(root):
+        unreadable = lambda e: skipped.append({"run": e.filename, "reason": f"cannot be read ({e.strerror}): any runs in it are not used"})  # noqa: E731
+        for d, subdirs, files in os.walk(root, onerror=unreadable):
             subdirs.sort()
             events = sorted(f for f in files if f.startswith("events.out.tfevents."))
             if "metrics.json" in files:
@@ -298,8 +413,8 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                     raise StatsError(f"{path} is not a metrics.json of train_dl_camal.py (it needs {sorted(DL_KEYS)})")
                 check_types(path, m, DL_TYPES)
                 run = dict(m, dir=d, mtime=os.path.getmtime(path))
-                saved = m.get("args") if isinstance(m.get("args"), dict) else {}  # metrics.json of older runs: the top-level keys only
-                run["settings"] = {k: saved.get(k, m.get(k)) for k in DL_SETTINGS + METHOD_SETTINGS.get(m["method"], ())}
+                saved = m["args"] if isinstance(m.get("args"), dict) else {k: m[k] for k in OLD_DL_SETTINGS if k in m}
+                run["settings"] = recorded_settings(saved, m["method"])
                 faith = os.path.join(d, "faithfulness.json")
                 run["faithfulness"] = faith if os.path.isfile(faith) else None
                 dl.append(run)
@@ -319,11 +434,10 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                         "mtime": os.path.getmtime(path),
                         "total_timesteps": saved.get("total_timesteps"),
                         "steps_done": e.get("total_timesteps"),
-                        # eval.json records cam, tau and camal_coef (its total_timesteps is the steps done, not the plan)
-                        "settings": {
-                            k: saved.get(k, e.get(k) if k in ("cam", "tau", "camal_coef") else None)
-                            for k in DRL_SETTINGS + METHOD_SETTINGS.get(e["method"], ())
-                        },
+                        # eval.json records cam, tau, camal_coef and reward_scale (its total_timesteps is the steps done, not the plan)
+                        "settings": recorded_settings(
+                            {**{k: e[k] for k in ("cam", "tau", "camal_coef", "reward_scale") if k in e}, **saved}, e["method"]
+                        ),
                         "return": e["mean_return"],
                         "iou": e["mean_iou"],
                         "cam_empty": e.get("cam_empty_fraction"),
@@ -387,7 +501,7 @@ def tensorboard_run(d, acc, hp, last_n, mtime):
         "mtime": mtime,
         "acc": acc,  # kept for the curves
         "total_timesteps": hp.get("total_timesteps"),
-        "settings": {k: hp.get(k) for k in DRL_SETTINGS + METHOD_SETTINGS.get(hp["method"], ())},
+        "settings": recorded_settings(hp, hp["method"]),
     }
     sps_steps = scalar_series(acc, "charts/SPS")[0]  # one value per iteration
     run["steps_done"] = int(sps_steps[-1]) if len(sps_steps) else 0
@@ -455,7 +569,7 @@ def variants(runs, where, names, key=lambda r: r["dir"]):
     for r in runs:
         group = sigs[where(r)]
         # None: a run written before the setting was recorded; unknown is no evidence of another experiment
-        differ = [k for k in names if len({dict(sig)[k] for sig in group} - {None}) > 1]
+        differ = [k for k in names if len({dict(sig).get(k) for sig in group} - {None}) > 1]
         labels[key(r)] = ", ".join(f"{k} {r['settings'].get(k)}" for k in differ)
     return labels
 
@@ -471,7 +585,7 @@ def same_experiment(old, new):
 
 
 def dl_analysis(runs, args, incomplete, warnings_):
-    label = variants(runs, lambda r: (r["dataset"], r["model"]), DL_SETTINGS)
+    label = variants(runs, lambda r: (r["dataset"], r["model"]), setting_names(runs))
     groups = {}
     for r in runs:
         groups.setdefault((r["dataset"], r["model"], label[r["dir"]]), {}).setdefault(r["method"], []).append(r)
@@ -565,6 +679,8 @@ def check_faithfulness(path, f):
 
     if not isinstance(f, dict) or not numbers(f.get("k")) or len(f["k"]) < 2 or not isinstance(f.get("samples"), list):
         raise StatsError(f"{path} is not a faithfulness.json of eval_faithfulness.py (it needs k, a list of numbers, and samples)")
+    if not f["samples"]:
+        raise StatsError(f"{path} holds no samples: run eval_faithfulness.py on its run again")
     for i, s in enumerate(f["samples"]):
         a = s.get("attention") if isinstance(s, dict) else None
         if (
@@ -633,7 +749,7 @@ def drl_analysis(runs, args, incomplete, warnings_):
     def key(r):  # a vanilla run can serve several CAMs (baselines_per_cam)
         return r["dir"], r["settings"].get("cam")
 
-    label = variants(runs, lambda r: r["env"], DRL_SETTINGS, key)
+    label = variants(runs, lambda r: r["env"], setting_names(runs), key)
     for r in runs:  # an environment run with other settings (frame size, steps, CAM) is another task, never pooled
         r["task"] = r["env"] + (f" [{label[key(r)]}]" if label[key(r)] else "")
     chosen = newest(runs, lambda r: (r["task"], r["method"], r["seed"]), lambda k: f"{k[0]}/{k[1]} run with seed {k[2]}", incomplete)
@@ -878,8 +994,8 @@ def dl_tables(summary, comparisons, significance):
                         a["n"],
                         f"{pct(a)} {ci_text(a)}",
                         f"{pct(b)} {ci_text(b)}",
-                        f"{w['T']:g}",
-                        f"{w['p']:.4g}",
+                        "—" if w["T"] is None else f"{w['T']:g}",
+                        "—" if w["p"] is None else f"{w['p']:.4g}",
                         w["verdict"],
                     ]
                 )
@@ -1191,7 +1307,7 @@ def plot_drl(drl, curves, out):
             subfigure_width=4.0,
             xlabel_y_coordinate=-0.35,
         )
-        fig.savefig(os.path.join(out, "drl_interval_estimates.png"), dpi=120, bbox_inches="tight")
+        atomic_write(os.path.join(out, "drl_interval_estimates.png"), lambda f: fig.savefig(f, dpi=120, bbox_inches="tight", format="png"))
         plt.close(fig)
         written.append("drl_interval_estimates.png")
     poi = [x for x in metrics_ if drl["metrics"][x]["poi"]]
@@ -1206,7 +1322,7 @@ def plot_drl(drl, curves, out):
                 xlabel=f"P(X > Y), {labels[x]}",
             )
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "drl_probability_of_improvement.png"), dpi=120, bbox_inches="tight")
+        atomic_write(os.path.join(out, "drl_probability_of_improvement.png"), lambda f: fig.savefig(f, dpi=120, bbox_inches="tight", format="png"))
         plt.close(fig)
         written.append("drl_probability_of_improvement.png")
     envs = sorted({e for c in curves.values() for e in c}, key=lambda e: order(e, ENV_ORDER))
@@ -1227,7 +1343,7 @@ def plot_drl(drl, curves, out):
                 else:
                     ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "drl_learning_curves.png"), dpi=100)
+        atomic_write(os.path.join(out, "drl_learning_curves.png"), lambda f: fig.savefig(f, dpi=100, format="png"))
         plt.close(fig)
         written.append("drl_learning_curves.png")
     return written
@@ -1273,7 +1389,7 @@ def plot_curves(path, ks, groups):
     axes[0].set_ylabel("probability of the true class")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -1288,8 +1404,15 @@ def check_args(args):
         raise StatsError(f"--significance must be between 0 and 1, got {args.significance}")
     if args.curve_points < 2:
         raise StatsError(f"--curve-points must be at least 2, got {args.curve_points}")
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise StatsError(f"--out {args.out} exists and is not a folder")
+    if not 0 <= args.seed < 2**32:
+        raise StatsError(f"--seed must lie in 0 .. 2**32 - 1 (numpy's seeds), got {args.seed}")
+    if args.out is not None:
+        if not args.out:
+            raise StatsError("--out needs a folder")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise StatsError(f"--out {args.out} exists and is not a folder")
+        if unwritable(args.out):  # checked now, not after the tables; nothing is written yet
+            raise StatsError(f"--out {args.out}: {unwritable(args.out)}")
 
 
 def analyse(args):
@@ -1306,17 +1429,27 @@ def analyse(args):
             "a run folder holds metrics.json (DL), eval.json or the TensorBoard events of a PPO run"
         )
     incomplete = list(left_out)
-    summary, comparisons = dl_analysis(dl_runs, args, incomplete, warnings_) if dl_runs else ([], [])
-    drl_runs = baselines_per_cam(drl_runs)
-    drl = drl_analysis(drl_runs, args, incomplete, warnings_) if drl_runs else None
+    with np.errstate(over="ignore"):  # a mean that overflows is named under Warnings (overflowed), not by numpy
+        summary, comparisons = dl_analysis(dl_runs, args, incomplete, warnings_) if dl_runs else ([], [])
+        drl_runs = baselines_per_cam(drl_runs)
+        drl = drl_analysis(drl_runs, args, incomplete, warnings_) if drl_runs else None
     empty_cam_warnings(dl_runs, drl_runs, warnings_)
     tables = dl_tables(summary, comparisons, args.significance)
     faith_tables, faithfulness, curves = faithfulness_tables(comparisons)
     tables += faith_tables
     if drl:
         tables += drl_tables(drl, args)
+    uncompared = nothing_compared(dl_runs, comparisons, drl)
+    if overflowed([summary, comparisons, drl]):
+        warnings_.append(
+            {
+                "run": "analysis",
+                "reason": "some numbers overflowed to infinity (scores too large for a float): they print as inf and are null in stats.json",
+            }
+        )
     stats = {
         "args": asdict(args),
+        "nothing_compared": uncompared,
         "dl": {
             "runs": len(dl_runs),
             "summary": summary,
@@ -1329,6 +1462,28 @@ def analyse(args):
         "skipped": skipped,
     }
     return stats, tables, curves, drl_runs
+
+
+def nothing_compared(dl_runs, comparisons, drl):
+    """What was analysed but compared with nothing: runs of one method only, or no CAMAL run to compare."""
+    notes = []
+    if dl_runs and not comparisons:
+        methods = sorted({r["method"] for r in dl_runs})
+        notes.append(f"DL: the runs are of {', '.join(methods)} only: no pair of CAMAL and a baseline on the same fold, so no test was made")
+    if drl and not any(res.get("poi") for res in drl["metrics"].values()):
+        notes.append(f"DRL: the runs are of {', '.join(drl['methods'])} only: no CAMAL run beside another method, so nothing was compared")
+    return notes
+
+
+def overflowed(obj):
+    """True where a number in a (nested) result is infinite: a mean that overflowed."""
+    if isinstance(obj, (float, np.floating)):
+        return bool(np.isinf(obj))
+    if isinstance(obj, dict):
+        return any(overflowed(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(overflowed(v) for v in obj)
+    return False
 
 
 def empty_cam_warnings(dl_runs, drl_runs, warnings_):
@@ -1353,6 +1508,8 @@ def empty_cam_warnings(dl_runs, drl_runs, warnings_):
 
 def report(stats, tables):
     parts = ["# CAMAL statistics", ""]
+    if stats["nothing_compared"]:
+        parts += ["### Nothing compared", ""] + [f"- {n}" for n in stats["nothing_compared"]] + [""]
     parts += [markdown(t) for t in tables]
     for title, items in (
         ("Incomplete: listed, left out of the tests above", stats["incomplete"]),
@@ -1365,14 +1522,15 @@ def report(stats, tables):
 
 
 def write_outputs(args, stats, tables, curves, drl_runs):
-    os.makedirs(args.out, exist_ok=True)
+    make_folder(args.out)
     written = ["stats.json"]
     for t in tables:
         if "csv_rows" in t:
-            with open(os.path.join(args.out, f"{t['name']}.csv"), "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(t["csv_header"])
-                w.writerows(clean(t["csv_rows"]))
+            text = io.StringIO()
+            w = csv.writer(text)
+            w.writerow(t["csv_header"])
+            w.writerows(clean(t["csv_rows"]))
+            atomic_write(os.path.join(args.out, f"{t['name']}.csv"), lambda f: f.write(text.getvalue().encode()))
             written.append(f"{t['name']}.csv")
     if stats["drl"]:
         used = {(x["dir"], x["task"]) for x in stats["drl"]["runs"]}
@@ -1388,10 +1546,10 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     try:
         stats, tables, curves, drl_runs = analyse(args)
-    except StatsError as e:
+        print(report(stats, tables))
+        if args.out:
+            written = write_outputs(args, stats, tables, curves, drl_runs)
+            print(f"written to {args.out}/: {', '.join(written)}")
+    except (StatsError, RunFileError) as e:  # bad input, a run file that cannot be read, an output that cannot be written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(report(stats, tables))
-    if args.out:
-        written = write_outputs(args, stats, tables, curves, drl_runs)
-        print(f"written to {args.out}/: {', '.join(written)}")

@@ -1,12 +1,16 @@
 # Classifiers trained with CAMAL (Class Activation Map Attention Learning) on segmentation datasets.
 # L = CE + lambda * mean_b(beta_b - alpha_b), with the Grad-CAM of the ground-truth logits summed over the
 # batch (one backward, the paper's Eq. 4). Single-file in CleanRL's style; defaults follow the paper's Table 7.
+import errno
 import json
+import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -472,7 +476,10 @@ def clip_prior_cams(args, records, classes, device):
     path = os.path.join(args.prior_cache, f"{args.dataset}__{args.prior_model}__{key}.pt")
     if os.path.isfile(path):
         print(f"prior: CLIP CAMs from the cache {path}")
-        return torch.load(path, weights_only=True)
+        cams = read_torch(path)
+        if not isinstance(cams, torch.Tensor) or len(cams) != len(records):
+            raise RunFileError(f"{path} is not this dataset's CLIP CAMs: delete it, and it is computed again")
+        return cams
 
     try:
         clip = open_clip.create_model(args.prior_model, pretrained=None)
@@ -511,9 +518,8 @@ def clip_prior_cams(args, records, classes, device):
         print(f"prior: CLIP CAMs {sum(len(c) for c in cams)}/{len(records)} ({time.time() - start:.0f} s)", flush=True)
     hook.remove()
     cams = torch.cat(cams)
-    os.makedirs(args.prior_cache, exist_ok=True)
-    torch.save(cams, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    make_folder(args.prior_cache)
+    atomic_write(path, lambda f: torch.save(cams, f))
     return cams
 
 
@@ -540,7 +546,12 @@ def imagenet_state_dict(name, weights_path):
             f"no ImageNet weights for {name}: put {filename} (from {w.url}) at {path}, "
             "or pass --weights PATH, or train from scratch with --no-pretrained"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch(path)
+    try:
+        getattr(torchvision.models, name)(weights=None).load_state_dict(state)
+    except Exception as e:  # another model's weights, or not a state dict at all
+        raise RunFileError(f"{path} is not ImageNet weights of {name} ({first_line(e)})") from None
+    return state
 
 
 def build_model(name, num_classes, imagenet=None):
@@ -703,11 +714,130 @@ def faithfulness_samples(test_set, classes, seed, fold):
     return {"images": torch.stack(images), "masks": torch.stack(masks), "labels": torch.tensor(labels), "classes": classes}
 
 
+class RunFileError(ValueError):
+    """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
+
+
+def first_line(e):
+    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "its folder is not writable",
+    errno.EPERM: "its folder is not writable",
+}
+
+
+def atomic_write(path, write, previous=None):
+    """Write `path` all at once: write(f) into `path`.tmp beside it (binary), fsync, rename. A crash, a full disk or a
+    read-only folder leaves what was there whole and no .tmp behind, and raises RunFileError saying which file and why.
+    previous: where the file it replaces is kept (checkpoint.prev.pt), so a whole copy exists at every moment."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces anything
+        if previous is not None and os.path.isfile(path):
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's zip writer when the disk fills
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError:
+            free = None
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
+        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+    finally:
+        if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def read_json(path, kind=dict):
+    """A JSON file that should hold a `kind` (dict or list); RunFileError naming the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RunFileError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    if not data.strip():
+        raise RunFileError(f"{path} is empty (a write that was cut short?)")
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # not JSON, cut short, or not text at all
+        raise RunFileError(f"{path} is not whole JSON, truncated or corrupt ({first_line(e)})") from None
+    if not isinstance(obj, kind):
+        raise RunFileError(f"{path} holds a JSON {type(obj).__name__}, where a {kind.__name__} belongs")
+    return obj
+
+
+def read_torch(path):
+    """torch.load with weights only (tensors and plain values: a file from elsewhere cannot run code); RunFileError
+    naming the file and what is wrong: missing, unreadable, empty, truncated, random bytes or pickled code."""
+    try:
+        with open(path, "rb") as f:  # missing, a folder, no permission: said as such, before torch sees the file
+            empty = not f.read(1)
+    except OSError as e:
+        raise RunFileError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    if empty:
+        raise RunFileError(f"{path} is empty (a write that was cut short?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise RunFileError(
+                f"{path} holds pickled Python objects, not only tensors (an older version of this script wrote it, or something "
+                "else did); loading it could run code, so it is refused"
+            ) from None
+        raise RunFileError(f"{path} is not a file torch.save wrote (random or corrupt bytes)") from None
+    except Exception as e:  # truncated or corrupt: zip, pickle, storage and OS errors of every kind (a cut zip gives EINVAL)
+        raise RunFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
+
+
+def make_folder(path):
+    """os.makedirs, or a RunFileError that says why not: a file in the way, a folder that is not writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parts = os.path.normpath(path).split(os.sep)
+        files = [p for p in (os.sep.join(parts[:i]) for i in range(1, len(parts) + 1)) if os.path.isfile(p)]
+        why = f"{files[0]} is a file" if files else WRITE_FAILURES.get(e.errno) or e.strerror or first_line(e)
+        raise RunFileError(f"cannot make the folder {path}: {why}") from None
+
+
+def state_bytes(obj):
+    """The bytes of the tensors in a (nested) state: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def unwritable(path):
+    """Why the folder `path` could not be made or written in (a file in the way, no permission), or None. Checked before
+    any work, so an output never fails once the work is done; nothing is created."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        return f"{here} is a file"
+    return None if os.access(here, os.W_OK) else f"{here} is not writable"
+
+
 def write_json(path, obj, **kw):
-    """Write JSON to a temporary name, then rename: a reader never sees half a file, a crash never leaves one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, **kw)
-    os.replace(path + ".tmp", path)
+    """JSON through atomic_write: a reader never sees half a file, a crash never leaves one."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
 def start_tracking(args, run_name, run_dir):
@@ -719,17 +849,23 @@ def start_tracking(args, run_name, run_dir):
         raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
     import hashlib
 
-    return wandb.init(
-        project=args.wandb_project_name,
-        entity=args.wandb_entity,
-        sync_tensorboard=True,
-        config=vars(args),
-        name=run_name,
-        id=hashlib.sha1(run_name.encode()).hexdigest()[:16],
-        resume="allow",
-        save_code=True,
-        dir=run_dir,
-    )
+    try:
+        return wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            id=hashlib.sha1(run_name.encode()).hexdigest()[:16],
+            resume="allow",
+            save_code=True,
+            dir=run_dir,
+        )
+    except Exception as e:  # no API key, no network, a bad entity: W&B's own errors
+        raise ValueError(
+            f"--track: Weights and Biases did not start ({first_line(e)}); run `wandb login` or set WANDB_API_KEY, "
+            "or WANDB_MODE=offline to keep the run on disk"
+        ) from None
 
 
 def ignored_flags(cli, saved, keep):
@@ -765,14 +901,16 @@ def restore_rng(state):
 
 def write_checkpoint(path, state):
     """Save `state` to path atomically and keep the one before as checkpoint.prev.pt beside it: a crash, a full disk or
-    a copy cut short leaves at least one whole checkpoint."""
-    tmp, prev = path + ".tmp", previous_checkpoint(path)
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # on disk before it replaces anything
-    if os.path.isfile(path):
-        os.replace(path, prev)
-    os.replace(tmp, path)
+    a copy cut short leaves at least one whole checkpoint. A save briefly holds three checkpoints, so the room for one
+    more is checked first: RunFileError, before anything is written, when it is not there."""
+    need, folder = state_bytes(state) + 2**20, os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise RunFileError(
+            f"no room for a checkpoint in {folder}: it needs about {need / 2**20:.0f} MB beside the two kept "
+            f"(checkpoint.pt and checkpoint.prev.pt), and {free / 2**20:.0f} MB are free"
+        )
+    atomic_write(path, lambda f: torch.save(state, f), previous=previous_checkpoint(path))
 
 
 def previous_checkpoint(path):
@@ -781,30 +919,23 @@ def previous_checkpoint(path):
 
 
 def read_checkpoint(path, keys):
-    """The checkpoint at path, or the previous one when path is unreadable (with a warning); ValueError if neither is whole.
-
-    Loaded as weights only: tensors and plain Python values, so a file from elsewhere cannot run code.
+    """The checkpoint at path, or the previous one (checkpoint.prev.pt) when path is missing or unreadable (with a
+    warning); RunFileError if neither is whole. Loaded through read_torch: a file from elsewhere cannot run code.
     `keys`: the entries a checkpoint of this script holds."""
     problems = []
     for p in (path, previous_checkpoint(path)):
-        if not os.path.isfile(p):
+        if not os.path.lexists(p):
             continue
         try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # refused by the weights-only unpickler, or truncated or corrupt (zip, pickle, storage)
-            if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-                problems.append(
-                    f"{p} holds pickled Python objects, not only tensors (an older version of this script "
-                    "wrote it, or something else did); loading it could run code, so it is refused"
-                )
-            else:
-                problems.append(f"{p} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            state = read_torch(p)
+        except RunFileError as e:
+            problems.append(str(e))
             continue
-        if not isinstance(state, dict) or not set(keys) <= set(state):
+        if not isinstance(state, dict) or not set(keys) <= set(state) or not isinstance(state["args"], dict):
             problems.append(f"{p} is not a checkpoint of this script (it needs {sorted(keys)})")
             continue
         if p != path:
-            every = state["args"].get("checkpoint_every") if isinstance(state["args"], dict) else None
+            every = state["args"].get("checkpoint_every")
             lost = f"up to {every} iterations or epochs of progress" if every else "the progress since the one before"
             print(
                 f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: {lost} will be redone",
@@ -812,7 +943,10 @@ def read_checkpoint(path, keys):
                 flush=True,
             )
         return state
-    raise ValueError("; ".join(problems) or f"no checkpoint at {path}")
+    raise RunFileError(
+        "; ".join(problems)
+        or f"no checkpoint in {os.path.dirname(path) or '.'} (neither {os.path.basename(path)} nor {os.path.basename(previous_checkpoint(path))})"
+    )
 
 
 DL_CHECKPOINT_KEYS = ("args", "fold", "model", "optimizer", "epoch", "global_step", "rng")
@@ -893,19 +1027,22 @@ def save_results(args, fold, result, train_empty, classes, train_set, test_set, 
         "run_name": run_name,
         "args": asdict(args),  # every setting, so stats.py never takes runs of two experiments for one
     }
-    write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)
-    torch.save(
-        {
-            "state_dict": model.net.state_dict(),
-            "architecture": args.model,
-            "num_classes": len(classes),
-            "classes": classes,
-            "preprocessing": {"resize": resize_for(args.image_size), "resize_mode": args.resize, "crop": args.image_size, "mean": MEAN, "std": STD},
-            "cam_layer": CAM_LAYERS[args.model],
-        },
-        os.path.join(run_dir, "model.pt"),
-    )
-    torch.save(faithfulness_samples(test_set, classes, args.seed, fold), os.path.join(run_dir, "faithfulness_samples.pt"))
+    saved = {
+        "state_dict": model.net.state_dict(),
+        "architecture": args.model,
+        "num_classes": len(classes),
+        "classes": classes,
+        # what eval_faithfulness.py checks against the run's metrics.json, so a model.pt from another run is refused
+        "dataset": args.dataset,
+        "method": args.method,
+        "run_name": run_name,
+        "preprocessing": {"resize": resize_for(args.image_size), "resize_mode": args.resize, "crop": args.image_size, "mean": MEAN, "std": STD},
+        "cam_layer": CAM_LAYERS[args.model],
+    }
+    samples = faithfulness_samples(test_set, classes, args.seed, fold)
+    atomic_write(os.path.join(run_dir, "model.pt"), lambda f: torch.save(saved, f))
+    atomic_write(os.path.join(run_dir, "faithfulness_samples.pt"), lambda f: torch.save(samples, f))
+    write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)  # last: the mark of a finished run
 
 
 def fold_sets(args, fold, records, prior_cams):
@@ -1015,6 +1152,8 @@ def open_logs(args, run_name, run_dir, purge_step):
     """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
     crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
     tracked = start_tracking(args, run_name, run_dir) if args.track else None  # before the writer, so W&B mirrors its events
+    # TensorBoard writes from a thread: its OSError (a full disk) comes back at the next write, where the run says why it stops
+    threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else threading.__excepthook__(a)
     writer = SummaryWriter(run_dir, purge_step=purge_step)
     if purge_step is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -1023,7 +1162,10 @@ def open_logs(args, run_name, run_dir, purge_step):
 
 def close_logs(writer, tracked):
     if writer is not None:
-        writer.close()
+        try:
+            writer.close()
+        except OSError:  # a full disk: the events written so far stay readable, and the run has said why it stopped
+            pass
     if tracked is not None:
         tracked.finish()
 
@@ -1036,7 +1178,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     train_set, test_set = fold_sets(args, fold, records, prior_cams)
     run_name, run_dir = run_folder(args, fold, resuming=checkpoint is not None, distributed=distributed)
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
+        make_folder(run_dir)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1103,7 +1245,9 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
         writer.flush()
         PACE["seconds"] = time.perf_counter() - epoch_start
-        report_epoch(fold, epoch, args, total, result, eta=(time.time() - start_time) / (epoch - start_epoch + 1) * (args.epochs - epoch))
+        per_epoch = (time.time() - start_time) / (epoch - start_epoch + 1)
+        later = args.folds - 1 - fold if args.fold == "all" else 0  # --fold all: the folds after this one, at this pace
+        report_epoch(fold, epoch, args, total, result, eta=per_epoch * (args.epochs - epoch + later * args.epochs))
         train_empty = total["empty"] / total["seen"]
         collapsed_for = collapsed_for + 1 if train_empty > 0.5 else 0
         if collapsed_for == args.collapse_patience:
@@ -1135,6 +1279,16 @@ CAM_LAYERS = {
 }
 
 
+# (flag, lowest, highest, whether the lowest is allowed) of the real-valued flags
+NUMBERS = (
+    ("learning_rate", 0.0, math.inf, False),
+    ("weight_decay", 0.0, math.inf, True),
+    ("camal_coef", 0.0, math.inf, True),
+    ("shapes_cue_prob", 0.0, 1.0, True),
+    ("prior_threshold", 0.0, 1.0, True),
+)
+
+
 def check_args(args):
     if args.track:
         try:
@@ -1148,17 +1302,31 @@ def check_args(args):
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("num_workers", "checkpoint_every", "camal_coef", "weight_decay", "collapse_patience"):
+    for name in ("num_workers", "checkpoint_every", "collapse_patience"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for name in ("seed", "split_seed"):
+        if not 0 <= getattr(args, name) < 2**31:
+            raise ValueError(f"--{name.replace('_', '-')} must lie in 0 .. 2**31 - 1 (numpy's and torch's seeds), got {getattr(args, name)}")
+    for name, low, high, low_allowed in NUMBERS:  # nan fails every comparison, so it is refused here too
+        v = getattr(args, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= low if low_allowed else v > low) and v <= high):
+            bound = f"{'at least' if low_allowed else 'above'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+            raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}, got {v}")
+    if args.dataset == "shapes":
+        if not 1 <= args.shapes_classes <= len(SHAPE_NAMES):
+            raise ValueError(f"--shapes-classes must lie in 1 .. {len(SHAPE_NAMES)}, got {args.shapes_classes}")
+        if args.shapes_per_class < args.folds:  # a class dealt round-robin over the folds: fewer images than folds empty some
+            raise ValueError(
+                f"--shapes-per-class {args.shapes_per_class} is less than --folds {args.folds}: some held-out folds would lack a class "
+                "or be empty; give at least one image per class and fold"
+            )
     if args.image_size < 32:
         raise ValueError(f"--image-size must be at least 32, got {args.image_size}")
     if args.image_size != CROP and args.model in ("vit_b_16", "maxvit_t"):
         raise ValueError(f"--model {args.model} takes {CROP} x {CROP} images only, got --image-size {args.image_size}")
     if args.image_size != CROP and args.method == "prior":  # the CLIP encoder sees the training crop
         raise ValueError(f"--method prior takes {CROP} x {CROP} images only (CLIP's input), got --image-size {args.image_size}")
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
     if not 0.0 <= args.tau < 1.0:
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
     if args.method == "prior":
@@ -1235,20 +1403,25 @@ def setup(args, argv):
     FileNotFoundError or DataError with a message that says why."""
     checkpoint = None
     if args.resume is not None:
-        path = os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isdir(args.resume):
-            raise FileNotFoundError(f"--resume {args.resume} does not exist")
-        if os.path.isfile(os.path.join(args.resume, "metrics.json")):
+            raise FileNotFoundError(
+                f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist"
+            )
+        try:
+            entries = set(os.listdir(args.resume))
+        except OSError as e:
+            raise RunFileError(f"--resume {args.resume} cannot be read: {e.strerror}") from None
+        if "metrics.json" in entries:
             raise ValueError(
                 f"--resume {args.resume}: this run finished (its metrics.json is there); there is nothing to resume "
                 "(a --fold all run continues from the newest fold's folder)"
             )
-        if not os.path.isfile(path):
+        if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is a whole state (a crash between renames)
             raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there")
         try:
-            checkpoint = read_checkpoint(path, DL_CHECKPOINT_KEYS)
-        except ValueError as e:
-            raise ValueError(f"--resume {args.resume}: {e}") from e
+            checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), DL_CHECKPOINT_KEYS)
+        except RunFileError as e:
+            raise RunFileError(f"--resume {args.resume}: {e}") from None
         saved = checkpoint["args"]
         ignored = ignored_flags(args, saved, keep=("resume", "cuda", "num_workers"))
         if ignored:
@@ -1266,6 +1439,9 @@ def setup(args, argv):
         if args.learning_rate is None:
             args.learning_rate = 1e-4 if args.model in ("vit_b_16", "swin_v2_t", "maxvit_t") else 1e-3
     check_args(args)
+    for folder in ("runs",) + ((args.prior_cache,) if args.method == "prior" else ()):  # where the run writes: checked before any work
+        if unwritable(folder):
+            raise RunFileError(f"cannot write in {folder}: {unwritable(folder)}")
     records, classes = dataset_records(args)
     check_files(records)
     if args.pretrained:
@@ -1309,8 +1485,11 @@ if __name__ == "__main__":
     for fold in folds:
         try:
             run_dir = train_fold(args, int(fold), records, classes, checkpoint, prior_cams)
-        except (FileNotFoundError, DataError) as e:  # a file that went missing or is corrupt, found mid-run
+        except (FileNotFoundError, DataError, ValueError) as e:  # a file that went missing or is corrupt, --track without a key
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:  # TensorBoard's writer on a full disk or a folder made read-only; the last checkpoint is whole
+            print(f"error: cannot write the run's files: {WRITE_FAILURES.get(e.errno) or first_line(e)}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
             print("\nstopped at once, without a checkpoint; the last saved one (if any) is in the run folder", file=sys.stderr, flush=True)

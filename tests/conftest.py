@@ -24,9 +24,9 @@ def ppo():
     return load_script("ppo_camal_vizdoom")
 
 
-def run_script(name, args, cwd, timeout=300, **kwargs):
-    """Run `python name.py args` in cwd; returns the CompletedProcess (stdout and stderr as text)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_script(name, args, cwd, timeout=300, env_extra=None, **kwargs):
+    """Run `python name.py args` in cwd (with env_extra in its environment); returns the CompletedProcess (stdout and stderr as text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.run(
         [sys.executable, str(ROOT / f"{name}.py"), *args],
         cwd=cwd,

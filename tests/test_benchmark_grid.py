@@ -140,17 +140,23 @@ def test_local_grid_runs_skips_and_analyses(tmp_path):
     assert dry.count(": finished") == 2
 
 
-def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
-    iters, per_iter = 12, 64
-    args = [*CELL, "--checkpoint-every", "2", *long_cell(iters)]
+def start_until_checkpoint(args, tmp_path):
+    """benchmark.py with one cell, in the background, until the cell's run has saved a checkpoint: (the process, the cell)."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     cells = tmp_path / "benchmark_runs" / "cells"
     deadline = time.time() + 300
-    while not list(cells.glob("drl__Basic__camal__paper__1__*/runs/*/checkpoint.pt")) and time.time() < deadline:
+    while not list(cells.glob("*/runs/*/checkpoint.pt")) and time.time() < deadline:
         time.sleep(0.2)
     (cell,) = cells.iterdir()
+    return proc, cell
+
+
+def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
+    iters, per_iter = 12, 64
+    args = [*CELL, "--checkpoint-every", "2", *long_cell(iters)]
+    proc, cell = start_until_checkpoint(args, tmp_path)
     proc.send_signal(signal.SIGINT)  # Ctrl-C on the benchmark: the cell checkpoints and stops
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
@@ -165,7 +171,8 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
     assert steps == [per_iter * i for i in range(1, iters + 1)]  # one value per iteration across the break
 
 
-def test_failed_cell_is_retried_and_summarised(tmp_path):
+def test_refused_cell_is_not_retried_and_is_summarised(tmp_path):
+    """Exit code 2 is the script refusing its input: the same command would be refused again, so it is not retried."""
     proc = bench(
         [
             "--preset",
@@ -188,9 +195,26 @@ def test_failed_cell_is_retried_and_summarised(tmp_path):
     assert proc.returncode == 1
     (cell,) = (tmp_path / "benchmark_runs" / "cells").iterdir()
     log = (cell / "log.txt").read_text()
-    assert log.count("(attempt ") == 2 and "--data-dir no/such/dir does not exist" in log
+    assert log.count("(attempt ") == 1 and "--data-dir no/such/dir does not exist" in log
     assert "| failed cell | exit code | last lines of its log |" in proc.stderr
     assert f"| {cell.name} | 2 | " in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_a_crashed_cell_is_retried_from_its_checkpoint(tmp_path):
+    """A training process killed outright (SIGKILL: no checkpoint of its own) is retried, and the retry resumes from the last
+    checkpoint it saved; one curve value per iteration across the crash."""
+    iters, per_iter = 12, 64
+    args = [*CELL, "--checkpoint-every", "2", "--retries", "1", *long_cell(iters)]
+    proc, cell = start_until_checkpoint(args, tmp_path)
+    # the benchmark's own child only (other benchmarks may run on this machine)
+    (trainer,) = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "ppo_camal_vizdoom.py"], capture_output=True, text=True).stdout.split()
+    os.kill(int(trainer), signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "1 done, 0 failed" in err, err[-3000:]
+    log = (cell / "log.txt").read_text()
+    assert log.count("(attempt ") == 2 and "--resume runs/" in log and "resuming" in log
+    (run,) = (cell / "runs").iterdir()
+    assert [e.step for e in read_events(run).Scalars("charts/SPS")] == [per_iter * i for i in range(1, iters + 1)]
 
 
 def test_a_cell_runs_once_under_two_invocations(tmp_path):

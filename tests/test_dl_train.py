@@ -90,6 +90,9 @@ def test_folds_differ_and_fold_all(shapes_runs):
 def test_resume_fold_all_continues_with_the_next_folds(tmp_path):
     proc = run_script("train_dl_camal", ["--fold", "all", *TINY, *SMALL, "--epochs", "1", "--checkpoint-every", "1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # --fold all's ETA covers the folds still to run: after fold 0's only epoch, folds 1 and 2 are left
+    etas = {line.split()[1]: line.split("eta=")[1] for line in proc.stdout.splitlines() if line.startswith("fold ") and "eta=" in line}
+    assert etas["0"] != "0m 00s" and etas["2"] == "0m 00s", etas
     by_fold = {json.loads((r / "metrics.json").read_text())["fold"]: r for r in (tmp_path / "runs").iterdir()}
     for r in by_fold.values():
         (r / "metrics.json").unlink()

@@ -22,6 +22,15 @@ SHARED = [
             "previous_checkpoint",
             "read_checkpoint",
             "write_json",
+            "RunFileError",
+            "first_line",
+            "WRITE_FAILURES",
+            "atomic_write",
+            "read_json",
+            "read_torch",
+            "make_folder",
+            "unwritable",
+            "state_bytes",
             "start_tracking",
             "STOP_SIGNAL",
             "PACE",
@@ -113,4 +122,9 @@ def test_dl_holds_the_checkpoint_copies():
 
 def test_every_json_writer_holds_the_atomic_copy():
     for script in ("train_dl_camal.py", "eval_faithfulness.py", "stats.py", "regularizer_study.py"):
-        assert "write_json" in top_level_definitions(ROOT / script), script
+        assert {"write_json", "atomic_write", "RunFileError", "unwritable"} <= set(top_level_definitions(ROOT / script)), script
+    # every file a run reads goes through one reader
+    for script in ("train_dl_camal.py", "eval_faithfulness.py"):
+        assert {"read_json", "read_torch"} <= set(top_level_definitions(ROOT / script)), script
+    assert "read_json" in top_level_definitions(ROOT / "stats.py")
+    assert "unwritable" in top_level_definitions(ROOT / "benchmark.py")

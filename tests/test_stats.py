@@ -453,7 +453,7 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
         ("empty", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
         ("foreign", "no runs of train_dl_camal.py or ppo_camal_vizdoom.py"),
         ("missing", "does not exist"),
-        ("broken", "cannot be read as JSON"),
+        ("broken", "is not whole JSON"),
         ("not_ours", "is not a metrics.json of train_dl_camal.py"),
         ("reps", "--reps must be at least 1"),
     ],
