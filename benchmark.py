@@ -91,15 +91,20 @@ class Cell:
         return [sys.executable, str(ROOT / self.script), *args]
 
 
+PATH_FLAGS = ("--data-dir", "--weights", "--prior-weights", "--prior-cache")  # paths, whether they exist yet or not (--download makes DATA)
+
+
 def absolute_paths(passthrough):
     """Paths given relative to where the benchmark starts (--data-dir DATA, --weights w.pth) made absolute, since each cell
-    runs in its own folder."""
-    out = []
+    runs in its own folder: existing paths, and every value of PATH_FLAGS (--data-dir DATA --download makes DATA)."""
+    out, previous = [], ""
     for token in passthrough:
         flag, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
-        if value and not value.startswith("-") and os.path.exists(value):
+        path_flag = (flag if eq else previous) in PATH_FLAGS and value != "random"
+        if value and not value.startswith("-") and (os.path.exists(value) or path_flag):
             value = os.path.abspath(value)
         out.append(f"{flag}{eq}{value}" if flag else value)
+        previous = token if token.startswith("--") and not eq else ""
     return out
 
 

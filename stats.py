@@ -95,7 +95,7 @@ CELL = {"dataset", "model", "method", "fold", "seed", "env"}
 METHOD_SETTINGS = {
     "camal": ("camal_coef",),
     "suppress": ("camal_coef",),
-    "prior": ("camal_coef", "prior_model", "prior_weights", "prior_threshold"),
+    "prior": ("camal_coef", "prior_model", "prior_weights", "prior_pretrained", "prior_threshold"),
 }
 METHOD_ONLY = {k for keys in METHOD_SETTINGS.values() for k in keys}
 # metrics.json written before it held every setting ("args"): its top-level ones

@@ -65,6 +65,10 @@ class Args:
     """shapes (built in, no download), pets (Oxford-IIIT-Pet), flowers (Oxford-Flower-102) or busi"""
     data_dir: Optional[str] = None
     """the folder that holds the dataset's own folder (oxford-iiit-pet/, flowers-102/, Dataset_BUSI_with_GT/)"""
+    download: bool = False
+    """fetch --dataset into --data-dir first (pets, flowers: the official archives, checksum-verified; a second call only verifies); busi says where to get it"""
+    download_mirror: Optional[str] = None
+    """fetch datasets and ImageNet weights from this server instead of their own (the same paths), e.g. a local mirror"""
     folds: int = 10
     """k of the stratified k-fold split over the whole dataset"""
     fold: str = "0"
@@ -92,7 +96,7 @@ class Args:
     pretrained: bool = True
     """start from torchvision's ImageNet weights (the paper). Shapes trains from scratch unless --pretrained is given"""
     weights: Optional[str] = None
-    """a local ImageNet weights file for --model (otherwise torch's hub cache is searched; nothing is downloaded)"""
+    """a local ImageNet weights file for --model (otherwise torchvision's, from torch's hub cache, downloaded there and checksum-verified when missing)"""
 
     # Method
     method: Literal["camal", "vanilla", "suppress", "prior"] = "camal"
@@ -107,6 +111,8 @@ class Args:
     """prior: the open_clip architecture whose Grad-CAM gives the pseudo-masks"""
     prior_weights: Optional[str] = None
     """prior: a local open_clip weights file, or `random` for an untrained encoder (tests)"""
+    prior_pretrained: Optional[str] = None
+    """prior: an open_clip pretrained tag of --prior-model (e.g. openai), fetched by open_clip into its own cache; instead of --prior-weights"""
     prior_threshold: float = 0.5
     """prior: the pseudo-mask is the CLIP CAM above this value"""
     prior_cache: str = "prior_cache"
@@ -294,6 +300,120 @@ def busi_records(data_dir):
     return records, classes
 
 
+# ---------------------------------------------------------------------------------------------
+# Downloads: the datasets' own archives into the layouts the readers above read, and torchvision's ImageNet weights
+# ---------------------------------------------------------------------------------------------
+# Flowers-102's segmentation archive is not one of torchvision's resources; its md5 as other loaders publish it.
+FLOWERS_SEGMENTATIONS = ("102segmentations.tgz", "51375996b6c4f367a4b9f4492d7ecef5")
+LAYOUTS = {
+    "pets": "DATA/oxford-iiit-pet/images/*.jpg and DATA/oxford-iiit-pet/annotations/{trainval.txt, test.txt, trimaps/*.png}",
+    "flowers": "DATA/flowers-102/jpg/image_*.jpg, DATA/flowers-102/segmim/segmim_*.jpg, DATA/flowers-102/{imagelabels.mat, setid.mat}",
+    "busi": "DATA/Dataset_BUSI_with_GT/{benign, malignant, normal}/*.png with their *_mask.png",
+}
+BUSI_SOURCE = (
+    "BUSI has no stable direct link: get Dataset_BUSI_with_GT from its page (https://scholar.cu.edu.eg/?q=afahmy/pages/dataset, "
+    "or a mirror such as Kaggle's 'breast-ultrasound-images-dataset'), unzip it into --data-dir"
+)
+
+
+def dataset_files(dataset):
+    """(the dataset's folder under --data-dir, [(url, md5, extract?)]): torchvision's own resources for OxfordIIITPet and
+    Flowers102, so the layout is the one torchvision's classes make, plus Flowers' segmentation archive."""
+    from torchvision.datasets import Flowers102, OxfordIIITPet
+
+    if dataset == "pets":
+        return "oxford-iiit-pet", [(url, md5, True) for url, md5 in OxfordIIITPet._RESOURCES]
+    prefix = Flowers102._download_url_prefix
+    files = [(prefix + name, md5, name.endswith(".tgz")) for name, md5 in Flowers102._file_dict.values()]
+    return "flowers-102", files + [(prefix + FLOWERS_SEGMENTATIONS[0], FLOWERS_SEGMENTATIONS[1], True)]
+
+
+def mirrored(url, mirror):
+    """url on the --download-mirror server (its path kept), or url itself."""
+    if not mirror:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    m, u = urlsplit(mirror), urlsplit(url)
+    return urlunsplit((m.scheme, m.netloc, m.path.rstrip("/") + u.path, u.query, ""))
+
+
+def fetch(url, folder, name, md5):
+    """folder/name from url, checked against md5 with torchvision's own download (progress bar) and check; a whole, verified
+    file is not fetched again. A download that fails or does not match its checksum leaves nothing under that name."""
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    path = os.path.join(folder, name)
+    if check_integrity(path, md5):
+        print(f"download: {name} is there and matches its checksum", flush=True)
+        return path
+    part = path + ".part"
+    try:
+        print(f"download: {url}", flush=True)
+        download_url(url, folder, os.path.basename(part))
+        if not check_integrity(part, md5):
+            raise DataError(f"{url} does not match its checksum (md5 {md5}): cut short or corrupt, it was removed; try again")
+        os.replace(part, path)
+    except DataError:
+        raise
+    except Exception as e:  # no network, a server that drops the connection, a full disk: nothing half-written stays
+        raise DataError(f"cannot download {url} ({first_line(e)})") from None
+    finally:
+        if os.path.lexists(part):
+            os.remove(part)
+    return path
+
+
+def download_dataset(dataset, data_dir, mirror=None):
+    """Fetch `dataset` into data_dir in the layout its reader reads: every archive checksum-verified, extracted into a
+    folder beside the target and moved into place only when whole, then marked done; a second call verifies and fetches
+    nothing. BUSI has no stable link: a DataError says where to get it. Concurrent calls (a grid's cells) take turns."""
+    if dataset == "shapes":
+        return
+    if dataset == "busi":  # put there by hand: nothing to fetch once it is there (its reader checks every file)
+        if os.path.isdir(os.path.join(data_dir, "Dataset_BUSI_with_GT")):
+            return
+        raise DataError(f"--download: {BUSI_SOURCE}, so that {LAYOUTS['busi']} exist (DATA is --data-dir)")
+    import fcntl
+
+    from torchvision.datasets.utils import check_integrity, extract_archive
+
+    folder, files = dataset_files(dataset)
+    root = os.path.join(data_dir, folder)
+    cache = os.path.join(root, ".downloads")
+    make_folder(cache)
+    with open(os.path.join(cache, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another cell downloading the same files: wait for it, then find them done
+        for url, md5, extract in files:
+            name = os.path.basename(url)
+            done = os.path.join(root, f".{name}.done")
+            archive = os.path.join(cache, name)
+            if os.path.isfile(done) and (not os.path.isfile(archive) or check_integrity(archive, md5)):
+                print(f"download: {name} is in place" + (" and its archive matches its checksum" if os.path.isfile(archive) else ""), flush=True)
+                continue
+            try:
+                archive = fetch(mirrored(url, mirror), cache, name, md5)
+            except DataError as e:
+                raise DataError(f"{e}. Without a network, put the files there by hand: {LAYOUTS[dataset]} (DATA is --data-dir)") from None
+            partial = os.path.join(root, f".{name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            if extract:
+                extract_archive(archive, partial)
+            else:
+                make_folder(partial)
+                shutil.copyfile(archive, os.path.join(partial, name))
+            for entry in sorted(os.listdir(partial)):  # into place only when whole; a half-moved earlier attempt is replaced
+                target = os.path.join(root, entry)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                elif os.path.lexists(target):
+                    os.remove(target)
+                os.replace(os.path.join(partial, entry), target)
+            os.rmdir(partial)
+            atomic_write(done, lambda f: f.write(md5.encode()))
+    print(f"download: {dataset} is in {root} ({LAYOUTS[dataset].replace('DATA', data_dir)})", flush=True)
+
+
 def read_mask(dataset, paths):
     """The discriminative region as a bool H x W array, from the dataset's own mask files."""
     if dataset == "pets":
@@ -471,7 +591,12 @@ def clip_prior_cams(args, records, classes, device):
 
     prompts = [PROMPTS[args.dataset](c) for c in classes]
     ids = "|".join(str(r[0]) for r in records) + "|" + "|".join(prompts) + f"|{args.resize} {resize_for(CROP)}"  # geometry too
-    weights_id = "random" if args.prior_weights == "random" else f"{os.path.abspath(args.prior_weights)}:{os.path.getsize(args.prior_weights)}"
+    if args.prior_pretrained is not None:
+        weights_id = f"pretrained:{args.prior_pretrained}"
+    elif args.prior_weights == "random":
+        weights_id = "random"
+    else:
+        weights_id = f"{os.path.abspath(args.prior_weights)}:{os.path.getsize(args.prior_weights)}"
     key = hashlib.sha1(f"{args.dataset}|{args.prior_model}|{weights_id}|{args.split_seed}|{ids}".encode()).hexdigest()[:16]
     path = os.path.join(args.prior_cache, f"{args.dataset}__{args.prior_model}__{key}.pt")
     if os.path.isfile(path):
@@ -485,7 +610,15 @@ def clip_prior_cams(args, records, classes, device):
         clip = open_clip.create_model(args.prior_model, pretrained=None)
     except RuntimeError as e:
         raise ValueError(f"--prior-model {args.prior_model}: {e}") from e
-    if args.prior_weights != "random":
+    if args.prior_pretrained is not None:  # open_clip's own mechanism: its hub or URL, its cache, its checks
+        try:
+            clip = open_clip.create_model(args.prior_model, pretrained=args.prior_pretrained)
+        except Exception as e:  # offline, or a download that failed
+            raise ValueError(
+                f"cannot get open_clip's {args.prior_model} weights '{args.prior_pretrained}' ({first_line(e)}): on a machine with a "
+                "network they are fetched into open_clip's cache (Hugging Face's, ~/.cache/huggingface); without one, pass --prior-weights PATH"
+            ) from None
+    if args.prior_weights not in (None, "random"):
         open_clip.load_checkpoint(clip, args.prior_weights)
     clip = clip.to(device).eval()
     visual = clip.visual
@@ -536,16 +669,28 @@ WEIGHTS = {
 }
 
 
-def imagenet_state_dict(name, weights_path):
-    """ImageNet weights from --weights or torch's hub cache; never downloaded."""
-    w = getattr(torchvision.models, WEIGHTS[name]).IMAGENET1K_V1
-    filename = os.path.basename(w.url)
+def weights_url(name):
+    """torchvision's URL of the ImageNet weights of `name` (its file name carries the start of its sha256, which torch.hub checks)."""
+    return getattr(torchvision.models, WEIGHTS[name]).IMAGENET1K_V1.url
+
+
+def imagenet_state_dict(name, weights_path, mirror=None):
+    """ImageNet weights from --weights, or torchvision's own file in torch's hub cache ($TORCH_HOME/hub/checkpoints), downloaded
+    there through torch.hub (its progress bar and its check of the file's hash) when it is missing; offline, a message naming the
+    file, its URL and the cache path."""
+    source = weights_url(name)
+    filename = os.path.basename(source)
     path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no ImageNet weights for {name}: put {filename} (from {w.url}) at {path}, "
-            "or pass --weights PATH, or train from scratch with --no-pretrained"
-        )
+    if weights_path is None and not os.path.isfile(path):
+        url = mirrored(source, mirror)
+        print(f"ImageNet weights for {name}: downloading {url} into {os.path.dirname(path)}", flush=True)
+        try:
+            torch.hub.load_state_dict_from_url(url, model_dir=os.path.dirname(path), file_name=filename, check_hash=True, weights_only=True)
+        except Exception as e:  # no network, a dropped connection, a hash that does not match: torch.hub leaves no file
+            raise RunFileError(
+                f"cannot download the ImageNet weights of {name} ({first_line(e)}): put {filename} (from {source}) at {path}, "
+                "or pass --weights PATH, or train from scratch with --no-pretrained"
+            ) from None
     state = read_torch(path)
     try:
         getattr(torchvision.models, name)(weights=None).load_state_dict(state)
@@ -1186,7 +1331,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device, autocast = pick_device(args, distributed)
 
-    imagenet = imagenet_state_dict(args.model, args.weights) if args.pretrained else None
+    imagenet = imagenet_state_dict(args.model, args.weights, args.download_mirror) if args.pretrained else None
     model = CamModel(args.model, len(classes), imagenet).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     start_epoch, global_step = restore_fold(model, optimizer, checkpoint, args, run_name)
@@ -1330,12 +1475,20 @@ def check_args(args):
     if not 0.0 <= args.tau < 1.0:
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
     if args.method == "prior":
-        if args.prior_weights is None:
+        if (args.prior_weights is None) == (args.prior_pretrained is None):
             raise ValueError(
-                "--method prior needs --prior-weights PATH (open_clip weights for --prior-model), "
-                "or --prior-weights random for an untrained encoder (tests)"
+                "--method prior needs one of --prior-pretrained TAG (open_clip's pretrained weights of --prior-model, e.g. openai, "
+                "downloaded), --prior-weights PATH (a local open_clip weights file), or --prior-weights random (an untrained encoder, tests)"
             )
-        if args.prior_weights != "random" and not os.path.isfile(args.prior_weights):
+        if args.prior_pretrained is not None:
+            try:
+                import open_clip
+            except ImportError:
+                raise ValueError("--method prior needs open_clip: pip install -r requirements-prior.txt") from None
+            tags = open_clip.list_pretrained_tags_by_model(args.prior_model)
+            if args.prior_pretrained not in tags:
+                raise ValueError(f"--prior-pretrained {args.prior_pretrained} is not a tag of {args.prior_model}; its tags: {', '.join(tags)}")
+        if args.prior_weights not in (None, "random") and not os.path.isfile(args.prior_weights):
             raise FileNotFoundError(f"--prior-weights {args.prior_weights}: no such file")
         if not 0.0 <= args.prior_threshold < 1.0:
             raise ValueError(f"--prior-threshold must lie in [0, 1), got {args.prior_threshold}")
@@ -1442,10 +1595,18 @@ def setup(args, argv):
     for folder in ("runs",) + ((args.prior_cache,) if args.method == "prior" else ()):  # where the run writes: checked before any work
         if unwritable(folder):
             raise RunFileError(f"cannot write in {folder}: {unwritable(folder)}")
-    records, classes = dataset_records(args)
+    if args.download and args.dataset != "shapes":
+        if args.data_dir is None:
+            raise ValueError("--download needs --data-dir, the folder to put the dataset in")
+        download_dataset(args.dataset, args.data_dir, args.download_mirror)
+    try:
+        records, classes = dataset_records(args)
+    except FileNotFoundError as e:  # the data is not there: say how to get it
+        hint = "" if args.download else f" ({BUSI_SOURCE})" if args.dataset == "busi" else " (--download fetches it)"
+        raise FileNotFoundError(f"{e}{hint}") from None
     check_files(records)
     if args.pretrained:
-        imagenet_state_dict(args.model, args.weights)  # fail before any training, not after
+        imagenet_state_dict(args.model, args.weights, args.download_mirror)  # fetched and checked before any training, not after
     return args, checkpoint, records, classes
 
 

@@ -77,7 +77,7 @@ def test_ppo_settings(ppo, capsys, args, message):
         (["--dataset", "imagenet"], "shapes"),
         (["--dataset", "pets", "--data-dir", "no/such/dir"], "--data-dir no/such/dir does not exist"),
         (["--dataset", "busi", "--data-dir", "."], "Dataset_BUSI_with_GT"),
-        (["--dataset", "shapes", "--pretrained"], "put resnet18-"),
+        (["--dataset", "shapes", "--pretrained", "--download-mirror", "http://127.0.0.1:9"], "put resnet18-"),  # no server: offline
         (["--fold", "10"], "--fold must be 0 to 9"),
         (["--method", "gradcam"], "prior"),
         (["--method", "prior"], "--prior-weights"),
@@ -93,6 +93,7 @@ def test_ppo_settings(ppo, capsys, args, message):
 )
 def test_dl_settings(dl, capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights: the offline message, never the network
     with pytest.raises((ValueError, FileNotFoundError, dl.DataError, SystemExit)) as err:
         dl.setup(tyro.cli(dl.Args, args=args), args)
     if err.type is SystemExit:

@@ -61,6 +61,13 @@ SHARED = [
             "SHAPE_NAMES",
             "CUE_COLOURS",
             "RESIZE, CROP",
+            "FLOWERS_SEGMENTATIONS",
+            "LAYOUTS",
+            "BUSI_SOURCE",
+            "dataset_files",
+            "mirrored",
+            "fetch",
+            "download_dataset",
         ),
     ),
     ("eval_faithfulness.py", ("mean_ci", "plot_curves")),
@@ -109,6 +116,7 @@ def test_regularizer_study_holds_the_copies():
     assert {"camal_terms", "dataset_records", "read_mask", "render_shape", "resize_crop", "pets_records", "flowers_records", "busi_records"} <= set(
         defs
     )
+    assert {"download_dataset", "fetch", "dataset_files", "mirrored"} <= set(defs)
 
 
 def test_benchmarks_hold_the_copies():

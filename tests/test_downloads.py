@@ -1,0 +1,232 @@
+"""train_dl_camal.py's downloads against a real HTTP server on 127.0.0.1 (the tests never reach the network).
+
+The server holds tiny archives in the official formats (Pets' images and annotations tarballs with trimaps and the list files,
+Flowers' 102flowers.tgz, .mat files and segmentation archive) at the official paths, and --download-mirror points the
+downloads at it. The expected checksums are the tiny archives' own (patched in-process into torchvision's tables, where
+the real ones live). Each download is checked, extracted and trained on; a second call fetches nothing; a corrupt archive,
+a dropped connection and no server at all are clear errors that leave nothing a later run mistakes for data.
+"""
+
+import hashlib
+import io
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+import torchvision
+
+from conftest import ROOT, load_script
+
+dl = load_script("train_dl_camal")
+
+
+class Handler(SimpleHTTPRequestHandler):
+    """Serves server.files (path -> bytes), counts the GETs, and cuts the paths in server.drop off halfway."""
+
+    def do_GET(self):
+        self.server.gets.append(self.path)
+        self.send_head_and_body(body=True)
+
+    def do_HEAD(self):
+        self.send_head_and_body(body=False)
+
+    def send_head_and_body(self, body):
+        data = self.server.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data[: len(data) // 2] if self.path in self.server.drop else data)
+            if self.path in self.server.drop:
+                try:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-file
+                except OSError:
+                    pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.files, srv.gets, srv.drop = {}, [], set()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+
+
+def tar_gz(folder, names):
+    """A .tar.gz of folder's entries `names`, as the official archives hold them (the top folder in every path)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in names:
+            tar.add(folder / name, arcname=name)
+    return buf.getvalue()
+
+
+def serve_official(server, monkeypatch, tmp_path, dataset):
+    """The dataset's official files, tiny, at their official paths on the server; torchvision's checksums set to theirs."""
+    from test_dl_data import make_flowers, make_pets
+    from torchvision.datasets import Flowers102, OxfordIIITPet
+
+    src = tmp_path / "src"
+    if dataset == "pets":
+        make_pets(src)
+        base = src / "oxford-iiit-pet"
+        (base / "annotations" / "list.txt").write_text("# Image CLASS-ID SPECIES BREED ID\n")
+        blobs = {"images.tar.gz": tar_gz(base, ["images"]), "annotations.tar.gz": tar_gz(base, ["annotations"])}
+        resources = [(url, hashlib.md5(blobs[url.rsplit("/", 1)[1]]).hexdigest()) for url, _ in OxfordIIITPet._RESOURCES]
+        monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", tuple(resources))
+        urls = [url for url, _ in resources]
+    else:
+        make_flowers(src)
+        base = src / "flowers-102"
+        blobs = {
+            "102flowers.tgz": tar_gz(base, ["jpg"]),
+            "102segmentations.tgz": tar_gz(base, ["segmim"]),
+            "imagelabels.mat": (base / "imagelabels.mat").read_bytes(),
+            "setid.mat": (base / "setid.mat").read_bytes(),
+        }
+        md5 = {name: hashlib.md5(b).hexdigest() for name, b in blobs.items()}
+        monkeypatch.setattr(Flowers102, "_file_dict", {k: (name, md5[name]) for k, (name, _) in Flowers102._file_dict.items()})
+        monkeypatch.setattr(dl, "FLOWERS_SEGMENTATIONS", ("102segmentations.tgz", md5["102segmentations.tgz"]))
+        urls = [Flowers102._download_url_prefix + name for name in blobs]
+    for url in urls:
+        server.files[urlsplit(url).path] = blobs[url.rsplit("/", 1)[1]]
+    return {urlsplit(url).path: url.rsplit("/", 1)[1] for url in urls}
+
+
+def test_pets_download_verify_and_train(server, monkeypatch, tmp_path, capsys):
+    paths = serve_official(server, monkeypatch, tmp_path, "pets")
+    data = tmp_path / "data"
+    dl.download_dataset("pets", str(data), server.url)
+    assert set(server.gets) == set(paths)  # torchvision's download opens each URL twice (a redirect check, then the file)
+    gets = len(server.gets)
+    records, classes = dl.pets_records(str(data))
+    assert classes == ["Abyssinian", "beagle"] and len(records) == 6
+    capsys.readouterr()
+    dl.download_dataset("pets", str(data), server.url)  # a second call verifies and fetches nothing
+    assert len(server.gets) == gets and "is in place and its archive matches its checksum" in capsys.readouterr().out
+    assert not list(data.glob("**/*.part")) and not list(data.glob("**/*.partial"))
+    # the downloaded tree trains, as a user runs it
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_dl_camal.py"), "--dataset", "pets", "--data-dir", str(data), "--no-pretrained", "--epochs", "1"]
+        + ["--folds", "2", "--batch-size", "4", "--image-size", "64"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "metrics.json").is_file()
+
+
+def test_flowers_download_with_its_segmentations(server, monkeypatch, tmp_path):
+    serve_official(server, monkeypatch, tmp_path, "flowers")
+    data = tmp_path / "data"
+    dl.download_dataset("flowers", str(data), server.url)
+    records, classes = dl.flowers_records(str(data))
+    assert len(records) == 6 and classes == ["pink primrose", "hard-leaved pocket orchid"]
+    mask = dl.read_mask("flowers", records[0][1])
+    assert 0.2 < mask.mean() < 0.4  # the flower box of the blue-background segmentation
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "dropped"])
+def test_a_bad_download_leaves_nothing(server, monkeypatch, tmp_path, fault):
+    paths = serve_official(server, monkeypatch, tmp_path, "pets")
+    bad = next(p for p, name in paths.items() if name == "annotations.tar.gz")
+    good = server.files[bad]
+    if fault == "corrupt":
+        server.files[bad] = server.files[bad][:-100] + b"\0" * 100
+    else:
+        server.drop.add(bad)
+    data = tmp_path / "data"
+    words = "does not match its checksum .*cut short or corrupt"  # a dropped connection ends the file early: the checksum finds it
+    with pytest.raises(dl.DataError, match=words):
+        dl.download_dataset("pets", str(data), server.url)
+    root = data / "oxford-iiit-pet"
+    assert not (root / "annotations").exists() and not list(root.glob(".annotations*")) and not list(root.glob("**/*.part"))
+    assert not (root / ".downloads" / "annotations.tar.gz").exists()
+    with pytest.raises(FileNotFoundError):  # what is there is not taken for the dataset
+        dl.pets_records(str(data))
+    server.drop.clear()  # the server is whole again: the next call completes the tree, fetching only what is missing
+    server.files[bad] = good
+    gets = len(server.gets)
+    dl.download_dataset("pets", str(data), server.url)
+    assert set(server.gets[gets:]) == {bad} and len(dl.pets_records(str(data))[0]) == 6
+
+
+def test_regularizer_study_downloads_too(tmp_path):
+    """The study's --download is the same tested copy; wired in before the data is read (busi: where to get it, exit code 2)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "regularizer_study.py"), "--dataset", "busi", "--data-dir", str(tmp_path), "--download"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "BUSI has no stable direct link" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_network_and_busi_say_what_to_do(tmp_path):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    with pytest.raises(dl.DataError, match="cannot download .*Without a network, put the files there by hand: DATA/oxford-iiit-pet/images"):
+        dl.download_dataset("pets", str(tmp_path / "data"), f"http://127.0.0.1:{port}")
+    with pytest.raises(dl.DataError, match="BUSI has no stable direct link"):
+        dl.download_dataset("busi", str(tmp_path / "data"))
+
+
+def test_imagenet_weights_come_through_torch_hub(server, monkeypatch, tmp_path):
+    """torchvision's weights, served under a name whose hash prefix torch.hub checks, into $TORCH_HOME; a wrong file is refused."""
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    good = buf.getvalue()
+    name = f"resnet18-{hashlib.sha256(good).hexdigest()[:8]}.pth"
+    server.files[f"/models/{name}"] = good
+    monkeypatch.setattr(dl, "weights_url", lambda model: f"https://download.pytorch.org/models/{name}")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    loaded = dl.imagenet_state_dict("resnet18", None, server.url)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / name).is_file()
+    dl.imagenet_state_dict("resnet18", None, server.url)  # cached: not fetched again
+    assert server.gets.count(f"/models/{name}") == 1
+    (tmp_path / "torch" / "hub" / "checkpoints" / name).unlink()
+    server.files[f"/models/{name}"] = good[:-10] + b"0123456789"  # the hash in the name no longer matches
+    with pytest.raises(dl.RunFileError, match="cannot download the ImageNet weights of resnet18 .*put resnet18-"):
+        dl.imagenet_state_dict("resnet18", None, server.url)
+    assert not list((tmp_path / "torch" / "hub" / "checkpoints").iterdir())
+
+
+def test_clip_prior_weights_come_through_open_clip(tmp_path):
+    """--prior-pretrained TAG goes through open_clip's own pretrained mechanism (Hugging Face's hub and cache); offline (the
+    hub told so, so nothing is attempted), the message says how to do without; an unknown tag is refused at the door."""
+    pytest.importorskip("open_clip", reason="requirements-prior.txt")
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    args = ["--method", "prior", "--prior-model", "ViT-B-32", "--prior-pretrained", "openai", "--shapes-per-class", "4", "--folds", "2"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_dl_camal.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot get open_clip's ViT-B-32 weights 'openai'" in proc.stderr and "--prior-weights PATH" in proc.stderr
+    with pytest.raises(ValueError, match="is not a tag of ViT-B-32; its tags: openai"):
+        dl.check_args(dl.Args(method="prior", prior_model="ViT-B-32", prior_pretrained="nonsense", learning_rate=1e-3, epochs=1))
