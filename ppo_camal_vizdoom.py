@@ -10,10 +10,12 @@ import pickle
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from typing import Literal, Optional, Tuple
 
 import cv2
@@ -888,6 +890,44 @@ def describe_device(device):
     return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
 
 
+ENVIRONMENT_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy", "scipy", "rliable")
+
+
+def record_environment(run_dir, device):
+    """Append to run_dir/environment.json what this process trains with: package versions, the git commit (and whether
+    tracked files were changed), the device. One entry per start or resume, so a run resumed under other versions says so."""
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def git(*cmd):
+        try:
+            done = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *cmd], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):  # no git here
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "script": os.path.basename(__file__),
+        "python": sys.version.split()[0],
+        "packages": {name: version(name) for name in ENVIRONMENT_PACKAGES},
+        "git": None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
+        "device": describe_device(device),
+        "cuda": torch.version.cuda,
+    }
+    path = os.path.join(run_dir, "environment.json")
+    try:
+        entries = read_json(path, kind=list) if os.path.exists(path) else []
+    except RunFileError:  # a damaged record is replaced, not a reason to stop the run
+        entries = []
+    write_json(path, entries + [entry], indent=2)
+
+
 def duration(seconds):
     """3d 4h, 2h 05m, 4m 10s: an ETA a reader takes in at a glance."""
     seconds = int(seconds)
@@ -1224,7 +1264,9 @@ def abandon(run_dir, video_dir, checkpoint):
     if checkpoint is not None:
         return
     for folder in filter(None, (run_dir, video_dir)):
-        if os.path.isdir(folder) and all(n == "args.json" or n == "wandb" or n.startswith("events.out.tfevents.") for n in os.listdir(folder)):
+        if os.path.isdir(folder) and all(
+            n in ("args.json", "environment.json", "wandb") or n.startswith("events.out.tfevents.") for n in os.listdir(folder)
+        ):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -1265,6 +1307,13 @@ if __name__ == "__main__":
         writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else global_step + 1)
     except ValueError as e:  # --track without wandb or without a W&B key
         envs.close()
+        abandon(run_dir, video_dir, checkpoint)
+        fail(str(e))
+    try:
+        record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
+    except RunFileError as e:
+        envs.close()
+        close_logs(writer, tracked)
         abandon(run_dir, video_dir, checkpoint)
         fail(str(e))
     catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point

@@ -12,6 +12,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from typing import List, Literal, Optional
 
 import numpy as np
@@ -366,6 +367,63 @@ def load_json(path):
         return read_json(path)
     except RunFileError as e:
         raise StatsError(str(e)) from None
+
+
+# what changes a run's numbers (the analysis' own scipy and rliable are this process's: report() names them)
+NUMBER_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy")
+
+
+def run_environment(run_dir, warnings_):
+    """{package: sorted versions} a run was trained with, from the environment.json its trainer wrote (one entry per
+    start or resume); None for a run that records none (made before the record existed)."""
+    path = os.path.join(run_dir, "environment.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        entries = read_json(path, kind=list)
+        versions = {p: sorted({str(e["packages"][p]) for e in entries if e["packages"].get(p)}) for p in NUMBER_PACKAGES}
+    except (RunFileError, KeyError, TypeError, AttributeError) as e:
+        warnings_.append(
+            {"run": run_dir, "reason": f"its environment.json cannot be used ({first_line(e) or type(e).__name__}): its versions are not compared"}
+        )
+        return None
+    return {p: v for p, v in versions.items() if v}
+
+
+def version_warnings(dl_runs, drl_runs, warnings_):
+    """A warning per table whose runs were trained with different versions of a package that changes the numbers."""
+    tables = {}
+    for r in dl_runs:
+        tables.setdefault(f"{r['dataset']}", []).append(r)
+    for r in drl_runs:
+        tables.setdefault(f"{r.get('task', r['env'])}", []).append(r)
+    for name, runs in sorted(tables.items()):
+        recorded = [r for r in runs if r.get("environment") is not None]
+        for package in NUMBER_PACKAGES:
+            counts = {}
+            for r in recorded:
+                for v in r["environment"].get(package, []):
+                    counts[v] = counts.get(v, 0) + 1
+            if len(counts) > 1:
+                found = ", ".join(f"{v} ({n} runs)" for v, n in sorted(counts.items()))
+                warnings_.append(
+                    {
+                        "run": name,
+                        "reason": f"its runs were trained with different {package} versions: {found}; "
+                        "a difference between methods may partly be one between versions (each run's environment.json)",
+                    }
+                )
+
+
+def analysis_environment():
+    """The versions this analysis computes with: scipy's Wilcoxon p-values and rliable's bootstrap depend on them."""
+    found = {}
+    for name in ("scipy", "rliable", "numpy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return {"python": sys.version.split()[0], **found}
 
 
 def read_tensorboard(run_dir):
@@ -1428,6 +1486,9 @@ def analyse(args):
             f"no runs of train_dl_camal.py or ppo_camal_vizdoom.py under {', '.join(args.paths)}{seen}: "
             "a run folder holds metrics.json (DL), eval.json or the TensorBoard events of a PPO run"
         )
+    for r in dl_runs + drl_runs:
+        r["environment"] = run_environment(r["dir"], warnings_)
+    version_warnings(dl_runs, drl_runs, warnings_)
     incomplete = list(left_out)
     with np.errstate(over="ignore"):  # a mean that overflows is named under Warnings (overflowed), not by numpy
         summary, comparisons = dl_analysis(dl_runs, args, incomplete, warnings_) if dl_runs else ([], [])
@@ -1449,6 +1510,7 @@ def analyse(args):
         )
     stats = {
         "args": asdict(args),
+        "computed_with": analysis_environment(),
         "nothing_compared": uncompared,
         "dl": {
             "runs": len(dl_runs),
@@ -1518,6 +1580,8 @@ def report(stats, tables):
     ):
         if items:
             parts += [f"### {title}", ""] + [f"- {i['run']}: {i['reason']}" for i in items] + [""]
+    env = stats["computed_with"]
+    parts += [f"Computed with scipy {env['scipy']} (the Wilcoxon p-values), rliable {env['rliable']} and numpy {env['numpy']}.", ""]
     return "\n".join(parts)
 
 

@@ -9,11 +9,13 @@ import pickle
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from typing import Literal, Optional
 
 import cv2
@@ -1340,6 +1342,8 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     # rank 0 logs, one W&B run per fold; a resumed run redoes the epochs from start_epoch on
     writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else start_epoch) if rank == 0 else (None, None)
+    if rank == 0:
+        record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
     train_loader, sampler, test_loader, grid = loaders(args, train_set, test_set, start_epoch, distributed)
     supervised = args.method != "vanilla"
     start_time = time.time()
@@ -1500,6 +1504,44 @@ def describe_device(device):
     if device.type == "cuda":
         return f"GPU {torch.cuda.get_device_name(device)}"
     return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
+
+
+ENVIRONMENT_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy", "scipy", "rliable")
+
+
+def record_environment(run_dir, device):
+    """Append to run_dir/environment.json what this process trains with: package versions, the git commit (and whether
+    tracked files were changed), the device. One entry per start or resume, so a run resumed under other versions says so."""
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def git(*cmd):
+        try:
+            done = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *cmd], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):  # no git here
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "script": os.path.basename(__file__),
+        "python": sys.version.split()[0],
+        "packages": {name: version(name) for name in ENVIRONMENT_PACKAGES},
+        "git": None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
+        "device": describe_device(device),
+        "cuda": torch.version.cuda,
+    }
+    path = os.path.join(run_dir, "environment.json")
+    try:
+        entries = read_json(path, kind=list) if os.path.exists(path) else []
+    except RunFileError:  # a damaged record is replaced, not a reason to stop the run
+        entries = []
+    write_json(path, entries + [entry], indent=2)
 
 
 def duration(seconds):

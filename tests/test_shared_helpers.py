@@ -38,6 +38,8 @@ SHARED = [
             "catch_stop_signals",
             "attention_panel",
             "describe_device",
+            "ENVIRONMENT_PACKAGES",
+            "record_environment",
             "duration",
             "open_logs",
             "close_logs",

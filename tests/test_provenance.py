@@ -1,0 +1,116 @@
+"""Every run folder says which code and packages made it (environment.json), and stats.py says when a table mixes versions."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+
+import torch
+from test_stats import args_for, write_dl, write_drl
+
+from conftest import DL_TINY, ROOT, run_script
+
+PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy", "scipy", "rliable")
+
+
+def installed(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_entry(entry, script):
+    assert entry["script"] == script
+    assert entry["python"] == sys.version.split()[0]
+    assert entry["packages"] == {p: installed(p) for p in PACKAGES}
+    assert entry["packages"]["torch"] == torch.__version__.split("+")[0] and entry["cuda"] == torch.version.cuda
+    assert entry["device"].startswith("CPU")
+
+
+def test_real_runs_record_their_environment(ppo_smoke_run, shapes_runs):
+    _, cwd = ppo_smoke_run("Basic", "camal")
+    (ppo_run,) = (cwd / "runs").iterdir()
+    (entry,) = json.loads((ppo_run / "environment.json").read_text())
+    check_entry(entry, "ppo_camal_vizdoom.py")
+    _, dl_runs, _ = shapes_runs
+    for run in dl_runs:
+        (entry,) = json.loads((ROOT / run / "environment.json").read_text())
+        check_entry(entry, "train_dl_camal.py")
+
+
+def git(cwd, *cmd):
+    return subprocess.run(["git", "-C", str(cwd), *cmd], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_commit_and_changed_code_are_recorded(tmp_path):
+    """The script's own checkout: its commit, and whether a tracked file differs from it (run folders do not count)."""
+    repo = tmp_path / "code"
+    repo.mkdir()
+    shutil.copy(ROOT / "train_dl_camal.py", repo)
+    git(repo, "init", "-q")
+    git(repo, "add", "train_dl_camal.py")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code")
+    commit = git(repo, "rev-parse", "HEAD")
+
+    def run():
+        proc = subprocess.run(
+            [sys.executable, str(repo / "train_dl_camal.py"), "--method", "vanilla", "--fold", "0", *DL_TINY],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        newest = max((repo / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+        return json.loads((newest / "environment.json").read_text())[-1]["git"]
+
+    assert run() == {"commit": commit, "dirty": False}  # runs/ is untracked: a run does not make its own tree dirty
+    with open(repo / "train_dl_camal.py", "a") as f:
+        f.write("# a local change\n")
+    assert run() == {"commit": commit, "dirty": True}
+
+
+def test_a_resumed_run_appends_and_outside_git_is_null(ppo, tmp_path):
+    """One entry per start or resume; a copy of the script outside any checkout records git as null, a damaged record is replaced."""
+    outside = tmp_path / "copy"
+    outside.mkdir()
+    shutil.copy(ROOT / "ppo_camal_vizdoom.py", outside)
+    code = (
+        "import sys, torch; sys.argv = ['x']; import importlib.util as u; "
+        f"s = u.spec_from_file_location('p', {str(outside / 'ppo_camal_vizdoom.py')!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
+        f"m.record_environment({str(tmp_path)!r}, torch.device('cpu')); m.record_environment({str(tmp_path)!r}, torch.device('cpu'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
+    entries = json.loads((tmp_path / "environment.json").read_text())
+    assert len(entries) == 2 and all(e["git"] is None for e in entries)
+    (tmp_path / "environment.json").write_text("{not json")
+    ppo.record_environment(str(tmp_path), torch.device("cpu"))
+    assert len(json.loads((tmp_path / "environment.json").read_text())) == 1
+
+
+def with_environment(run, **versions):
+    packages = {p: installed(p) for p in PACKAGES} | versions
+    (run / "environment.json").write_text(json.dumps([{"packages": packages, "git": None, "device": "CPU"}]))
+
+
+def test_stats_warns_when_a_table_mixes_versions(tmp_path):
+    st = __import__("conftest").load_script("stats")
+    for fold in range(3):
+        with_environment(write_dl(tmp_path, "shapes", "resnet18", "camal", fold, 0.9, 0.6, folds=3), torch="2.14.1")
+        with_environment(write_dl(tmp_path, "shapes", "resnet18", "vanilla", fold, 0.5, 0.3, folds=3), torch="2.13.0" if fold == 0 else "2.14.1")
+    for seed in (1, 2):  # the same versions: no warning for Basic; one run records nothing (older than the record): not compared
+        with_environment(write_drl(tmp_path, "Basic", "camal", seed, 80.0, 0.1))
+        write_drl(tmp_path, "Basic", "vanilla", seed, 79.0, 0.02)
+    (write_drl(tmp_path, "TakeCover", "camal", 1, 500.0, 0.1) / "environment.json").write_text("[{}]")
+    stats, tables, _, _ = st.analyse(args_for(st, tmp_path))
+    mixed = [w for w in stats["warnings"] if "different" in w["reason"]]
+    assert [(w["run"], w["reason"].split(":")[0]) for w in mixed] == [("shapes", "its runs were trained with different torch versions")]
+    assert "2.13.0 (1 runs), 2.14.1 (5 runs)" in mixed[0]["reason"]
+    assert any("TakeCover" in w["run"] and "environment.json cannot be used" in w["reason"] for w in stats["warnings"])
+    assert stats["computed_with"]["scipy"] == installed("scipy")
+    proc = run_script("stats", [str(tmp_path), "--reps", "200"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"Computed with scipy {installed('scipy')} (the Wilcoxon p-values)" in proc.stdout
+    assert "different torch versions" in proc.stdout
