@@ -114,3 +114,25 @@ def test_stats_warns_when_a_table_mixes_versions(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"Computed with scipy {installed('scipy')} (the Wilcoxon p-values)" in proc.stdout
     assert "different torch versions" in proc.stdout
+
+
+def canonical(name):
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def test_the_lock_pins_every_requirement_once():
+    """requirements-lock.txt (what .ci/run installs) holds every package the requirements files name, each at one exact version."""
+    pinned = {}
+    for line in (ROOT / "requirements-lock.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and canonical(name) not in pinned, line
+            pinned[canonical(name)] = version
+    named = set()
+    for path in ROOT.glob("requirements*.txt"):
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-r") and path.name != "requirements-lock.txt":
+                named.add(canonical(line.split("<")[0].split(">")[0].split("=")[0].strip()))
+    assert named - set(pinned) == set(), "remake the lock (requirements-lock.txt says how)"
+    assert {"torch", "torchvision", "vizdoom", "scipy", "rliable", "ruff"} <= set(pinned)
