@@ -220,7 +220,12 @@ class CellJob:
 
     def __call__(self, cell):
         signal.signal(signal.SIGUSR1, forward_signal)
-        return run_cell(cell, self.retries)
+        # scontrol requeue, scancel, a node taken down: SLURM sends SIGTERM to every process of the task; the cell then
+        # saves its checkpoint, and must not be retried here (submitit's own handler only logs it)
+        signal.signal(signal.SIGTERM, forward_signal)
+        # torch's threads match the CPUs SLURM gave the task: more would oversubscribe them (a 20-fold slowdown measured)
+        threads = os.environ.get("SLURM_CPUS_PER_TASK")
+        return run_cell(cell, self.retries, env=dict(os.environ, OMP_NUM_THREADS=threads) if threads else None)
 
     def checkpoint(self, cell):
         import submitit
@@ -383,10 +388,10 @@ def slurm_executor(args):
         raise SystemExit("error: --backend slurm needs submitit: pip install submitit") from None
     folder = str(Path(args.out) / "slurm" / "%j")
     if args.slurm_cluster == "local":  # tests: the same pickled array tasks, time limit, signal and requeue, on this machine
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=5)  # a slow test machine may need more requeues
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.slurm_max_requeues)
         executor.update_parameters(timeout_min=args.slurm_time, signal_delay_s=args.slurm_signal_delay_s)
         return executor
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.slurm_cluster)
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.slurm_cluster, slurm_max_num_timeout=args.slurm_max_requeues)
     extra = dict(kv.split("=", 1) for kv in args.slurm_extra)
     executor.update_parameters(
         timeout_min=args.slurm_time,
@@ -415,23 +420,99 @@ def run_slurm(cells, args):
     progress = Progress(len(cells), args.slurm_array_parallelism)
     progress.update(done=len(results))
     pending = dict(zip(todo, jobs))
+    wait = wait_local if args.slurm_cluster == "local" else wait_slurm
+    for cell, status in wait(pending, executor, args, progress):
+        results[cell] = status
+        progress.update(**{status[0]: 1})  # done, failed, interrupted or busy
+    return results
+
+
+def wait_local(pending, executor, args, progress):
+    """submitit's local executor (the tests without a SLURM controller): a task is over when submitit says so."""
     while pending:
         time.sleep(args.poll)
         for cell, job in list(pending.items()):
             if job.done():
                 try:
-                    results[cell] = job.result()
-                except Exception as e:  # the task itself failed (node failure, cancelled): its log says why
-                    results[cell] = ("failed", None)
-                    (cell.folder / "log.txt").parent.mkdir(parents=True, exist_ok=True)
-                    with open(cell.folder / "log.txt", "a") as log:
-                        log.write(f"\nSLURM task failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}\n")
-                status = results[cell][0]
-                progress.update(
-                    done=int(status == "done"), failed=int(status == "failed"), interrupted=int(status == "interrupted"), busy=int(status == "busy")
-                )
+                    yield cell, job.result()
+                except Exception as e:  # the task itself failed: its log says why
+                    yield cell, task_failed(cell, str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
                 del pending[cell]
-    return results
+
+
+# SLURM's states of a task that is over (squeue lists them for MinJobAge after the end); any other state is still running
+OVER = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def slurm_states(jobs):
+    """{task id: state} of these tasks as squeue knows them, finished ones included; None when squeue does not answer.
+    squeue is the source of states: without an accounting database sacct (which submitit asks) has none."""
+    ids = sorted({j.job_id.split("_")[0] for j in jobs})
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(ids), "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode and "Invalid job id" not in out.stderr:  # the controller is busy or away: ask again at the next poll
+        return None
+    return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+
+
+def wait_slurm(pending, executor, args, progress):
+    """Yield (cell, status) as tasks end. A task is over when squeue says so for a whole poll (a requeued task, from
+    scontrol requeue, a time limit or a node failure, goes back to PENDING and is waited for). The cell's own files say
+    whether it finished; a task that ended without finishing it for SLURM's reasons (a node failure, a pre-emption
+    that was not requeued) is submitted again, up to --retries times; one cancelled (scancel) is interrupted."""
+    tries = {cell: 0 for cell in pending}
+    seen_over = {}
+    while pending:
+        time.sleep(args.poll)
+        states = slurm_states(pending.values())
+        if states is None:
+            continue
+        running = sum(states.get(job.job_id) == "RUNNING" for job in pending.values())
+        if running != progress.running:
+            progress.update(running=running - progress.running)
+        for cell, job in list(pending.items()):
+            state = states.get(job.job_id, "GONE")  # forgotten after MinJobAge: over
+            if state not in OVER and state != "GONE":
+                seen_over.pop(job.job_id, None)
+                continue
+            if time.time() - seen_over.setdefault(job.job_id, time.time()) < args.poll:
+                continue  # over for less than a poll: a requeue may still put it back in the queue
+            del pending[cell]
+            outcome = read_outcome(job)
+            if cell.finished():
+                yield cell, ("done", 0)
+            elif outcome is not None and outcome[0] == "failed":  # the training failed, with its retries: log.txt says why
+                yield cell, outcome
+            elif state == "CANCELLED" or STOPPING["set"]:
+                yield cell, ("interrupted", None)
+            elif tries[cell] < args.retries:
+                tries[cell] += 1
+                retry = executor.submit(CellJob(args.retries), cell)
+                with open(cell.folder / "log.txt", "a") as log:
+                    log.write(f"\nSLURM task {job.job_id} ended {state} without finishing the cell: submitted again as job {retry.job_id}\n")
+                print(f"[benchmark] {cell.id}: task {job.job_id} ended {state}; submitted again as {retry.job_id}", file=sys.stderr, flush=True)
+                pending[cell] = retry
+            else:
+                yield cell, task_failed(cell, f"SLURM task {job.job_id} ended {state} without finishing the cell, after {args.retries} resubmissions")
+
+
+def read_outcome(job):
+    """What the task's CellJob returned, from submitit's result file; None where the task left none (killed)."""
+    if not job.paths.result_pickle.exists():
+        return None
+    try:
+        return job.result()
+    except Exception:  # the task raised: nothing it returned
+        return None
+
+
+def task_failed(cell, why):
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    with open(cell.folder / "log.txt", "a") as log:
+        log.write(f"\nSLURM task failed: {why}\n")
+    return "failed", None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +566,13 @@ def parse(argv):
         help="seconds before the time limit at which SLURM signals a task (SIGUSR2) to checkpoint and be requeued",
     )
     p.add_argument("--slurm-array-parallelism", type=int, default=64)
+    p.add_argument(
+        "--slurm-max-requeues",
+        type=int,
+        default=20,
+        help="how many times a task may reach its time limit and be requeued (submitit's max_num_timeout; its default of 3 "
+        "would fail a long cell); a pre-emption does not count",
+    )
     p.add_argument("--slurm-extra", nargs="*", default=[], metavar="KEY=VALUE", help="more sbatch options, e.g. account=proj qos=high")
     p.add_argument("--slurm-cluster", default=None, choices=["slurm", "local", "debug"], help=argparse.SUPPRESS)  # tests: submitit locally
     p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -499,9 +587,9 @@ def parse(argv):
         problems.append(f"--folds must lie in 0..{args.num_folds - 1} (--num-folds {args.num_folds})")
     if args.num_folds < 2:
         problems.append("--num-folds must be at least 2")
-    for name in ("retries", "workers"):
+    for name in ("retries", "workers", "slurm_max_requeues"):
         if getattr(args, name) < 0:
-            problems.append(f"--{name} must not be negative")
+            problems.append(f"--{name.replace('_', '-')} must not be negative")
     if args.runs_per_gpu < 1:
         problems.append("--runs-per-gpu must be at least 1")
     if not 0 < args.slurm_signal_delay_s < 60 * args.slurm_time:

@@ -329,11 +329,19 @@ def make_envs(args):
     # as in gymnasium 0.29 that CleanRL was written against.
     mode = gym.vector.AutoresetMode.SAME_STEP
     use_async = args.vector_env == "async" or (args.vector_env == "auto" and (os.cpu_count() or 1) > 2)
-    # copy=False: observations come back as views of the vector env's own buffers, which the next step overwrites;
-    # every reader copies them first (to the device, or with copy=True on the CPU), so a second copy here is waste.
-    if use_async:
-        return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=mode)
-    return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=mode)
+    # The games (and async workers) start with the stop signals ignored, a disposition they inherit: SLURM signals every
+    # process of a job it pre-empts, and a game killed by that SIGTERM would end the run before it saves its checkpoint.
+    # This process still hears the signal, and closes the games itself.
+    ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        # copy=False: observations come back as views of the vector env's own buffers, which the next step overwrites;
+        # every reader copies them first (to the device, or with copy=True on the CPU), so a second copy here is waste.
+        if use_async:
+            return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=mode)
+        return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=mode)
+    finally:
+        for s, handler in ignored.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -273,42 +273,6 @@ def test_dl_grid_with_analysis_through_submitit(tmp_path):
     assert (analysis / "figures" / "attention_samples.png").is_file()
 
 
-def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
-    """A task that reaches its time limit: SIGUSR2 comes --slurm-signal-delay-s before it, the cell checkpoints, submitit
-    requeues the task, and the requeued task resumes the cell (submitit's local executor: the same pickled task, timer,
-    signal and requeue as on a cluster). One curve value per iteration across the requeue."""
-    pytest.importorskip("submitit", reason="requirements-cluster.txt")  # .ci/run installs it, so CI runs this
-    iters, per_iter = 80, 64  # about 25 s of training on 2 idle cores: the 20 s before the signal cannot finish it
-    proc = bench(
-        [
-            *CELL,
-            "--backend",
-            "slurm",
-            "--slurm-cluster",
-            "local",
-            "--slurm-time",
-            "1",
-            "--slurm-signal-delay-s",
-            "40",
-            "--poll",
-            "1",
-            *long_cell(iters),
-        ],
-        tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 done, 0 failed" in proc.stderr
-    (cell,) = (tmp_path / "benchmark_runs" / "cells").iterdir()
-    log = (cell / "log.txt").read_text()
-    assert "SIGUSR1: saving a checkpoint and stopping" in log and "--resume runs/" in log and "resuming" in log, log[-3000:]
-    submitit_logs = "".join(f.read_text() for f in (tmp_path / "benchmark_runs" / "slurm").rglob("*_log.*"))
-    assert "Caught signal SIGUSR2" in submitit_logs and "saves a checkpoint; submitit requeues" in submitit_logs
-    assert "Requeued job" in submitit_logs
-    (run,) = (cell / "runs").iterdir()
-    assert (run / "eval.json").is_file()
-    assert [e.step for e in read_events(run).Scalars("charts/SPS")] == [per_iter * i for i in range(1, iters + 1)]
-
-
 @pytest.mark.parametrize(
     "script, args, tags",
     [
