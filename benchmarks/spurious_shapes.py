@@ -1,6 +1,6 @@
 """The built-in spurious-correlation benchmark: does CAMAL make a classifier look at the object, and decide by it?
 
-    python benchmarks/spurious_shapes.py                      # camal and vanilla, 5 folds, seeds 6 7 8, stats.py per seed
+    python benchmarks/spurious_shapes.py                      # camal and vanilla, 5 folds, seeds 7 8 9, stats.py per seed
     python benchmarks/spurious_shapes.py --seeds 1 --methods camal vanilla suppress
     python benchmarks/spurious_shapes.py --cue corner         # the stress case: a compact 24 x 24 corner cue
 
@@ -16,7 +16,7 @@ images give an accuracy with a binomial standard error of about 0.04 on their ow
 mean held-out accuracy's CI above 0.5: a model that followed the tint would score 0, one that reads the stripes 1,
 chance is 0.25); CAMAL's accuracy CI and IoU CI above each baseline's; accuracy and IoU higher with Wilcoxon p < 0.05
 (all five folds must agree). How far vanilla falls for the cue varies with the seed (its mean held-out accuracy 0.27 to
-0.49 over the seeds measured), so it is shown, not judged. A line says PASS when its criterion holds on every seed.
+0.53 over the seeds measured), so it is shown, not judged. A line says PASS when its criterion holds on every seed.
 Exit code 0 when every criterion holds on every seed, 1 when one fails, 2 on bad input. About 12 minutes per seed on 2
 CPU cores for the default two methods (docs/results.md).
 """
@@ -116,8 +116,9 @@ def main():
         type=int,
         nargs="+",
         default=[7, 8, 9],
-        help="each seed S trains with --seed S --split-seed S (its own data, split and initialisation); the settings and the verdicts "
-        "were chosen on seeds 1 (split seed 0), 5 (split seed 11) and 6, so the default reports on seeds nobody tuned to (docs/results.md)",
+        help="each seed S trains with --seed S --split-seed S (its own data, split and initialisation). The settings were chosen on "
+        "seeds 1 (split seed 0) and 5 (split seed 11); the verdicts took their final form after seeds 6-8 (where 'vanilla below 0.5' "
+        "failed on all three), and seed 9 was run after that (docs/results.md)",
     )
     p.add_argument(
         "--cue",
