@@ -329,19 +329,11 @@ def make_envs(args):
     # as in gymnasium 0.29 that CleanRL was written against.
     mode = gym.vector.AutoresetMode.SAME_STEP
     use_async = args.vector_env == "async" or (args.vector_env == "auto" and (os.cpu_count() or 1) > 2)
-    # The games (and async workers) start with the stop signals ignored, a disposition they inherit: SLURM signals every
-    # process of a job it pre-empts, and a game killed by that SIGTERM would end the run before it saves its checkpoint.
-    # This process still hears the signal, and closes the games itself.
-    ignored = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
-    try:
-        # copy=False: observations come back as views of the vector env's own buffers, which the next step overwrites;
-        # every reader copies them first (to the device, or with copy=True on the CPU), so a second copy here is waste.
-        if use_async:
-            return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=mode)
-        return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=mode)
-    finally:
-        for s, handler in ignored.items():
-            signal.signal(s, handler)
+    # copy=False: observations come back as views of the vector env's own buffers, which the next step overwrites;
+    # every reader copies them first (to the device, or with copy=True on the CPU), so a second copy here is waste.
+    if use_async:
+        return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1372,7 +1364,14 @@ if __name__ == "__main__":
 
                 action_np = action.cpu().numpy()
                 env_start = time.perf_counter()
-                next_obs_np, reward, terminations, truncations, _ = envs.step(action_np)
+                try:
+                    next_obs_np, reward, terminations, truncations, _ = envs.step(action_np)
+                except Exception:
+                    # SLURM signals every process of a job it pre-empts: the games may die of that signal before this
+                    # process stops; the model is as the last update left it, so that state is still saved
+                    if STOP_SIGNAL:
+                        stop_in_rollout(run_dir, agent, optimizer, args, iteration, step_at_start, episodes_at_start)
+                    raise
                 env_seconds += time.perf_counter() - env_start
                 done = np.logical_or(terminations, truncations)
                 # clamp, not sign: keeps the size of small rewards (Table 8's [-1, 1] clip), after --reward-scale
