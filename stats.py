@@ -415,15 +415,17 @@ def version_warnings(dl_runs, drl_runs, warnings_):
                 )
 
 
+def package_version(name):
+    """The installed version of a distribution, or None where it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def analysis_environment():
     """The versions this analysis computes with: scipy's Wilcoxon p-values and rliable's bootstrap depend on them."""
-    found = {}
-    for name in ("scipy", "rliable", "numpy"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return {"python": sys.version.split()[0], **found}
+    return {"python": sys.version.split()[0], **{name: package_version(name) for name in ("scipy", "rliable", "numpy")}}
 
 
 def read_tensorboard(run_dir):

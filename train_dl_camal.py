@@ -1509,15 +1509,17 @@ def describe_device(device):
 ENVIRONMENT_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy", "scipy", "rliable")
 
 
+def package_version(name):
+    """The installed version of a distribution, or None where it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def record_environment(run_dir, device):
     """Append to run_dir/environment.json what this process trains with: package versions, the git commit (and whether
     tracked files were changed), the device. One entry per start or resume, so a run resumed under other versions says so."""
-
-    def version(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
 
     def git(*cmd):
         try:
@@ -1531,7 +1533,7 @@ def record_environment(run_dir, device):
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "script": os.path.basename(__file__),
         "python": sys.version.split()[0],
-        "packages": {name: version(name) for name in ENVIRONMENT_PACKAGES},
+        "packages": {name: package_version(name) for name in ENVIRONMENT_PACKAGES},
         "git": None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
         "device": describe_device(device),
         "cuda": torch.version.cuda,

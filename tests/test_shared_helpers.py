@@ -39,6 +39,7 @@ SHARED = [
             "attention_panel",
             "describe_device",
             "ENVIRONMENT_PACKAGES",
+            "package_version",
             "record_environment",
             "duration",
             "open_logs",
