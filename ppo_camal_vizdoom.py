@@ -78,6 +78,8 @@ class Args:
     """observation width in pixels"""
     frame_stack: int = 4
     """how many frames the agent sees, the newest included"""
+    frame_stack_on: Literal["device", "env"] = "device"
+    """where the stack is built: device = each game sends only its newest frame and the stack is kept where the model runs (a quarter of the copies); env = each game sends its whole stack (the older way, kept to measure the change: benchmarks/gpu_check.py). The agent sees the same frames either way"""
     num_envs: int = 8
     """the number of parallel game environments"""
     vector_env: Literal["auto", "async", "sync"] = "auto"
@@ -318,7 +320,8 @@ def make_env(args):
     def thunk():
         # Ctrl-C reaches the whole process group: the learner handles it, the games must not die first.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return VizDoomEnv(args.env, args.frame_skip, args.frame_height, args.frame_width, args.frame_stack)
+        sent = args.frame_stack if args.frame_stack_on == "env" else 1
+        return VizDoomEnv(args.env, args.frame_skip, args.frame_height, args.frame_width, sent)
 
     return thunk
 
@@ -334,6 +337,18 @@ def make_envs(args):
     if use_async:
         return gym.vector.AsyncVectorEnv(fns, shared_memory=True, copy=False, autoreset_mode=mode)
     return gym.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=mode)
+
+
+def stack_frames(stack, frames, first):
+    """The agent's input after a step: each game's last stack.shape[1] frames, newest last.
+
+    `frames` (uint8, N x k x H x W) is what the games sent: their newest frame (k = 1) or their whole stack
+    (--frame-stack-on env). A game that (re)starts (`first`) has no past, so its first frame fills its stack, as
+    VizDoomEnv's own stack does; the result is a new tensor, never a view of the vector env's buffers.
+    """
+    frames = frames.to(stack.device)
+    stacked = torch.cat((stack, frames), dim=1)[:, -stack.shape[1] :]
+    return torch.where(first.to(stack.device).view(-1, 1, 1, 1), frames[:, -1:].expand_as(stacked), stacked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,8 +479,10 @@ def evaluate(agent, envs, args, device, video_dir=None):
     own = CAM_KINDS.index(args.cam)
     episodes, panels = [], []
     obs, _ = envs.reset(seed=args.seed + 1_000_003)
+    frames = torch.zeros((args.num_envs, args.frame_stack) + size, dtype=torch.uint8, device=device)
+    first = np.ones(args.num_envs, dtype=bool)  # every game starts an episode
     while sum(done_count) < args.eval_episodes:
-        frames = torch.from_numpy(obs["frames"]).to(device)
+        frames = stack_frames(frames, torch.from_numpy(obs["frames"]), torch.from_numpy(first))
         mask = torch.from_numpy(obs["mask"]).to(device).bool()
         with torch.enable_grad():
             action, _, _, value, feats = agent.get_action_and_value(frames)
@@ -477,12 +494,13 @@ def evaluate(agent, envs, args, device, video_dir=None):
         if video_dir is not None and done_count[0] < quota[0]:
             panels.append(attention_panel(obs["frames"][0, -1], obs["mask"][0], cams[own][0].cpu().numpy(), titles=FRAME_TITLES))
         obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
+        first = np.logical_or(term, trunc)
         ret += reward
         length += 1
         iou_sum += np.where(valid, iou, 0.0)
         iou_n += valid
         empty_n += empty
-        for i in np.flatnonzero(np.logical_or(term, trunc)):
+        for i in np.flatnonzero(first):
             if done_count[i] < quota[i]:
                 by_cam = {
                     kind: {
@@ -1322,7 +1340,7 @@ if __name__ == "__main__":
     announce(args, run_name, run_dir, envs, device)
 
     # ALGO Logic: Storage setup (frames as uint8: a quarter of float32's memory at 240 x 320)
-    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space["frames"].shape, dtype=torch.uint8, device=device)
+    obs = torch.zeros((args.num_steps, args.num_envs, args.frame_stack, H, W), dtype=torch.uint8, device=device)
     masks = torch.zeros((args.num_steps, args.num_envs, H, W), dtype=torch.bool, device=device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
@@ -1337,7 +1355,8 @@ if __name__ == "__main__":
     try:
         start_time, start_step = time.time(), global_step
         next_obs_np, _ = envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)
-        next_obs = torch.from_numpy(next_obs_np["frames"]).to(device, copy=True)
+        next_obs = torch.zeros((args.num_envs, args.frame_stack, H, W), dtype=torch.uint8, device=device)
+        next_obs = stack_frames(next_obs, torch.from_numpy(next_obs_np["frames"]), torch.ones(args.num_envs, dtype=torch.bool))
         next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
         next_done = torch.zeros(args.num_envs, device=device)
         ep_return, ep_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
@@ -1378,9 +1397,9 @@ if __name__ == "__main__":
                 done = np.logical_or(terminations, truncations)
                 # clamp, not sign: keeps the size of small rewards (Table 8's [-1, 1] clip), after --reward-scale
                 rewards[step] = torch.as_tensor(np.clip(reward * args.reward_scale, -1.0, 1.0), dtype=torch.float32, device=device)
-                next_obs = torch.from_numpy(next_obs_np["frames"]).to(device, copy=True)
-                next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
                 next_done = torch.as_tensor(done, dtype=torch.float32, device=device)
+                next_obs = stack_frames(next_obs, torch.from_numpy(next_obs_np["frames"]), next_done.bool())
+                next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
 
                 # episode statistics on the unclipped game reward
                 ep_return += reward

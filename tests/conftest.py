@@ -58,13 +58,13 @@ PPO_TINY = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", 
 @pytest.fixture(scope="session")
 def ppo_smoke_run(tmp_path_factory):
     """Tiny real PPO runs, each made on first use and shared: test_ppo_smoke checks each one, test_stats analyses them all.
-    Returns run(env, method) -> (CompletedProcess, the folder it ran in)."""
+    Returns run(env, method, more=()) -> (CompletedProcess, the folder it ran in); `more`: flags added to that run's."""
     root = tmp_path_factory.mktemp("ppo_smoke")
     done = {}
 
-    def run(env, method):
-        if (env, method) not in done:
-            cwd = root / f"{env}-{method}"
+    def run(env, method, more=()):
+        if (env, method, more) not in done:
+            cwd = root / "-".join((env, method, *more))
             cwd.mkdir()
             # one run also covers worker-process envs (the default on machines with more than 2 cores)
             extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
@@ -85,9 +85,10 @@ def ppo_smoke_run(tmp_path_factory):
                 "1",
                 *PPO_TINY,
                 *extra,
+                *more,
             ]
-            done[env, method] = (run_script("ppo_camal_vizdoom", args, cwd=cwd), cwd)
-        return done[env, method]
+            done[env, method, more] = (run_script("ppo_camal_vizdoom", args, cwd=cwd), cwd)
+        return done[env, method, more]
 
     return run
 
