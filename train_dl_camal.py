@@ -206,12 +206,39 @@ def attention_iou(cam, mask, tau=0.7):
     return torch.where(valid, inter / union.clamp(min=1), torch.zeros_like(inter)), valid
 
 
+# What each --method adds to the cross-entropy, decided here only: the attention term's kind (None: CE alone, the
+# term still reported as CAMAL's would be) and whether the masks are CLIP's pseudo-masks instead of the dataset's.
+METHODS = {
+    "camal": dict(term="camal", clip_masks=False),  # lambda * mean(beta - alpha), Eq. 2
+    "vanilla": dict(term=None, clip_masks=False),
+    "suppress": dict(term="suppress", clip_masks=False),  # lambda * mean(beta): only push attention off the background
+    "prior": dict(term="camal", clip_masks=True),  # Eq. 2 on pseudo-masks from CLIP's Grad-CAM, no annotations
+}
+
+
 def regularizer(cam, mask, kind):
-    """The method's attention term before lambda: mean(beta - alpha) for camal and prior, mean(beta) for suppress."""
-    if kind in ("camal", "prior"):
+    """An attention term before lambda: mean(beta - alpha) for camal, mean(beta) for suppress."""
+    if kind == "camal":
         return camal_loss(cam, mask)
     alpha, beta, valid = camal_terms(cam, mask)
     return (beta * valid).sum() / valid.sum().clamp(min=1)
+
+
+def train_step(model, optimizer, batch, term, camal_coef, autocast, forward=None):
+    """One optimiser step on batch = (images, masks, labels): CE + camal_coef x the attention term `term` (METHODS).
+
+    With no term the CAM is still made, without the double-backward graph, to report what CAMAL's term would be.
+    Returns (loss, ce, reg, cam, logits) for the epoch's figures. benchmarks/gradcam_overhead.py times this function.
+    """
+    images, masks, labels = batch
+    logits, cam = class_cam(model, images, labels, double_backward=term is not None, autocast=autocast, forward=forward)
+    ce = F.cross_entropy(logits, labels)
+    reg = regularizer(cam, masks, term or "camal")
+    loss = ce + camal_coef * reg if term else ce
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, ce, reg, cam, logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1345,7 +1372,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
     if rank == 0:
         record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
     train_loader, sampler, test_loader, grid = loaders(args, train_set, test_set, start_epoch, distributed)
-    supervised = args.method != "vanilla"
+    term = METHODS[args.method]["term"]
     start_time = time.time()
     if rank == 0:
         print(
@@ -1368,14 +1395,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         )
         for images, masks, labels in batches:  # a bar on a terminal only
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
-            logits, cam = class_cam(model, images, labels, double_backward=supervised, autocast=autocast, forward=forward)
-            ce = F.cross_entropy(logits, labels)
-            # vanilla trains on CE alone but reports what CAMAL's term would be; prior's masks are pseudo-masks
-            reg = regularizer(cam, masks, kind="camal" if args.method == "vanilla" else args.method)
-            loss = ce + args.camal_coef * reg if supervised else ce
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, ce, reg, cam, logits = train_step(model, optimizer, (images, masks, labels), term, args.camal_coef, autocast, forward)
             global_step += 1
             sums += batch_sums(loss, ce, reg, cam, masks, logits, labels)
         sums[EPOCH_SUMS.index("stop_votes")] = float(bool(STOP_SIGNAL))
@@ -1474,11 +1494,11 @@ def check_args(args):
         raise ValueError(f"--image-size must be at least 32, got {args.image_size}")
     if args.image_size != CROP and args.model in ("vit_b_16", "maxvit_t"):
         raise ValueError(f"--model {args.model} takes {CROP} x {CROP} images only, got --image-size {args.image_size}")
-    if args.image_size != CROP and args.method == "prior":  # the CLIP encoder sees the training crop
+    if args.image_size != CROP and METHODS[args.method]["clip_masks"]:  # the CLIP encoder sees the training crop
         raise ValueError(f"--method prior takes {CROP} x {CROP} images only (CLIP's input), got --image-size {args.image_size}")
     if not 0.0 <= args.tau < 1.0:
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
-    if args.method == "prior":
+    if METHODS[args.method]["clip_masks"]:
         if (args.prior_weights is None) == (args.prior_pretrained is None):
             raise ValueError(
                 "--method prior needs one of --prior-pretrained TAG (open_clip's pretrained weights of --prior-model, e.g. openai, "
@@ -1636,7 +1656,7 @@ def setup(args, argv):
         if args.learning_rate is None:
             args.learning_rate = 1e-4 if args.model in ("vit_b_16", "swin_v2_t", "maxvit_t") else 1e-3
     check_args(args)
-    for folder in ("runs",) + ((args.prior_cache,) if args.method == "prior" else ()):  # where the run writes: checked before any work
+    for folder in ("runs",) + ((args.prior_cache,) if METHODS[args.method]["clip_masks"] else ()):  # where the run writes: checked before any work
         if unwritable(folder):
             raise RunFileError(f"cannot write in {folder}: {unwritable(folder)}")
     if args.download and args.dataset != "shapes":
@@ -1672,7 +1692,7 @@ if __name__ == "__main__":
         if dist.get_rank() == 0:
             print(f"distributed: {dist.get_world_size()} processes ({backend}), {args.batch_size // dist.get_world_size()} samples each per batch")
     prior_cams = None
-    if args.method == "prior":  # rank 0 computes and caches; the others read its cache
+    if METHODS[args.method]["clip_masks"]:  # rank 0 computes and caches; the others read its cache
         try:
             if world()[0] == 0:
                 prior_cams = clip_prior_cams(args, records, classes, torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu"))

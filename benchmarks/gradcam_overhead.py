@@ -54,22 +54,21 @@ def batch(n, device, classes=10):
 
 
 def training_step(name, batch_size, device, autocast, capturable=False):
-    """One model, its AdamW and a fixed batch; returns step(camal) that runs one training step of train_dl_camal.py."""
+    """One model, its AdamW and a fixed batch; returns step(camal). step(True) is train_dl_camal.py's own train_step
+    with --method camal; step(False) is CE alone (no CAM at all), the baseline of Table 6."""
     torch.manual_seed(0)
     model = dl.CamModel(name, 10).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=capturable)
     images, masks, labels = batch(batch_size, device)
 
     def step(camal):
-        opt.zero_grad(set_to_none=True)
         if camal:
-            logits, cam = dl.class_cam(model, images, labels, double_backward=True, autocast=autocast)
-            loss = F.cross_entropy(logits, labels) + dl.camal_loss(cam, masks)
-        else:
-            with autocast:
-                logits, _ = model(dl.normalise(images))
-            loss = F.cross_entropy(logits.float(), labels)
-        loss.backward()
+            dl.train_step(model, opt, (images, masks, labels), dl.METHODS["camal"]["term"], 1.0, autocast)
+            return
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            logits, _ = model(dl.normalise(images))
+        F.cross_entropy(logits.float(), labels).backward()
         opt.step()
 
     return step

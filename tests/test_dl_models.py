@@ -91,3 +91,32 @@ def test_vit_math_attention_in_the_last_block_only():
     for a, b in zip(last_block_only, everywhere):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert model._double_backward is False  # the context resets its flag
+
+
+def test_train_step_is_each_methods_loss():
+    """The training loop's step (the one gradcam_overhead.py times) against the loss written out: CE plus lambda times
+    mean(beta - alpha) (camal; prior is the same term on CLIP's masks), mean(beta) over valid samples (suppress), or
+    CE alone (vanilla, which still reports CAMAL's term). SGD with lr 1 makes each weight's change its gradient."""
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, 8:30, 10:40], masks[1, 30:60, 4:20] = True, True  # sample 2 has no mask: it adds nothing to the term
+    labels = torch.tensor([0, 2, 1])
+    torch.manual_seed(0)
+    model = dl.CamModel("resnet18", 3)
+    assert dl.METHODS["prior"]["term"] == dl.METHODS["camal"]["term"] == "camal" and dl.METHODS["prior"]["clip_masks"]
+
+    logits, cam = dl.class_cam(model, images, labels, double_backward=True, autocast=dl.nullcontext())
+    alpha = torch.stack([cam[i][masks[i]].mean() for i in range(2)])
+    beta = torch.stack([cam[i][~masks[i]].mean() for i in range(2)])
+    ce = F.cross_entropy(logits, labels)
+    for method, term in (("camal", (beta - alpha).mean()), ("suppress", beta.mean()), ("vanilla", 0.0)):
+        want = torch.autograd.grad(ce + 0.5 * term, list(model.parameters()), allow_unused=True, retain_graph=True)
+        torch.manual_seed(0)
+        trained = dl.CamModel("resnet18", 3)  # the same weights (a deep copy would share the hook that records A)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
+        loss, ce_s, reg, _, _ = dl.train_step(trained, optimizer, (images, masks, labels), dl.METHODS[method]["term"], 0.5, dl.nullcontext())
+        torch.testing.assert_close(reg.detach(), (beta if method == "suppress" else beta - alpha).mean().detach())
+        torch.testing.assert_close(loss.detach(), (ce_s + (0.5 * reg if method != "vanilla" else 0.0)).detach())
+        for (name, p), q, g in zip(model.named_parameters(), trained.parameters(), want):
+            torch.testing.assert_close(p.detach() - q.detach(), torch.zeros_like(p) if g is None else g, atol=1e-6, rtol=1e-4, msg=f"{method} {name}")
