@@ -70,7 +70,7 @@ def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="r
         cam = torch.relu(cam) if rectify == "relu" else cam.abs()
         cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
         # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
-        # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
+        # weights gives F.interpolate's numbers, and its backward is two matmuls (faster: docs/benchmarks.md).
         h, w = cam.shape[1:]
         eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
         r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h

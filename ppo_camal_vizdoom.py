@@ -31,11 +31,6 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-# what a run does when asked to stop (request_stop), and what it calls one pass
-STOP_POINT = (
-    "saving a checkpoint and stopping within a step during a rollout (the model has not changed since the last update), else after this update"
-)
-STOP_UNIT = "iteration"
 FRAME_TITLES = ("frame", "mask", "CAM")  # the labels of the attention images
 CAM_KINDS = ("abs", "paper", "abs-target")  # --cam's choices; the evaluation measures IoU under each
 SCENARIOS = {
@@ -183,7 +178,7 @@ def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="r
         cam = torch.relu(cam) if rectify == "relu" else cam.abs()
         cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
         # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
-        # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
+        # weights gives F.interpolate's numbers, and its backward is two matmuls (faster: docs/benchmarks.md).
         h, w = cam.shape[1:]
         eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
         r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
@@ -384,7 +379,7 @@ class Agent(nn.Module):
             layer_init(nn.Conv2d(64, 64, 3, stride=1)),
             nn.ReLU(),
         )
-        # channels-last: on CPU the 8x8/4 conv's backward runs ~2.5x faster (benchmarks/ppo_sps.py)
+        # channels-last: the 8x8/4 conv's backward is much faster on a CPU (measured: docs/benchmarks.md, PPO)
         self.features.to(memory_format=torch.channels_last)
         h, w = nature_cnn_output_size(frame_height, frame_width)
         self.head = nn.Sequential(nn.Flatten(), layer_init(nn.Linear(64 * h * w, 512)), nn.ReLU())
@@ -408,13 +403,13 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden), feats
 
 
-def critic_cam(feats, value, size, cam, create_graph):
-    """The critic's attention under --cam (see Args.cam); create_graph as in grad_cam."""
+def critic_cam(feats, value, size, cam_kind, create_graph):
+    """The critic's attention under cam_kind, one of CAM_KINDS (see Args.cam); create_graph as in grad_cam."""
     target = value
-    if cam == "abs-target":
+    if cam_kind == "abs-target":
         with torch.enable_grad():  # in the graph also when the map is only measured (under no_grad)
             target = value.abs()
-    return grad_cam(feats, target, size, create_graph=create_graph, rectify="abs" if cam == "abs" else "relu")
+    return grad_cam(feats, target, size, create_graph=create_graph, rectify="abs" if cam_kind == "abs" else "relu")
 
 
 def empty_cams(cam):
@@ -422,12 +417,12 @@ def empty_cams(cam):
     return cam.flatten(1).amax(1) <= 0
 
 
-def value_cam(agent, obs, size, cam):
+def value_cam(agent, obs, size, cam_kind):
     """The critic's CAM for a batch of observations, as a measurement (no graph kept)."""
     with torch.enable_grad():
         feats = agent.get_features(obs)
         value = agent.critic(agent.head(feats))
-        return critic_cam(feats, value, size, cam, create_graph=False)
+        return critic_cam(feats, value, size, cam_kind, create_graph=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -880,26 +875,38 @@ def attention_figure(args):
     return out
 
 
-STOP_SIGNAL = []  # the signal that asked this run to stop, once one has
-PACE = {}  # "seconds": how long the last iteration or epoch took, for the stop message
+class StopRequest:
+    """The stop the signals ask for, as one object: the handler sets it, the training loop reads it (no globals).
 
+    Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job) ask for
+    a stop at the next safe point, which `point` describes. Only a second Ctrl-C stops at once: schedulers repeat
+    their signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that is still one stop.
+    """
 
-def request_stop(signum, frame):
-    """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop
-    at the next safe point, as STOP_POINT says. Only a second Ctrl-C stops at once: schedulers repeat their
-    signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one stop."""
-    if STOP_SIGNAL:
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        return
-    STOP_SIGNAL.append(signum)
-    pace = f" (the last {STOP_UNIT} took {PACE['seconds']:.0f} s)" if PACE.get("seconds") else ""
-    print(f"\n{signal.Signals(signum).name}: {STOP_POINT}{pace}; Ctrl-C again stops at once, without saving", flush=True)
+    def __init__(self, point, unit):
+        self.point, self.unit = point, unit  # what the run does when asked, and what it calls one pass (for the message)
+        self.signum = None  # the signal that asked, once one has
+        self.last_pass_seconds = None  # how long the last pass took, set by the loop
 
+    def __bool__(self):
+        return self.signum is not None
 
-def catch_stop_signals():
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, request_stop)
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGTERM)  # SIGTERM: another DDP process was asked
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        pace = f" (the last {self.unit} took {self.last_pass_seconds:.0f} s)" if self.last_pass_seconds else ""
+        print(f"\n{signal.Signals(signum).name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
+
+    def catch(self):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, self.handle)
+        return self
 
 
 def describe_device(device):
@@ -1155,7 +1162,6 @@ def stop_in_rollout(run_dir, agent, optimizer, args, iteration, global_step, epi
         f"stopped in iteration {iteration}'s rollout; saved the state after iteration {iteration - 1}. "
         f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}"
     )
-    sys.exit(128 + STOP_SIGNAL[0])
 
 
 def gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
@@ -1188,54 +1194,27 @@ def add_attention(att, cam, camal_l, masks, tau):
             att[k] += v
 
 
-def log_iteration(writer, args, optimizer, global_step, losses, b_values, b_returns, att, n_measured, timing):
-    """An iteration's curves in TensorBoard; returns the attention figures for the progress line.
-
-    timing: env_seconds, and the perf_counter() at the rollout's and the update's start. The update's time is read
-    after the syncs here, so on a GPU it includes the update's queued kernels."""
-    y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-    var_y = np.var(y_true)
-    explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-    writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-    for name, value in losses.items():
-        writer.add_scalar(f"losses/{name}", value.item(), global_step)
-    writer.add_scalar("losses/explained_variance", explained_var, global_step)
+def attention_figures(att, n_measured, batch_size):
+    """TensorBoard's attention figures from the first epoch's sums (ATTENTION_SUMS): alpha, beta and IoU are means over
+    the samples with an object on screen, left out when there was none (never NaN)."""
     att = dict(zip(att, torch.stack(list(att.values())).tolist()))  # one device sync per iteration
-    writer.add_scalar("perf/env_seconds", timing["env_seconds"], global_step)
-    writer.add_scalar("perf/rollout_seconds", timing["update_start"] - timing["rollout_start"], global_step)
-    writer.add_scalar("perf/update_seconds", time.perf_counter() - timing["update_start"], global_step)
-    n_valid = att["valid"]
-    shown = {k: att[k] / max(n_valid, 1) for k in ("alpha", "beta", "iou")}
-    shown["cam_empty"] = att["empty"] / args.batch_size
-    writer.add_scalar("losses/camal_loss", att["camal_loss"] / n_measured, global_step)
-    writer.add_scalar("charts/mask_valid_fraction", n_valid / args.batch_size, global_step)
-    writer.add_scalar("charts/cam_empty_fraction", shown["cam_empty"], global_step)
-    if n_valid:  # no object on screen in the whole batch: nothing to report, never NaN
-        writer.add_scalar("charts/alpha", shown["alpha"], global_step)
-        writer.add_scalar("charts/beta", shown["beta"], global_step)
-        writer.add_scalar("charts/attention_iou", shown["iou"], global_step)
-    return shown
+    figures = {
+        "losses/camal_loss": att["camal_loss"] / n_measured,
+        "charts/mask_valid_fraction": att["valid"] / batch_size,
+        "charts/cam_empty_fraction": att["empty"] / batch_size,
+    }
+    if att["valid"]:
+        figures.update({f"charts/{k}": att[k] / att["valid"] for k in ("alpha", "beta")}, **{"charts/attention_iou": att["iou"] / att["valid"]})
+    return figures
 
 
-def report_progress(bar, args, iteration, first_iteration, global_step, sps, recent_returns, shown):
-    """The iteration's line (and the bar on a terminal); after the first iteration, a warning when the run would take days."""
-    eta = (args.num_iterations - iteration) * args.batch_size / max(sps, 1)
-    mean_ret = f"{np.mean(recent_returns):.2f}" if recent_returns else "-"
-    bar.update(args.batch_size)
-    bar.set_postfix(SPS=sps, refresh=False)
+def warn_days(sps, eta):
     tqdm.write(
-        f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} eta={duration(eta)} "
-        f"episodes={len(recent_returns)} mean_return={mean_ret} alpha={shown['alpha']:.3f} beta={shown['beta']:.3f} "
-        f"iou={shown['iou']:.3f} cam_empty={shown['cam_empty']:.2f}"
+        f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 want a GPU). "
+        f"A CPU run that trains a Basic agent in about 15 min: python {os.path.basename(__file__)} --env Basic --frame-height 60 "
+        f"--frame-width 80 --total-timesteps 409600",
+        file=sys.stderr,
     )
-    sys.stdout.flush()
-    if iteration == first_iteration and eta > 86400:
-        tqdm.write(
-            f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 want a GPU). "
-            f"A CPU run that trains a Basic agent in about 15 min: python {os.path.basename(__file__)} --env Basic --frame-height 60 "
-            f"--frame-width 80 --total-timesteps 409600",
-            file=sys.stderr,
-        )
 
 
 def warn_collapse(iterations, empty_fraction):
@@ -1251,16 +1230,12 @@ def warn_collapse(iterations, empty_fraction):
 
 def finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
     """After the last iteration: the weights (--save-model), then the evaluation and eval.json."""
-    global STOP_POINT
     if args.save_model:
         model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         state = agent.state_dict()
         atomic_write(model_path, lambda f: torch.save(state, f))
         print(f"model saved to {model_path}")
     if args.eval_episodes:
-        # training is over and a finished run cannot be resumed: a first stop lets the evaluation write eval.json
-        STOP_POINT = f"the training is done; stopping after the final evaluation ({args.eval_episodes} episodes) has written eval.json"
-        PACE.clear()  # the last iteration's time says nothing about the evaluation's
         print(f"evaluating the trained policy over {args.eval_episodes} episodes", flush=True)
         evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
 
@@ -1336,8 +1311,14 @@ if __name__ == "__main__":
         close_logs(writer, tracked)
         abandon(run_dir, video_dir, checkpoint)
         fail(str(e))
-    catch_stop_signals()  # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
+    # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
+    stop = StopRequest(
+        "saving a checkpoint and stopping within a step during a rollout (the model has not changed since the last update), else after this update",
+        "iteration",
+    ).catch()
     announce(args, run_name, run_dir, envs, device)
+
+    has_attention_term = args.method == "camal"  # what --method means: vanilla measures the CAM but does not train on it
 
     # ALGO Logic: Storage setup (frames as uint8: a quarter of float32's memory at 240 x 320)
     obs = torch.zeros((args.num_steps, args.num_envs, args.frame_stack, H, W), dtype=torch.uint8, device=device)
@@ -1370,8 +1351,9 @@ if __name__ == "__main__":
             rollout_start, env_seconds = time.perf_counter(), 0.0  # where an iteration's time goes: perf/ in TensorBoard
             step_at_start, episodes_at_start = global_step, episodes_seen
             for step in range(0, args.num_steps):
-                if STOP_SIGNAL:
+                if stop:
                     stop_in_rollout(run_dir, agent, optimizer, args, iteration, step_at_start, episodes_at_start)
+                    sys.exit(stop.exit_code())
                 global_step += args.num_envs
                 obs[step] = next_obs
                 masks[step] = next_mask
@@ -1390,8 +1372,9 @@ if __name__ == "__main__":
                 except Exception:
                     # SLURM signals every process of a job it pre-empts: the games may die of that signal before this
                     # process stops; the model is as the last update left it, so that state is still saved
-                    if STOP_SIGNAL:
+                    if stop:
                         stop_in_rollout(run_dir, agent, optimizer, args, iteration, step_at_start, episodes_at_start)
+                        sys.exit(stop.exit_code())
                     raise
                 env_seconds += time.perf_counter() - env_start
                 done = np.logical_or(terminations, truncations)
@@ -1474,10 +1457,10 @@ if __name__ == "__main__":
                     # Attention is measured in the first epoch, which visits every sample once; vanilla
                     # computes the map only then, and without the double-backward graph.
                     measure = epoch == 0
-                    if args.method == "camal" or measure:
-                        cam = critic_cam(feats, newvalue, (H, W), args.cam, create_graph=args.method == "camal")
+                    if has_attention_term or measure:
+                        cam = critic_cam(feats, newvalue, (H, W), args.cam, create_graph=has_attention_term)
                         camal_l = camal_loss(cam, mb_masks)
-                    if args.method == "camal":
+                    if has_attention_term:
                         loss = loss + args.camal_coef * camal_l
 
                     optimizer.zero_grad()
@@ -1492,30 +1475,62 @@ if __name__ == "__main__":
                     break
 
             # TRY NOT TO MODIFY: record rewards for plotting purposes
-            losses = dict(value_loss=v_loss, policy_loss=pg_loss, entropy=entropy_loss, old_approx_kl=old_approx_kl, approx_kl=approx_kl)
-            losses["clipfrac"] = torch.stack(clipfracs).mean()
-            timing = dict(env_seconds=env_seconds, rollout_start=rollout_start, update_start=update_start)
-            shown = log_iteration(writer, args, optimizer, global_step, losses, b_values, b_returns, att, n_measured, timing)
+            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+            writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+            writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            attention = attention_figures(att, n_measured, args.batch_size)  # the first epoch's CAMs, one device sync
+            for tag, value in attention.items():
+                writer.add_scalar(tag, value, global_step)
+            # where the iteration's time went (after the syncs above: on a GPU the update's queued kernels count)
+            writer.add_scalar("perf/env_seconds", env_seconds, global_step)
+            writer.add_scalar("perf/rollout_seconds", update_start - rollout_start, global_step)
+            writer.add_scalar("perf/update_seconds", time.perf_counter() - update_start, global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
-            PACE["seconds"] = time.perf_counter() - rollout_start
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.flush()  # a crash loses at most this iteration's curves
-            report_progress(bar, args, iteration, start_iteration, global_step, sps, recent_returns, shown)
+            stop.last_pass_seconds = time.perf_counter() - rollout_start
+
+            # progress: a line per iteration (logs have no bar), the bar on a terminal
+            eta = (args.num_iterations - iteration) * args.batch_size / max(sps, 1)
+            alpha, beta, iou = (attention.get(f"charts/{k}", 0.0) for k in ("alpha", "beta", "attention_iou"))
+            cam_empty = attention["charts/cam_empty_fraction"]
+            mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "-"
+            bar.update(args.batch_size)
+            bar.set_postfix(SPS=sps, refresh=False)
+            tqdm.write(
+                f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} eta={duration(eta)} "
+                f"episodes={len(recent_returns)} mean_return={mean_return} "
+                f"alpha={alpha:.3f} beta={beta:.3f} iou={iou:.3f} cam_empty={cam_empty:.2f}"
+            )
+            sys.stdout.flush()
+            if iteration == start_iteration and eta > 86400:
+                warn_days(sps, eta)
             recent_returns = []
-            collapsed_for = collapsed_for + 1 if shown["cam_empty"] > 0.5 else 0
+            collapsed_for = collapsed_for + 1 if cam_empty > 0.5 else 0
             if collapsed_for == args.collapse_patience:
-                warn_collapse(collapsed_for, shown["cam_empty"])
+                warn_collapse(collapsed_for, cam_empty)
 
             # the first image after the first update, then every --image-every iterations, and the trained agent's at the end
             last = iteration == args.num_iterations
             if args.image_every and (iteration == 1 or iteration % args.image_every == 0 or last):
                 log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir)
-            if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (STOP_SIGNAL and not last):
+            if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (stop and not last):
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration, global_step, episodes_seen)
-            if STOP_SIGNAL and not last:
+            if stop and not last:
                 tqdm.write(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
-                sys.exit(128 + STOP_SIGNAL[0])
+                sys.exit(stop.exit_code())
         bar.close()  # before the evaluation's own output
+        # a finished run cannot be resumed: a first stop from here on lets the evaluation write eval.json
+        stop.point = f"the training is done; stopping after the final evaluation ({args.eval_episodes} episodes) has written eval.json"
+        stop.last_pass_seconds = None  # the last iteration's time says nothing about the evaluation's
         finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print(f"\nstopped at once, without a checkpoint; the last saved one (if any) is in {run_dir}", file=sys.stderr, flush=True)

@@ -37,11 +37,8 @@ MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t
 DATASETS = ("shapes", "pets", "flowers", "busi")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
 RESIZE, CROP = 256, 224
-# what a run does when asked to stop (request_stop), and what it calls one pass
-STOP_POINT = "saving a checkpoint and stopping at the end of this epoch"
-STOP_UNIT = "epoch"
 # what an epoch sums over its batches (one device tensor, one all_reduce under torchrun)
-EPOCH_SUMS = ("loss", "ce", "reg", "alpha", "beta", "valid", "correct", "seen", "empty", "stop_votes")
+EPOCH_SUMS = ("loss", "ce", "reg", "alpha", "beta", "valid", "correct", "seen", "empty")
 
 
 @dataclass
@@ -165,7 +162,7 @@ def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="r
         cam = torch.relu(cam) if rectify == "relu" else cam.abs()
         cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-8)  # each map scaled to [0, 1]
         # Bilinear upsampling (align_corners=False) is separable and linear: R_y @ cam @ R_x^T with PyTorch's own
-        # weights gives F.interpolate's numbers, and its backward is two matmuls (4-7x faster on CPU).
+        # weights gives F.interpolate's numbers, and its backward is two matmuls (faster: docs/benchmarks.md).
         h, w = cam.shape[1:]
         eye = lambda n: torch.eye(n, device=cam.device, dtype=cam.dtype)[None]  # noqa: E731
         r_y = F.interpolate(eye(h), size=size[0], mode="linear", align_corners=False)[0].T  # H x h
@@ -1285,7 +1282,6 @@ def batch_sums(loss, ce, reg, cam, masks, logits, labels):
             "correct": (logits.argmax(1) == labels).sum(),
             "seen": torch.tensor(n, device=labels.device),
             "empty": empty_cams(cam).sum(),
-            "stop_votes": torch.zeros((), device=labels.device),
         }
         return torch.stack([sums[k].float() for k in EPOCH_SUMS])
 
@@ -1344,9 +1340,9 @@ def close_logs(writer, tracked):
         tracked.finish()
 
 
-def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
+def train_fold(args, fold, records, classes, stop, checkpoint=None, prior_cams=None):
     """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
-    (rank 0 writes it). prior_cams: the method prior's CLIP CAMs, aligned with records."""
+    (rank 0 writes it). stop: the StopRequest the signals set; prior_cams: the method prior's CLIP CAMs, aligned with records."""
     rank, world_size = world()
     distributed = dist.is_available() and dist.is_initialized()  # under torchrun, even with one process (DDP, NCCL)
     train_set, test_set = fold_sets(args, fold, records, prior_cams)
@@ -1398,14 +1394,15 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
             loss, ce, reg, cam, logits = train_step(model, optimizer, (images, masks, labels), term, args.camal_coef, autocast, forward)
             global_step += 1
             sums += batch_sums(loss, ce, reg, cam, masks, logits, labels)
-        sums[EPOCH_SUMS.index("stop_votes")] = float(bool(STOP_SIGNAL))
+        stop_votes = torch.tensor(float(bool(stop)), device=device)
         if distributed:
-            dist.all_reduce(sums)  # epoch statistics over every process's samples; one stop decision for all
+            dist.all_reduce(sums)  # epoch statistics over every process's samples
+            dist.all_reduce(stop_votes)  # one stop decision for all: any process asked to stop
         total = dict(zip(EPOCH_SUMS, sums.tolist()))
-        stop = total["stop_votes"] > 0 and epoch < args.epochs
+        stopping = stop_votes.item() > 0 and epoch < args.epochs
         if rank != 0:  # rank 0 evaluates, logs and saves
-            if stop:
-                sys.exit(128 + (STOP_SIGNAL[0] if STOP_SIGNAL else signal.SIGTERM))
+            if stopping:
+                sys.exit(stop.exit_code())
             continue
 
         log_train(writer, total, epoch)
@@ -1413,7 +1410,7 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         log_test(writer, result, model, grid, device, autocast, epoch)
         writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
         writer.flush()
-        PACE["seconds"] = time.perf_counter() - epoch_start
+        stop.last_pass_seconds = time.perf_counter() - epoch_start
         per_epoch = (time.time() - start_time) / (epoch - start_epoch + 1)
         later = args.folds - 1 - fold if args.fold == "all" else 0  # --fold all: the folds after this one, at this pace
         report_epoch(fold, epoch, args, total, result, eta=per_epoch * (args.epochs - epoch + later * args.epochs))
@@ -1422,12 +1419,12 @@ def train_fold(args, fold, records, classes, checkpoint=None, prior_cams=None):
         if collapsed_for == args.collapse_patience:
             warn_collapse(collapsed_for, train_empty)
 
-        if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stop:
+        if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stopping:
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
-        if stop:
+        if stopping:
             close_logs(writer, tracked)
             print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
-            sys.exit(128 + (STOP_SIGNAL[0] if STOP_SIGNAL else signal.SIGTERM))
+            sys.exit(stop.exit_code())
 
     if rank != 0:
         return None
@@ -1576,26 +1573,38 @@ def duration(seconds):
     return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
-STOP_SIGNAL = []  # the signal that asked this run to stop, once one has
-PACE = {}  # "seconds": how long the last iteration or epoch took, for the stop message
+class StopRequest:
+    """The stop the signals ask for, as one object: the handler sets it, the training loop reads it (no globals).
 
+    Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job) ask for
+    a stop at the next safe point, which `point` describes. Only a second Ctrl-C stops at once: schedulers repeat
+    their signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that is still one stop.
+    """
 
-def request_stop(signum, frame):
-    """Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job): stop
-    at the next safe point, as STOP_POINT says. Only a second Ctrl-C stops at once: schedulers repeat their
-    signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that must still be one stop."""
-    if STOP_SIGNAL:
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        return
-    STOP_SIGNAL.append(signum)
-    pace = f" (the last {STOP_UNIT} took {PACE['seconds']:.0f} s)" if PACE.get("seconds") else ""
-    print(f"\n{signal.Signals(signum).name}: {STOP_POINT}{pace}; Ctrl-C again stops at once, without saving", flush=True)
+    def __init__(self, point, unit):
+        self.point, self.unit = point, unit  # what the run does when asked, and what it calls one pass (for the message)
+        self.signum = None  # the signal that asked, once one has
+        self.last_pass_seconds = None  # how long the last pass took, set by the loop
 
+    def __bool__(self):
+        return self.signum is not None
 
-def catch_stop_signals():
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, request_stop)
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGTERM)  # SIGTERM: another DDP process was asked
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        pace = f" (the last {self.unit} took {self.last_pass_seconds:.0f} s)" if self.last_pass_seconds else ""
+        print(f"\n{signal.Signals(signum).name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
+
+    def catch(self):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, self.handle)
+        return self
 
 
 def check_files(records):
@@ -1703,13 +1712,13 @@ if __name__ == "__main__":
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    catch_stop_signals()
+    stop = StopRequest("saving a checkpoint and stopping at the end of this epoch", "epoch").catch()
     folds = range(args.folds) if args.fold == "all" else [int(args.fold)]
     if checkpoint is not None:  # finish the interrupted fold; with --fold all, then the folds after it
         folds = [f for f in folds if f >= checkpoint["fold"]]
     for fold in folds:
         try:
-            run_dir = train_fold(args, int(fold), records, classes, checkpoint, prior_cams)
+            run_dir = train_fold(args, int(fold), records, classes, stop, checkpoint, prior_cams)
         except (FileNotFoundError, DataError, ValueError) as e:  # a file that went missing or is corrupt, --track without a key
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -13,6 +13,10 @@ What it runs, each part with the project's own code:
   extraction   batch-level Grad-CAM (one backward, Proposition 1) against one backward per sample (Figure 2)
   dl run       a 2-epoch shapes run of train_dl_camal.py with --cuda --amp, eval_faithfulness.py on it, and the
                same training under torchrun --nproc_per_node 1 (NCCL on a GPU)
+  dl cost      the DL grid's cost: one Pets-sized cell (3,680 generated images of Pets' typical 500 x 375 in its
+               layout, unless --pets-dir has the real one; batch 32, Table 7's AdamW, a random start) for 2 epochs per
+               model, CAMAL and vanilla; the second epoch's seconds (training on 9 folds, testing on 1) give seconds
+               per image, and so the GPU-hours of benchmark.py's --preset dl and dl-suppress at 500 epochs, 10 folds
   dl causes    where CAMAL's extra step time goes for the models that miss the target: torch.profiler's kernel time
                and count per step against the wall time, and (CUDA only) both steps captured as CUDA graphs and
                replayed, which removes Python and launch costs
@@ -65,6 +69,7 @@ FULL = dict(
     cause_runs=[("resnet18", "fp32"), ("vit_b_16", "fp32"), ("resnet18", "bf16"), ("vit_b_16", "bf16")],
     sizes=[1, 32],
     shapes=["--shapes-per-class", "40", "--folds", "5"],
+    cost=dict(images=3680, size=(375, 500), models=list(gradcam_overhead.dl.MODELS), flags=["--num-workers", "12", "--amp"]),
 )
 REDUCED = dict(
     height=60,
@@ -82,8 +87,14 @@ REDUCED = dict(
     cause_runs=[("resnet18", "fp32")],
     sizes=[1, 4],
     shapes=["--shapes-per-class", "8", "--folds", "4", "--image-size", "64"],
+    cost=dict(images=20, size=(60, 80), models=["resnet18"], flags=["--image-size", "64", "--batch-size", "4"]),
 )
-PARTS = ["ppo env", "ppo train", "dl step", "extraction", "dl run", "dl causes"]
+PARTS = ["ppo env", "ppo train", "dl step", "extraction", "dl run", "dl cost", "dl causes"]
+# Images per dataset (Pets: 7,349; Flowers-102: 8,189; BUSI: 780) and benchmark.py's DL grids: the cost of a cell scales
+# with its dataset's images; camal, suppress and prior train with the double backward, vanilla without it.
+DATASET_IMAGES = {"pets": 7349, "flowers": 8189, "busi": 780}
+GRIDS = {"dl": ("camal", "vanilla", "prior"), "dl-suppress": ("camal", "suppress")}
+GRID_EPOCHS, GRID_FOLDS = 500, 10
 TARGETS = {"ppo_camal_sps": 2000, "camal_over_vanilla": 0.9, "dl_overhead_pct": 10.0}
 
 
@@ -186,6 +197,69 @@ def dl_runs(cfg, cuda, timeout, tmp):
     return rows
 
 
+def make_pets(root, n, size):
+    """n images (h x w JPEGs: a coloured ellipse on a gradient) and their trimaps in Oxford-IIIT-Pet's layout, 37 classes."""
+    import numpy as np
+    from PIL import Image
+
+    pet = Path(root) / "oxford-iiit-pet"
+    (pet / "images").mkdir(parents=True)
+    (pet / "annotations" / "trimaps").mkdir(parents=True)
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    lines = []
+    for i in range(n):
+        label = i % 37
+        stem = f"breed{label:02d}_{i}"
+        rng = np.random.default_rng(i)
+        cy, cx, ry, rx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, rng.uniform(0.15, 0.3) * h, rng.uniform(0.15, 0.3) * w
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        image = np.stack([(xx * 255 // w), (yy * 255 // h), np.full_like(xx, 7 * label)], axis=2).astype(np.uint8)
+        image[inside] = (37 * label) % 256, 255 - 5 * label, 128
+        Image.fromarray(image).save(pet / "images" / f"{stem}.jpg", quality=90)
+        Image.fromarray(np.where(inside, 1, 2).astype(np.uint8)).save(pet / "annotations" / "trimaps" / f"{stem}.png")
+        lines.append(f"{stem} {label + 1} 1 1")
+    (pet / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
+    (pet / "annotations" / "test.txt").write_text("")
+
+
+def dl_cost(cfg, pets_dir, images, model, method, cuda, timeout, tmp):
+    """One Pets cell (fold 0 of 10) for 2 epochs: the second epoch's seconds and the seconds per image."""
+    cwd = Path(tmp) / f"cost_{model}_{method}"
+    cwd.mkdir()
+    cmd = [sys.executable, str(DL), "--dataset", "pets", "--data-dir", str(pets_dir), "--model", model, "--method", method]
+    cmd += ["--no-pretrained", "--epochs", "2", "--folds", "10", "--cuda" if cuda else "--no-cuda", *cfg["cost"]["flags"]]
+    rc, seconds, out = run(cmd, cwd, timeout)
+    row = {"model": model, "method": method, "images": images, "rc": rc, "wall_s": round(seconds, 1)}
+    if rc:
+        return {**row, "log_tail": tail(out)}
+    (run_dir,) = (cwd / "runs").iterdir()
+    first, second = read_events(run_dir).Scalars("charts/epoch_seconds")[:2]
+    row["epoch_s"] = second.wall_time - first.wall_time  # the second epoch: start-up and warm-up left out
+    row["s_per_image"] = row["epoch_s"] / images
+    return row
+
+
+def grid_hours(rows):
+    """GPU-hours of each benchmark.py DL grid at Table 7's 500 epochs and 10 folds, from the measured seconds per image
+    (None where a model's figure is missing)."""
+    per_image = {(r["model"], r["method"]): r["s_per_image"] for r in rows if not r["rc"]}
+    out = {}
+    for grid, methods in GRIDS.items():
+        total = 0.0
+        for model in gradcam_overhead.dl.MODELS:
+            for method in methods:
+                key = (model, "vanilla" if method == "vanilla" else "camal")
+                if key not in per_image:
+                    total = None
+                    break
+                total += sum(per_image[key] * images for images in DATASET_IMAGES.values()) * GRID_EPOCHS * GRID_FOLDS
+            if total is None:
+                break
+        out[grid] = None if total is None else total / 3600
+    return out
+
+
 def exactness(name, device, n=4):
     """Largest difference between the batch-level CAMs of n images and each image's own Grad-CAM (eval mode, fp32)."""
     dl = gradcam_overhead.dl
@@ -216,6 +290,7 @@ def main():
     p.add_argument("--budget-s", type=float, default=460.0, help="no part starts after this many seconds")
     p.add_argument("--reduced", action="store_true", help="the reduced mode even on a GPU")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="run only these parts (e.g. to rerun one)")
+    p.add_argument("--pets-dir", help="dl cost: a folder holding the real oxford-iiit-pet/ (default: generated images in its layout)")
     p.add_argument("--repeats", type=int, help="timed calls per figure in dl step, dl causes and extraction (default: 5 on a GPU)")
     opts = p.parse_args()
     if opts.budget_s <= 0:
@@ -226,6 +301,9 @@ def main():
         print(f"error: --out {opts.out}: the folder {out_dir} does not exist", file=sys.stderr)
         sys.exit(2)
 
+    if opts.pets_dir is not None and not os.path.isdir(os.path.join(opts.pets_dir, "oxford-iiit-pet", "images")):
+        print(f"error: --pets-dir {opts.pets_dir} has no oxford-iiit-pet/images/ (torchvision's layout)", file=sys.stderr)
+        sys.exit(2)
     if opts.repeats is not None and opts.repeats < 1:
         print(f"error: --repeats must be at least 1, got {opts.repeats}", file=sys.stderr)
         sys.exit(2)
@@ -378,11 +456,44 @@ def main():
                     result["failed"].append(r["what"])
                     print(r["log_tail"], flush=True)
 
+        def cost_part():
+            cost = cfg["cost"]
+            pets_dir, images = opts.pets_dir, cost["images"]
+            if pets_dir is None:
+                pets_dir = os.path.join(tmp, "pets")
+                make_pets(pets_dir, images, cost["size"])
+            else:
+                images = len(os.listdir(os.path.join(pets_dir, "oxford-iiit-pet", "images")))
+            what = "the real Pets" if opts.pets_dir else f"{images} generated images of {cost['size'][1]} x {cost['size'][0]}"
+            print(f"\n[dl cost] one Pets cell, {what}, fold 0 of 10, 2 epochs, {' '.join(cost['flags'])}: the second epoch", flush=True)
+            rows = result["dl_cost"] = []
+            for model in cost["models"]:
+                for method in ("camal", "vanilla"):
+                    if left() <= 0:
+                        result["skipped"].append(f"dl cost {model} {method}")
+                        continue
+                    r = dl_cost(cfg, pets_dir, images, model, method, cuda, max(left(), 120), tmp)
+                    rows.append(r)
+                    if r["rc"]:
+                        result["failed"].append(f"dl cost {model} {method}")
+                        print(f"  {model:<16}{method:<8} FAILED (exit {r['rc']})\n{r['log_tail']}", flush=True)
+                        continue
+                    print(f"  {model:<16}{method:<8}{r['epoch_s']:>8.1f} s per epoch{3600 / r['epoch_s']:>8.0f} epochs per hour", flush=True)
+                    write(opts.out, result)
+            hours = result["dl_grid_gpu_hours"] = grid_hours(rows)
+            for grid, h in hours.items():
+                runs = GRID_FOLDS * len(DATASET_IMAGES) * len(gradcam_overhead.dl.MODELS) * len(GRIDS[grid])
+                print(
+                    f"  --preset {grid}: {runs} cells of {GRID_EPOCHS} epochs: " + (f"{h:,.0f} GPU-hours" if h else "not every model measured"),
+                    flush=True,
+                )
+
         part("ppo env", env_part)
         part("ppo train", train_part)
         part("dl step", step_part)
         part("extraction", extraction_part)
         part("dl run", dl_part)
+        part("dl cost", cost_part)
         part("dl causes", causes_part)  # last: a CUDA graph capture that fails can leave the device unusable
 
     result["verdict"] = verdict(result) if cuda else None

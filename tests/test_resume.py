@@ -177,18 +177,19 @@ def test_broken_or_unsafe_checkpoint_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["ppo_camal_vizdoom", "train_dl_camal"])
-def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(script):
+def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(script, capsys):
     """SLURM signals every process of a job (SIGUSR2) and benchmark.py forwards one more (SIGUSR1): still one clean stop."""
     module = load_script(script)
-    module.STOP_SIGNAL.clear()
-    try:
-        for s in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM):
-            module.request_stop(s, None)
-        assert module.STOP_SIGNAL == [signal.SIGUSR2]
-        with pytest.raises(KeyboardInterrupt):
-            module.request_stop(signal.SIGINT, None)
-    finally:
-        module.STOP_SIGNAL.clear()
+    stop = module.StopRequest("stopping at the next safe point", "pass")
+    assert not stop and stop.exit_code() == 128 + signal.SIGTERM  # a DDP process that was not signalled itself
+    stop.last_pass_seconds = 42.0
+    for s in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM):
+        stop.handle(s, None)
+    assert stop and stop.signum == signal.SIGUSR2 and stop.exit_code() == 128 + signal.SIGUSR2
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(signal.SIGINT, None)
+    out = capsys.readouterr().out  # one message, for the first signal, with the pace
+    assert out.count("SIGUSR2: stopping at the next safe point (the last pass took 42 s)") == 1 and "SIGTERM" not in out
 
 
 def test_first_run_explains_itself(tmp_path):

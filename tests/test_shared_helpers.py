@@ -32,10 +32,7 @@ SHARED = [
             "unwritable",
             "state_bytes",
             "start_tracking",
-            "STOP_SIGNAL",
-            "PACE",
-            "request_stop",
-            "catch_stop_signals",
+            "StopRequest",
             "attention_panel",
             "describe_device",
             "ENVIRONMENT_PACKAGES",
@@ -46,7 +43,7 @@ SHARED = [
             "close_logs",
         ),
     ),
-    ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "class_cam")),
+    ("train_dl_camal.py", ("build_model", "CamModel", "normalise", "MEAN, STD", "class_cam", "MODELS")),
     (
         "train_dl_camal.py",
         (
@@ -107,7 +104,7 @@ def test_copies_are_identical():
 
 def test_eval_faithfulness_holds_the_copies():
     defs = top_level_definitions(ROOT / "eval_faithfulness.py")
-    assert {"grad_cam", "build_model", "CamModel", "normalise", "class_cam"} <= set(defs)
+    assert {"grad_cam", "build_model", "CamModel", "normalise", "MEAN, STD", "class_cam"} <= set(defs)
 
 
 def test_stats_holds_the_copies():
@@ -139,3 +136,4 @@ def test_every_json_writer_holds_the_atomic_copy():
         assert {"read_json", "read_torch"} <= set(top_level_definitions(ROOT / script)), script
     assert "read_json" in top_level_definitions(ROOT / "stats.py")
     assert "unwritable" in top_level_definitions(ROOT / "benchmark.py")
+    assert "MODELS" in top_level_definitions(ROOT / "benchmark.py")  # the grids' model axis is the trainer's --model
