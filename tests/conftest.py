@@ -10,6 +10,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist (pytest.ini) each worker, and every script it starts, gets one CPU thread: two workers of two
+# threads each on two cores left OpenMP's threads spinning while they waited on each other (an epoch 30 times slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def load_script(name):
     """Import a top-level script (its __main__ block does not run)."""
