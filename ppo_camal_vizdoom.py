@@ -152,8 +152,8 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------
-# CAMAL helpers. Copied unchanged into the other scripts; tests/test_shared_helpers.py keeps the
-# copies identical.
+# CAMAL: the attention map and the loss (Eq. 2-4). Copied unchanged into the other scripts;
+# tests/test_shared_helpers.py keeps the copies identical.
 # ---------------------------------------------------------------------------------------------
 def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
@@ -219,8 +219,13 @@ def attention_iou(cam, mask, tau=0.7):
     return torch.where(valid, inter / union.clamp(min=1), torch.zeros_like(inter)), valid
 
 
+def empty_cams(cam):
+    """Per sample, True where the CAM is zero everywhere: CAMAL has no gradient there and IoU says nothing."""
+    return cam.flatten(1).amax(1) <= 0
+
+
 # ---------------------------------------------------------------------------------------------
-# Environment
+# Environment: ViZDoom games, their object masks, the frame stack
 # ---------------------------------------------------------------------------------------------
 def labels_to_mask(labels_buffer, labels):
     """Boolean H x W mask of the pixels that show a game object.
@@ -347,7 +352,7 @@ def stack_frames(stack, frames, first):
 
 
 # ---------------------------------------------------------------------------------------------
-# Agent
+# Agent: CleanRL's Nature CNN, and the critic's attention
 # ---------------------------------------------------------------------------------------------
 def nature_cnn_output_size(frame_height, frame_width):
     """Spatial size of the Nature CNN's last feature map; a clear error if the frame is too small."""
@@ -412,11 +417,6 @@ def critic_cam(feats, value, size, cam_kind, create_graph):
     return grad_cam(feats, target, size, create_graph=create_graph, rectify="abs" if cam_kind == "abs" else "relu")
 
 
-def empty_cams(cam):
-    """Per sample, True where the CAM is zero everywhere: CAMAL has no gradient there and IoU says nothing."""
-    return cam.flatten(1).amax(1) <= 0
-
-
 def value_cam(agent, obs, size, cam_kind):
     """The critic's CAM for a batch of observations, as a measurement (no graph kept)."""
     with torch.enable_grad():
@@ -426,32 +426,50 @@ def value_cam(agent, obs, size, cam_kind):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures: frame | mask | CAM overlay, for TensorBoard and videos
+# The update's pieces: advantages, and the attention figures of an iteration
 # ---------------------------------------------------------------------------------------------
-def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
-    """H x 3W x 3 uint8 RGB, each part labelled: the image, the mask in red over it, the CAM as a jet overlay.
-    image: H x W (gray) or H x W x 3 uint8; mask: H x W, non-zero inside; cam: H x W in [0, 1]."""
-    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image)
-    inside = np.asarray(mask).astype(bool)
-    masked = rgb.copy()
-    masked[inside] = (0.5 * masked[inside] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
-    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    parts = [rgb.copy(), masked, np.uint8(0.5 * rgb + 0.5 * heat)]
-    scale = max(0.3, rgb.shape[0] / 400)  # readable at 60 x 80 and at 224 x 224
-    for part, title in zip(parts, titles):
-        for colour, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):  # white on a dark edge: readable on any image
-            cv2.putText(part, title, (2, 2 + int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
-    return np.concatenate(parts, axis=1)
+def gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
+    """Generalized advantage estimates over a rollout (num_steps x num_envs), as in CleanRL's PPO."""
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = 0
+    num_steps = rewards.shape[0]
+    for t in reversed(range(num_steps)):
+        if t == num_steps - 1:
+            nextnonterminal = 1.0 - next_done
+            nextvalues = next_value
+        else:
+            nextnonterminal = 1.0 - dones[t + 1]
+            nextvalues = values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+    return advantages
 
 
-def write_video(path, panels, fps):
-    """panels: list of H x W x 3 RGB frames; upscaled (nearest) to at least 240 rows so small runs are watchable."""
-    scale = max(1, 240 // panels[0].shape[0])
-    h, w = panels[0].shape[0] * scale, panels[0].shape[1] * scale
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    for p in panels:
-        writer.write(cv2.cvtColor(cv2.resize(p, (w, h), interpolation=cv2.INTER_NEAREST), cv2.COLOR_RGB2BGR))
-    writer.release()
+ATTENTION_SUMS = ("camal_loss", "alpha", "beta", "iou", "valid", "empty")  # summed over an iteration's first epoch
+
+
+def add_attention(att, cam, camal_l, masks, tau):
+    """Add one minibatch's attention figures to the sums in `att` (on the device: no sync per minibatch)."""
+    with torch.no_grad():
+        cam = cam.detach()
+        alpha, beta, valid = camal_terms(cam, masks)
+        iou, _ = attention_iou(cam, masks, tau)
+        for k, v in zip(ATTENTION_SUMS, (camal_l.detach(), alpha.sum(), beta.sum(), (iou * valid).sum(), valid.sum(), empty_cams(cam).sum())):
+            att[k] += v
+
+
+def attention_figures(att, n_measured, batch_size):
+    """TensorBoard's attention figures from the first epoch's sums (ATTENTION_SUMS): alpha, beta and IoU are means over
+    the samples with an object on screen, left out when there was none (never NaN)."""
+    att = dict(zip(att, torch.stack(list(att.values())).tolist()))  # one device sync per iteration
+    figures = {
+        "losses/camal_loss": att["camal_loss"] / n_measured,
+        "charts/mask_valid_fraction": att["valid"] / batch_size,
+        "charts/cam_empty_fraction": att["empty"] / batch_size,
+    }
+    if att["valid"]:
+        figures.update({f"charts/{k}": att[k] / att["valid"] for k in ("alpha", "beta")}, **{"charts/attention_iou": att["iou"] / att["valid"]})
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,9 +532,133 @@ def evaluate(agent, envs, args, device, video_dir=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Run plumbing: everything below serves the run, not the method (files, checkpoints, resume, stop signals,
+# progress, tracking, pictures, videos, the paper's Figure 11). The method is all above this line.
+# ---------------------------------------------------------------------------------------------
+# (flag, lowest, highest, whether the lowest is allowed) of the real-valued flags; target_kl may also be None
+NUMBERS = (
+    ("learning_rate", 0.0, math.inf, False),
+    ("gamma", 0.0, 1.0, True),
+    ("gae_lambda", 0.0, 1.0, True),
+    ("clip_coef", 0.0, math.inf, False),
+    ("ent_coef", 0.0, math.inf, True),
+    ("vf_coef", 0.0, math.inf, True),
+    ("max_grad_norm", 0.0, math.inf, False),
+    ("target_kl", 0.0, math.inf, False),
+    ("camal_coef", 0.0, math.inf, True),
+    ("reward_scale", 0.0, math.inf, False),
+)
+
+
+def check_args(args):
+    """Reject settings that cannot run, with a message that says why."""
+    if args.frame_height <= 0 or args.frame_width <= 0:
+        raise ValueError(f"--frame-height and --frame-width must be positive, got {args.frame_height} x {args.frame_width}")
+    nature_cnn_output_size(args.frame_height, args.frame_width)
+    render_resolution(args.frame_height, args.frame_width)
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_skip", "frame_stack"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("eval_episodes", "image_every", "checkpoint_every", "collapse_patience"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.total_timesteps <= 0:
+        raise ValueError(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    batch_size = args.num_envs * args.num_steps
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is less than one rollout (num-envs x num-steps = {batch_size})")
+    if batch_size % args.num_minibatches:
+        raise ValueError(f"num-envs x num-steps = {batch_size} does not split into {args.num_minibatches} minibatches")
+    if not 0.0 <= args.tau < 1.0:
+        raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
+    if not 0 <= args.seed < 2**31:
+        raise ValueError(f"--seed must lie in 0 .. 2**31 - 1 (the games' and numpy's seeds), got {args.seed}")
+    for name, low, high, low_allowed in NUMBERS:  # nan fails every comparison, so it is refused here too
+        v = getattr(args, name)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= low if low_allowed else v > low) and v <= high):
+            bound = f"{'at least' if low_allowed else 'above'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+            raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}, got {v}")
+
+
+def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
+    """H x 3W x 3 uint8 RGB, each part labelled: the image, the mask in red over it, the CAM as a jet overlay.
+    image: H x W (gray) or H x W x 3 uint8; mask: H x W, non-zero inside; cam: H x W in [0, 1]."""
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image)
+    inside = np.asarray(mask).astype(bool)
+    masked = rgb.copy()
+    masked[inside] = (0.5 * masked[inside] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    parts = [rgb.copy(), masked, np.uint8(0.5 * rgb + 0.5 * heat)]
+    scale = max(0.3, rgb.shape[0] / 400)  # readable at 60 x 80 and at 224 x 224
+    for part, title in zip(parts, titles):
+        for colour, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):  # white on a dark edge: readable on any image
+            cv2.putText(part, title, (2, 2 + int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
+    return np.concatenate(parts, axis=1)
+
+
+def write_video(path, panels, fps):
+    """panels: list of H x W x 3 RGB frames; upscaled (nearest) to at least 240 rows so small runs are watchable."""
+    scale = max(1, 240 // panels[0].shape[0])
+    h, w = panels[0].shape[0] * scale, panels[0].shape[1] * scale
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for p in panels:
+        writer.write(cv2.cvtColor(cv2.resize(p, (w, h), interpolation=cv2.INTER_NEAREST), cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
+    """Play --eval-episodes episodes with the trained policy; log them and write eval.json (stats.py reads it)."""
+    episodes = evaluate(agent, envs, args, device, video_dir)
+    for idx, ep in enumerate(episodes):
+        writer.add_scalar("eval/episodic_return", ep["return"], idx)
+        if ep["attention_iou"] is not None:
+            writer.add_scalar("eval/attention_iou", ep["attention_iou"], idx)
+    # the same policy's attention under every --cam: vanilla trains without a CAM, so it is the baseline of each formulation
+    by_cam = {}
+    for kind in CAM_KINDS:
+        ious = [ep["by_cam"][kind]["attention_iou"] for ep in episodes if ep["by_cam"][kind]["attention_iou"] is not None]
+        empty = [ep["by_cam"][kind]["cam_empty_fraction"] for ep in episodes]
+        by_cam[kind] = {"mean_iou": float(np.mean(ious)) if ious else None, "cam_empty_fraction": float(np.mean(empty))}
+    result = {
+        "env": args.env,
+        "method": args.method,
+        "seed": args.seed,
+        "total_timesteps": global_step,
+        "mean_return": float(np.mean([ep["return"] for ep in episodes])),
+        "mean_iou": by_cam[args.cam]["mean_iou"],
+        "episodic_returns": [ep["return"] for ep in episodes],
+        "episodic_lengths": [ep["length"] for ep in episodes],
+        "episodic_iou": [ep["attention_iou"] for ep in episodes],
+        "cam_empty_fraction": by_cam[args.cam]["cam_empty_fraction"],
+        "cam": args.cam,
+        "tau": args.tau,
+        "camal_coef": args.camal_coef,
+        "reward_scale": args.reward_scale,
+        "by_cam": by_cam,
+        "run_name": run_name,
+    }
+    write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
+    print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
+
+
+def log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir):
+    """TensorBoard: frame | mask | CAM for up to 4 frames with objects on screen, spread over the rollout; with
+    --capture-video, env 0's whole rollout of this iteration as an mp4."""
+    size = (args.frame_height, args.frame_width)
+    has_obj = torch.nonzero(b_masks.flatten(1).any(1)).flatten().cpu()
+    pick = has_obj if len(has_obj) else torch.arange(args.batch_size)
+    pick = pick[torch.linspace(0, len(pick) - 1, min(4, len(pick))).long()].to(b_obs.device)
+    cams = value_cam(agent, b_obs[pick], size, args.cam).cpu().numpy()
+    panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c, titles=FRAME_TITLES) for j, c in zip(pick, cams)]
+    writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
+    if video_dir is not None:
+        cams = value_cam(agent, obs[:, 0], size, args.cam).cpu().numpy()
+        clip = [attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t], titles=FRAME_TITLES) for t in range(args.num_steps)]
+        write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
+
+
 # Files: every file a run writes goes through atomic_write, every file it reads through read_json or read_torch.
 # Copied unchanged into the other scripts; tests/test_shared_helpers.py keeps the copies identical.
-# ---------------------------------------------------------------------------------------------
 class RunFileError(ValueError):
     """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
 
@@ -643,9 +785,7 @@ def state_bytes(obj):
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
+# Checkpoints, resume and tracking
 def start_tracking(args, run_name, run_dir):
     """CleanRL's --track: a Weights and Biases run that mirrors the TensorBoard events (scalars, images). Its id comes from
     the run's name, so a resumed run continues the same W&B run. WANDB_MODE=offline keeps it on disk."""
@@ -775,9 +915,255 @@ def save_checkpoint(path, agent, optimizer, args, iteration, global_step, episod
     write_json(os.path.splitext(path)[0] + ".json", {"iteration": iteration, "global_step": global_step})
 
 
-# ---------------------------------------------------------------------------------------------
-# The paper's Figure 11: two trained agents' attention on the same frames
-# ---------------------------------------------------------------------------------------------
+def resume_from(args):
+    """(the run's own Args, its checkpoint) for --resume RUN; a clear message and exit code 2 when it cannot resume."""
+    if not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist")
+    try:
+        entries = set(os.listdir(args.resume))
+    except OSError as e:
+        fail(f"--resume {args.resume} cannot be read: {e.strerror}")
+    if "eval.json" in entries:
+        fail(f"--resume {args.resume}: this run finished (its eval.json is there); there is nothing to resume")
+    if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is a whole state (a crash between renames)
+        fail(f"--resume {args.resume}: no checkpoint.pt there (was the run started with --checkpoint-every?)")
+    try:
+        checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), PPO_CHECKPOINT_KEYS)
+    except RunFileError as e:
+        fail(f"--resume {args.resume}: {e}")
+    # the run continues with the hyperparameters it was started with
+    saved = checkpoint["args"]
+    ignored = ignored_flags(args, saved, keep=("resume", "cuda"))
+    if ignored:
+        print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
+    saved.update(resume=args.resume, cuda=args.cuda)
+    unknown = set(saved) - set(Args.__dataclass_fields__)
+    if unknown:
+        fail(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
+    args = Args(**saved)
+    if checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps):
+        fail(f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to resume")
+    return args, checkpoint
+
+
+def restore(agent, optimizer, checkpoint, args, run_name):
+    """(start_iteration, global_step, episodes_seen): 1, 0, 0 for a new run; a resumed one gets its weights and RNG back."""
+    if checkpoint is None:
+        return 1, 0, 0
+    agent.load_state_dict(checkpoint["agent"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng(checkpoint["rng"])
+    print(f"resuming {run_name} at iteration {checkpoint['iteration'] + 1}/{args.num_iterations}, global_step={checkpoint['global_step']}")
+    return checkpoint["iteration"] + 1, checkpoint["global_step"], checkpoint["episodes_seen"]
+
+
+# The run around the loop: folders, logs, progress, stopping
+class StopRequest:
+    """The stop the signals ask for, as one object: the handler sets it, the training loop reads it (no globals).
+
+    Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job) ask for
+    a stop at the next safe point, which `point` describes. Only a second Ctrl-C stops at once: schedulers repeat
+    their signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that is still one stop.
+    """
+
+    def __init__(self, point, unit):
+        self.point, self.unit = point, unit  # what the run does when asked, and what it calls one pass (for the message)
+        self.signum = None  # the signal that asked, once one has
+        self.last_pass_seconds = None  # how long the last pass took, set by the loop
+
+    def __bool__(self):
+        return self.signum is not None
+
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGTERM)  # SIGTERM: another DDP process was asked
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        pace = f" (the last {self.unit} took {self.last_pass_seconds:.0f} s)" if self.last_pass_seconds else ""
+        print(f"\n{signal.Signals(signum).name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
+
+    def catch(self):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, self.handle)
+        return self
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
+
+
+ENVIRONMENT_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy", "scipy", "rliable")
+
+
+def package_version(name):
+    """The installed version of a distribution, or None where it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def record_environment(run_dir, device):
+    """Append to run_dir/environment.json what this process trains with: package versions, the git commit (and whether
+    tracked files were changed), the device. One entry per start or resume, so a run resumed under other versions says so."""
+
+    def git(*cmd):
+        try:
+            done = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *cmd], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):  # no git here
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "script": os.path.basename(__file__),
+        "python": sys.version.split()[0],
+        "packages": {name: package_version(name) for name in ENVIRONMENT_PACKAGES},
+        "git": None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
+        "device": describe_device(device),
+        "cuda": torch.version.cuda,
+    }
+    path = os.path.join(run_dir, "environment.json")
+    try:
+        entries = read_json(path, kind=list) if os.path.exists(path) else []
+    except RunFileError:  # a damaged record is replaced, not a reason to stop the run
+        entries = []
+    write_json(path, entries + [entry], indent=2)
+
+
+def duration(seconds):
+    """3d 4h, 2h 05m, 4m 10s: an ETA a reader takes in at a glance."""
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+def start_run(args, checkpoint):
+    """(run_name, run_dir, video_dir). A resumed run keeps its own folder; args.json says what the run is (--figure reads it)."""
+    if checkpoint is not None:
+        run_dir = args.resume.rstrip("/")
+        run_name = os.path.basename(run_dir)
+    else:
+        run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
+        run_dir = f"runs/{run_name}"
+    make_folder(run_dir)
+    write_json(os.path.join(run_dir, "args.json"), asdict(args), indent=2)
+    video_dir = None
+    if args.capture_video:
+        video_dir = f"videos/{run_name}"
+        make_folder(video_dir)
+    return run_name, run_dir, video_dir
+
+
+def open_logs(args, run_name, run_dir, purge_step):
+    """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
+    crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
+    tracked = start_tracking(args, run_name, run_dir) if args.track else None  # before the writer, so W&B mirrors its events
+    # TensorBoard writes from a thread: its OSError (a full disk) comes back at the next write, where the run says why it stops
+    threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else threading.__excepthook__(a)
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    if purge_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer, tracked
+
+
+def close_logs(writer, tracked):
+    if writer is not None:
+        try:
+            writer.close()
+        except OSError:  # a full disk: the events written so far stay readable, and the run has said why it stopped
+            pass
+    if tracked is not None:
+        tracked.finish()
+
+
+def announce(args, run_name, run_dir, envs, device):
+    kind = "async" if isinstance(envs, gym.vector.AsyncVectorEnv) else "sync"
+    print(
+        f"{run_name}: {describe_device(device)}, {args.num_envs} {kind} envs at {args.frame_height} x {args.frame_width}, "
+        f"{args.num_iterations} iterations of {args.batch_size} steps\n  run folder: {run_dir}   watch: tensorboard --logdir "
+        f"{os.path.dirname(run_dir) or '.'}   stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
+        flush=True,
+    )
+
+
+def stop_in_rollout(run_dir, agent, optimizer, args, iteration, global_step, episodes_seen):
+    """A stop asked for during a rollout: the model is as the last update left it, so save that state now, not after this update."""
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration - 1, global_step, episodes_seen)
+    tqdm.write(
+        f"stopped in iteration {iteration}'s rollout; saved the state after iteration {iteration - 1}. "
+        f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}"
+    )
+
+
+def warn_days(sps, eta):
+    tqdm.write(
+        f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 want a GPU). "
+        f"A CPU run that trains a Basic agent in about 15 min: python {os.path.basename(__file__)} --env Basic --frame-height 60 "
+        f"--frame-width 80 --total-timesteps 409600",
+        file=sys.stderr,
+    )
+
+
+def warn_collapse(iterations, empty_fraction):
+    """An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently."""
+    print(
+        f"warning: the critic's CAM has been empty for over half the samples for {iterations} iterations "
+        f"({empty_fraction:.0%} now): CAMAL has no gradient there and attention IoU measures nothing. "
+        f"See docs/ppo_camal_vizdoom.md (--cam): --cam abs keeps the map alive.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
+    """After the last iteration: the weights (--save-model), then the evaluation and eval.json."""
+    if args.save_model:
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+        state = agent.state_dict()
+        atomic_write(model_path, lambda f: torch.save(state, f))
+        print(f"model saved to {model_path}")
+    if args.eval_episodes:
+        print(f"evaluating the trained policy over {args.eval_episodes} episodes", flush=True)
+        evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
+
+
+def close_run(bar, envs, writer, tracked, video_dir):
+    bar.close()
+    envs.close()
+    if tracked is not None and video_dir is not None:  # the mp4s go with the W&B run, as CleanRL's monitor_gym does
+        for name in sorted(os.listdir(video_dir)):
+            tracked.save(os.path.join(video_dir, name), base_path=os.path.dirname(video_dir), policy="now")
+    close_logs(writer, tracked)
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def abandon(run_dir, video_dir, checkpoint):
+    """A new run that failed before its first iteration leaves no folder behind (only what this script put there)."""
+    if checkpoint is not None:
+        return
+    for folder in filter(None, (run_dir, video_dir)):
+        if os.path.isdir(folder) and all(
+            n in ("args.json", "environment.json", "wandb") or n.startswith("events.out.tfevents.") for n in os.listdir(folder)
+        ):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# The paper's Figure 11: two trained agents' attention on the same frames (--figure)
 def load_saved_agent(run_dir):
     """(Args, Agent) of a run saved with --save-model: args.json and the state dict (weights only: no code runs)."""
     if not os.path.isdir(run_dir):
@@ -873,396 +1259,6 @@ def attention_figure(args):
     atomic_write(out, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return out
-
-
-class StopRequest:
-    """The stop the signals ask for, as one object: the handler sets it, the training loop reads it (no globals).
-
-    Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job) ask for
-    a stop at the next safe point, which `point` describes. Only a second Ctrl-C stops at once: schedulers repeat
-    their signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that is still one stop.
-    """
-
-    def __init__(self, point, unit):
-        self.point, self.unit = point, unit  # what the run does when asked, and what it calls one pass (for the message)
-        self.signum = None  # the signal that asked, once one has
-        self.last_pass_seconds = None  # how long the last pass took, set by the loop
-
-    def __bool__(self):
-        return self.signum is not None
-
-    def exit_code(self):
-        return 128 + (self.signum or signal.SIGTERM)  # SIGTERM: another DDP process was asked
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.signum = signum
-        pace = f" (the last {self.unit} took {self.last_pass_seconds:.0f} s)" if self.last_pass_seconds else ""
-        print(f"\n{signal.Signals(signum).name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
-
-    def catch(self):
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(s, self.handle)
-        return self
-
-
-def describe_device(device):
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
-
-
-ENVIRONMENT_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy", "scipy", "rliable")
-
-
-def package_version(name):
-    """The installed version of a distribution, or None where it is not installed."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def record_environment(run_dir, device):
-    """Append to run_dir/environment.json what this process trains with: package versions, the git commit (and whether
-    tracked files were changed), the device. One entry per start or resume, so a run resumed under other versions says so."""
-
-    def git(*cmd):
-        try:
-            done = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *cmd], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):  # no git here
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    entry = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "script": os.path.basename(__file__),
-        "python": sys.version.split()[0],
-        "packages": {name: package_version(name) for name in ENVIRONMENT_PACKAGES},
-        "git": None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
-        "device": describe_device(device),
-        "cuda": torch.version.cuda,
-    }
-    path = os.path.join(run_dir, "environment.json")
-    try:
-        entries = read_json(path, kind=list) if os.path.exists(path) else []
-    except RunFileError:  # a damaged record is replaced, not a reason to stop the run
-        entries = []
-    write_json(path, entries + [entry], indent=2)
-
-
-def duration(seconds):
-    """3d 4h, 2h 05m, 4m 10s: an ETA a reader takes in at a glance."""
-    seconds = int(seconds)
-    if seconds >= 86400:
-        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m {seconds % 60:02d}s"
-
-
-# (flag, lowest, highest, whether the lowest is allowed) of the real-valued flags; target_kl may also be None
-NUMBERS = (
-    ("learning_rate", 0.0, math.inf, False),
-    ("gamma", 0.0, 1.0, True),
-    ("gae_lambda", 0.0, 1.0, True),
-    ("clip_coef", 0.0, math.inf, False),
-    ("ent_coef", 0.0, math.inf, True),
-    ("vf_coef", 0.0, math.inf, True),
-    ("max_grad_norm", 0.0, math.inf, False),
-    ("target_kl", 0.0, math.inf, False),
-    ("camal_coef", 0.0, math.inf, True),
-    ("reward_scale", 0.0, math.inf, False),
-)
-
-
-def check_args(args):
-    """Reject settings that cannot run, with a message that says why."""
-    if args.frame_height <= 0 or args.frame_width <= 0:
-        raise ValueError(f"--frame-height and --frame-width must be positive, got {args.frame_height} x {args.frame_width}")
-    nature_cnn_output_size(args.frame_height, args.frame_width)
-    render_resolution(args.frame_height, args.frame_width)
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_skip", "frame_stack"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "image_every", "checkpoint_every", "collapse_patience"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.total_timesteps <= 0:
-        raise ValueError(f"--total-timesteps must be positive, got {args.total_timesteps}")
-    batch_size = args.num_envs * args.num_steps
-    if args.total_timesteps < batch_size:
-        raise ValueError(f"--total-timesteps {args.total_timesteps} is less than one rollout (num-envs x num-steps = {batch_size})")
-    if batch_size % args.num_minibatches:
-        raise ValueError(f"num-envs x num-steps = {batch_size} does not split into {args.num_minibatches} minibatches")
-    if not 0.0 <= args.tau < 1.0:
-        raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
-    if not 0 <= args.seed < 2**31:
-        raise ValueError(f"--seed must lie in 0 .. 2**31 - 1 (the games' and numpy's seeds), got {args.seed}")
-    for name, low, high, low_allowed in NUMBERS:  # nan fails every comparison, so it is refused here too
-        v = getattr(args, name)
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= low if low_allowed else v > low) and v <= high):
-            bound = f"{'at least' if low_allowed else 'above'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
-            raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}, got {v}")
-
-
-def evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
-    """Play --eval-episodes episodes with the trained policy; log them and write eval.json (stats.py reads it)."""
-    episodes = evaluate(agent, envs, args, device, video_dir)
-    for idx, ep in enumerate(episodes):
-        writer.add_scalar("eval/episodic_return", ep["return"], idx)
-        if ep["attention_iou"] is not None:
-            writer.add_scalar("eval/attention_iou", ep["attention_iou"], idx)
-    # the same policy's attention under every --cam: vanilla trains without a CAM, so it is the baseline of each formulation
-    by_cam = {}
-    for kind in CAM_KINDS:
-        ious = [ep["by_cam"][kind]["attention_iou"] for ep in episodes if ep["by_cam"][kind]["attention_iou"] is not None]
-        empty = [ep["by_cam"][kind]["cam_empty_fraction"] for ep in episodes]
-        by_cam[kind] = {"mean_iou": float(np.mean(ious)) if ious else None, "cam_empty_fraction": float(np.mean(empty))}
-    result = {
-        "env": args.env,
-        "method": args.method,
-        "seed": args.seed,
-        "total_timesteps": global_step,
-        "mean_return": float(np.mean([ep["return"] for ep in episodes])),
-        "mean_iou": by_cam[args.cam]["mean_iou"],
-        "episodic_returns": [ep["return"] for ep in episodes],
-        "episodic_lengths": [ep["length"] for ep in episodes],
-        "episodic_iou": [ep["attention_iou"] for ep in episodes],
-        "cam_empty_fraction": by_cam[args.cam]["cam_empty_fraction"],
-        "cam": args.cam,
-        "tau": args.tau,
-        "camal_coef": args.camal_coef,
-        "reward_scale": args.reward_scale,
-        "by_cam": by_cam,
-        "run_name": run_name,
-    }
-    write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
-    print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
-
-
-def log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir):
-    """TensorBoard: frame | mask | CAM for up to 4 frames with objects on screen, spread over the rollout; with
-    --capture-video, env 0's whole rollout of this iteration as an mp4."""
-    size = (args.frame_height, args.frame_width)
-    has_obj = torch.nonzero(b_masks.flatten(1).any(1)).flatten().cpu()
-    pick = has_obj if len(has_obj) else torch.arange(args.batch_size)
-    pick = pick[torch.linspace(0, len(pick) - 1, min(4, len(pick))).long()].to(b_obs.device)
-    cams = value_cam(agent, b_obs[pick], size, args.cam).cpu().numpy()
-    panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c, titles=FRAME_TITLES) for j, c in zip(pick, cams)]
-    writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
-    if video_dir is not None:
-        cams = value_cam(agent, obs[:, 0], size, args.cam).cpu().numpy()
-        clip = [attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t], titles=FRAME_TITLES) for t in range(args.num_steps)]
-        write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
-
-
-def resume_from(args):
-    """(the run's own Args, its checkpoint) for --resume RUN; a clear message and exit code 2 when it cannot resume."""
-    if not os.path.isdir(args.resume):
-        fail(f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist")
-    try:
-        entries = set(os.listdir(args.resume))
-    except OSError as e:
-        fail(f"--resume {args.resume} cannot be read: {e.strerror}")
-    if "eval.json" in entries:
-        fail(f"--resume {args.resume}: this run finished (its eval.json is there); there is nothing to resume")
-    if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is a whole state (a crash between renames)
-        fail(f"--resume {args.resume}: no checkpoint.pt there (was the run started with --checkpoint-every?)")
-    try:
-        checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), PPO_CHECKPOINT_KEYS)
-    except RunFileError as e:
-        fail(f"--resume {args.resume}: {e}")
-    # the run continues with the hyperparameters it was started with
-    saved = checkpoint["args"]
-    ignored = ignored_flags(args, saved, keep=("resume", "cuda"))
-    if ignored:
-        print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
-    saved.update(resume=args.resume, cuda=args.cuda)
-    unknown = set(saved) - set(Args.__dataclass_fields__)
-    if unknown:
-        fail(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
-    args = Args(**saved)
-    if checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps):
-        fail(f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to resume")
-    return args, checkpoint
-
-
-# ---------------------------------------------------------------------------------------------
-# The run around the loop: folders, logs, progress, stopping
-# ---------------------------------------------------------------------------------------------
-def start_run(args, checkpoint):
-    """(run_name, run_dir, video_dir). A resumed run keeps its own folder; args.json says what the run is (--figure reads it)."""
-    if checkpoint is not None:
-        run_dir = args.resume.rstrip("/")
-        run_name = os.path.basename(run_dir)
-    else:
-        run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
-        run_dir = f"runs/{run_name}"
-    make_folder(run_dir)
-    write_json(os.path.join(run_dir, "args.json"), asdict(args), indent=2)
-    video_dir = None
-    if args.capture_video:
-        video_dir = f"videos/{run_name}"
-        make_folder(video_dir)
-    return run_name, run_dir, video_dir
-
-
-def restore(agent, optimizer, checkpoint, args, run_name):
-    """(start_iteration, global_step, episodes_seen): 1, 0, 0 for a new run; a resumed one gets its weights and RNG back."""
-    if checkpoint is None:
-        return 1, 0, 0
-    agent.load_state_dict(checkpoint["agent"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    restore_rng(checkpoint["rng"])
-    print(f"resuming {run_name} at iteration {checkpoint['iteration'] + 1}/{args.num_iterations}, global_step={checkpoint['global_step']}")
-    return checkpoint["iteration"] + 1, checkpoint["global_step"], checkpoint["episodes_seen"]
-
-
-def open_logs(args, run_name, run_dir, purge_step):
-    """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
-    crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
-    tracked = start_tracking(args, run_name, run_dir) if args.track else None  # before the writer, so W&B mirrors its events
-    # TensorBoard writes from a thread: its OSError (a full disk) comes back at the next write, where the run says why it stops
-    threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else threading.__excepthook__(a)
-    writer = SummaryWriter(run_dir, purge_step=purge_step)
-    if purge_step is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    return writer, tracked
-
-
-def close_logs(writer, tracked):
-    if writer is not None:
-        try:
-            writer.close()
-        except OSError:  # a full disk: the events written so far stay readable, and the run has said why it stopped
-            pass
-    if tracked is not None:
-        tracked.finish()
-
-
-def announce(args, run_name, run_dir, envs, device):
-    kind = "async" if isinstance(envs, gym.vector.AsyncVectorEnv) else "sync"
-    print(
-        f"{run_name}: {describe_device(device)}, {args.num_envs} {kind} envs at {args.frame_height} x {args.frame_width}, "
-        f"{args.num_iterations} iterations of {args.batch_size} steps\n  run folder: {run_dir}   watch: tensorboard --logdir "
-        f"{os.path.dirname(run_dir) or '.'}   stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
-        flush=True,
-    )
-
-
-def stop_in_rollout(run_dir, agent, optimizer, args, iteration, global_step, episodes_seen):
-    """A stop asked for during a rollout: the model is as the last update left it, so save that state now, not after this update."""
-    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration - 1, global_step, episodes_seen)
-    tqdm.write(
-        f"stopped in iteration {iteration}'s rollout; saved the state after iteration {iteration - 1}. "
-        f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}"
-    )
-
-
-def gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """Generalized advantage estimates over a rollout (num_steps x num_envs), as in CleanRL's PPO."""
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = 0
-    num_steps = rewards.shape[0]
-    for t in reversed(range(num_steps)):
-        if t == num_steps - 1:
-            nextnonterminal = 1.0 - next_done
-            nextvalues = next_value
-        else:
-            nextnonterminal = 1.0 - dones[t + 1]
-            nextvalues = values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
-    return advantages
-
-
-ATTENTION_SUMS = ("camal_loss", "alpha", "beta", "iou", "valid", "empty")  # summed over an iteration's first epoch
-
-
-def add_attention(att, cam, camal_l, masks, tau):
-    """Add one minibatch's attention figures to the sums in `att` (on the device: no sync per minibatch)."""
-    with torch.no_grad():
-        cam = cam.detach()
-        alpha, beta, valid = camal_terms(cam, masks)
-        iou, _ = attention_iou(cam, masks, tau)
-        for k, v in zip(ATTENTION_SUMS, (camal_l.detach(), alpha.sum(), beta.sum(), (iou * valid).sum(), valid.sum(), empty_cams(cam).sum())):
-            att[k] += v
-
-
-def attention_figures(att, n_measured, batch_size):
-    """TensorBoard's attention figures from the first epoch's sums (ATTENTION_SUMS): alpha, beta and IoU are means over
-    the samples with an object on screen, left out when there was none (never NaN)."""
-    att = dict(zip(att, torch.stack(list(att.values())).tolist()))  # one device sync per iteration
-    figures = {
-        "losses/camal_loss": att["camal_loss"] / n_measured,
-        "charts/mask_valid_fraction": att["valid"] / batch_size,
-        "charts/cam_empty_fraction": att["empty"] / batch_size,
-    }
-    if att["valid"]:
-        figures.update({f"charts/{k}": att[k] / att["valid"] for k in ("alpha", "beta")}, **{"charts/attention_iou": att["iou"] / att["valid"]})
-    return figures
-
-
-def warn_days(sps, eta):
-    tqdm.write(
-        f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 want a GPU). "
-        f"A CPU run that trains a Basic agent in about 15 min: python {os.path.basename(__file__)} --env Basic --frame-height 60 "
-        f"--frame-width 80 --total-timesteps 409600",
-        file=sys.stderr,
-    )
-
-
-def warn_collapse(iterations, empty_fraction):
-    """An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently."""
-    print(
-        f"warning: the critic's CAM has been empty for over half the samples for {iterations} iterations "
-        f"({empty_fraction:.0%} now): CAMAL has no gradient there and attention IoU measures nothing. "
-        f"See docs/ppo_camal_vizdoom.md (--cam): --cam abs keeps the map alive.",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
-    """After the last iteration: the weights (--save-model), then the evaluation and eval.json."""
-    if args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        state = agent.state_dict()
-        atomic_write(model_path, lambda f: torch.save(state, f))
-        print(f"model saved to {model_path}")
-    if args.eval_episodes:
-        print(f"evaluating the trained policy over {args.eval_episodes} episodes", flush=True)
-        evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
-
-
-def close_run(bar, envs, writer, tracked, video_dir):
-    bar.close()
-    envs.close()
-    if tracked is not None and video_dir is not None:  # the mp4s go with the W&B run, as CleanRL's monitor_gym does
-        for name in sorted(os.listdir(video_dir)):
-            tracked.save(os.path.join(video_dir, name), base_path=os.path.dirname(video_dir), policy="now")
-    close_logs(writer, tracked)
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def abandon(run_dir, video_dir, checkpoint):
-    """A new run that failed before its first iteration leaves no folder behind (only what this script put there)."""
-    if checkpoint is not None:
-        return
-    for folder in filter(None, (run_dir, video_dir)):
-        if os.path.isdir(folder) and all(
-            n in ("args.json", "environment.json", "wandb") or n.startswith("events.out.tfevents.") for n in os.listdir(folder)
-        ):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

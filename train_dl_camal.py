@@ -137,7 +137,8 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------
-# CAMAL helpers, copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py checks).
+# CAMAL: the attention map and the loss (Eq. 2-4), copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py
+# checks), then what each --method adds to the cross-entropy and the training step
 # ---------------------------------------------------------------------------------------------
 def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
@@ -203,6 +204,11 @@ def attention_iou(cam, mask, tau=0.7):
     return torch.where(valid, inter / union.clamp(min=1), torch.zeros_like(inter)), valid
 
 
+def empty_cams(cam):
+    """Per sample, True where the CAM is zero everywhere: CAMAL has no gradient there and IoU says nothing."""
+    return cam.flatten(1).amax(1) <= 0
+
+
 # What each --method adds to the cross-entropy, decided here only: the attention term's kind (None: CE alone, the
 # term still reported as CAMAL's would be) and whether the masks are CLIP's pseudo-masks instead of the dataset's.
 METHODS = {
@@ -239,7 +245,7 @@ def train_step(model, optimizer, batch, term, camal_coef, autocast, forward=None
 
 
 # ---------------------------------------------------------------------------------------------
-# Datasets: records of (image path or shapes index, mask paths, label); geometry shared by all
+# Data: records of (image path or shapes index, mask paths, label); geometry shared by all
 # ---------------------------------------------------------------------------------------------
 class DataError(RuntimeError):
     """A dataset file that is there but unusable (corrupt, wrong size): the message names it."""
@@ -326,120 +332,6 @@ def busi_records(data_dir):
     return records, classes
 
 
-# ---------------------------------------------------------------------------------------------
-# Downloads: the datasets' own archives into the layouts the readers above read, and torchvision's ImageNet weights
-# ---------------------------------------------------------------------------------------------
-# Flowers-102's segmentation archive is not one of torchvision's resources; its md5 as other loaders publish it.
-FLOWERS_SEGMENTATIONS = ("102segmentations.tgz", "51375996b6c4f367a4b9f4492d7ecef5")
-LAYOUTS = {
-    "pets": "DATA/oxford-iiit-pet/images/*.jpg and DATA/oxford-iiit-pet/annotations/{trainval.txt, test.txt, trimaps/*.png}",
-    "flowers": "DATA/flowers-102/jpg/image_*.jpg, DATA/flowers-102/segmim/segmim_*.jpg, DATA/flowers-102/{imagelabels.mat, setid.mat}",
-    "busi": "DATA/Dataset_BUSI_with_GT/{benign, malignant, normal}/*.png with their *_mask.png",
-}
-BUSI_SOURCE = (
-    "BUSI has no stable direct link: get Dataset_BUSI_with_GT from its page (https://scholar.cu.edu.eg/?q=afahmy/pages/dataset, "
-    "or a mirror such as Kaggle's 'breast-ultrasound-images-dataset'), unzip it into --data-dir"
-)
-
-
-def dataset_files(dataset):
-    """(the dataset's folder under --data-dir, [(url, md5, extract?)]): torchvision's own resources for OxfordIIITPet and
-    Flowers102, so the layout is the one torchvision's classes make, plus Flowers' segmentation archive."""
-    from torchvision.datasets import Flowers102, OxfordIIITPet
-
-    if dataset == "pets":
-        return "oxford-iiit-pet", [(url, md5, True) for url, md5 in OxfordIIITPet._RESOURCES]
-    prefix = Flowers102._download_url_prefix
-    files = [(prefix + name, md5, name.endswith(".tgz")) for name, md5 in Flowers102._file_dict.values()]
-    return "flowers-102", files + [(prefix + FLOWERS_SEGMENTATIONS[0], FLOWERS_SEGMENTATIONS[1], True)]
-
-
-def mirrored(url, mirror):
-    """url on the --download-mirror server (its path kept), or url itself."""
-    if not mirror:
-        return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    m, u = urlsplit(mirror), urlsplit(url)
-    return urlunsplit((m.scheme, m.netloc, m.path.rstrip("/") + u.path, u.query, ""))
-
-
-def fetch(url, folder, name, md5):
-    """folder/name from url, checked against md5 with torchvision's own download (progress bar) and check; a whole, verified
-    file is not fetched again. A download that fails or does not match its checksum leaves nothing under that name."""
-    from torchvision.datasets.utils import check_integrity, download_url
-
-    path = os.path.join(folder, name)
-    if check_integrity(path, md5):
-        print(f"download: {name} is there and matches its checksum", flush=True)
-        return path
-    part = path + ".part"
-    try:
-        print(f"download: {url}", flush=True)
-        download_url(url, folder, os.path.basename(part))
-        if not check_integrity(part, md5):
-            raise DataError(f"{url} does not match its checksum (md5 {md5}): cut short or corrupt, it was removed; try again")
-        os.replace(part, path)
-    except DataError:
-        raise
-    except Exception as e:  # no network, a server that drops the connection, a full disk: nothing half-written stays
-        raise DataError(f"cannot download {url} ({first_line(e)})") from None
-    finally:
-        if os.path.lexists(part):
-            os.remove(part)
-    return path
-
-
-def download_dataset(dataset, data_dir, mirror=None):
-    """Fetch `dataset` into data_dir in the layout its reader reads: every archive checksum-verified, extracted into a
-    folder beside the target and moved into place only when whole, then marked done; a second call verifies and fetches
-    nothing. BUSI has no stable link: a DataError says where to get it. Concurrent calls (a grid's cells) take turns."""
-    if dataset == "shapes":
-        return
-    if dataset == "busi":  # put there by hand: nothing to fetch once it is there (its reader checks every file)
-        if os.path.isdir(os.path.join(data_dir, "Dataset_BUSI_with_GT")):
-            return
-        raise DataError(f"--download: {BUSI_SOURCE}, so that {LAYOUTS['busi']} exist (DATA is --data-dir)")
-    import fcntl
-
-    from torchvision.datasets.utils import check_integrity, extract_archive
-
-    folder, files = dataset_files(dataset)
-    root = os.path.join(data_dir, folder)
-    cache = os.path.join(root, ".downloads")
-    make_folder(cache)
-    with open(os.path.join(cache, "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another cell downloading the same files: wait for it, then find them done
-        for url, md5, extract in files:
-            name = os.path.basename(url)
-            done = os.path.join(root, f".{name}.done")
-            archive = os.path.join(cache, name)
-            if os.path.isfile(done) and (not os.path.isfile(archive) or check_integrity(archive, md5)):
-                print(f"download: {name} is in place" + (" and its archive matches its checksum" if os.path.isfile(archive) else ""), flush=True)
-                continue
-            try:
-                archive = fetch(mirrored(url, mirror), cache, name, md5)
-            except DataError as e:
-                raise DataError(f"{e}. Without a network, put the files there by hand: {LAYOUTS[dataset]} (DATA is --data-dir)") from None
-            partial = os.path.join(root, f".{name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            if extract:
-                extract_archive(archive, partial)
-            else:
-                make_folder(partial)
-                shutil.copyfile(archive, os.path.join(partial, name))
-            for entry in sorted(os.listdir(partial)):  # into place only when whole; a half-moved earlier attempt is replaced
-                target = os.path.join(root, entry)
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                elif os.path.lexists(target):
-                    os.remove(target)
-                os.replace(os.path.join(partial, entry), target)
-            os.rmdir(partial)
-            atomic_write(done, lambda f: f.write(md5.encode()))
-    print(f"download: {dataset} is in {root} ({LAYOUTS[dataset].replace('DATA', data_dir)})", flush=True)
-
-
 def read_mask(dataset, paths):
     """The discriminative region as a bool H x W array, from the dataset's own mask files."""
     if dataset == "pets":
@@ -457,6 +349,7 @@ def read_mask(dataset, paths):
 
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "diamond", "ring")
+
 CUE_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (255, 0, 255), (0, 220, 220))
 
 
@@ -587,6 +480,54 @@ def stratified_folds(labels, folds, split_seed):
     return fold_of
 
 
+def fold_sets(args, fold, records, prior_cams):
+    """(train_set, test_set): every fold but `fold` to train on, `fold` held out (always with the true masks)."""
+    fold_of = stratified_folds([r[2] for r in records], args.folds, args.split_seed)
+    train_cams = None if prior_cams is None else prior_cams[torch.from_numpy(fold_of != fold)]
+    train_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f != fold], args, train=True, prior_cams=train_cams)
+    test_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f == fold], args, train=False)
+    if not len(test_set) or not len(train_set):
+        raise ValueError(f"fold {fold} of {args.folds} leaves an empty train or test set ({len(records)} samples)")
+    return train_set, test_set
+
+
+def loaders(args, train_set, test_set, start_epoch, distributed):
+    """(train_loader, its DistributedSampler or None, test_loader, a few held-out samples for the pictures)."""
+    rank, world_size = world()
+    sampler = None
+    if distributed:  # each process takes its share of every global batch
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size // world_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed * 1000 + start_epoch),
+        drop_last=len(train_set) > args.batch_size,
+    )
+    test_loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
+    grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))
+    return train_loader, sampler, test_loader, grid
+
+
+def check_files(records):
+    """Every image and mask readable as an image, each mask the size of its image: from the file headers, before any
+    output is written (a few seconds for a whole dataset). A file broken past its header is still named when it is read."""
+    for path, mask_paths, _ in records:
+        if not isinstance(path, str):
+            continue  # shapes: drawn, not read
+        sizes = []
+        for p in (path, *mask_paths):
+            try:
+                with Image.open(p) as im:
+                    sizes.append(im.size)
+            except Exception as e:
+                raise DataError(f"{p} is not an image ({type(e).__name__}: {e})") from e
+        if any(size != sizes[0] for size in sizes[1:]):
+            raise DataError(f"mask {mask_paths[0]} is {sizes[1][1]} x {sizes[1][0]}, its image {path} is {sizes[0][1]} x {sizes[0][0]}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The prior method: pseudo-masks from a CLIP image encoder's Grad-CAM (open_clip, optional)
 # ---------------------------------------------------------------------------------------------
@@ -685,44 +626,14 @@ def clip_prior_cams(args, records, classes, device):
 # ---------------------------------------------------------------------------------------------
 # Models and their Grad-CAM layers
 # ---------------------------------------------------------------------------------------------
-WEIGHTS = {
-    "resnet18": "ResNet18_Weights",
-    "convnext_tiny": "ConvNeXt_Tiny_Weights",
-    "efficientnet_b0": "EfficientNet_B0_Weights",
-    "vit_b_16": "ViT_B_16_Weights",
-    "swin_v2_t": "Swin_V2_T_Weights",
-    "maxvit_t": "MaxVit_T_Weights",
+CAM_LAYERS = {
+    "resnet18": "layer4",
+    "convnext_tiny": "features[-1]",
+    "efficientnet_b0": "features[-1]",
+    "vit_b_16": "encoder.layers[-2] (patch tokens, 14 x 14)",
+    "swin_v2_t": "features[-1] (B x H x W x C)",
+    "maxvit_t": "blocks[-1]",
 }
-
-
-def weights_url(name):
-    """torchvision's URL of the ImageNet weights of `name` (its file name carries the start of its sha256, which torch.hub checks)."""
-    return getattr(torchvision.models, WEIGHTS[name]).IMAGENET1K_V1.url
-
-
-def imagenet_state_dict(name, weights_path, mirror=None):
-    """ImageNet weights from --weights, or torchvision's own file in torch's hub cache ($TORCH_HOME/hub/checkpoints), downloaded
-    there through torch.hub (its progress bar and its check of the file's hash) when it is missing; offline, a message naming the
-    file, its URL and the cache path."""
-    source = weights_url(name)
-    filename = os.path.basename(source)
-    path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    if weights_path is None and not os.path.isfile(path):
-        url = mirrored(source, mirror)
-        print(f"ImageNet weights for {name}: downloading {url} into {os.path.dirname(path)}", flush=True)
-        try:
-            torch.hub.load_state_dict_from_url(url, model_dir=os.path.dirname(path), file_name=filename, check_hash=True, weights_only=True)
-        except Exception as e:  # no network, a dropped connection, a hash that does not match: torch.hub leaves no file
-            raise RunFileError(
-                f"cannot download the ImageNet weights of {name} ({first_line(e)}): put {filename} (from {source}) at {path}, "
-                "or pass --weights PATH, or train from scratch with --no-pretrained"
-            ) from None
-    state = read_torch(path)
-    try:
-        getattr(torchvision.models, name)(weights=None).load_state_dict(state)
-    except Exception as e:  # another model's weights, or not a state dict at all
-        raise RunFileError(f"{path} is not ImageNet weights of {name} ({first_line(e)})") from None
-    return state
 
 
 def build_model(name, num_classes, imagenet=None):
@@ -797,11 +708,6 @@ def normalise(images, dtype=torch.float32):
     return (images.to(dtype) / 255.0 - mean) / std
 
 
-def empty_cams(cam):
-    """Per sample, True where the CAM is zero everywhere: CAMAL has no gradient there and IoU says nothing."""
-    return cam.flatten(1).amax(1) <= 0
-
-
 def class_cam(model, images, labels, double_backward, autocast, forward=None):
     """Logits and the Grad-CAM of the ground-truth logits (summed over the batch: one backward).
 
@@ -816,31 +722,7 @@ def class_cam(model, images, labels, double_backward, autocast, forward=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures
-# ---------------------------------------------------------------------------------------------
-def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
-    """H x 3W x 3 uint8 RGB, each part labelled: the image, the mask in red over it, the CAM as a jet overlay.
-    image: H x W (gray) or H x W x 3 uint8; mask: H x W, non-zero inside; cam: H x W in [0, 1]."""
-    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image)
-    inside = np.asarray(mask).astype(bool)
-    masked = rgb.copy()
-    masked[inside] = (0.5 * masked[inside] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
-    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    parts = [rgb.copy(), masked, np.uint8(0.5 * rgb + 0.5 * heat)]
-    scale = max(0.3, rgb.shape[0] / 400)  # readable at 60 x 80 and at 224 x 224
-    for part, title in zip(parts, titles):
-        for colour, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):  # white on a dark edge: readable on any image
-            cv2.putText(part, title, (2, 2 + int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
-    return np.concatenate(parts, axis=1)
-
-
-def overlay_grid(images, masks, cams):
-    """Rows of image | mask (red) | CAM overlay (jet), labelled, as one H x W x 3 uint8 array."""
-    return np.concatenate([attention_panel(img.permute(1, 2, 0).numpy(), m.numpy(), c.numpy()) for img, m, c in zip(images, masks, cams)])
-
-
-# ---------------------------------------------------------------------------------------------
-# Train and evaluate one fold
+# Evaluation on the held-out fold
 # ---------------------------------------------------------------------------------------------
 def evaluate(model, loader, device, num_classes, tau, autocast):
     """Accuracy, per-class accuracy, attention IoU, alpha and beta on the held-out fold."""
@@ -885,6 +767,188 @@ def faithfulness_samples(test_set, classes, seed, fold):
     return {"images": torch.stack(images), "masks": torch.stack(masks), "labels": torch.tensor(labels), "classes": classes}
 
 
+# ---------------------------------------------------------------------------------------------
+# Run plumbing: everything below serves the run, not the method (downloads, files, checkpoints, resume, stop signals,
+# progress, tracking, pictures). The method is all above this line; the training loop is train_fold, at the end.
+# ---------------------------------------------------------------------------------------------
+# Downloads: the datasets' own archives into the layouts the readers read, and torchvision's ImageNet weights
+# Flowers-102's segmentation archive is not one of torchvision's resources; its md5 as other loaders publish it.
+FLOWERS_SEGMENTATIONS = ("102segmentations.tgz", "51375996b6c4f367a4b9f4492d7ecef5")
+
+LAYOUTS = {
+    "pets": "DATA/oxford-iiit-pet/images/*.jpg and DATA/oxford-iiit-pet/annotations/{trainval.txt, test.txt, trimaps/*.png}",
+    "flowers": "DATA/flowers-102/jpg/image_*.jpg, DATA/flowers-102/segmim/segmim_*.jpg, DATA/flowers-102/{imagelabels.mat, setid.mat}",
+    "busi": "DATA/Dataset_BUSI_with_GT/{benign, malignant, normal}/*.png with their *_mask.png",
+}
+
+BUSI_SOURCE = (
+    "BUSI has no stable direct link: get Dataset_BUSI_with_GT from its page (https://scholar.cu.edu.eg/?q=afahmy/pages/dataset, "
+    "or a mirror such as Kaggle's 'breast-ultrasound-images-dataset'), unzip it into --data-dir"
+)
+
+
+def dataset_files(dataset):
+    """(the dataset's folder under --data-dir, [(url, md5, extract?)]): torchvision's own resources for OxfordIIITPet and
+    Flowers102, so the layout is the one torchvision's classes make, plus Flowers' segmentation archive."""
+    from torchvision.datasets import Flowers102, OxfordIIITPet
+
+    if dataset == "pets":
+        return "oxford-iiit-pet", [(url, md5, True) for url, md5 in OxfordIIITPet._RESOURCES]
+    prefix = Flowers102._download_url_prefix
+    files = [(prefix + name, md5, name.endswith(".tgz")) for name, md5 in Flowers102._file_dict.values()]
+    return "flowers-102", files + [(prefix + FLOWERS_SEGMENTATIONS[0], FLOWERS_SEGMENTATIONS[1], True)]
+
+
+def mirrored(url, mirror):
+    """url on the --download-mirror server (its path kept), or url itself."""
+    if not mirror:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    m, u = urlsplit(mirror), urlsplit(url)
+    return urlunsplit((m.scheme, m.netloc, m.path.rstrip("/") + u.path, u.query, ""))
+
+
+def fetch(url, folder, name, md5):
+    """folder/name from url, checked against md5 with torchvision's own download (progress bar) and check; a whole, verified
+    file is not fetched again. A download that fails or does not match its checksum leaves nothing under that name."""
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    path = os.path.join(folder, name)
+    if check_integrity(path, md5):
+        print(f"download: {name} is there and matches its checksum", flush=True)
+        return path
+    part = path + ".part"
+    try:
+        print(f"download: {url}", flush=True)
+        download_url(url, folder, os.path.basename(part))
+        if not check_integrity(part, md5):
+            raise DataError(f"{url} does not match its checksum (md5 {md5}): cut short or corrupt, it was removed; try again")
+        os.replace(part, path)
+    except DataError:
+        raise
+    except Exception as e:  # no network, a server that drops the connection, a full disk: nothing half-written stays
+        raise DataError(f"cannot download {url} ({first_line(e)})") from None
+    finally:
+        if os.path.lexists(part):
+            os.remove(part)
+    return path
+
+
+def download_dataset(dataset, data_dir, mirror=None):
+    """Fetch `dataset` into data_dir in the layout its reader reads: every archive checksum-verified, extracted into a
+    folder beside the target and moved into place only when whole, then marked done; a second call verifies and fetches
+    nothing. BUSI has no stable link: a DataError says where to get it. Concurrent calls (a grid's cells) take turns."""
+    if dataset == "shapes":
+        return
+    if dataset == "busi":  # put there by hand: nothing to fetch once it is there (its reader checks every file)
+        if os.path.isdir(os.path.join(data_dir, "Dataset_BUSI_with_GT")):
+            return
+        raise DataError(f"--download: {BUSI_SOURCE}, so that {LAYOUTS['busi']} exist (DATA is --data-dir)")
+    import fcntl
+
+    from torchvision.datasets.utils import check_integrity, extract_archive
+
+    folder, files = dataset_files(dataset)
+    root = os.path.join(data_dir, folder)
+    cache = os.path.join(root, ".downloads")
+    make_folder(cache)
+    with open(os.path.join(cache, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another cell downloading the same files: wait for it, then find them done
+        for url, md5, extract in files:
+            name = os.path.basename(url)
+            done = os.path.join(root, f".{name}.done")
+            archive = os.path.join(cache, name)
+            if os.path.isfile(done) and (not os.path.isfile(archive) or check_integrity(archive, md5)):
+                print(f"download: {name} is in place" + (" and its archive matches its checksum" if os.path.isfile(archive) else ""), flush=True)
+                continue
+            try:
+                archive = fetch(mirrored(url, mirror), cache, name, md5)
+            except DataError as e:
+                raise DataError(f"{e}. Without a network, put the files there by hand: {LAYOUTS[dataset]} (DATA is --data-dir)") from None
+            partial = os.path.join(root, f".{name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            if extract:
+                extract_archive(archive, partial)
+            else:
+                make_folder(partial)
+                shutil.copyfile(archive, os.path.join(partial, name))
+            for entry in sorted(os.listdir(partial)):  # into place only when whole; a half-moved earlier attempt is replaced
+                target = os.path.join(root, entry)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                elif os.path.lexists(target):
+                    os.remove(target)
+                os.replace(os.path.join(partial, entry), target)
+            os.rmdir(partial)
+            atomic_write(done, lambda f: f.write(md5.encode()))
+    print(f"download: {dataset} is in {root} ({LAYOUTS[dataset].replace('DATA', data_dir)})", flush=True)
+
+
+WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "convnext_tiny": "ConvNeXt_Tiny_Weights",
+    "efficientnet_b0": "EfficientNet_B0_Weights",
+    "vit_b_16": "ViT_B_16_Weights",
+    "swin_v2_t": "Swin_V2_T_Weights",
+    "maxvit_t": "MaxVit_T_Weights",
+}
+
+
+def weights_url(name):
+    """torchvision's URL of the ImageNet weights of `name` (its file name carries the start of its sha256, which torch.hub checks)."""
+    return getattr(torchvision.models, WEIGHTS[name]).IMAGENET1K_V1.url
+
+
+def imagenet_state_dict(name, weights_path, mirror=None):
+    """ImageNet weights from --weights, or torchvision's own file in torch's hub cache ($TORCH_HOME/hub/checkpoints), downloaded
+    there through torch.hub (its progress bar and its check of the file's hash) when it is missing; offline, a message naming the
+    file, its URL and the cache path."""
+    source = weights_url(name)
+    filename = os.path.basename(source)
+    path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if weights_path is None and not os.path.isfile(path):
+        url = mirrored(source, mirror)
+        print(f"ImageNet weights for {name}: downloading {url} into {os.path.dirname(path)}", flush=True)
+        try:
+            torch.hub.load_state_dict_from_url(url, model_dir=os.path.dirname(path), file_name=filename, check_hash=True, weights_only=True)
+        except Exception as e:  # no network, a dropped connection, a hash that does not match: torch.hub leaves no file
+            raise RunFileError(
+                f"cannot download the ImageNet weights of {name} ({first_line(e)}): put {filename} (from {source}) at {path}, "
+                "or pass --weights PATH, or train from scratch with --no-pretrained"
+            ) from None
+    state = read_torch(path)
+    try:
+        getattr(torchvision.models, name)(weights=None).load_state_dict(state)
+    except Exception as e:  # another model's weights, or not a state dict at all
+        raise RunFileError(f"{path} is not ImageNet weights of {name} ({first_line(e)})") from None
+    return state
+
+
+# Pictures: image | mask | CAM panels for TensorBoard
+def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
+    """H x 3W x 3 uint8 RGB, each part labelled: the image, the mask in red over it, the CAM as a jet overlay.
+    image: H x W (gray) or H x W x 3 uint8; mask: H x W, non-zero inside; cam: H x W in [0, 1]."""
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image)
+    inside = np.asarray(mask).astype(bool)
+    masked = rgb.copy()
+    masked[inside] = (0.5 * masked[inside] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    parts = [rgb.copy(), masked, np.uint8(0.5 * rgb + 0.5 * heat)]
+    scale = max(0.3, rgb.shape[0] / 400)  # readable at 60 x 80 and at 224 x 224
+    for part, title in zip(parts, titles):
+        for colour, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):  # white on a dark edge: readable on any image
+            cv2.putText(part, title, (2, 2 + int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
+    return np.concatenate(parts, axis=1)
+
+
+def overlay_grid(images, masks, cams):
+    """Rows of image | mask (red) | CAM overlay (jet), labelled, as one H x W x 3 uint8 array."""
+    return np.concatenate([attention_panel(img.permute(1, 2, 0).numpy(), m.numpy(), c.numpy()) for img, m, c in zip(images, masks, cams)])
+
+
+# Files: every file a run writes goes through atomic_write, every file it reads through read_json or read_torch.
+# Copied unchanged from ppo_camal_vizdoom.py; tests/test_shared_helpers.py keeps the copies identical.
 class RunFileError(ValueError):
     """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
 
@@ -1011,6 +1075,7 @@ def write_json(path, obj, **kw):
     atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
+# Checkpoints, resume and tracking
 def start_tracking(args, run_name, run_dir):
     """CleanRL's --track: a Weights and Biases run that mirrors the TensorBoard events (scalars, images). Its id comes from
     the run's name, so a resumed run continues the same W&B run. WANDB_MODE=offline keeps it on disk."""
@@ -1138,6 +1203,7 @@ def save_checkpoint(path, model, optimizer, args, fold, epoch, global_step):
     )
 
 
+# The run around the loop: processes, folders, logs, progress, stopping, the checks before any work
 def world():
     """(rank, number of processes): (0, 1) unless started by torchrun."""
     if dist.is_available() and dist.is_initialized():
@@ -1157,6 +1223,58 @@ def run_folder(args, fold, resuming, distributed):
     return run_name, f"runs/{run_name}"
 
 
+def pick_device(args, distributed):
+    """(device, autocast): torchrun's LOCAL_RANK picks the GPU; --amp is bf16 autocast on a GPU, nothing on a CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
+    return device, autocast
+
+
+def restore_fold(model, optimizer, checkpoint, args, run_name):
+    """(start_epoch, global_step): 1, 0 for a new run; a resumed one gets its weights and RNG back."""
+    if checkpoint is None:
+        return 1, 0
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng(checkpoint["rng"])
+    print(f"resuming {run_name} at epoch {checkpoint['epoch'] + 1}/{args.epochs}")
+    return checkpoint["epoch"] + 1, checkpoint["global_step"]
+
+
+def batch_sums(loss, ce, reg, cam, masks, logits, labels):
+    """One batch's share of the epoch's figures, in EPOCH_SUMS order (summed on the device: no sync per batch)."""
+    with torch.no_grad():
+        alpha, beta, valid = camal_terms(cam.detach(), masks)
+        n = len(labels)
+        sums = {
+            "loss": loss.detach() * n,
+            "ce": ce.detach() * n,
+            "reg": reg.detach() * n,
+            "alpha": alpha.sum(),
+            "beta": beta.sum(),
+            "valid": valid.sum(),
+            "correct": (logits.argmax(1) == labels).sum(),
+            "seen": torch.tensor(n, device=labels.device),
+            "empty": empty_cams(cam).sum(),
+        }
+        return torch.stack([sums[k].float() for k in EPOCH_SUMS])
+
+
+def log_train(writer, total, epoch):
+    """The epoch's training curves from the summed figures (every process's, under torchrun)."""
+    seen = total["seen"]
+    writer.add_scalar("train/loss", total["loss"] / seen, epoch)
+    writer.add_scalar("train/ce", total["ce"] / seen, epoch)
+    writer.add_scalar("train/regularizer", total["reg"] / seen, epoch)
+    writer.add_scalar("train/accuracy", total["correct"] / seen, epoch)
+    writer.add_scalar("train/cam_empty_fraction", total["empty"] / seen, epoch)
+    if total["valid"]:
+        writer.add_scalar("train/alpha", total["alpha"] / total["valid"], epoch)
+        writer.add_scalar("train/beta", total["beta"] / total["valid"], epoch)
+
+
 def log_test(writer, result, model, grid, device, autocast, epoch):
     """The held-out fold's scalars, and image | mask | CAM for a few held-out samples."""
     writer.add_scalar("test/accuracy", result["accuracy"], epoch)
@@ -1167,6 +1285,25 @@ def log_test(writer, result, model, grid, device, autocast, epoch):
     images, masks, labels = grid
     _, cams = class_cam(model, images.to(device), labels.to(device), double_backward=False, autocast=autocast)
     writer.add_image("test/image_mask_cam", overlay_grid(images, masks, cams.cpu()), epoch, dataformats="HWC")
+
+
+def report_epoch(fold, epoch, args, total, result, eta):
+    iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
+    print(
+        f"fold {fold} epoch {epoch}/{args.epochs} loss={total['loss'] / total['seen']:.4f} train_acc={total['correct'] / total['seen']:.3f} "
+        f"test_acc={result['accuracy']:.3f} test_iou={iou} cam_empty={total['empty'] / total['seen']:.2f} eta={duration(eta)}",
+        flush=True,
+    )
+
+
+def warn_collapse(epochs, empty_fraction):
+    """An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently."""
+    print(
+        f"warning: the CAM has been empty for over half the training samples for {epochs} epochs "
+        f"({empty_fraction:.0%} now): the regulariser has no gradient there and attention IoU measures nothing",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def save_results(args, fold, result, train_empty, classes, train_set, test_set, model, run_dir, run_name, world_size, wall_time):
@@ -1216,108 +1353,6 @@ def save_results(args, fold, result, train_empty, classes, train_set, test_set, 
     write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)  # last: the mark of a finished run
 
 
-def fold_sets(args, fold, records, prior_cams):
-    """(train_set, test_set): every fold but `fold` to train on, `fold` held out (always with the true masks)."""
-    fold_of = stratified_folds([r[2] for r in records], args.folds, args.split_seed)
-    train_cams = None if prior_cams is None else prior_cams[torch.from_numpy(fold_of != fold)]
-    train_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f != fold], args, train=True, prior_cams=train_cams)
-    test_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f == fold], args, train=False)
-    if not len(test_set) or not len(train_set):
-        raise ValueError(f"fold {fold} of {args.folds} leaves an empty train or test set ({len(records)} samples)")
-    return train_set, test_set
-
-
-def pick_device(args, distributed):
-    """(device, autocast): torchrun's LOCAL_RANK picks the GPU; --amp is bf16 autocast on a GPU, nothing on a CPU."""
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
-    return device, autocast
-
-
-def restore_fold(model, optimizer, checkpoint, args, run_name):
-    """(start_epoch, global_step): 1, 0 for a new run; a resumed one gets its weights and RNG back."""
-    if checkpoint is None:
-        return 1, 0
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    restore_rng(checkpoint["rng"])
-    print(f"resuming {run_name} at epoch {checkpoint['epoch'] + 1}/{args.epochs}")
-    return checkpoint["epoch"] + 1, checkpoint["global_step"]
-
-
-def loaders(args, train_set, test_set, start_epoch, distributed):
-    """(train_loader, its DistributedSampler or None, test_loader, a few held-out samples for the pictures)."""
-    rank, world_size = world()
-    sampler = None
-    if distributed:  # each process takes its share of every global batch
-        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=args.batch_size // world_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed * 1000 + start_epoch),
-        drop_last=len(train_set) > args.batch_size,
-    )
-    test_loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
-    grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))
-    return train_loader, sampler, test_loader, grid
-
-
-def batch_sums(loss, ce, reg, cam, masks, logits, labels):
-    """One batch's share of the epoch's figures, in EPOCH_SUMS order (summed on the device: no sync per batch)."""
-    with torch.no_grad():
-        alpha, beta, valid = camal_terms(cam.detach(), masks)
-        n = len(labels)
-        sums = {
-            "loss": loss.detach() * n,
-            "ce": ce.detach() * n,
-            "reg": reg.detach() * n,
-            "alpha": alpha.sum(),
-            "beta": beta.sum(),
-            "valid": valid.sum(),
-            "correct": (logits.argmax(1) == labels).sum(),
-            "seen": torch.tensor(n, device=labels.device),
-            "empty": empty_cams(cam).sum(),
-        }
-        return torch.stack([sums[k].float() for k in EPOCH_SUMS])
-
-
-def log_train(writer, total, epoch):
-    """The epoch's training curves from the summed figures (every process's, under torchrun)."""
-    seen = total["seen"]
-    writer.add_scalar("train/loss", total["loss"] / seen, epoch)
-    writer.add_scalar("train/ce", total["ce"] / seen, epoch)
-    writer.add_scalar("train/regularizer", total["reg"] / seen, epoch)
-    writer.add_scalar("train/accuracy", total["correct"] / seen, epoch)
-    writer.add_scalar("train/cam_empty_fraction", total["empty"] / seen, epoch)
-    if total["valid"]:
-        writer.add_scalar("train/alpha", total["alpha"] / total["valid"], epoch)
-        writer.add_scalar("train/beta", total["beta"] / total["valid"], epoch)
-
-
-def report_epoch(fold, epoch, args, total, result, eta):
-    iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
-    print(
-        f"fold {fold} epoch {epoch}/{args.epochs} loss={total['loss'] / total['seen']:.4f} train_acc={total['correct'] / total['seen']:.3f} "
-        f"test_acc={result['accuracy']:.3f} test_iou={iou} cam_empty={total['empty'] / total['seen']:.2f} eta={duration(eta)}",
-        flush=True,
-    )
-
-
-def warn_collapse(epochs, empty_fraction):
-    """An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently."""
-    print(
-        f"warning: the CAM has been empty for over half the training samples for {epochs} epochs "
-        f"({empty_fraction:.0%} now): the regulariser has no gradient there and attention IoU measures nothing",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 def open_logs(args, run_name, run_dir, purge_step):
     """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
     crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
@@ -1338,111 +1373,6 @@ def close_logs(writer, tracked):
             pass
     if tracked is not None:
         tracked.finish()
-
-
-def train_fold(args, fold, records, classes, stop, checkpoint=None, prior_cams=None):
-    """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
-    (rank 0 writes it). stop: the StopRequest the signals set; prior_cams: the method prior's CLIP CAMs, aligned with records."""
-    rank, world_size = world()
-    distributed = dist.is_available() and dist.is_initialized()  # under torchrun, even with one process (DDP, NCCL)
-    train_set, test_set = fold_sets(args, fold, records, prior_cams)
-    run_name, run_dir = run_folder(args, fold, resuming=checkpoint is not None, distributed=distributed)
-    if rank == 0:
-        make_folder(run_dir)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device, autocast = pick_device(args, distributed)
-
-    imagenet = imagenet_state_dict(args.model, args.weights, args.download_mirror) if args.pretrained else None
-    model = CamModel(args.model, len(classes), imagenet).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    start_epoch, global_step = restore_fold(model, optimizer, checkpoint, args, run_name)
-    forward = None
-    if distributed:  # all ranks start from rank 0's weights; gradients are averaged in backward
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # rank 0 logs, one W&B run per fold; a resumed run redoes the epochs from start_epoch on
-    writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else start_epoch) if rank == 0 else (None, None)
-    if rank == 0:
-        record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
-    train_loader, sampler, test_loader, grid = loaders(args, train_set, test_set, start_epoch, distributed)
-    term = METHODS[args.method]["term"]
-    start_time = time.time()
-    if rank == 0:
-        print(
-            f"{run_name}: {describe_device(device)}, {args.model} ({'ImageNet weights' if imagenet else 'random start'}), "
-            f"{len(train_set)} training and {len(test_set)} held-out images, {args.epochs} epochs of {len(train_loader)} batches\n"
-            f"  run folder: {run_dir}   watch: tensorboard --logdir {os.path.dirname(run_dir) or '.'}   "
-            f"stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
-            flush=True,
-        )
-
-    result, collapsed_for, train_empty = None, 0, None  # collapsed_for: epochs in a row with over half the CAMs empty
-    for epoch in range(start_epoch, args.epochs + 1):
-        model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        sums = torch.zeros(len(EPOCH_SUMS), device=device)  # read once per epoch
-        batches = tqdm(
-            train_loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None if rank == 0 else True
-        )
-        for images, masks, labels in batches:  # a bar on a terminal only
-            images, masks, labels = images.to(device), masks.to(device), labels.to(device)
-            loss, ce, reg, cam, logits = train_step(model, optimizer, (images, masks, labels), term, args.camal_coef, autocast, forward)
-            global_step += 1
-            sums += batch_sums(loss, ce, reg, cam, masks, logits, labels)
-        stop_votes = torch.tensor(float(bool(stop)), device=device)
-        if distributed:
-            dist.all_reduce(sums)  # epoch statistics over every process's samples
-            dist.all_reduce(stop_votes)  # one stop decision for all: any process asked to stop
-        total = dict(zip(EPOCH_SUMS, sums.tolist()))
-        stopping = stop_votes.item() > 0 and epoch < args.epochs
-        if rank != 0:  # rank 0 evaluates, logs and saves
-            if stopping:
-                sys.exit(stop.exit_code())
-            continue
-
-        log_train(writer, total, epoch)
-        result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
-        log_test(writer, result, model, grid, device, autocast, epoch)
-        writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
-        writer.flush()
-        stop.last_pass_seconds = time.perf_counter() - epoch_start
-        per_epoch = (time.time() - start_time) / (epoch - start_epoch + 1)
-        later = args.folds - 1 - fold if args.fold == "all" else 0  # --fold all: the folds after this one, at this pace
-        report_epoch(fold, epoch, args, total, result, eta=per_epoch * (args.epochs - epoch + later * args.epochs))
-        train_empty = total["empty"] / total["seen"]
-        collapsed_for = collapsed_for + 1 if train_empty > 0.5 else 0
-        if collapsed_for == args.collapse_patience:
-            warn_collapse(collapsed_for, train_empty)
-
-        if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stopping:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
-        if stopping:
-            close_logs(writer, tracked)
-            print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
-            sys.exit(stop.exit_code())
-
-    if rank != 0:
-        return None
-    if result is None:  # resumed a finished run
-        result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
-    save_results(args, fold, result, train_empty, classes, train_set, test_set, model, run_dir, run_name, world_size, time.time() - start_time)
-    close_logs(writer, tracked)
-    return run_dir
-
-
-CAM_LAYERS = {
-    "resnet18": "layer4",
-    "convnext_tiny": "features[-1]",
-    "efficientnet_b0": "features[-1]",
-    "vit_b_16": "encoder.layers[-2] (patch tokens, 14 x 14)",
-    "swin_v2_t": "features[-1] (B x H x W x C)",
-    "maxvit_t": "blocks[-1]",
-}
 
 
 # (flag, lowest, highest, whether the lowest is allowed) of the real-valued flags
@@ -1607,23 +1537,6 @@ class StopRequest:
         return self
 
 
-def check_files(records):
-    """Every image and mask readable as an image, each mask the size of its image: from the file headers, before any
-    output is written (a few seconds for a whole dataset). A file broken past its header is still named when it is read."""
-    for path, mask_paths, _ in records:
-        if not isinstance(path, str):
-            continue  # shapes: drawn, not read
-        sizes = []
-        for p in (path, *mask_paths):
-            try:
-                with Image.open(p) as im:
-                    sizes.append(im.size)
-            except Exception as e:
-                raise DataError(f"{p} is not an image ({type(e).__name__}: {e})") from e
-        if any(size != sizes[0] for size in sizes[1:]):
-            raise DataError(f"mask {mask_paths[0]} is {sizes[1][1]} x {sizes[1][0]}, its image {path} is {sizes[0][1]} x {sizes[0][0]}")
-
-
 def setup(args, argv):
     """Settle and check everything before any work: (args, checkpoint, records, classes). Bad input raises ValueError,
     FileNotFoundError or DataError with a message that says why."""
@@ -1681,6 +1594,104 @@ def setup(args, argv):
     if args.pretrained:
         imagenet_state_dict(args.model, args.weights, args.download_mirror)  # fetched and checked before any training, not after
     return args, checkpoint, records, classes
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop: one fold
+# ---------------------------------------------------------------------------------------------
+def train_fold(args, fold, records, classes, stop, checkpoint=None, prior_cams=None):
+    """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
+    (rank 0 writes it). stop: the StopRequest the signals set; prior_cams: the method prior's CLIP CAMs, aligned with records."""
+    rank, world_size = world()
+    distributed = dist.is_available() and dist.is_initialized()  # under torchrun, even with one process (DDP, NCCL)
+    train_set, test_set = fold_sets(args, fold, records, prior_cams)
+    run_name, run_dir = run_folder(args, fold, resuming=checkpoint is not None, distributed=distributed)
+    if rank == 0:
+        make_folder(run_dir)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device, autocast = pick_device(args, distributed)
+
+    imagenet = imagenet_state_dict(args.model, args.weights, args.download_mirror) if args.pretrained else None
+    model = CamModel(args.model, len(classes), imagenet).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    start_epoch, global_step = restore_fold(model, optimizer, checkpoint, args, run_name)
+    forward = None
+    if distributed:  # all ranks start from rank 0's weights; gradients are averaged in backward
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # rank 0 logs, one W&B run per fold; a resumed run redoes the epochs from start_epoch on
+    writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else start_epoch) if rank == 0 else (None, None)
+    if rank == 0:
+        record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
+    train_loader, sampler, test_loader, grid = loaders(args, train_set, test_set, start_epoch, distributed)
+    term = METHODS[args.method]["term"]
+    start_time = time.time()
+    if rank == 0:
+        print(
+            f"{run_name}: {describe_device(device)}, {args.model} ({'ImageNet weights' if imagenet else 'random start'}), "
+            f"{len(train_set)} training and {len(test_set)} held-out images, {args.epochs} epochs of {len(train_loader)} batches\n"
+            f"  run folder: {run_dir}   watch: tensorboard --logdir {os.path.dirname(run_dir) or '.'}   "
+            f"stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
+            flush=True,
+        )
+
+    result, collapsed_for, train_empty = None, 0, None  # collapsed_for: epochs in a row with over half the CAMs empty
+    for epoch in range(start_epoch, args.epochs + 1):
+        model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        sums = torch.zeros(len(EPOCH_SUMS), device=device)  # read once per epoch
+        batches = tqdm(
+            train_loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None if rank == 0 else True
+        )
+        for images, masks, labels in batches:  # a bar on a terminal only
+            images, masks, labels = images.to(device), masks.to(device), labels.to(device)
+            loss, ce, reg, cam, logits = train_step(model, optimizer, (images, masks, labels), term, args.camal_coef, autocast, forward)
+            global_step += 1
+            sums += batch_sums(loss, ce, reg, cam, masks, logits, labels)
+        stop_votes = torch.tensor(float(bool(stop)), device=device)
+        if distributed:
+            dist.all_reduce(sums)  # epoch statistics over every process's samples
+            dist.all_reduce(stop_votes)  # one stop decision for all: any process asked to stop
+        total = dict(zip(EPOCH_SUMS, sums.tolist()))
+        stopping = stop_votes.item() > 0 and epoch < args.epochs
+        if rank != 0:  # rank 0 evaluates, logs and saves
+            if stopping:
+                sys.exit(stop.exit_code())
+            continue
+
+        log_train(writer, total, epoch)
+        result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
+        log_test(writer, result, model, grid, device, autocast, epoch)
+        writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
+        writer.flush()
+        stop.last_pass_seconds = time.perf_counter() - epoch_start
+        per_epoch = (time.time() - start_time) / (epoch - start_epoch + 1)
+        later = args.folds - 1 - fold if args.fold == "all" else 0  # --fold all: the folds after this one, at this pace
+        report_epoch(fold, epoch, args, total, result, eta=per_epoch * (args.epochs - epoch + later * args.epochs))
+        train_empty = total["empty"] / total["seen"]
+        collapsed_for = collapsed_for + 1 if train_empty > 0.5 else 0
+        if collapsed_for == args.collapse_patience:
+            warn_collapse(collapsed_for, train_empty)
+
+        if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stopping:
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
+        if stopping:
+            close_logs(writer, tracked)
+            print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
+            sys.exit(stop.exit_code())
+
+    if rank != 0:
+        return None
+    if result is None:  # resumed a finished run
+        result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
+    save_results(args, fold, result, train_empty, classes, train_set, test_set, model, run_dir, run_name, world_size, time.time() - start_time)
+    close_logs(writer, tracked)
+    return run_dir
 
 
 if __name__ == "__main__":
