@@ -606,9 +606,8 @@ def write_video(path, panels, fps):
     writer.release()
 
 
-def evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
-    """Play --eval-episodes episodes with the trained policy; log them and write eval.json (stats.py reads it)."""
-    episodes = evaluate(agent, envs, args, device, video_dir)
+def report_evaluation(episodes, args, writer, run_dir, global_step):
+    """The evaluation's episodes in TensorBoard and in eval.json (stats.py reads it), and its line."""
     for idx, ep in enumerate(episodes):
         writer.add_scalar("eval/episodic_return", ep["return"], idx)
         if ep["attention_iou"] is not None:
@@ -635,26 +634,27 @@ def evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, r
         "camal_coef": args.camal_coef,
         "reward_scale": args.reward_scale,
         "by_cam": by_cam,
-        "run_name": run_name,
+        "run_name": os.path.basename(run_dir),
     }
     write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
     print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
 
 
-def log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir):
-    """TensorBoard: frame | mask | CAM for up to 4 frames with objects on screen, spread over the rollout; with
-    --capture-video, env 0's whole rollout of this iteration as an mp4."""
-    size = (args.frame_height, args.frame_width)
+def log_attention(writer, agent, args, b_obs, b_masks, global_step):
+    """TensorBoard: frame | mask | CAM for up to 4 frames with objects on screen, spread over the rollout."""
     has_obj = torch.nonzero(b_masks.flatten(1).any(1)).flatten().cpu()
     pick = has_obj if len(has_obj) else torch.arange(args.batch_size)
     pick = pick[torch.linspace(0, len(pick) - 1, min(4, len(pick))).long()].to(b_obs.device)
-    cams = value_cam(agent, b_obs[pick], size, args.cam).cpu().numpy()
+    cams = value_cam(agent, b_obs[pick], (args.frame_height, args.frame_width), args.cam).cpu().numpy()
     panels = [attention_panel(b_obs[j, -1].cpu().numpy(), b_masks[j].cpu().numpy(), c, titles=FRAME_TITLES) for j, c in zip(pick, cams)]
     writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
-    if video_dir is not None:
-        cams = value_cam(agent, obs[:, 0], size, args.cam).cpu().numpy()
-        clip = [attention_panel(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t], titles=FRAME_TITLES) for t in range(args.num_steps)]
-        write_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), clip, 35 / args.frame_skip)
+
+
+def write_rollout_video(path, agent, args, frames, masks):
+    """--capture-video: one env's rollout (frames T x stack x H x W, masks T x H x W) as frame | mask | CAM, an mp4."""
+    cams = value_cam(agent, frames, (args.frame_height, args.frame_width), args.cam).cpu().numpy()
+    clip = [attention_panel(frames[t, -1].cpu().numpy(), masks[t].cpu().numpy(), cams[t], titles=FRAME_TITLES) for t in range(len(frames))]
+    write_video(path, clip, 35 / args.frame_skip)
 
 
 # Files: every file a run writes goes through atomic_write, every file it reads through read_json or read_torch.
@@ -1126,18 +1126,6 @@ def warn_collapse(iterations, empty_fraction):
     )
 
 
-def finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step):
-    """After the last iteration: the weights (--save-model), then the evaluation and eval.json."""
-    if args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        state = agent.state_dict()
-        atomic_write(model_path, lambda f: torch.save(state, f))
-        print(f"model saved to {model_path}")
-    if args.eval_episodes:
-        print(f"evaluating the trained policy over {args.eval_episodes} episodes", flush=True)
-        evaluate_and_report(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
-
-
 def close_run(bar, envs, writer, tracked, video_dir):
     bar.close()
     envs.close()
@@ -1517,7 +1505,9 @@ if __name__ == "__main__":
             # the first image after the first update, then every --image-every iterations, and the trained agent's at the end
             last = iteration == args.num_iterations
             if args.image_every and (iteration == 1 or iteration % args.image_every == 0 or last):
-                log_attention(writer, agent, args, b_obs, b_masks, obs, masks, iteration, global_step, video_dir)
+                log_attention(writer, agent, args, b_obs, b_masks, global_step)
+                if video_dir is not None:  # env 0's whole rollout of this iteration
+                    write_rollout_video(os.path.join(video_dir, f"train-iter-{iteration:06d}.mp4"), agent, args, obs[:, 0], masks[:, 0])
             if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (stop and not last):
                 save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration, global_step, episodes_seen)
             if stop and not last:
@@ -1527,7 +1517,15 @@ if __name__ == "__main__":
         # a finished run cannot be resumed: a first stop from here on lets the evaluation write eval.json
         stop.point = f"the training is done; stopping after the final evaluation ({args.eval_episodes} episodes) has written eval.json"
         stop.last_pass_seconds = None  # the last iteration's time says nothing about the evaluation's
-        finish(agent, envs, args, device, video_dir, writer, run_dir, run_name, global_step)
+        if args.save_model:
+            model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+            state = agent.state_dict()
+            atomic_write(model_path, lambda f: torch.save(state, f))
+            print(f"model saved to {model_path}")
+        if args.eval_episodes:
+            print(f"evaluating the trained policy over {args.eval_episodes} episodes", flush=True)
+            episodes = evaluate(agent, envs, args, device, video_dir)
+            report_evaluation(episodes, args, writer, run_dir, global_step)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print(f"\nstopped at once, without a checkpoint; the last saved one (if any) is in {run_dir}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)

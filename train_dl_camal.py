@@ -1306,10 +1306,9 @@ def warn_collapse(epochs, empty_fraction):
     )
 
 
-def save_results(args, fold, result, train_empty, classes, train_set, test_set, model, run_dir, run_name, world_size, wall_time):
-    """metrics.json (stats.py), model.pt (a plain torchvision state dict with its preprocessing) and the held-out samples
-    eval_faithfulness.py scores."""
-    metrics = {
+def fold_metrics(args, fold, result, classes, run_name, facts):
+    """metrics.json's content: the held-out figures, the run's settings, and `facts` (sizes, processes, wall time)."""
+    return {
         "dataset": args.dataset,
         "model": args.model,
         "method": args.method,
@@ -1322,19 +1321,21 @@ def save_results(args, fold, result, train_empty, classes, train_set, test_set, 
         "test_alpha": result["alpha"],
         "test_beta": result["beta"],
         "test_cam_empty_fraction": result["cam_empty_fraction"],
-        "train_cam_empty_fraction": train_empty,
+        **facts,
         "image_size": args.image_size,
         "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
         "epochs": args.epochs,
-        "wall_time": wall_time,
         "tau": args.tau,
         "camal_coef": args.camal_coef,
-        "train_size": len(train_set),
-        "test_size": len(test_set),
-        "processes": world_size,
         "run_name": run_name,
         "args": asdict(args),  # every setting, so stats.py never takes runs of two experiments for one
     }
+
+
+def save_results(run_dir, metrics, classes, model, test_set, args):
+    """metrics.json (stats.py), model.pt (a plain torchvision state dict with its preprocessing) and the held-out samples
+    eval_faithfulness.py scores."""
+    run_name, fold = metrics["run_name"], metrics["fold"]
     saved = {
         "state_dict": model.net.state_dict(),
         "architecture": args.model,
@@ -1689,7 +1690,9 @@ def train_fold(args, fold, records, classes, stop, checkpoint=None, prior_cams=N
         return None
     if result is None:  # resumed a finished run
         result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
-    save_results(args, fold, result, train_empty, classes, train_set, test_set, model, run_dir, run_name, world_size, time.time() - start_time)
+    facts = dict(train_cam_empty_fraction=train_empty, train_size=len(train_set), test_size=len(test_set), processes=world_size)
+    metrics = fold_metrics(args, fold, result, classes, run_name, dict(facts, wall_time=time.time() - start_time))
+    save_results(run_dir, metrics, classes, model, test_set, args)
     close_logs(writer, tracked)
     return run_dir
 

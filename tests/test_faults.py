@@ -201,7 +201,8 @@ def test_dl_results_write_the_marker_last(dl, tmp_path, monkeypatch):
     train_set, test_set = dl.fold_sets(args, 0, records, None)
     result = {"accuracy": 0.5, "iou": 0.1, "alpha": 0.2, "beta": 0.1, "cam_empty_fraction": 0.0, "per_class_accuracy": [0.5, 0.5]}
     with pytest.raises(dl.RunFileError, match="the disk is full"):
-        dl.save_results(args, 0, result, 0.0, classes, train_set, test_set, dl.CamModel("resnet18", 2), str(tmp_path), "r", 1, 1.0)
+        metrics = dl.fold_metrics(args, 0, result, classes, "r", {"train_size": len(train_set), "test_size": len(test_set)})
+        dl.save_results(str(tmp_path), metrics, classes, dl.CamModel("resnet18", 2), test_set, args)
     assert calls == ["model.pt"] and not (tmp_path / "metrics.json").exists()
 
 
