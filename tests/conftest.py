@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,40 +61,51 @@ def dl():
 PPO_TINY = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", "--frame-height", "60", "--frame-width", "80"]
 
 
+def made_once(tmp_path_factory, name, make):
+    """(folder, make(folder)'s JSON-able result), made once per test session even on several pytest-xdist workers (each
+    its own process): the first to ask makes it under a file lock, the others wait and read what it wrote."""
+    import json
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder, done = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a try that failed
+            folder.mkdir(parents=True)
+            done.write_text(json.dumps(make(folder)))
+    return folder, json.loads(done.read_text())
+
+
+def process_record(proc):
+    return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def completed(record):
+    return subprocess.CompletedProcess(record["args"], record["returncode"], record["stdout"], record["stderr"])
+
+
 @pytest.fixture(scope="session")
 def ppo_smoke_run(tmp_path_factory):
     """Tiny real PPO runs, each made on first use and shared: test_ppo_smoke checks each one, test_stats analyses them all.
     Returns run(env, method, more=()) -> (CompletedProcess, the folder it ran in); `more`: flags added to that run's."""
-    root = tmp_path_factory.mktemp("ppo_smoke")
-    done = {}
 
     def run(env, method, more=()):
-        if (env, method, more) not in done:
-            cwd = root / "-".join((env, method, *more))
-            cwd.mkdir()
-            # one run also covers worker-process envs (the default on machines with more than 2 cores)
-            extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
-            # for --figure; and the paper's ReLU CAM, whose critic map is empty from the start at seed 2 (the collapse warning)
-            extra += ["--save-model", "--cam", "paper"] if (env, method) == ("Basic", "vanilla") else []
-            args = [
-                "--env",
-                env,
-                "--method",
-                method,
-                "--seed",
-                "2",
-                "--eval-episodes",
-                "2",
-                "--image-every",
-                "1",
-                "--collapse-patience",
-                "1",
-                *PPO_TINY,
-                *extra,
-                *more,
-            ]
-            done[env, method, more] = (run_script("ppo_camal_vizdoom", args, cwd=cwd), cwd)
-        return done[env, method, more]
+        # one run also covers worker-process envs (the default on machines with more than 2 cores)
+        extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
+        # for --figure; and the paper's ReLU CAM, whose critic map is empty from the start at seed 2 (the collapse warning)
+        extra += ["--save-model", "--cam", "paper"] if (env, method) == ("Basic", "vanilla") else []
+        args = ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", "--collapse-patience", "1"]
+        args += [*PPO_TINY, *extra, *more]
+        cwd, record = made_once(
+            tmp_path_factory,
+            "ppo_smoke-" + "-".join((env, method, *more)),
+            lambda cwd: process_record(run_script("ppo_camal_vizdoom", args, cwd=cwd)),
+        )
+        return completed(record), cwd
 
     return run
 
@@ -105,17 +117,17 @@ DL_TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "
 def shapes_runs(tmp_path_factory):
     """camal and vanilla on tiny shapes data, every fold, then eval_faithfulness.py over the six runs; shared by
     test_dl_train, test_eval_faithfulness and test_stats. Returns (folder, run folders, eval_faithfulness's process)."""
-    root = tmp_path_factory.mktemp("shapes_runs")
-    for method in ("camal", "vanilla"):
-        proc = run_script("train_dl_camal", ["--method", method, "--fold", "all", *DL_TINY], cwd=root)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(str(p) for p in (root / "runs").iterdir())
-    proc = run_script(
-        "eval_faithfulness",
-        [*runs, "--steps", "5", "--baseline", "random", "--plot", "curves.png", "--figures", "figs", "--figure-samples", "4"],
-        cwd=root,
-    )
-    return root, runs, proc
+
+    def make(root):
+        for method in ("camal", "vanilla"):
+            proc = run_script("train_dl_camal", ["--method", method, "--fold", "all", *DL_TINY], cwd=root)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        runs = sorted(str(p) for p in (root / "runs").iterdir())
+        flags = ["--steps", "5", "--baseline", "random", "--plot", "curves.png", "--figures", "figs", "--figure-samples", "4"]
+        return {"runs": runs, "proc": process_record(run_script("eval_faithfulness", [*runs, *flags], cwd=root))}
+
+    root, made = made_once(tmp_path_factory, "shapes_runs", make)
+    return root, made["runs"], completed(made["proc"])
 
 
 class _RunsCode:

@@ -7,9 +7,6 @@ import torch
 
 from conftest import read_events, run_script
 
-# the session's shared PPO and shapes runs (conftest.py) are made once, on one worker
-pytestmark = pytest.mark.xdist_group("shared_runs")
-
 TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "2"]
 SMALL = ["--image-size", "96"]  # where the size does not matter (prior needs 224): a 224 run costs about 4 times as much on a CPU
 

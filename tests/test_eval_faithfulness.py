@@ -9,9 +9,6 @@ import torch
 
 from conftest import load_script, run_script
 
-# the session's shared PPO and shapes runs (conftest.py) are made once, on one worker
-pytestmark = pytest.mark.xdist_group("shared_runs")
-
 ef = load_script("eval_faithfulness")
 
 

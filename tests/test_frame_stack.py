@@ -3,13 +3,9 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import read_events
-
-# the session's shared PPO and shapes runs (conftest.py) are made once, on one worker
-pytestmark = pytest.mark.xdist_group("shared_runs")
 
 
 def test_stack_frames_matches_the_games_own_stack(ppo):

@@ -6,9 +6,6 @@ import pytest
 
 from conftest import read_events
 
-# the session's shared PPO and shapes runs (conftest.py) are made once, on one worker
-pytestmark = pytest.mark.xdist_group("shared_runs")
-
 TRAIN_TAGS = {
     "charts/episodic_return",
     "charts/episodic_length",

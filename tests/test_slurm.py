@@ -19,7 +19,6 @@ pytestmark = [
         not all(shutil.which(c) for c in ("sbatch", "slurmctld", "slurmd", "munged")) or os.geteuid() != 0,
         reason="needs a SLURM controller: apt-get install slurm-wlm munge, as root (.ci/run does); tests/slurm/start.sh starts it",
     ),
-    pytest.mark.xdist_group("slurm"),  # one SLURM cluster (tests/slurm/start.sh) at a time
     pytest.mark.slow,
 ]
 SLURM = ["--backend", "slurm", "--slurm-gpus-per-task", "0", "--slurm-cpus-per-task", "1", "--poll", "2"]

@@ -10,9 +10,6 @@ import scipy.stats
 
 from conftest import load_script, read_events, run_script
 
-# the session's shared PPO and shapes runs (conftest.py) are made once, on one worker
-pytestmark = pytest.mark.xdist_group("shared_runs")
-
 REPS = 1000  # enough to exercise the bootstrap; the equality checks below do not depend on it
 
 
