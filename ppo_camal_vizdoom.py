@@ -448,27 +448,28 @@ def gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
 ATTENTION_SUMS = ("camal_loss", "alpha", "beta", "iou", "valid", "empty")  # summed over an iteration's first epoch
 
 
-def add_attention(att, cam, camal_l, masks, tau):
-    """Add one minibatch's attention figures to the sums in `att` (on the device: no sync per minibatch)."""
+def add_attention(attention_sums, cam, camal_l, masks, tau):
+    """Add one minibatch's attention figures to the sums in `attention_sums` (on the device: no sync per minibatch)."""
     with torch.no_grad():
         cam = cam.detach()
         alpha, beta, valid = camal_terms(cam, masks)
         iou, _ = attention_iou(cam, masks, tau)
         for k, v in zip(ATTENTION_SUMS, (camal_l.detach(), alpha.sum(), beta.sum(), (iou * valid).sum(), valid.sum(), empty_cams(cam).sum())):
-            att[k] += v
+            attention_sums[k] += v
 
 
-def attention_figures(att, n_measured, batch_size):
+def attention_figures(attention_sums, n_measured, batch_size):
     """TensorBoard's attention figures from the first epoch's sums (ATTENTION_SUMS): alpha, beta and IoU are means over
     the samples with an object on screen, left out when there was none (never NaN)."""
-    att = dict(zip(att, torch.stack(list(att.values())).tolist()))  # one device sync per iteration
+    sums = dict(zip(attention_sums, torch.stack(list(attention_sums.values())).tolist()))  # one device sync per iteration
     figures = {
-        "losses/camal_loss": att["camal_loss"] / n_measured,
-        "charts/mask_valid_fraction": att["valid"] / batch_size,
-        "charts/cam_empty_fraction": att["empty"] / batch_size,
+        "losses/camal_loss": sums["camal_loss"] / n_measured,
+        "charts/mask_valid_fraction": sums["valid"] / batch_size,
+        "charts/cam_empty_fraction": sums["empty"] / batch_size,
     }
-    if att["valid"]:
-        figures.update({f"charts/{k}": att[k] / att["valid"] for k in ("alpha", "beta")}, **{"charts/attention_iou": att["iou"] / att["valid"]})
+    if sums["valid"]:
+        for name, key in (("alpha", "alpha"), ("beta", "beta"), ("attention_iou", "iou")):
+            figures[f"charts/{name}"] = sums[key] / sums["valid"]
     return figures
 
 
@@ -1397,7 +1398,7 @@ if __name__ == "__main__":
             # Optimizing the policy and value network
             b_inds = np.arange(args.batch_size)
             clipfracs = []
-            att, n_measured = {k: torch.zeros((), device=device) for k in ATTENTION_SUMS}, 0
+            attention_sums, n_measured = {k: torch.zeros((), device=device) for k in ATTENTION_SUMS}, 0
             for epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
@@ -1452,7 +1453,7 @@ if __name__ == "__main__":
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                     optimizer.step()
                     if measure:
-                        add_attention(att, cam, camal_l, mb_masks, args.tau)
+                        add_attention(attention_sums, cam, camal_l, mb_masks, args.tau)
                         n_measured += 1
 
                 if args.target_kl is not None and approx_kl > args.target_kl:
@@ -1470,7 +1471,7 @@ if __name__ == "__main__":
             writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
             writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            attention = attention_figures(att, n_measured, args.batch_size)  # the first epoch's CAMs, one device sync
+            attention = attention_figures(attention_sums, n_measured, args.batch_size)  # the first epoch's CAMs, one device sync
             for tag, value in attention.items():
                 writer.add_scalar(tag, value, global_step)
             # where the iteration's time went (after the syncs above: on a GPU the update's queued kernels count)

@@ -1716,12 +1716,13 @@ if __name__ == "__main__":
             print(f"distributed: {dist.get_world_size()} processes ({backend}), {args.batch_size // dist.get_world_size()} samples each per batch")
     prior_cams = None
     if METHODS[args.method]["clip_masks"]:  # rank 0 computes and caches; the others read its cache
+        rank, world_size = world()
         try:
-            if world()[0] == 0:
+            if rank == 0:
                 prior_cams = clip_prior_cams(args, records, classes, torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu"))
-            if world()[1] > 1:
+            if world_size > 1:
                 dist.barrier()
-                if world()[0] != 0:
+                if rank != 0:
                     prior_cams = clip_prior_cams(args, records, classes, torch.device("cpu"))
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
