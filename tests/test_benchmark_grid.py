@@ -109,6 +109,7 @@ def test_bad_input(tmp_path, args, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_local_grid_runs_skips_and_analyses(tmp_path):
     """Two cells at once, each on its own GPU slot with the CPU threads shared out. This machine has no GPU, so a stand-in
     nvidia-smi lists two; the runs themselves then use the CPU, as --cuda does where CUDA is missing."""
@@ -153,6 +154,7 @@ def start_until_checkpoint(args, tmp_path):
     return proc, cell
 
 
+@pytest.mark.slow
 def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
     iters, per_iter = 12, 64
     args = [*CELL, "--checkpoint-every", "2", *long_cell(iters)]
@@ -171,6 +173,7 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path):
     assert steps == [per_iter * i for i in range(1, iters + 1)]  # one value per iteration across the break
 
 
+@pytest.mark.slow
 def test_refused_cell_is_not_retried_and_is_summarised(tmp_path):
     """Exit code 2 is the script refusing its input: the same command would be refused again, so it is not retried."""
     proc = bench(
@@ -201,6 +204,7 @@ def test_refused_cell_is_not_retried_and_is_summarised(tmp_path):
     assert f"| {cell.name} | 2 | " in proc.stderr and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_crashed_cell_is_retried_from_its_checkpoint(tmp_path):
     """A training process killed outright (SIGKILL: no checkpoint of its own) is retried, and the retry resumes from the last
     checkpoint it saved; one curve value per iteration across the crash."""
@@ -218,6 +222,7 @@ def test_a_crashed_cell_is_retried_from_its_checkpoint(tmp_path):
     assert [e.step for e in read_events(run).Scalars("charts/SPS")] == [per_iter * i for i in range(1, iters + 1)]
 
 
+@pytest.mark.slow
 def test_a_cell_runs_once_under_two_invocations(tmp_path):
     args = [*CELL, *TINY_DRL]
     first = subprocess.Popen(
@@ -236,6 +241,7 @@ def test_a_cell_runs_once_under_two_invocations(tmp_path):
     assert len(list(log.parent.glob("runs/*"))) == 1
 
 
+@pytest.mark.slow
 def test_dl_grid_with_analysis_through_submitit(tmp_path):
     """--backend slurm on submitit's local executor (the same array jobs, without a cluster), then eval_faithfulness and stats."""
     pytest.importorskip("submitit", reason="requirements-cluster.txt")  # .ci/run installs it, so CI runs this
@@ -273,6 +279,7 @@ def test_dl_grid_with_analysis_through_submitit(tmp_path):
     assert (analysis / "figures" / "attention_samples.png").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script, args, tags",
     [

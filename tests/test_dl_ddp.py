@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, read_events
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     args = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "2", "--fold", "0", "--no-cuda"]
     proc = subprocess.run(

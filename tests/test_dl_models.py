@@ -24,6 +24,7 @@ def batch():
     return images, masks, torch.tensor([0, 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_camal_step_and_proposition_1(name, batch):
     torch.manual_seed(0)
@@ -51,6 +52,7 @@ def test_camal_step_and_proposition_1(name, batch):
         torch.testing.assert_close(cam_batch[b], cam_one[0], atol=1e-10, rtol=0)
 
 
+@pytest.mark.slow
 def test_vit_layer_choice_and_math_attention():
     """Why the ViT CAM sits before the last block, and why CAMAL forces the math attention backend."""
     torch.manual_seed(0)
@@ -68,6 +70,7 @@ def test_vit_layer_choice_and_math_attention():
         cam.sum().backward()
 
 
+@pytest.mark.slow
 def test_vit_math_attention_in_the_last_block_only():
     """Only the block after the CAM layer is differentiated twice: running just that one on the math kernel gives the
     same CAMAL gradients as the math kernel everywhere (and keeps the fused kernel, faster on a GPU, in the other 11)."""
@@ -93,6 +96,7 @@ def test_vit_math_attention_in_the_last_block_only():
     assert model._double_backward is False  # the context resets its flag
 
 
+@pytest.mark.slow
 def test_train_step_is_each_methods_loss():
     """The training loop's step (the one gradcam_overhead.py times) against the loss written out: CE plus lambda times
     mean(beta - alpha) (camal; prior is the same term on CLIP's masks), mean(beta) over valid samples (suppress), or

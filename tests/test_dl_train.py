@@ -11,6 +11,7 @@ TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--b
 SMALL = ["--image-size", "96"]  # where the size does not matter (prior needs 224): a 224 run costs about 4 times as much on a CPU
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["camal", "suppress", "vanilla"])
 def test_shapes_end_to_end(tmp_path, method):
     workers = ["--num-workers", "2"] if method == "vanilla" else []  # one run loads through worker processes
@@ -79,6 +80,7 @@ def test_shapes_end_to_end(tmp_path, method):
             assert lo.value == pytest.approx(ce.value + reg.value, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_folds_differ_and_fold_all(shapes_runs):
     _, runs, _ = shapes_runs  # camal and vanilla, each trained with --fold all
     runs = [r for r in runs if "__camal__" in r]
@@ -87,6 +89,7 @@ def test_folds_differ_and_fold_all(shapes_runs):
     assert not torch.equal(picks[0], picks[1])  # held-out samples differ between folds
 
 
+@pytest.mark.slow
 def test_resume_fold_all_continues_with_the_next_folds(tmp_path):
     proc = run_script("train_dl_camal", ["--fold", "all", *TINY, *SMALL, "--epochs", "1", "--checkpoint-every", "1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -106,6 +109,7 @@ def test_resume_fold_all_continues_with_the_next_folds(tmp_path):
     assert len(new) == 1 and json.loads((new[0] / "metrics.json").read_text())["fold"] == 2
 
 
+@pytest.mark.slow
 def test_prior_method_with_random_clip(tmp_path):
     """--method prior with an untrained open_clip encoder: pseudo-masks computed once, cached, reused."""
     pytest.importorskip("open_clip", reason="requirements-prior.txt")  # .ci/run installs it, so CI runs this
@@ -138,6 +142,7 @@ def test_prior_method_with_random_clip(tmp_path):
     assert any(not torch.equal(with_prior[i][1], truth[i][1]) for i in range(3))
 
 
+@pytest.mark.slow
 def test_resume_survives_a_broken_checkpoint_and_refuses_an_unsafe_one(tmp_path, dl):
     """The repair is run for real; the refusals in-process through setup(), which the script turns into exit code 2
     (test_bad_input.py runs that path)."""

@@ -109,6 +109,7 @@ def serve_official(server, monkeypatch, tmp_path, dataset):
     return {urlsplit(url).path: url.rsplit("/", 1)[1] for url in urls}
 
 
+@pytest.mark.slow
 def test_pets_download_verify_and_train(server, monkeypatch, tmp_path, capsys):
     paths = serve_official(server, monkeypatch, tmp_path, "pets")
     data = tmp_path / "data"
@@ -170,6 +171,7 @@ def test_a_bad_download_leaves_nothing(server, monkeypatch, tmp_path, fault):
     assert set(server.gets[gets:]) == {bad} and len(dl.pets_records(str(data))[0]) == 6
 
 
+@pytest.mark.slow
 def test_regularizer_study_downloads_too(tmp_path):
     """The study's --download is the same tested copy; wired in before the data is read (busi: where to get it, exit code 2)."""
     proc = subprocess.run(
@@ -215,6 +217,7 @@ def test_imagenet_weights_come_through_torch_hub(server, monkeypatch, tmp_path):
     assert not list((tmp_path / "torch" / "hub" / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_clip_prior_weights_come_through_open_clip(tmp_path):
     """--prior-pretrained TAG goes through open_clip's own pretrained mechanism (Hugging Face's hub and cache); offline (the
     hub told so, so nothing is attempted), the message says how to do without; an unknown tag is refused at the door."""

@@ -21,6 +21,7 @@ def check(args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "drl_learning.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_tiny_learning_check_with_the_reference(tmp_path):
     """Cells through benchmark.py, SB3's PPO on the same frames, stats.py per CAMAL configuration, the table, the steps to
     the threshold, the figure and the verdicts; a rerun finds every run finished and trains nothing again."""

@@ -69,6 +69,7 @@ def test_ties_are_broken_at_random_not_in_raster_order():
     assert sorted(ranking.tolist()) == list(range(256)) and ranking[:20].tolist() != list(range(20))
 
 
+@pytest.mark.slow
 def test_end_to_end_on_shapes_runs(shapes_runs):
     tmp_path, runs, proc = shapes_runs  # camal and vanilla, 3 folds each, then eval_faithfulness.py over all six
     assert len(runs) == 6
@@ -144,6 +145,7 @@ def test_bad_input(tmp_path):
         ef.load_run(str(fake))
 
 
+@pytest.mark.slow
 def test_run_files_are_loaded_as_weights_only(tmp_path):
     """A model.pt or samples file from elsewhere that would run code is refused with a clear error, and runs nothing."""
     from conftest import write_code_running_file
@@ -161,6 +163,7 @@ def test_run_files_are_loaded_as_weights_only(tmp_path):
     assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_random_baseline_does_not_change_the_methods_numbers(shapes_runs):
     """Tie-breaking and the random rankings draw from separate generators."""
     _, runs, _ = shapes_runs
@@ -211,6 +214,7 @@ def test_curve_plot_bands_stay_in_range_and_colours_follow_the_method(tmp_path, 
     assert all(len(c) == 1 for c in colour.values()) and colour["camal"] != colour["vanilla"]  # one colour per method, in every plot
 
 
+@pytest.mark.slow
 def test_samples_file_is_loaded_as_weights_only(tmp_path, shapes_runs):
     import shutil
 

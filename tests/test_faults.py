@@ -124,6 +124,7 @@ def test_reader_words(ppo, tmp_path):
     assert not (tmp_path / "ran").exists()  # the pickled payload never ran
 
 
+@pytest.mark.slow
 def test_resume_from_the_previous_checkpoint_alone(ppo, dl, tmp_path, capsys):
     """A crash between the two renames leaves checkpoint.prev.pt alone: a whole state, resumed with a warning."""
     run = tmp_path / "run"
@@ -206,6 +207,7 @@ def test_dl_results_write_the_marker_last(dl, tmp_path, monkeypatch):
     assert calls == ["model.pt"] and not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_real_ppo_run(small_disk):
     """The tmpfs fills at the second checkpoint: a message, exit code 2, no traceback, the first checkpoint whole."""
     # fill the disk so that one checkpoint (about 11 MB at 60 x 80) fits and a second does not
@@ -224,6 +226,7 @@ def test_a_full_disk_during_a_real_ppo_run(small_disk):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 1
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_end_of_a_real_dl_run(small_disk):
     """model.pt does not fit: exit code 2 with a message, no metrics.json (the run is not taken for finished), no .tmp."""
     (small_disk / "ballast").write_bytes(b"\0" * 14 * 2**20)  # resnet18's model.pt (about 45 MB) cannot fit in what is left
@@ -235,6 +238,7 @@ def test_a_full_disk_at_the_end_of_a_real_dl_run(small_disk):
     assert not (run / "metrics.json").exists() and not list(run.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_read_only_folders(ppo, st, small_disk, tmp_path):
     """A read-only file system: the run folder, stats.py's --out and a JSON write are refused with the reason."""
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
@@ -295,6 +299,7 @@ def test_dl_weights_that_are_not_imagenet_weights(dl, tmp_path, content):
         dl.imagenet_state_dict("resnet18", str(path))
 
 
+@pytest.mark.slow
 def test_runs_folder_that_cannot_be_made(ppo, dl, tmp_path, monkeypatch):
     """runs/ being a file: both trainers refuse before any work; PPO leaves nothing behind."""
     monkeypatch.chdir(tmp_path)
@@ -315,6 +320,7 @@ def test_track_without_a_key_is_a_message(ppo, tmp_path, monkeypatch):
         ppo.start_tracking(ppo.Args(track=True), "r", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
     """--track without a W&B key, for real: exit code 2, the reason, and no run folder with only args.json in it."""
     pytest.importorskip("wandb", reason="requirements-cluster.txt")

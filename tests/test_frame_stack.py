@@ -3,11 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import read_events
 
 
+@pytest.mark.slow
 def test_stack_frames_matches_the_games_own_stack(ppo):
     """Real Basic games stepped with the same actions: the stack made from the newest frames equals the stack the games
     sent, at every step, across episode ends (Basic's episodes are short under random play, and each env resets itself)."""
@@ -38,6 +40,7 @@ def test_stack_frames_matches_the_games_own_stack(ppo):
         newest.close()
 
 
+@pytest.mark.slow
 def test_training_is_the_same_either_way(ppo_smoke_run):
     """The whole script with the stack built in the games (the older way) trains the same agent, bit for bit, and
     evaluates it to the same returns and IoUs as the default."""

@@ -12,6 +12,7 @@ from conftest import ROOT, load_script
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
+@pytest.mark.slow
 def test_reduced_mode_runs_every_part(tmp_path):
     out = tmp_path / "g.json"
     p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--reduced"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -63,6 +64,7 @@ def test_grid_hours_from_seconds_per_image(tmp_path, monkeypatch):
     assert len(records) == 3 and classes[:3] == ["breed00", "breed01", "breed02"] and (pet / "annotations" / "test.txt").is_file()
 
 
+@pytest.mark.slow
 def test_budget_skips_parts_and_keeps_the_json(tmp_path):
     out = tmp_path / "g.json"
     p = subprocess.run(

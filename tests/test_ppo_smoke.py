@@ -25,6 +25,7 @@ TRAIN_TAGS = {
 ATTENTION_TAGS = {"charts/alpha", "charts/beta", "charts/attention_iou"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["camal", "vanilla"])
 @pytest.mark.parametrize("env", ["Basic", "DefendLine", "DefendCenter", "TakeCover"])
 def test_smoke(ppo_smoke_run, env, method):
@@ -97,6 +98,7 @@ def test_smoke(ppo_smoke_run, env, method):
         assert cap.get(cv2.CAP_PROP_FRAME_WIDTH) == 3 * cap.get(cv2.CAP_PROP_FRAME_HEIGHT) * 80 / 60
 
 
+@pytest.mark.slow
 def test_attention_figure(ppo_smoke_run, tmp_path, ppo):
     """The paper's Figure 11 from two saved runs: frame | mask | each agent's CAM on the same frames."""
     from PIL import Image

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+import pytest
 import torch
 from test_stats import args_for, write_dl, write_drl
 
@@ -30,6 +31,7 @@ def check_entry(entry, script):
     assert entry["device"].startswith("CPU")
 
 
+@pytest.mark.slow
 def test_real_runs_record_their_environment(ppo_smoke_run, shapes_runs):
     _, cwd = ppo_smoke_run("Basic", "camal")
     (ppo_run,) = (cwd / "runs").iterdir()
@@ -45,6 +47,7 @@ def git(cwd, *cmd):
     return subprocess.run(["git", "-C", str(cwd), *cmd], capture_output=True, text=True, check=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_commit_and_changed_code_are_recorded(tmp_path):
     """The script's own checkout: its commit, and whether a tracked file differs from it (run folders do not count)."""
     repo = tmp_path / "code"
@@ -72,6 +75,7 @@ def test_commit_and_changed_code_are_recorded(tmp_path):
     assert run() == {"commit": commit, "dirty": True}
 
 
+@pytest.mark.slow
 def test_a_resumed_run_appends_and_outside_git_is_null(ppo, tmp_path):
     """One entry per start or resume; a copy of the script outside any checkout records git as null, a damaged record is replaced."""
     outside = tmp_path / "copy"
@@ -95,6 +99,7 @@ def with_environment(run, **versions):
     (run / "environment.json").write_text(json.dumps([{"packages": packages, "git": None, "device": "CPU"}]))
 
 
+@pytest.mark.slow
 def test_stats_warns_when_a_table_mixes_versions(tmp_path):
     st = __import__("conftest").load_script("stats")
     for fold in range(3):

@@ -106,6 +106,7 @@ def test_pets_masks_follow_training_geometry(tmp_path):
     assert len(per_image) == 6 and not left_out
 
 
+@pytest.mark.slow
 def test_end_to_end_on_shapes(tmp_path):
     proc = run_script("regularizer_study", ["--max-images", "12", "--levels", "6", "--out", "out"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -120,6 +121,7 @@ def test_end_to_end_on_shapes(tmp_path):
     assert (tmp_path / "out" / "figure9.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_busi_normal_masks_are_left_out_and_bad_input(tmp_path):
     from PIL import Image
 

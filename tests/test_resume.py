@@ -61,6 +61,7 @@ def check_resumed_run(run_dir, iters=ITERS, per_iter=PER_ITER):
     assert result["total_timesteps"] == iters * per_iter
 
 
+@pytest.mark.slow
 def test_resume_after_crash(tmp_path):
     """Killed two iterations after a checkpoint: the resumed run re-logs those iterations once, not twice."""
     proc = start_ppo(tmp_path, [*ARGS, "--checkpoint-every", "2", "--vector-env", "sync"], stderr=subprocess.STDOUT, own_session=True)
@@ -95,6 +96,7 @@ def test_resume_after_crash(tmp_path):
     check_resumed_run(ckpt.parent)
 
 
+@pytest.mark.slow
 def test_interrupt_saves_and_resumes(tmp_path):
     """Ctrl-C reaches the learner, its env workers and the game engines; the run still saves and resumes.
 
@@ -192,6 +194,7 @@ def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(s
     assert out.count("SIGUSR2: stopping at the next safe point (the last pass took 42 s)") == 1 and "SIGTERM" not in out
 
 
+@pytest.mark.slow
 def test_first_run_explains_itself(tmp_path):
     """The start-up line (device, run folder, TensorBoard, how to stop), an ETA on every line, a warning when the run
     would take days, and Ctrl-C answered within a step. (A rollout stops too fast for a second Ctrl-C to arrive in
@@ -231,6 +234,7 @@ def test_first_run_explains_itself(tmp_path):
     assert "Traceback" not in err + out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second_ctrl_c", [False, True])
 def test_ctrl_c_during_the_final_evaluation(tmp_path, second_ctrl_c):
     """Training is over, so a first Ctrl-C lets the evaluation finish and write eval.json (a finished run cannot be

@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_pipeline_runs_and_judges(tmp_path):
     tiny = "--shapes-classes 2 --shapes-per-class 4 --epochs 1 --batch-size 4 --image-size 64"
     proc = subprocess.run(
@@ -69,6 +72,7 @@ def test_bad_input(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_drl_alignment_pipeline(tmp_path):
     """benchmarks/drl_alignment.py at a tiny size: camal and vanilla for one seed, stats.py, the per-seed table."""
     tiny = "--num-envs 2 --num-steps 32 --eval-episodes 2 --image-every 0"

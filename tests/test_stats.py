@@ -355,6 +355,7 @@ def test_runs_of_other_settings_are_other_experiments(st, tmp_path):
     assert any("another experiment (camal_coef None vs 3.0)" in i["reason"] for i in stats["incomplete"])
 
 
+@pytest.mark.slow
 def test_cli_repeats_and_writes_everything(tmp_path):
     runs = tmp_path / "runs"
     dl_folder(runs / "dl")
@@ -384,6 +385,7 @@ def test_cli_repeats_and_writes_everything(tmp_path):
     assert csv_rows[0].startswith("dataset,variant,model,pairs,camal_mean") and len(csv_rows) == 3
 
 
+@pytest.mark.slow
 def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
     """stats.py over short real runs of both training scripts, with eval_faithfulness.py's AUCs."""
     shapes_root, dl_runs, _ = shapes_runs  # shapes, resnet18: camal and vanilla on 3 folds
