@@ -515,7 +515,7 @@ def task_failed(cell, why):
     return "failed", None
 
 
-# ---------------------------------------------------------------------------------------------
+# copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py keeps the copies identical)
 def unwritable(path):
     """Why the folder `path` could not be made or written in (a file in the way, no permission), or None. Checked before
     any work, so an output never fails once the work is done; nothing is created."""
