@@ -11,10 +11,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Under pytest-xdist (pytest.ini) each worker, and every script it starts, gets one CPU thread: two workers of two
-# threads each on two cores left OpenMP's threads spinning while they waited on each other (an epoch 30 times slower).
+# Under pytest-xdist (pytest.ini) two workers share the cores. Each worker, and every script it starts, gets one CPU
+# thread, and OpenMP's threads sleep while they wait instead of spinning: a script with two threads (benchmark.py gives
+# its cells cores / workers) beside the other worker spun its threads against each other (a grid cell 10 s alone,
+# 106 s beside the other worker; 12 s with the passive policy).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def load_script(name):
