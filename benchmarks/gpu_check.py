@@ -29,6 +29,7 @@ worked, 1 when one failed, 2 on bad input.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -90,11 +91,15 @@ REDUCED = dict(
     cost=dict(images=20, size=(60, 80), models=["resnet18"], flags=["--image-size", "64", "--batch-size", "4"]),
 )
 PARTS = ["ppo env", "ppo train", "dl step", "extraction", "dl run", "dl cost", "dl causes"]
-# Images per dataset (Pets: 7,349; Flowers-102: 8,189; BUSI: 780) and benchmark.py's DL grids: the cost of a cell scales
-# with its dataset's images; camal, suppress and prior train with the double backward, vanilla without it.
+# Images per dataset (Pets: 7,349; Flowers-102: 8,189; BUSI: 780): the cost of a cell scales with its dataset's images;
+# camal, suppress and prior train with the double backward, vanilla without it. The grids are benchmark.py's own presets,
+# each cell at train_dl_camal.py's default of 500 epochs (Table 7).
 DATASET_IMAGES = {"pets": 7349, "flowers": 8189, "busi": 780}
-GRIDS = {"dl": ("camal", "vanilla", "prior"), "dl-suppress": ("camal", "suppress")}
-GRID_EPOCHS, GRID_FOLDS = 500, 10
+GRID_EPOCHS = 500
+_spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmark.py")
+benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark)
+GRIDS = {name: benchmark.PRESETS[name] for name in ("dl", "dl-suppress")}
 TARGETS = {"ppo_camal_sps": 2000, "camal_over_vanilla": 0.9, "dl_overhead_pct": 10.0}
 
 
@@ -241,22 +246,17 @@ def dl_cost(cfg, pets_dir, images, model, method, cuda, timeout, tmp):
 
 
 def grid_hours(rows):
-    """GPU-hours of each benchmark.py DL grid at Table 7's 500 epochs and 10 folds, from the measured seconds per image
-    (None where a model's figure is missing)."""
+    """GPU-hours of each benchmark.py DL grid (every model x dataset x method x fold, GRID_EPOCHS epochs each), from the
+    measured seconds per image (None where a model's figure is missing)."""
     per_image = {(r["model"], r["method"]): r["s_per_image"] for r in rows if not r["rc"]}
     out = {}
-    for grid, methods in GRIDS.items():
-        total = 0.0
-        for model in gradcam_overhead.dl.MODELS:
-            for method in methods:
-                key = (model, "vanilla" if method == "vanilla" else "camal")
-                if key not in per_image:
-                    total = None
-                    break
-                total += sum(per_image[key] * images for images in DATASET_IMAGES.values()) * GRID_EPOCHS * GRID_FOLDS
-            if total is None:
-                break
-        out[grid] = None if total is None else total / 3600
+    for name, grid in GRIDS.items():
+        keys = [(m, "vanilla" if method == "vanilla" else "camal") for m in grid["models"] for method in grid["methods"]]
+        if not all(k in per_image for k in keys):
+            out[name] = None
+            continue
+        images = sum(DATASET_IMAGES[d] for d in grid["datasets"])
+        out[name] = sum(per_image[k] for k in keys) * images * GRID_EPOCHS * len(grid["folds"]) * len(grid["seeds"]) / 3600
     return out
 
 
@@ -482,7 +482,8 @@ def main():
                     write(opts.out, result)
             hours = result["dl_grid_gpu_hours"] = grid_hours(rows)
             for grid, h in hours.items():
-                runs = GRID_FOLDS * len(DATASET_IMAGES) * len(gradcam_overhead.dl.MODELS) * len(GRIDS[grid])
+                g = GRIDS[grid]
+                runs = len(g["models"]) * len(g["datasets"]) * len(g["methods"]) * len(g["folds"]) * len(g["seeds"])
                 print(
                     f"  --preset {grid}: {runs} cells of {GRID_EPOCHS} epochs: " + (f"{h:,.0f} GPU-hours" if h else "not every model measured"),
                     flush=True,
@@ -519,8 +520,8 @@ def verdict(result):
                 f"{'MET ' if c / v >= TARGETS['camal_over_vanilla'] else 'MISS'} {n} envs: CAMAL / vanilla "
                 f"{c / v:.2f} (target {TARGETS['camal_over_vanilla']})"
             )
+    games = {(x["num_envs"], x["method"]): x for x in result.get("ppo_train", []) if not x["rc"] and x["flags"] == "--frame-stack-on env"}
     for (n, method), r in sorted(train.items()):
-        games = {(x["num_envs"], x["method"]): x for x in result.get("ppo_train", []) if not x["rc"] and x["flags"] == "--frame-stack-on env"}
         if (n, method) in games:
             lines.append(f"     {n} envs {method}: stack on the device {r['sps']:.0f} SPS, in the games {games[(n, method)]['sps']:.0f} SPS")
     for r in result.get("dl_step", []):
