@@ -1538,7 +1538,16 @@ class StopRequest:
         return self
 
 
-def setup(args, argv):
+def parse_args(argv):
+    """tyro's parse, where --pretrained's default depends on --dataset: shapes (toy data) trains from scratch unless
+    --pretrained is given, so a fresh machine needs no weights; the same flags are parsed over that default."""
+    args = tyro.cli(Args, args=argv)
+    if args.dataset == "shapes" and args.resume is None:
+        args = tyro.cli(Args, args=argv, default=Args(pretrained=False))
+    return args
+
+
+def setup(args):
     """Settle and check everything before any work: (args, checkpoint, records, classes). Bad input raises ValueError,
     FileNotFoundError or DataError with a message that says why."""
     checkpoint = None
@@ -1572,8 +1581,6 @@ def setup(args, argv):
             raise ValueError(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
         args = Args(**saved)
     else:
-        if args.dataset == "shapes" and "--pretrained" not in argv:
-            args.pretrained = False  # toy data: from scratch unless asked, so a fresh machine needs no weights
         if args.epochs is None:
             args.epochs = 8 if args.dataset == "shapes" else 500
         if args.learning_rate is None:
@@ -1699,7 +1706,7 @@ def train_fold(args, fold, records, classes, stop, checkpoint=None, prior_cams=N
 
 if __name__ == "__main__":
     try:
-        args, checkpoint, records, classes = setup(tyro.cli(Args), sys.argv[1:])
+        args, checkpoint, records, classes = setup(parse_args(sys.argv[1:]))
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -71,6 +71,16 @@ def test_ppo_settings(ppo, capsys, args, message):
         assert message in str(err.value)
 
 
+def test_dl_pretrained_default_follows_the_dataset(dl):
+    """Shapes trains from scratch unless --pretrained is given; the real datasets start from ImageNet unless --no-pretrained."""
+    assert dl.parse_args([]).pretrained is False
+    assert dl.parse_args(["--pretrained"]).pretrained is True
+    assert dl.parse_args(["--dataset", "pets"]).pretrained is True
+    assert dl.parse_args(["--dataset", "pets", "--no-pretrained"]).pretrained is False
+    # the second parse keeps every other flag
+    assert dl.parse_args(["--epochs", "3", "--model", "vit_b_16"]) == dl.Args(epochs=3, model="vit_b_16", pretrained=False)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -95,7 +105,7 @@ def test_dl_settings(dl, capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights: the offline message, never the network
     with pytest.raises((ValueError, FileNotFoundError, dl.DataError, SystemExit)) as err:
-        dl.setup(tyro.cli(dl.Args, args=args), args)
+        dl.setup(dl.parse_args(args))
     if err.type is SystemExit:
         assert err.value.code == 2
         assert message in capsys.readouterr().err

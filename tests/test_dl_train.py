@@ -150,7 +150,7 @@ def test_resume_survives_a_broken_checkpoint_and_refuses_an_unsafe_one(tmp_path,
 
     def refused(match):
         with pytest.raises(ValueError, match=match):
-            dl.setup(dl.Args(resume=str(run_dir)), ["--resume", str(run_dir)])
+            dl.setup(dl.Args(resume=str(run_dir)))
 
     first = run_script("train_dl_camal", [*TINY, *SMALL, "--epochs", "3", "--checkpoint-every", "1"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]

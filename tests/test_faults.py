@@ -140,7 +140,7 @@ def test_resume_from_the_previous_checkpoint_alone(ppo, dl, tmp_path, capsys):
     dl_run.mkdir()
     dl.save_checkpoint(str(dl_run / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), dl_args, 0, 1, 2)
     os.replace(dl_run / "checkpoint.pt", dl_run / "checkpoint.prev.pt")
-    resumed, checkpoint, _, _ = dl.setup(dl.Args(resume=str(dl_run)), ["--resume", str(dl_run)])
+    resumed, checkpoint, _, _ = dl.setup(dl.Args(resume=str(dl_run)))
     assert checkpoint["epoch"] == 1 and resumed.shapes_per_class == 4
     # and the benchmark counts such a cell as resumable, with the run folder to --resume
     cell = load_script("benchmark").Cell("drl", {"env": "Basic", "method": "camal", "cam": "abs", "seed": 1}, [], tmp_path / "b", 10)
@@ -307,7 +307,7 @@ def test_runs_folder_that_cannot_be_made(ppo, dl, tmp_path, monkeypatch):
     proc = run_script("ppo_camal_vizdoom", ["--env", "Basic", *PPO_TINY], cwd=tmp_path)
     assert proc.returncode == 2 and "runs is a file" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(dl.RunFileError, match="runs is a file"):
-        dl.setup(dl.Args(shapes_per_class=4, folds=2, epochs=1, batch_size=4, image_size=64), [])
+        dl.setup(dl.Args(shapes_per_class=4, folds=2, epochs=1, batch_size=4, image_size=64))
 
 
 def test_track_without_a_key_is_a_message(ppo, tmp_path, monkeypatch):
