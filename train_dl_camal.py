@@ -547,16 +547,10 @@ PROMPTS = {
 }
 
 
-def clip_prior_cams(args, records, classes, device):
-    """Per record, the Grad-CAM of the CLIP image encoder for the zero-shot logit of the prompt (PROMPTS) of its
-    ground-truth class, at the encoder's grid resolution (float16). Computed once and cached in --prior-cache."""
-    try:
-        import open_clip
-    except ImportError as e:
-        raise ValueError("--method prior needs open_clip: pip install -r requirements-prior.txt") from e
+def prior_cache_path(args, records, prompts):
+    """Where --prior-cache keeps these CLIP CAMs: named by everything they depend on (images, prompts, geometry, weights)."""
     import hashlib
 
-    prompts = [PROMPTS[args.dataset](c) for c in classes]
     ids = "|".join(str(r[0]) for r in records) + "|" + "|".join(prompts) + f"|{args.resize} {resize_for(CROP)}"  # geometry too
     if args.prior_pretrained is not None:
         weights_id = f"pretrained:{args.prior_pretrained}"
@@ -565,14 +559,15 @@ def clip_prior_cams(args, records, classes, device):
     else:
         weights_id = f"{os.path.abspath(args.prior_weights)}:{os.path.getsize(args.prior_weights)}"
     key = hashlib.sha1(f"{args.dataset}|{args.prior_model}|{weights_id}|{args.split_seed}|{ids}".encode()).hexdigest()[:16]
-    path = os.path.join(args.prior_cache, f"{args.dataset}__{args.prior_model}__{key}.pt")
-    if os.path.isfile(path):
-        print(f"prior: CLIP CAMs from the cache {path}")
-        cams = read_torch(path)
-        if not isinstance(cams, torch.Tensor) or len(cams) != len(records):
-            raise RunFileError(f"{path} is not this dataset's CLIP CAMs: delete it, and it is computed again")
-        return cams
+    return os.path.join(args.prior_cache, f"{args.dataset}__{args.prior_model}__{key}.pt")
 
+
+def load_clip(args, device):
+    """(open_clip, the CLIP model of --prior-model with its weights, its Grad-CAM layer, that layer's output as NCHW or None)."""
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ValueError("--method prior needs open_clip: pip install -r requirements-prior.txt") from e
     try:
         clip = open_clip.create_model(args.prior_model, pretrained=None)
     except RuntimeError as e:
@@ -597,6 +592,22 @@ def clip_prior_cams(args, records, classes, device):
         layer, to_nchw = visual.layer4, None
     else:
         raise ValueError(f"--prior-model {args.prior_model}: no Grad-CAM layer known for {type(visual).__name__}")
+    return open_clip, clip, layer, to_nchw
+
+
+def clip_prior_cams(args, records, classes, device):
+    """Per record, the Grad-CAM of the CLIP image encoder for the zero-shot logit of the prompt (PROMPTS) of its
+    ground-truth class, at the encoder's grid resolution (float16). Computed once and cached in --prior-cache."""
+    prompts = [PROMPTS[args.dataset](c) for c in classes]
+    path = prior_cache_path(args, records, prompts)
+    if os.path.isfile(path):
+        print(f"prior: CLIP CAMs from the cache {path}")
+        cams = read_torch(path)
+        if not isinstance(cams, torch.Tensor) or len(cams) != len(records):
+            raise RunFileError(f"{path} is not this dataset's CLIP CAMs: delete it, and it is computed again")
+        return cams
+
+    open_clip, clip, layer, to_nchw = load_clip(args, device)
     acts = {}
     hook = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
     with torch.no_grad():
@@ -612,7 +623,7 @@ def clip_prior_cams(args, records, classes, device):
         logits = clip.logit_scale.exp() * emb @ text.T
         score = logits.gather(1, labels[:, None]).squeeze(1)
         a = acts.pop("a")
-        grid = a.shape[-2:] if to_nchw is None else (side, side)
+        grid = a.shape[-2:] if to_nchw is None else (clip.visual.grid_size[0],) * 2
         with torch.no_grad():
             cams.append(grad_cam(a, score, grid, create_graph=False, to_nchw=to_nchw).half().cpu())
         print(f"prior: CLIP CAMs {sum(len(c) for c in cams)}/{len(records)} ({time.time() - start:.0f} s)", flush=True)
