@@ -1107,6 +1107,16 @@ def stop_in_rollout(run_dir, agent, optimizer, args, iteration, global_step, epi
     )
 
 
+def summary(recent_returns, attention):
+    """The progress line's account of an iteration: its episodes, and the first epoch's attention."""
+    alpha, beta, iou = (attention.get(f"charts/{k}", 0.0) for k in ("alpha", "beta", "attention_iou"))
+    mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "-"
+    return (
+        f"episodes={len(recent_returns)} mean_return={mean_return} "
+        f"alpha={alpha:.3f} beta={beta:.3f} iou={iou:.3f} cam_empty={attention['charts/cam_empty_fraction']:.2f}"
+    )
+
+
 def warn_days(sps, eta):
     tqdm.write(
         f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 want a GPU). "
@@ -1134,6 +1144,23 @@ def close_run(bar, envs, writer, tracked, video_dir):
         for name in sorted(os.listdir(video_dir)):
             tracked.save(os.path.join(video_dir, name), base_path=os.path.dirname(video_dir), policy="now")
     close_logs(writer, tracked)
+
+
+def parse_args():
+    """(Args, the checkpoint of --resume or None), checked; --figure draws Figure 11 and exits; bad input exits with code 2."""
+    args = tyro.cli(Args)
+    if args.figure is not None:
+        try:
+            print(f"figure written to {attention_figure(args)}")
+        except ValueError as e:
+            fail(str(e))
+        sys.exit(0)
+    args, checkpoint = resume_from(args) if args.resume is not None else (args, None)
+    try:
+        check_args(args)
+    except (ValueError, TypeError) as e:  # TypeError: a checkpoint whose settings have the wrong types
+        fail(str(e))
+    return args, checkpoint
 
 
 def fail(message):
@@ -1251,18 +1278,7 @@ def attention_figure(args):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.figure is not None:
-        try:
-            print(f"figure written to {attention_figure(args)}")
-        except ValueError as e:
-            fail(str(e))
-        sys.exit(0)
-    args, checkpoint = resume_from(args) if args.resume is not None else (args, None)
-    try:
-        check_args(args)
-    except (ValueError, TypeError) as e:  # TypeError: a checkpoint whose settings have the wrong types
-        fail(str(e))
+    args, checkpoint = parse_args()
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
@@ -1283,17 +1299,12 @@ if __name__ == "__main__":
     agent = Agent(envs.single_action_space.n, args.frame_stack, H, W).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     start_iteration, global_step, episodes_seen = restore(agent, optimizer, checkpoint, args, run_name)
-    try:  # purge_step: the events after the checkpoint's step are the ones a resumed run redoes
-        writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else global_step + 1)
-    except ValueError as e:  # --track without wandb or without a W&B key
-        envs.close()
-        abandon(run_dir, video_dir, checkpoint)
-        fail(str(e))
     try:
         record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
-    except RunFileError as e:
+        # purge_step: the events after the checkpoint's step are the ones a resumed run redoes
+        writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else global_step + 1)
+    except (RunFileError, ValueError) as e:  # ValueError: --track without wandb or without a W&B key
         envs.close()
-        close_logs(writer, tracked)
         abandon(run_dir, video_dir, checkpoint)
         fail(str(e))
     # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
@@ -1485,15 +1496,12 @@ if __name__ == "__main__":
 
             # progress: a line per iteration (logs have no bar), the bar on a terminal
             eta = (args.num_iterations - iteration) * args.batch_size / max(sps, 1)
-            alpha, beta, iou = (attention.get(f"charts/{k}", 0.0) for k in ("alpha", "beta", "attention_iou"))
             cam_empty = attention["charts/cam_empty_fraction"]
-            mean_return = f"{np.mean(recent_returns):.2f}" if recent_returns else "-"
             bar.update(args.batch_size)
             bar.set_postfix(SPS=sps, refresh=False)
             tqdm.write(
                 f"iter {iteration}/{args.num_iterations} global_step={global_step} SPS={sps} eta={duration(eta)} "
-                f"episodes={len(recent_returns)} mean_return={mean_return} "
-                f"alpha={alpha:.3f} beta={beta:.3f} iou={iou:.3f} cam_empty={cam_empty:.2f}"
+                + summary(recent_returns, attention)
             )
             sys.stdout.flush()
             if iteration == start_iteration and eta > 86400:
