@@ -916,32 +916,44 @@ def save_checkpoint(path, agent, optimizer, args, iteration, global_step, episod
     write_json(os.path.splitext(path)[0] + ".json", {"iteration": iteration, "global_step": global_step})
 
 
-def resume_from(args):
-    """(the run's own Args, its checkpoint) for --resume RUN; a clear message and exit code 2 when it cannot resume."""
+def read_resume(args, finished, keys, keep):
+    """(the run's own Args, its checkpoint) for --resume RUN; the flags given beside it, other than `keep`, are ignored
+    with a warning. finished: (the file a finished run has, a hint). Raises FileNotFoundError, ValueError or
+    RunFileError with a message that says why the run cannot resume."""
     if not os.path.isdir(args.resume):
-        fail(f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist")
+        raise FileNotFoundError(
+            f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist"
+        )
     try:
         entries = set(os.listdir(args.resume))
     except OSError as e:
-        fail(f"--resume {args.resume} cannot be read: {e.strerror}")
-    if "eval.json" in entries:
-        fail(f"--resume {args.resume}: this run finished (its eval.json is there); there is nothing to resume")
+        raise RunFileError(f"--resume {args.resume} cannot be read: {e.strerror}") from None
+    if finished[0] in entries:
+        raise ValueError(f"--resume {args.resume}: this run finished (its {finished[0]} is there); there is nothing to resume{finished[1]}")
     if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is a whole state (a crash between renames)
-        fail(f"--resume {args.resume}: no checkpoint.pt there (was the run started with --checkpoint-every?)")
+        raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there (a run saves one every --checkpoint-every and when it is stopped)")
     try:
-        checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), PPO_CHECKPOINT_KEYS)
+        checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), keys)
     except RunFileError as e:
-        fail(f"--resume {args.resume}: {e}")
-    # the run continues with the hyperparameters it was started with
+        raise RunFileError(f"--resume {args.resume}: {e}") from None
+    # the run continues with the settings it was started with
     saved = checkpoint["args"]
-    ignored = ignored_flags(args, saved, keep=("resume", "cuda"))
+    ignored = ignored_flags(args, saved, keep=keep)
     if ignored:
         print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
-    saved.update(resume=args.resume, cuda=args.cuda)
-    unknown = set(saved) - set(Args.__dataclass_fields__)
+    saved.update({k: getattr(args, k) for k in keep})
+    unknown = set(saved) - set(type(args).__dataclass_fields__)
     if unknown:
-        fail(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
-    args = Args(**saved)
+        raise ValueError(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
+    return type(args)(**saved), checkpoint
+
+
+def resume_from(args):
+    """(the run's own Args, its checkpoint) for --resume RUN; a clear message and exit code 2 when it cannot resume."""
+    try:
+        args, checkpoint = read_resume(args, ("eval.json", ""), PPO_CHECKPOINT_KEYS, keep=("resume", "cuda"))
+    except (FileNotFoundError, ValueError) as e:  # RunFileError is a ValueError
+        fail(str(e))
     if checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps):
         fail(f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to resume")
     return args, checkpoint

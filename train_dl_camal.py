@@ -1199,6 +1199,38 @@ def read_checkpoint(path, keys):
 DL_CHECKPOINT_KEYS = ("args", "fold", "model", "optimizer", "epoch", "global_step", "rng")
 
 
+def read_resume(args, finished, keys, keep):
+    """(the run's own Args, its checkpoint) for --resume RUN; the flags given beside it, other than `keep`, are ignored
+    with a warning. finished: (the file a finished run has, a hint). Raises FileNotFoundError, ValueError or
+    RunFileError with a message that says why the run cannot resume."""
+    if not os.path.isdir(args.resume):
+        raise FileNotFoundError(
+            f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist"
+        )
+    try:
+        entries = set(os.listdir(args.resume))
+    except OSError as e:
+        raise RunFileError(f"--resume {args.resume} cannot be read: {e.strerror}") from None
+    if finished[0] in entries:
+        raise ValueError(f"--resume {args.resume}: this run finished (its {finished[0]} is there); there is nothing to resume{finished[1]}")
+    if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is a whole state (a crash between renames)
+        raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there (a run saves one every --checkpoint-every and when it is stopped)")
+    try:
+        checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), keys)
+    except RunFileError as e:
+        raise RunFileError(f"--resume {args.resume}: {e}") from None
+    # the run continues with the settings it was started with
+    saved = checkpoint["args"]
+    ignored = ignored_flags(args, saved, keep=keep)
+    if ignored:
+        print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
+    saved.update({k: getattr(args, k) for k in keep})
+    unknown = set(saved) - set(type(args).__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
+    return type(args)(**saved), checkpoint
+
+
 def save_checkpoint(path, model, optimizer, args, fold, epoch, global_step):
     write_checkpoint(
         path,
@@ -1563,34 +1595,12 @@ def setup(args):
     FileNotFoundError or DataError with a message that says why."""
     checkpoint = None
     if args.resume is not None:
-        if not os.path.isdir(args.resume):
-            raise FileNotFoundError(
-                f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist"
-            )
-        try:
-            entries = set(os.listdir(args.resume))
-        except OSError as e:
-            raise RunFileError(f"--resume {args.resume} cannot be read: {e.strerror}") from None
-        if "metrics.json" in entries:
-            raise ValueError(
-                f"--resume {args.resume}: this run finished (its metrics.json is there); there is nothing to resume "
-                "(a --fold all run continues from the newest fold's folder)"
-            )
-        if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is a whole state (a crash between renames)
-            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there")
-        try:
-            checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), DL_CHECKPOINT_KEYS)
-        except RunFileError as e:
-            raise RunFileError(f"--resume {args.resume}: {e}") from None
-        saved = checkpoint["args"]
-        ignored = ignored_flags(args, saved, keep=("resume", "cuda", "num_workers"))
-        if ignored:
-            print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
-        saved.update(resume=args.resume, cuda=args.cuda, num_workers=args.num_workers)
-        unknown = set(saved) - set(Args.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
-        args = Args(**saved)
+        args, checkpoint = read_resume(
+            args,
+            ("metrics.json", " (a --fold all run continues from the newest fold's folder)"),
+            DL_CHECKPOINT_KEYS,
+            keep=("resume", "cuda", "num_workers"),
+        )
     else:
         if args.epochs is None:
             args.epochs = 8 if args.dataset == "shapes" else 500

@@ -21,6 +21,7 @@ SHARED = [
             "write_checkpoint",
             "previous_checkpoint",
             "read_checkpoint",
+            "read_resume",
             "write_json",
             "RunFileError",
             "first_line",
@@ -124,7 +125,16 @@ def test_benchmarks_hold_the_copies():
 
 
 def test_dl_holds_the_checkpoint_copies():
-    names = {"rng_state", "restore_rng", "ignored_flags", "write_checkpoint", "previous_checkpoint", "read_checkpoint", "start_tracking"}
+    names = {
+        "rng_state",
+        "restore_rng",
+        "ignored_flags",
+        "write_checkpoint",
+        "previous_checkpoint",
+        "read_checkpoint",
+        "read_resume",
+        "start_tracking",
+    }
     assert names <= set(top_level_definitions(ROOT / "train_dl_camal.py"))
 
 
