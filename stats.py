@@ -87,6 +87,7 @@ NOT_SETTINGS = {
     "image_every",
     "eval_episodes",
     "vector_env",  # DRL: the games step in worker processes or in the learner's; the same steps either way
+    "frame_stack_on",  # DRL: the frame stack kept where the model runs or by the games; the same agent (tests/test_frame_stack.py)
     "figure",
     "figure_frames",
     "figure_out",
@@ -333,16 +334,17 @@ def baselines_per_cam(runs):
     under another CAM than the run's own has no IoU curve (training measured only its own)."""
 
     def task(r):
-        return r["env"], tuple(sorted((k, v) for k, v in r["settings"].items() if k != "cam" and k not in METHOD_ONLY))
+        return {k: v for k, v in r["settings"].items() if k != "cam" and k not in METHOD_ONLY and v is not None}
 
-    cams = {}
-    for r in runs:
-        if r["method"] != "vanilla":
-            cams.setdefault(task(r), set()).add(r["settings"].get("cam"))
+    def same_task(a, b):  # a setting one run does not record (written before it existed) is no evidence of another task
+        return a["env"] == b["env"] and all(task(b).get(k, v) == v for k, v in task(a).items())
+
+    camal_runs = [r for r in runs if r["method"] != "vanilla"]
     out = []
     for r in runs:
         own, by_cam = r["settings"].get("cam"), r.get("by_cam") or {}
-        placed = [c for c in sorted(cams.get(task(r), set()), key=str) if c == own or c in by_cam] if r["method"] == "vanilla" else []
+        cams = {o["settings"].get("cam") for o in camal_runs if same_task(r, o)} if r["method"] == "vanilla" else set()
+        placed = [c for c in sorted(cams, key=str) if c == own or c in by_cam]
         for cam in placed or [own]:
             if cam == own:
                 out.append(r)

@@ -259,6 +259,11 @@ def main(argv=None):
         }
         reach[name] = [first_reach(c, edges, args.threshold) for c in groups[name]["return"]]
         st = run_stats(out, f"camal_{coef:g}_{cam}", runs + vanilla)
+        if set(st["drl"]["metrics"]) != {"return", "iou"}:  # e.g. runs of two experiments: stats.py says why it paired nothing
+            why = "; ".join(sorted({i["reason"] for i in st["incomplete"]}) or st.get("nothing_compared", []))
+            raise SystemExit(
+                f"error: stats.py compared no {name} runs with vanilla's ({why}); see {out / 'stats' / f'camal_{coef:g}_{cam}' / 'stats.md'}"
+            )
         poi = {m: st["drl"]["metrics"][m]["poi"]["vanilla"] for m in ("return", "iou")}
         van_iou = [e["by_cam"][cam]["mean_iou"] for e in van_eval]
         rows.append((name, evals, van_iou, poi))

@@ -56,6 +56,13 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     again = check(args, tmp_path)
     assert again.returncode == 1 and "2 done, 0 failed" in again.stderr and "SB3 PPO seed" not in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows
+    # runs that stats.py cannot pair (vanilla of another gamma) are a message, not a traceback
+    (cell,) = (folder / "cells").glob("drl__Basic__vanilla__abs__1__*")
+    (run,) = (cell / "runs").iterdir()
+    (run / "args.json").write_text(json.dumps(dict(json.loads((run / "args.json").read_text()), gamma=0.5)))
+    unpaired = check(args, tmp_path)
+    assert unpaired.returncode == 1 and "Traceback" not in unpaired.stderr, unpaired.stderr[-3000:]
+    assert "error: stats.py compared no CAMAL lambda 1, --cam abs runs with vanilla's" in unpaired.stderr and "has no vanilla run" in unpaired.stderr
 
 
 @pytest.mark.parametrize(

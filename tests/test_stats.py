@@ -233,6 +233,20 @@ def test_vanilla_is_the_baseline_of_each_cam(st, tmp_path):
     reasons = {i["run"]: i["reason"] for i in stats["incomplete"]}
     assert any("TakeCover" in k and "has no vanilla run" in v for k, v in reasons.items())  # not compared under another CAM
     assert any("TakeCover" in k and "has no camal run" in v for k, v in reasons.items())
+    # vanilla runs made before a setting existed (no reward_scale in their args.json) are the baseline of newer CAMAL
+    # runs; a vanilla run of another gamma is not, and neither is a setting that cannot change the result (frame_stack_on)
+    newer = tmp_path / "newer"
+    for seed in (1, 2):
+        camal = write_drl(newer, "Basic", "camal", seed, 80.0, 0.4, cam="abs-target")
+        (camal / "args.json").write_text(json.dumps({"gamma": 0.99, "reward_scale": 1.0, "frame_stack_on": "device"}))
+        older = write_drl(newer, "Basic", "vanilla", seed, 79.0, 0.05, cam="abs", by_cam={"abs": 0.05, "abs-target": 0.1})
+        (older / "args.json").write_text(json.dumps({"gamma": 0.99, "frame_stack_on": "env"}))
+        other = write_drl(newer / "other", "Basic", "vanilla", seed, 79.0, 0.05, cam="abs", by_cam={"abs": 0.05, "abs-target": 0.1})
+        (other / "args.json").write_text(json.dumps({"gamma": 0.9}))
+    stats, _, _, _ = st.analyse(args_for(st, newer))
+    assert stats["drl"]["envs"] == ["Basic [cam abs-target, gamma 0.99]"] and stats["drl"]["metrics"]["iou"]["raw"]["vanilla"] == [[0.1]] * 2
+    reasons = [i["reason"] for i in stats["incomplete"]]
+    assert sum("has no camal run" in r for r in reasons) == 2  # the gamma 0.9 runs
     # by_cam of the wrong shape is named, never a traceback
     bad = write_drl(tmp_path / "bad", "Basic", "vanilla", 1, 1.0, 0.1, cam="paper")
     e = json.loads((bad / "eval.json").read_text())
