@@ -1286,8 +1286,10 @@ def restore_fold(model, optimizer, checkpoint, args, run_name):
     return checkpoint["epoch"] + 1, checkpoint["global_step"]
 
 
-def batch_sums(loss, ce, reg, cam, masks, logits, labels):
-    """One batch's share of the epoch's figures, in EPOCH_SUMS order (summed on the device: no sync per batch)."""
+def batch_sums(step, masks, labels):
+    """One batch's share of the epoch's figures, in EPOCH_SUMS order (summed on the device: no sync per batch);
+    step: what train_step returned."""
+    loss, ce, reg, cam, logits = step
     with torch.no_grad():
         alpha, beta, valid = camal_terms(cam.detach(), masks)
         n = len(labels)
@@ -1318,14 +1320,19 @@ def log_train(writer, total, epoch):
         writer.add_scalar("train/beta", total["beta"] / total["valid"], epoch)
 
 
-def log_test(writer, result, model, grid, device, autocast, epoch):
-    """The held-out fold's scalars, and image | mask | CAM for a few held-out samples."""
+def log_test(writer, result, epoch):
+    """The held-out fold's scalars."""
     writer.add_scalar("test/accuracy", result["accuracy"], epoch)
     writer.add_scalar("test/cam_empty_fraction", result["cam_empty_fraction"], epoch)
     for key in ("iou", "alpha", "beta"):
         if result[key] is not None:
             writer.add_scalar(f"test/{'attention_iou' if key == 'iou' else key}", result[key], epoch)
+
+
+def log_test_images(writer, model, grid, autocast, epoch):
+    """image | mask | CAM for a few held-out samples (grid: their images, masks and labels)."""
     images, masks, labels = grid
+    device = next(model.parameters()).device
     _, cams = class_cam(model, images.to(device), labels.to(device), double_backward=False, autocast=autocast)
     writer.add_image("test/image_mask_cam", overlay_grid(images, masks, cams.cpu()), epoch, dataformats="HWC")
 
@@ -1679,9 +1686,9 @@ def train_fold(args, fold, records, classes, stop, checkpoint=None, prior_cams=N
         )
         for images, masks, labels in batches:  # a bar on a terminal only
             images, masks, labels = images.to(device), masks.to(device), labels.to(device)
-            loss, ce, reg, cam, logits = train_step(model, optimizer, (images, masks, labels), term, args.camal_coef, autocast, forward)
+            step = train_step(model, optimizer, (images, masks, labels), term, args.camal_coef, autocast, forward)
             global_step += 1
-            sums += batch_sums(loss, ce, reg, cam, masks, logits, labels)
+            sums += batch_sums(step, masks, labels)
         stop_votes = torch.tensor(float(bool(stop)), device=device)
         if distributed:
             dist.all_reduce(sums)  # epoch statistics over every process's samples
@@ -1695,7 +1702,8 @@ def train_fold(args, fold, records, classes, stop, checkpoint=None, prior_cams=N
 
         log_train(writer, total, epoch)
         result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
-        log_test(writer, result, model, grid, device, autocast, epoch)
+        log_test(writer, result, epoch)
+        log_test_images(writer, model, grid, autocast, epoch)
         writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
         writer.flush()
         stop.last_pass_seconds = time.perf_counter() - epoch_start
