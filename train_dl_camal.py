@@ -674,29 +674,31 @@ def build_model(name, num_classes, imagenet=None):
 
 
 class CamModel(nn.Module):
-    """Wraps a classifier so a forward also returns the Grad-CAM layer's output, still in the graph."""
+    """Wraps a classifier so a forward also returns the Grad-CAM layer's output, still in the graph. The hooks are
+    bound methods, not closures over self, so a deep copy records and computes with its own layers."""
 
     def __init__(self, name, num_classes, imagenet=None):
         super().__init__()
         self.name = name
         self.net, layer, self.to_nchw = build_model(name, num_classes, imagenet)
         self._acts = None
-        layer.register_forward_hook(lambda m, i, o: setattr(self, "_acts", o))
+        layer.register_forward_hook(self._keep_acts)
         self._double_backward = False
         if name == "vit_b_16":
             # CAMAL's loss differentiates the CAM's gradient, which runs back through the block after the CAM layer
             # only. Fused attention kernels have no double backward, so that one block uses the math kernel under
             # attention_context(double_backward=True); the other eleven keep the fused, faster one (same function).
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+            self.net.encoder.layers[-1].forward = self._last_block_forward
 
-            block = self.net.encoder.layers[-1]
-            fused_forward = block.forward
+    def _keep_acts(self, module, inputs, output):
+        self._acts = output
 
-            def last_block_forward(x):
-                with sdpa_kernel(SDPBackend.MATH) if self._double_backward else nullcontext():
-                    return fused_forward(x)
+    def _last_block_forward(self, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            block.forward = last_block_forward
+        block = self.net.encoder.layers[-1]
+        with sdpa_kernel(SDPBackend.MATH) if self._double_backward else nullcontext():
+            return type(block).forward(block, x)
 
     def forward(self, x):
         logits = self.net(x)

@@ -1,5 +1,7 @@
 """All six torchvision classifiers: one CAMAL step at 224 x 224, and batch Grad-CAM against per-sample."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,16 @@ def test_vit_math_attention_in_the_last_block_only():
     for a, b in zip(last_block_only, everywhere):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert model._double_backward is False  # the context resets its flag
+    # a deep copy computes with its own last block (the math-kernel wrapper is bound to the copy, not the original)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.net.encoder.layers[-1].parameters():
+            p.mul_(0.5)
+        x = dl.normalise(images[:1])
+        before, _ = model(x)
+        changed, acts = twin(x)
+        after, _ = model(x)
+    assert acts is not None and not torch.allclose(changed, before) and torch.equal(after, before)
 
 
 @pytest.mark.slow
@@ -116,8 +128,7 @@ def test_train_step_is_each_methods_loss():
     ce = F.cross_entropy(logits, labels)
     for method, term in (("camal", (beta - alpha).mean()), ("suppress", beta.mean()), ("vanilla", 0.0)):
         want = torch.autograd.grad(ce + 0.5 * term, list(model.parameters()), allow_unused=True, retain_graph=True)
-        torch.manual_seed(0)
-        trained = dl.CamModel("resnet18", 3)  # the same weights (a deep copy would share the hook that records A)
+        trained = copy.deepcopy(model)  # the same weights, and its own hook that records A
         optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
         loss, ce_s, reg, _, _ = dl.train_step(trained, optimizer, (images, masks, labels), dl.METHODS[method]["term"], 0.5, dl.nullcontext())
         torch.testing.assert_close(reg.detach(), (beta if method == "suppress" else beta - alpha).mean().detach())
