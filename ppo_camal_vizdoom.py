@@ -1110,13 +1110,16 @@ def announce(args, run_name, run_dir, envs, device):
     )
 
 
-def stop_in_rollout(run_dir, agent, optimizer, args, iteration, global_step, episodes_seen):
-    """A stop asked for during a rollout: the model is as the last update left it, so save that state now, not after this update."""
+def stop_in_rollout(run_dir, agent, optimizer, args, at_start, stop):
+    """A stop asked for during a rollout: the model is as the last update left it, so save that state now, not after
+    this update, and exit. at_start: (iteration, global_step, episodes_seen) when the rollout began."""
+    iteration, global_step, episodes_seen = at_start
     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration - 1, global_step, episodes_seen)
     tqdm.write(
         f"stopped in iteration {iteration}'s rollout; saved the state after iteration {iteration - 1}. "
         f"Continue with: python {os.path.basename(__file__)} --resume {run_dir}"
     )
+    sys.exit(stop.exit_code())
 
 
 def summary(recent_returns, attention):
@@ -1357,11 +1360,10 @@ if __name__ == "__main__":
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             rollout_start, env_seconds = time.perf_counter(), 0.0  # where an iteration's time goes: perf/ in TensorBoard
-            step_at_start, episodes_at_start = global_step, episodes_seen
+            at_start = (iteration, global_step, episodes_seen)  # what a stop during the rollout saves
             for step in range(0, args.num_steps):
                 if stop:
-                    stop_in_rollout(run_dir, agent, optimizer, args, iteration, step_at_start, episodes_at_start)
-                    sys.exit(stop.exit_code())
+                    stop_in_rollout(run_dir, agent, optimizer, args, at_start, stop)
                 global_step += args.num_envs
                 obs[step] = next_obs
                 masks[step] = next_mask
@@ -1381,8 +1383,7 @@ if __name__ == "__main__":
                     # SLURM signals every process of a job it pre-empts: the games may die of that signal before this
                     # process stops; the model is as the last update left it, so that state is still saved
                     if stop:
-                        stop_in_rollout(run_dir, agent, optimizer, args, iteration, step_at_start, episodes_at_start)
-                        sys.exit(stop.exit_code())
+                        stop_in_rollout(run_dir, agent, optimizer, args, at_start, stop)
                     raise
                 env_seconds += time.perf_counter() - env_start
                 done = np.logical_or(terminations, truncations)
