@@ -563,7 +563,7 @@ def prior_cache_path(args, records, prompts):
 
 
 def load_clip(args, device):
-    """(open_clip, the CLIP model of --prior-model with its weights, its Grad-CAM layer, that layer's output as NCHW or None)."""
+    """(the CLIP model of --prior-model with its weights, its Grad-CAM layer, that layer's output as NCHW or None)."""
     try:
         import open_clip
     except ImportError as e:
@@ -592,7 +592,7 @@ def load_clip(args, device):
         layer, to_nchw = visual.layer4, None
     else:
         raise ValueError(f"--prior-model {args.prior_model}: no Grad-CAM layer known for {type(visual).__name__}")
-    return open_clip, clip, layer, to_nchw
+    return clip, layer, to_nchw
 
 
 def clip_prior_cams(args, records, classes, device):
@@ -607,7 +607,9 @@ def clip_prior_cams(args, records, classes, device):
             raise RunFileError(f"{path} is not this dataset's CLIP CAMs: delete it, and it is computed again")
         return cams
 
-    open_clip, clip, layer, to_nchw = load_clip(args, device)
+    clip, layer, to_nchw = load_clip(args, device)
+    import open_clip  # load_clip said how to install it if it is missing
+
     acts = {}
     hook = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
     with torch.no_grad():
