@@ -1314,12 +1314,13 @@ if __name__ == "__main__":
     agent = Agent(envs.single_action_space.n, args.frame_stack, H, W).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     start_iteration, global_step, episodes_seen = restore(agent, optimizer, checkpoint, args, run_name)
-    try:
-        record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
-        # purge_step: the events after the checkpoint's step are the ones a resumed run redoes
+    writer = tracked = None
+    try:  # purge_step: the events after the checkpoint's step are the ones a resumed run redoes
         writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else global_step + 1)
+        record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
     except (RunFileError, ValueError) as e:  # ValueError: --track without wandb or without a W&B key
         envs.close()
+        close_logs(writer, tracked)
         abandon(run_dir, video_dir, checkpoint)
         fail(str(e))
     # a first Ctrl-C or a scheduler's signal: checkpoint and exit at the next safe point
