@@ -476,8 +476,9 @@ def attention_figures(attention_sums, n_measured, batch_size):
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-def evaluate(agent, envs, args, device, video_dir=None):
-    """Play `eval_episodes` episodes with the trained policy (sampled actions) on the vector env.
+def evaluate(agent, envs, args, device, video_dir=None, stop=None):
+    """Play `eval_episodes` episodes with the trained policy (sampled actions) on the vector env; None when `stop` (a
+    StopRequest) is set during the play, so the run can save its state and a resume evaluates again.
 
     Env i plays a fixed quota of episodes (eval_episodes split over the envs) so that short episodes
     are not favoured. Returns per-episode returns, lengths, mean attention IoU (None where no
@@ -496,6 +497,8 @@ def evaluate(agent, envs, args, device, video_dir=None):
     frames = torch.zeros((args.num_envs, args.frame_stack) + size, dtype=torch.uint8, device=device)
     first = np.ones(args.num_envs, dtype=bool)  # every game starts an episode
     while sum(done_count) < args.eval_episodes:
+        if stop:
+            return None
         frames = stack_frames(frames, torch.from_numpy(obs["frames"]), torch.from_numpy(first))
         mask = torch.from_numpy(obs["mask"]).to(device).bool()
         with torch.enable_grad():
@@ -507,7 +510,12 @@ def evaluate(agent, envs, args, device, video_dir=None):
         empty = torch.stack([empty_cams(cam) for cam in cams]).cpu().numpy()
         if video_dir is not None and done_count[0] < quota[0]:
             panels.append(attention_panel(obs["frames"][0, -1], obs["mask"][0], cams[own][0].cpu().numpy(), titles=FRAME_TITLES))
-        obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
+        try:
+            obs, reward, term, trunc, _ = envs.step(action.cpu().numpy())
+        except Exception:  # a scheduler's signal reaches the games too: they may die of it before this process stops
+            if stop:
+                return None
+            raise
         first = np.logical_or(term, trunc)
         ret += reward
         length += 1
@@ -954,7 +962,9 @@ def resume_from(args):
         args, checkpoint = read_resume(args, ("eval.json", ""), PPO_CHECKPOINT_KEYS, keep=("resume", "cuda"))
     except (FileNotFoundError, ValueError) as e:  # RunFileError is a ValueError
         fail(str(e))
-    if checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps):
+    trained = checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps)
+    model_missing = args.save_model and not os.path.isfile(os.path.join(args.resume, f"{args.exp_name}.cleanrl_model"))
+    if trained and not args.eval_episodes and not model_missing:  # with an evaluation, eval.json marks the end (read_resume)
         fail(f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to resume")
     return args, checkpoint
 
@@ -966,7 +976,10 @@ def restore(agent, optimizer, checkpoint, args, run_name):
     agent.load_state_dict(checkpoint["agent"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     restore_rng(checkpoint["rng"])
-    print(f"resuming {run_name} at iteration {checkpoint['iteration'] + 1}/{args.num_iterations}, global_step={checkpoint['global_step']}")
+    if checkpoint["iteration"] >= args.num_iterations:
+        print(f"resuming {run_name}: its training is done (global_step={checkpoint['global_step']}); completing its outputs")
+    else:
+        print(f"resuming {run_name} at iteration {checkpoint['iteration'] + 1}/{args.num_iterations}, global_step={checkpoint['global_step']}")
     return checkpoint["iteration"] + 1, checkpoint["global_step"], checkpoint["episodes_seen"]
 
 
@@ -1537,9 +1550,10 @@ if __name__ == "__main__":
                 tqdm.write(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
                 sys.exit(stop.exit_code())
         bar.close()  # before the evaluation's own output
-        # a finished run cannot be resumed: a first stop from here on lets the evaluation write eval.json
-        stop.point = f"the training is done; stopping after the final evaluation ({args.eval_episodes} episodes) has written eval.json"
+        # a stop from here on saves the trained state as it is now; --resume then evaluates it as this run would have
+        stop.point = "the training is done; saving its state and stopping (--resume completes the evaluation)"
         stop.last_pass_seconds = None  # the last iteration's time says nothing about the evaluation's
+        trained_rng = rng_state()
         if args.save_model:
             model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
             state = agent.state_dict()
@@ -1547,7 +1561,13 @@ if __name__ == "__main__":
             print(f"model saved to {model_path}")
         if args.eval_episodes:
             print(f"evaluating the trained policy over {args.eval_episodes} episodes", flush=True)
-            episodes = evaluate(agent, envs, args, device, video_dir)
+            episodes = evaluate(agent, envs, args, device, video_dir, stop)
+            if episodes is None:
+                restore_rng(trained_rng)  # the checkpoint holds the generators as the evaluation found them
+                iteration = args.num_iterations
+                save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, optimizer, args, iteration, global_step, episodes_seen)
+                tqdm.write(f"stopped during the final evaluation; complete it with: python {os.path.basename(__file__)} --resume {run_dir}")
+                sys.exit(stop.exit_code())
             report_evaluation(episodes, args, writer, run_dir, global_step)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print(f"\nstopped at once, without a checkpoint; the last saved one (if any) is in {run_dir}", file=sys.stderr, flush=True)

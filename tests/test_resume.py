@@ -235,30 +235,46 @@ def test_first_run_explains_itself(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("second_ctrl_c", [False, True])
-def test_ctrl_c_during_the_final_evaluation(tmp_path, second_ctrl_c):
-    """Training is over, so a first Ctrl-C lets the evaluation finish and write eval.json (a finished run cannot be
-    resumed) and says so; a second Ctrl-C stops at once, with exit code 130 and no traceback."""
-    episodes = 1000 if second_ctrl_c else 20
-    args = ["--env", "Basic", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "64", "--frame-height", "60", "--frame-width", "80"]
-    proc = start_ppo(tmp_path, [*args, "--eval-episodes", str(episodes), "--image-every", "0", "--no-cuda"])
+@pytest.mark.parametrize("how", ["ctrl-c", "scheduler", "second ctrl-c"])
+def test_a_stop_during_the_final_evaluation(tmp_path, how):
+    """Training is over: a first stop saves the trained state and exits cleanly, and --resume completes the evaluation
+    with the eval.json an uninterrupted run writes. "scheduler" signals the whole process group, as SLURM does, so the
+    game engines die of it too. A second Ctrl-C stops at once, with exit code 130 and no traceback."""
+    episodes = 1000 if how == "second ctrl-c" else 20
+    signum = signal.SIGUSR1 if how == "scheduler" else signal.SIGINT
+    args = ["--env", "Basic", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "64", "--frame-height", "60"]
+    args += ["--frame-width", "80", "--eval-episodes", str(episodes), "--image-every", "0", "--no-cuda", "--vector-env", "sync"]
+    (tmp_path / "stopped").mkdir()
+    proc = start_ppo(tmp_path / "stopped", args, own_session=True)
     said = []
     for line in proc.stdout:
         said.append(line)
         if line.startswith(f"evaluating the trained policy over {episodes} episodes"):
-            os.kill(proc.pid, signal.SIGINT)
-        if f"SIGINT: the training is done; stopping after the final evaluation ({episodes} episodes) has written eval.json" in line:
-            if second_ctrl_c:
+            time.sleep(0.5)  # into the play
+            os.killpg(proc.pid, signum) if how == "scheduler" else os.kill(proc.pid, signum)
+        if "the training is done; saving its state and stopping (--resume completes the evaluation)" in line:
+            if how == "second ctrl-c":
                 os.kill(proc.pid, signal.SIGINT)
             break
     out, err = proc.stdout.read(), proc.stderr.read()
     said = "".join(said) + out
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert "SIGINT: the training is done" in said and "(the last iteration took" not in said, said  # no iteration's pace
-    assert "Traceback" not in said + err
-    if second_ctrl_c:
-        assert proc.wait(timeout=120) == 128 + signal.SIGINT, said + err[-3000:]
-        assert "stopped at once, without a checkpoint" in err and not (run_dir / "eval.json").exists()
-    else:
-        assert proc.wait(timeout=120) == 0, said + err[-3000:]
-        assert len(json.loads((run_dir / "eval.json").read_text())["episodic_returns"]) == episodes
+    code = proc.wait(timeout=120)
+    (run_dir,) = (tmp_path / "stopped" / "runs").iterdir()
+    assert "(the last iteration took" not in said, said  # no iteration's pace
+    assert "Traceback" not in said + err, said + err
+    assert not (run_dir / "eval.json").exists()
+    if how == "second ctrl-c":
+        assert code == 128 + signal.SIGINT and "stopped at once, without a checkpoint" in err, said + err[-3000:]
+        return
+    assert code == 128 + signum and "stopped during the final evaluation; complete it with:" in said, said + err[-3000:]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["iteration"] == 1
+    resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path / "stopped")
+    assert resumed.returncode == 0 and "its training is done (global_step=64); completing its outputs" in resumed.stdout, resumed.stderr
+    assert refused_resume(run_dir) == "this run finished"
+    (tmp_path / "whole").mkdir()
+    whole = run_script("ppo_camal_vizdoom", args, cwd=tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (whole_dir,) = (tmp_path / "whole" / "runs").iterdir()
+    results = [json.loads((d / "eval.json").read_text()) for d in (run_dir, whole_dir)]
+    for key in ("episodic_returns", "episodic_lengths", "episodic_iou", "by_cam"):
+        assert results[0][key] == results[1][key], key
