@@ -55,11 +55,12 @@ def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="r
     size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
     when the model's layout differs. rectify: "relu" is Grad-CAM (Eq. 3); "abs" keeps the evidence that
     lowers the score too, |sum_k w_k A_k|, so a map is empty only where no feature moves the score.
-    create_graph: True for a map a loss will be differentiated through (CAMAL's double backward); False for a measurement,
-    which keeps no graph. Returns B x H x W in [0, 1].
+    create_graph: True for a map a loss will be differentiated through (CAMAL's double backward); False for a
+    measurement, which keeps no graph. Returns B x H x W in [0, 1].
     """
     # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
-    grads = torch.autograd.grad(score, activations, grad_outputs=torch.ones_like(score), create_graph=create_graph, retain_graph=True)[0]
+    ones = torch.ones_like(score)
+    grads = torch.autograd.grad(score, activations, grad_outputs=ones, create_graph=create_graph, retain_graph=True)[0]
     # the arithmetic joins the graph only for a map a loss will differentiate, whatever the ambient grad mode
     with torch.set_grad_enabled(create_graph):
         if to_nchw is not None:
@@ -96,7 +97,11 @@ def build_model(name, num_classes, imagenet=None):
         model.heads.head = nn.Linear(model.heads.head.in_features, num_classes)
         side = model.image_size // model.patch_size
         # the input of the last block: the final block's patch tokens never reach the class token
-        return model, model.encoder.layers[-2], lambda t: t[:, 1:].reshape(t.shape[0], side, side, -1).permute(0, 3, 1, 2)
+        return (
+            model,
+            model.encoder.layers[-2],
+            lambda t: t[:, 1:].reshape(t.shape[0], side, side, -1).permute(0, 3, 1, 2),
+        )
     if name == "swin_v2_t":
         model.head = nn.Linear(model.head.in_features, num_classes)
         return model, model.features[-1], lambda t: t.permute(0, 3, 1, 2)  # B x H x W x C
@@ -251,8 +256,10 @@ def atomic_write(path, write, previous=None):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         except OSError:
             free = None
-        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
-        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+        full = free is not None and free < 2**20
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if full else first_line(e))
+        room = f" ({free / 2**20:.0f} MB free there)" if free is not None else ""
+        raise RunFileError(f"cannot write {path}: {why}{room}") from None
     finally:
         if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
             try:
@@ -294,11 +301,11 @@ def read_torch(path):
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise RunFileError(
-                f"{path} holds pickled Python objects, not only tensors (an older version of this script wrote it, or something "
-                "else did); loading it could run code, so it is refused"
+                f"{path} holds pickled Python objects, not only tensors (an older version of this script wrote it, or "
+                "something else did); loading it could run code, so it is refused"
             ) from None
         raise RunFileError(f"{path} is not a file torch.save wrote (random or corrupt bytes)") from None
-    except Exception as e:  # truncated or corrupt: zip, pickle, storage and OS errors of every kind (a cut zip gives EINVAL)
+    except Exception as e:  # truncated or corrupt: zip, pickle, storage and OS errors of every kind (a cut zip: EINVAL)
         raise RunFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
 
 

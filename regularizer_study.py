@@ -4,6 +4,7 @@
 # with the severity. Single-file in CleanRL's style; the dataset loaders and camal_terms are copied unchanged from
 # train_dl_camal.py and ppo_camal_vizdoom.py (tests/test_shared_helpers.py checks).
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +23,10 @@ import torchvision.transforms.v2.functional as TF
 import tyro
 from PIL import Image
 
+_spec = importlib.util.spec_from_file_location("download", os.path.join(os.path.dirname(os.path.abspath(__file__)), "download.py"))
+download = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(download)  # --download: the datasets' archives, fetched and verified
+
 RESIZE, CROP = 256, 224  # train_dl_camal.py's geometry: resize to 256 x 256, centre crop 224
 PERTURBATIONS = ("shift", "erode", "dilate")
 REGULARIZERS = {"camal": "CAMAL", "suppress": "Supp. only"}
@@ -35,7 +40,7 @@ class Args:
     data_dir: Optional[str] = None
     """the folder that holds the dataset's own folder (oxford-iiit-pet/, flowers-102/, Dataset_BUSI_with_GT/)"""
     download: bool = False
-    """fetch --dataset into --data-dir first, as train_dl_camal.py --download does (checksum-verified; a second call only verifies)"""
+    """fetch --dataset into --data-dir first, checksum-verified (download.py)"""
     download_mirror: Optional[str] = None
     """fetch the dataset from this server instead of its own (the same paths)"""
     levels: int = 10
@@ -156,125 +161,15 @@ def busi_records(data_dir):
             if not f.endswith(".png") or "_mask" in f:
                 continue
             stem = f[: -len(".png")]
-            masks = tuple(os.path.join(folder, m) for m in files if m == f"{stem}_mask.png" or (m.startswith(f"{stem}_mask_") and m.endswith(".png")))
+            masks = tuple(
+                os.path.join(folder, m)
+                for m in files
+                if m == f"{stem}_mask.png" or (m.startswith(f"{stem}_mask_") and m.endswith(".png"))
+            )
             if not masks:
                 raise FileNotFoundError(f"missing mask for {os.path.join(folder, f)} (expected '{stem}_mask.png')")
             records.append((os.path.join(folder, f), masks, label))
     return records, classes
-
-
-FLOWERS_SEGMENTATIONS = ("102segmentations.tgz", "51375996b6c4f367a4b9f4492d7ecef5")
-
-
-LAYOUTS = {
-    "pets": "DATA/oxford-iiit-pet/images/*.jpg and DATA/oxford-iiit-pet/annotations/{trainval.txt, test.txt, trimaps/*.png}",
-    "flowers": "DATA/flowers-102/jpg/image_*.jpg, DATA/flowers-102/segmim/segmim_*.jpg, DATA/flowers-102/{imagelabels.mat, setid.mat}",
-    "busi": "DATA/Dataset_BUSI_with_GT/{benign, malignant, normal}/*.png with their *_mask.png",
-}
-
-
-BUSI_SOURCE = (
-    "BUSI has no stable direct link: get Dataset_BUSI_with_GT from its page (https://scholar.cu.edu.eg/?q=afahmy/pages/dataset, "
-    "or a mirror such as Kaggle's 'breast-ultrasound-images-dataset'), unzip it into --data-dir"
-)
-
-
-def dataset_files(dataset):
-    """(the dataset's folder under --data-dir, [(url, md5, extract?)]): torchvision's own resources for OxfordIIITPet and
-    Flowers102, so the layout is the one torchvision's classes make, plus Flowers' segmentation archive."""
-    from torchvision.datasets import Flowers102, OxfordIIITPet
-
-    if dataset == "pets":
-        return "oxford-iiit-pet", [(url, md5, True) for url, md5 in OxfordIIITPet._RESOURCES]
-    prefix = Flowers102._download_url_prefix
-    files = [(prefix + name, md5, name.endswith(".tgz")) for name, md5 in Flowers102._file_dict.values()]
-    return "flowers-102", files + [(prefix + FLOWERS_SEGMENTATIONS[0], FLOWERS_SEGMENTATIONS[1], True)]
-
-
-def mirrored(url, mirror):
-    """url on the --download-mirror server (its path kept), or url itself."""
-    if not mirror:
-        return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    m, u = urlsplit(mirror), urlsplit(url)
-    return urlunsplit((m.scheme, m.netloc, m.path.rstrip("/") + u.path, u.query, ""))
-
-
-def fetch(url, folder, name, md5):
-    """folder/name from url, checked against md5 with torchvision's own download (progress bar) and check; a whole, verified
-    file is not fetched again. A download that fails or does not match its checksum leaves nothing under that name."""
-    from torchvision.datasets.utils import check_integrity, download_url
-
-    path = os.path.join(folder, name)
-    if check_integrity(path, md5):
-        print(f"download: {name} is there and matches its checksum", flush=True)
-        return path
-    part = path + ".part"
-    try:
-        print(f"download: {url}", flush=True)
-        download_url(url, folder, os.path.basename(part))
-        if not check_integrity(part, md5):
-            raise DataError(f"{url} does not match its checksum (md5 {md5}): cut short or corrupt, it was removed; try again")
-        os.replace(part, path)
-    except DataError:
-        raise
-    except Exception as e:  # no network, a server that drops the connection, a full disk: nothing half-written stays
-        raise DataError(f"cannot download {url} ({first_line(e)})") from None
-    finally:
-        if os.path.lexists(part):
-            os.remove(part)
-    return path
-
-
-def download_dataset(dataset, data_dir, mirror=None):
-    """Fetch `dataset` into data_dir in the layout its reader reads: every archive checksum-verified, extracted into a
-    folder beside the target and moved into place only when whole, then marked done; a second call verifies and fetches
-    nothing. BUSI has no stable link: a DataError says where to get it. Concurrent calls (a grid's cells) take turns."""
-    if dataset == "shapes":
-        return
-    if dataset == "busi":  # put there by hand: nothing to fetch once it is there (its reader checks every file)
-        if os.path.isdir(os.path.join(data_dir, "Dataset_BUSI_with_GT")):
-            return
-        raise DataError(f"--download: {BUSI_SOURCE}, so that {LAYOUTS['busi']} exist (DATA is --data-dir)")
-    import fcntl
-
-    from torchvision.datasets.utils import check_integrity, extract_archive
-
-    folder, files = dataset_files(dataset)
-    root = os.path.join(data_dir, folder)
-    cache = os.path.join(root, ".downloads")
-    make_folder(cache)
-    with open(os.path.join(cache, "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another cell downloading the same files: wait for it, then find them done
-        for url, md5, extract in files:
-            name = os.path.basename(url)
-            done = os.path.join(root, f".{name}.done")
-            archive = os.path.join(cache, name)
-            if os.path.isfile(done) and (not os.path.isfile(archive) or check_integrity(archive, md5)):
-                print(f"download: {name} is in place" + (" and its archive matches its checksum" if os.path.isfile(archive) else ""), flush=True)
-                continue
-            try:
-                archive = fetch(mirrored(url, mirror), cache, name, md5)
-            except DataError as e:
-                raise DataError(f"{e}. Without a network, put the files there by hand: {LAYOUTS[dataset]} (DATA is --data-dir)") from None
-            partial = os.path.join(root, f".{name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            if extract:
-                extract_archive(archive, partial)
-            else:
-                make_folder(partial)
-                shutil.copyfile(archive, os.path.join(partial, name))
-            for entry in sorted(os.listdir(partial)):  # into place only when whole; a half-moved earlier attempt is replaced
-                target = os.path.join(root, entry)
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                elif os.path.lexists(target):
-                    os.remove(target)
-                os.replace(os.path.join(partial, entry), target)
-            os.rmdir(partial)
-            atomic_write(done, lambda f: f.write(md5.encode()))
-    print(f"download: {dataset} is in {root} ({LAYOUTS[dataset].replace('DATA', data_dir)})", flush=True)
 
 
 def read_mask(dataset, paths):
@@ -354,7 +249,9 @@ def dataset_records(args):
     if args.data_dir is None:
         raise ValueError(f"--dataset {args.dataset} needs --data-dir (the folder that holds its files)")
     if not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data-dir {args.data_dir} " + ("is not a folder" if os.path.exists(args.data_dir) else "does not exist"))
+        raise FileNotFoundError(
+            f"--data-dir {args.data_dir} " + ("is not a folder" if os.path.exists(args.data_dir) else "does not exist")
+        )
     return {"pets": pets_records, "flowers": flowers_records, "busi": busi_records}[args.dataset](args.data_dir)
 
 
@@ -404,8 +301,10 @@ def atomic_write(path, write, previous=None):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         except OSError:
             free = None
-        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
-        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+        full = free is not None and free < 2**20
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if full else first_line(e))
+        room = f" ({free / 2**20:.0f} MB free there)" if free is not None else ""
+        raise RunFileError(f"cannot write {path}: {why}{room}") from None
     finally:
         if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
             try:
@@ -711,7 +610,7 @@ if __name__ == "__main__":
         if args.download and args.dataset != "shapes":
             if args.data_dir is None:
                 raise ValueError("--download needs --data-dir, the folder to put the dataset in")
-            download_dataset(args.dataset, args.data_dir, args.download_mirror)
+            download.download_dataset(args.dataset, args.data_dir, args.download_mirror)
         records, classes = dataset_records(args)
         if not records:
             raise ValueError(f"no images found for --dataset {args.dataset} in {args.data_dir}")

@@ -230,8 +230,10 @@ def atomic_write(path, write, previous=None):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         except OSError:
             free = None
-        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
-        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+        full = free is not None and free < 2**20
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if full else first_line(e))
+        room = f" ({free / 2**20:.0f} MB free there)" if free is not None else ""
+        raise RunFileError(f"cannot write {path}: {why}{room}") from None
     finally:
         if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
             try:

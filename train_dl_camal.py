@@ -1,7 +1,11 @@
-# Classifiers trained with CAMAL (Class Activation Map Attention Learning) on segmentation datasets.
-# L = CE + lambda * mean_b(beta_b - alpha_b), with the Grad-CAM of the ground-truth logits summed over the
-# batch (one backward, the paper's Eq. 4). Single-file in CleanRL's style; defaults follow the paper's Table 7.
+# Classifiers trained with CAMAL (Class Activation Map Attention Learning) on segmentation datasets, in CleanRL's
+# single-file style; defaults follow the paper's Table 7. The Grad-CAM of the ground-truth logits, summed over the
+# batch (one backward, Eq. 4), is pulled into each image's mask and pushed off the rest:
+#     L = CE + lambda * mean_b(beta_b - alpha_b)
+# Read top to bottom: Args, the CAMAL core and the training step, the data, the models, evaluation, the training loop.
+# Below one banner, the run's plumbing (files, checkpoints, signals, progress, pictures), reached through a `Run`.
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -33,10 +37,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+_spec = importlib.util.spec_from_file_location(
+    "download", os.path.join(os.path.dirname(os.path.abspath(__file__)), "download.py")
+)
+download = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(download)  # the datasets' archives and torchvision's ImageNet weights, fetched and verified
+
 MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t")
 DATASETS = ("shapes", "pets", "flowers", "busi")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
 RESIZE, CROP = 256, 224
+
 # what an epoch sums over its batches (one device tensor, one all_reduce under torchrun)
 EPOCH_SUMS = ("loss", "ce", "reg", "alpha", "beta", "valid", "correct", "seen", "empty")
 
@@ -51,23 +62,22 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """use the GPU when there is one (the CPU otherwise)"""
-
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases (pip install -r requirements-cluster.txt)"""
+    """track the run with Weights and Biases (pip install -r requirements-cluster.txt)"""
     wandb_project_name: str = "camal"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
 
     # Data
-    dataset: Literal["shapes", "pets", "flowers", "busi"] = "shapes"
-    """shapes (built in, no download), pets (Oxford-IIIT-Pet), flowers (Oxford-Flower-102) or busi"""
+    dataset: Literal[DATASETS] = "shapes"
+    """shapes (built in), pets (Oxford-IIIT-Pet), flowers (Oxford-Flower-102) or busi"""
     data_dir: Optional[str] = None
     """the folder that holds the dataset's own folder (oxford-iiit-pet/, flowers-102/, Dataset_BUSI_with_GT/)"""
     download: bool = False
-    """fetch --dataset into --data-dir first (pets, flowers: the official archives, checksum-verified; a second call only verifies); busi says where to get it"""
+    """fetch --dataset into --data-dir first, checksum-verified (download.py); busi says where to get it"""
     download_mirror: Optional[str] = None
-    """fetch datasets and ImageNet weights from this server instead of their own (the same paths), e.g. a local mirror"""
+    """fetch datasets and ImageNet weights from this server (the same paths) instead of their own"""
     folds: int = 10
     """k of the stratified k-fold split over the whole dataset"""
     fold: str = "0"
@@ -81,41 +91,41 @@ class Args:
     shapes_per_class: int = 40
     """shapes: images per class"""
     shapes_cue: Literal["background", "corner"] = "background"
-    """shapes: the shortcut, a class-coloured background (spread outside the mask, where beta acts) or a 24 x 24 corner square (compact: the stress case)"""
+    """shapes: the shortcut, a class-coloured background or a 24 x 24 corner square"""
     shapes_cue_prob: float = 0.95
-    """shapes: share of training images that carry their class's colour cue (0.95, as in Waterbirds); held out, every image carries another class's"""
+    """shapes: share of training images that carry their class's colour cue (held out: another class's)"""
     resize: Literal["square", "shorter-side"] = "square"
-    """square: resize to 256 x 256 whatever the aspect ratio, as Appendix C says; shorter-side: torchvision's convention (the shorter side to 256)"""
+    """square: resize to 256 x 256 as Appendix C says; shorter-side: the shorter side to 256 (torchvision's)"""
     image_size: int = CROP
-    """side of the centre crop the model sees; images are resized to image_size x 8/7 first (224 and 256 in the paper)"""
+    """side of the centre crop the model sees; images are resized to image_size x 8/7 first"""
 
     # Model
-    model: Literal["resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t"] = "resnet18"
+    model: Literal[MODELS] = "resnet18"
     """the torchvision classifier"""
     pretrained: bool = True
-    """start from torchvision's ImageNet weights (the paper). Shapes trains from scratch unless --pretrained is given"""
+    """start from torchvision's ImageNet weights (the paper); shapes trains from scratch unless given"""
     weights: Optional[str] = None
-    """a local ImageNet weights file for --model (otherwise torchvision's, from torch's hub cache, downloaded there and checksum-verified when missing)"""
+    """a local ImageNet weights file for --model (default: torchvision's, from torch's hub cache)"""
 
     # Method
     method: Literal["camal", "vanilla", "suppress", "prior"] = "camal"
-    """camal: CE + lambda*mean(beta - alpha); vanilla: CE only; suppress: CE + lambda*mean(beta); prior: camal against CLIP pseudo-masks"""
+    """camal: CE + lambda mean(beta - alpha); vanilla: CE; suppress: CE + lambda mean(beta); prior: CLIP's masks"""
     camal_coef: float = 1.0
     """lambda, the weight of the regulariser (Eq. 2)"""
     tau: float = 0.7
     """the threshold on H for the attention IoU"""
     collapse_patience: int = 5
-    """warn when over half the training CAMs are empty (all zero) for this many epochs in a row"""
+    """warn when over half the training CAMs are empty for this many epochs in a row"""
     prior_model: str = "ViT-B-16"
     """prior: the open_clip architecture whose Grad-CAM gives the pseudo-masks"""
     prior_weights: Optional[str] = None
     """prior: a local open_clip weights file, or `random` for an untrained encoder (tests)"""
     prior_pretrained: Optional[str] = None
-    """prior: an open_clip pretrained tag of --prior-model (e.g. openai), fetched by open_clip into its own cache; instead of --prior-weights"""
+    """prior: an open_clip pretrained tag of --prior-model (e.g. openai), fetched into open_clip's cache"""
     prior_threshold: float = 0.5
     """prior: the pseudo-mask is the CLIP CAM above this value"""
     prior_cache: str = "prior_cache"
-    """prior: folder where the CLIP CAMs are cached (computed once per dataset, model and weights)"""
+    """prior: folder where the CLIP CAMs are cached (once per dataset, model and weights)"""
 
     # Training (the paper's Table 7)
     epochs: Optional[int] = None
@@ -131,15 +141,17 @@ class Args:
 
     # Outputs
     checkpoint_every: int = 0
-    """save a checkpoint every this many epochs (0: only when interrupted)"""
+    """save a checkpoint every this many epochs (0: only when stopped)"""
     resume: Optional[str] = None
     """a run folder (runs/{run_name}) to continue from its last checkpoint"""
 
 
 # ---------------------------------------------------------------------------------------------
-# CAMAL: the attention map and the loss (Eq. 2-4), copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py
-# checks), then what each --method adds to the cross-entropy and the training step
+# CAMAL: the attention map and the loss (Eq. 1-4), copied unchanged from ppo_camal_vizdoom.py
+# (tests/test_shared_helpers.py checks), then what each --method adds to the cross-entropy, and the step
 # ---------------------------------------------------------------------------------------------
+
+
 def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="relu"):
     """Grad-CAM of every sample in a batch from one backward pass (the paper's Eq. 3 and 4).
 
@@ -148,11 +160,12 @@ def grad_cam(activations, score, size, *, create_graph, to_nchw=None, rectify="r
     size: (H, W) of the returned maps. to_nchw: maps activations and gradients to B x K x h x w
     when the model's layout differs. rectify: "relu" is Grad-CAM (Eq. 3); "abs" keeps the evidence that
     lowers the score too, |sum_k w_k A_k|, so a map is empty only where no feature moves the score.
-    create_graph: True for a map a loss will be differentiated through (CAMAL's double backward); False for a measurement,
-    which keeps no graph. Returns B x H x W in [0, 1].
+    create_graph: True for a map a loss will be differentiated through (CAMAL's double backward); False for a
+    measurement, which keeps no graph. Returns B x H x W in [0, 1].
     """
     # d(sum_b score_b)/dA: one backward gives every sample's gradient (Proposition 1).
-    grads = torch.autograd.grad(score, activations, grad_outputs=torch.ones_like(score), create_graph=create_graph, retain_graph=True)[0]
+    ones = torch.ones_like(score)
+    grads = torch.autograd.grad(score, activations, grad_outputs=ones, create_graph=create_graph, retain_graph=True)[0]
     # the arithmetic joins the graph only for a map a loss will differentiate, whatever the ambient grad mode
     with torch.set_grad_enabled(create_graph):
         if to_nchw is not None:
@@ -247,6 +260,8 @@ def train_step(model, optimizer, batch, term, camal_coef, autocast, forward=None
 # ---------------------------------------------------------------------------------------------
 # Data: records of (image path or shapes index, mask paths, label); geometry shared by all
 # ---------------------------------------------------------------------------------------------
+
+
 class DataError(RuntimeError):
     """A dataset file that is there but unusable (corrupt, wrong size): the message names it."""
 
@@ -325,7 +340,11 @@ def busi_records(data_dir):
             if not f.endswith(".png") or "_mask" in f:
                 continue
             stem = f[: -len(".png")]
-            masks = tuple(os.path.join(folder, m) for m in files if m == f"{stem}_mask.png" or (m.startswith(f"{stem}_mask_") and m.endswith(".png")))
+            masks = tuple(
+                os.path.join(folder, m)
+                for m in files
+                if m == f"{stem}_mask.png" or (m.startswith(f"{stem}_mask_") and m.endswith(".png"))
+            )
             if not masks:
                 raise FileNotFoundError(f"missing mask for {os.path.join(folder, f)} (expected '{stem}_mask.png')")
             records.append((os.path.join(folder, f), masks, label))
@@ -410,7 +429,9 @@ def dataset_records(args):
     if args.data_dir is None:
         raise ValueError(f"--dataset {args.dataset} needs --data-dir (the folder that holds its files)")
     if not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data-dir {args.data_dir} " + ("is not a folder" if os.path.exists(args.data_dir) else "does not exist"))
+        raise FileNotFoundError(
+            f"--data-dir {args.data_dir} " + ("is not a folder" if os.path.exists(args.data_dir) else "does not exist")
+        )
     return {"pets": pets_records, "flowers": flowers_records, "busi": busi_records}[args.dataset](args.data_dir)
 
 
@@ -437,7 +458,9 @@ class SegmentationDataset(Dataset):
                 cue = label if rng.random() < self.args.shapes_cue_prob else None
             else:
                 cue = (label + 1 + int(rng.integers(0, n - 1))) % n  # always another class's cue
-            img, mask = render_shape(path, label, self.args.split_seed, cue, self.args.shapes_cue, self.args.shapes_classes)
+            img, mask = render_shape(
+                path, label, self.args.split_seed, cue, self.args.shapes_cue, self.args.shapes_classes
+            )
             image = torch.from_numpy(img).permute(2, 0, 1)
         else:
             image = TF.pil_to_tensor(load_rgb(path))
@@ -484,19 +507,24 @@ def fold_sets(args, fold, records, prior_cams):
     """(train_set, test_set): every fold but `fold` to train on, `fold` held out (always with the true masks)."""
     fold_of = stratified_folds([r[2] for r in records], args.folds, args.split_seed)
     train_cams = None if prior_cams is None else prior_cams[torch.from_numpy(fold_of != fold)]
-    train_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f != fold], args, train=True, prior_cams=train_cams)
+    train_set = SegmentationDataset(
+        [r for r, f in zip(records, fold_of) if f != fold], args, train=True, prior_cams=train_cams
+    )
     test_set = SegmentationDataset([r for r, f in zip(records, fold_of) if f == fold], args, train=False)
     if not len(test_set) or not len(train_set):
         raise ValueError(f"fold {fold} of {args.folds} leaves an empty train or test set ({len(records)} samples)")
     return train_set, test_set
 
 
-def loaders(args, train_set, test_set, start_epoch, distributed):
-    """(train_loader, its DistributedSampler or None, test_loader, a few held-out samples for the pictures)."""
-    rank, world_size = world()
+def loaders(args, train_set, test_set, start_epoch):
+    """(train_loader, test_loader); under torchrun each process takes its share of every global batch."""
+    distributed = dist.is_available() and dist.is_initialized()
+    world_size = dist.get_world_size() if distributed else 1
     sampler = None
-    if distributed:  # each process takes its share of every global batch
-        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    if distributed:
+        sampler = DistributedSampler(
+            train_set, num_replicas=world_size, rank=dist.get_rank(), shuffle=True, seed=args.seed
+        )
     train_loader = DataLoader(
         train_set,
         batch_size=args.batch_size // world_size,
@@ -506,31 +534,14 @@ def loaders(args, train_set, test_set, start_epoch, distributed):
         generator=torch.Generator().manual_seed(args.seed * 1000 + start_epoch),
         drop_last=len(train_set) > args.batch_size,
     )
-    test_loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
-    grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))
-    return train_loader, sampler, test_loader, grid
-
-
-def check_files(records):
-    """Every image and mask readable as an image, each mask the size of its image: from the file headers, before any
-    output is written (a few seconds for a whole dataset). A file broken past its header is still named when it is read."""
-    for path, mask_paths, _ in records:
-        if not isinstance(path, str):
-            continue  # shapes: drawn, not read
-        sizes = []
-        for p in (path, *mask_paths):
-            try:
-                with Image.open(p) as im:
-                    sizes.append(im.size)
-            except Exception as e:
-                raise DataError(f"{p} is not an image ({type(e).__name__}: {e})") from e
-        if any(size != sizes[0] for size in sizes[1:]):
-            raise DataError(f"mask {mask_paths[0]} is {sizes[1][1]} x {sizes[1][0]}, its image {path} is {sizes[0][1]} x {sizes[0][0]}")
+    return train_loader, DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
 
 
 # ---------------------------------------------------------------------------------------------
 # The prior method: pseudo-masks from a CLIP image encoder's Grad-CAM (open_clip, optional)
 # ---------------------------------------------------------------------------------------------
+
+
 def prior_mask(low_res_cam, threshold, crop):
     """Upsample a cached CLIP CAM to the crop (bilinear, as grad_cam does) and binarise it."""
     cam = F.interpolate(low_res_cam.float()[None, None], size=(crop, crop), mode="bilinear", align_corners=False)
@@ -542,7 +553,11 @@ def prior_mask(low_res_cam, threshold, crop):
 PROMPTS = {
     "pets": lambda c: f"a photo of a {c}, a type of pet.",
     "flowers": lambda c: f"a photo of a {c}, a type of flower.",
-    "busi": lambda c: "an ultrasound image of normal breast tissue." if c == "normal" else f"an ultrasound image of a {c} breast lesion.",
+    "busi": lambda c: (
+        "an ultrasound image of normal breast tissue."
+        if c == "normal"
+        else f"an ultrasound image of a {c} breast lesion."
+    ),
     "shapes": lambda c: f"a photo of a {c}.",
 }
 
@@ -551,14 +566,18 @@ def prior_cache_path(args, records, prompts):
     """Where --prior-cache keeps these CLIP CAMs: named by everything they depend on (images, prompts, geometry, weights)."""
     import hashlib
 
-    ids = "|".join(str(r[0]) for r in records) + "|" + "|".join(prompts) + f"|{args.resize} {resize_for(CROP)}"  # geometry too
+    ids = (
+        "|".join(str(r[0]) for r in records) + "|" + "|".join(prompts) + f"|{args.resize} {resize_for(CROP)}"
+    )  # geometry too
     if args.prior_pretrained is not None:
         weights_id = f"pretrained:{args.prior_pretrained}"
     elif args.prior_weights == "random":
         weights_id = "random"
     else:
         weights_id = f"{os.path.abspath(args.prior_weights)}:{os.path.getsize(args.prior_weights)}"
-    key = hashlib.sha1(f"{args.dataset}|{args.prior_model}|{weights_id}|{args.split_seed}|{ids}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{args.dataset}|{args.prior_model}|{weights_id}|{args.split_seed}|{ids}".encode()).hexdigest()[
+        :16
+    ]
     return os.path.join(args.prior_cache, f"{args.dataset}__{args.prior_model}__{key}.pt")
 
 
@@ -617,7 +636,9 @@ def clip_prior_cams(args, records, classes, device):
         text = F.normalize(text, dim=-1)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
-    loader = DataLoader(SegmentationDataset(records, args, train=True), batch_size=args.batch_size, num_workers=args.num_workers)
+    loader = DataLoader(
+        SegmentationDataset(records, args, train=True), batch_size=args.batch_size, num_workers=args.num_workers
+    )
     cams, start = [], time.time()
     for images, _, labels in loader:
         images, labels = images.to(device), labels.to(device)
@@ -639,6 +660,7 @@ def clip_prior_cams(args, records, classes, device):
 # ---------------------------------------------------------------------------------------------
 # Models and their Grad-CAM layers
 # ---------------------------------------------------------------------------------------------
+
 CAM_LAYERS = {
     "resnet18": "layer4",
     "convnext_tiny": "features[-1]",
@@ -667,7 +689,11 @@ def build_model(name, num_classes, imagenet=None):
         model.heads.head = nn.Linear(model.heads.head.in_features, num_classes)
         side = model.image_size // model.patch_size
         # the input of the last block: the final block's patch tokens never reach the class token
-        return model, model.encoder.layers[-2], lambda t: t[:, 1:].reshape(t.shape[0], side, side, -1).permute(0, 3, 1, 2)
+        return (
+            model,
+            model.encoder.layers[-2],
+            lambda t: t[:, 1:].reshape(t.shape[0], side, side, -1).permute(0, 3, 1, 2),
+        )
     if name == "swin_v2_t":
         model.head = nn.Linear(model.head.in_features, num_classes)
         return model, model.features[-1], lambda t: t.permute(0, 3, 1, 2)  # B x H x W x C
@@ -737,8 +763,31 @@ def class_cam(model, images, labels, double_backward, autocast, forward=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation on the held-out fold
+# Evaluation: the training's figures per batch, and the held-out fold's
 # ---------------------------------------------------------------------------------------------
+
+
+def batch_sums(step, masks, labels):
+    """One batch's share of the epoch's figures, in EPOCH_SUMS order (summed on the device: no sync per batch);
+    step: what train_step returned."""
+    loss, ce, reg, cam, logits = step
+    with torch.no_grad():
+        alpha, beta, valid = camal_terms(cam.detach(), masks)
+        n = len(labels)
+        sums = {
+            "loss": loss.detach() * n,
+            "ce": ce.detach() * n,
+            "reg": reg.detach() * n,
+            "alpha": alpha.sum(),
+            "beta": beta.sum(),
+            "valid": valid.sum(),
+            "correct": (logits.argmax(1) == labels).sum(),
+            "seen": torch.tensor(n, device=labels.device),
+            "empty": empty_cams(cam).sum(),
+        }
+        return torch.stack([sums[k].float() for k in EPOCH_SUMS])
+
+
 def evaluate(model, loader, device, num_classes, tau, autocast):
     """Accuracy, per-class accuracy, attention IoU, alpha and beta on the held-out fold."""
     model.eval()
@@ -753,7 +802,9 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
         correct += torch.bincount(labels[pred == labels], minlength=num_classes).cpu()
         alpha, beta, valid = camal_terms(cam, masks)
         iou, _ = attention_iou(cam, masks, tau)
-        batch = torch.stack([(iou * valid).sum(), alpha.sum(), beta.sum(), valid.sum(), empty_cams(cam).sum()]).tolist()  # one sync
+        batch = torch.stack(
+            [(iou * valid).sum(), alpha.sum(), beta.sum(), valid.sum(), empty_cams(cam).sum()]
+        ).tolist()  # one sync
         for key, value in zip(sums, batch):
             sums[key] += value
     n_valid = sums["valid"]
@@ -765,6 +816,252 @@ def evaluate(model, loader, device, num_classes, tau, autocast):
         "beta": sums["beta"] / n_valid if n_valid else None,
         "cam_empty_fraction": sums["empty"] / total.sum().clamp(min=1).item(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop: one fold, then each fold asked for
+# ---------------------------------------------------------------------------------------------
+def train_fold(args, fold, records, classes, run, checkpoint=None, prior_cams=None):
+    """Train on every fold but `fold` and evaluate on `fold` (always against the true masks); a resumed fold continues
+    from its `checkpoint`. prior_cams: the prior method's CLIP CAMs, aligned with records."""
+    train_set, test_set = fold_sets(args, fold, records, prior_cams)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    model = CamModel(args.model, len(classes), run.imagenet).to(run.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    start_epoch, forward = run.start_fold(fold, model, optimizer, checkpoint, train_set, test_set)  # DDP: its wrapper
+    train_loader, test_loader = loaders(args, train_set, test_set, start_epoch)
+    term = METHODS[args.method]["term"]  # what --method adds to the cross-entropy
+
+    result = None
+    for epoch in range(start_epoch, args.epochs + 1):
+        model.train()
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        sums = torch.zeros(len(EPOCH_SUMS), device=run.device)  # the epoch's figures, read once at its end
+        for images, masks, labels in run.progress(train_loader, epoch):
+            images, masks, labels = images.to(run.device), masks.to(run.device), labels.to(run.device)
+            step = train_step(model, optimizer, (images, masks, labels), term, args.camal_coef, run.autocast, forward)
+            sums += batch_sums(step, masks, labels)
+        result = evaluate(model, test_loader, run.device, len(classes), args.tau, run.autocast)
+        run.end_epoch(epoch, sums, result, model, optimizer)  # curves, progress, checkpoints, a stop (every process)
+    if result is None:  # a resumed fold whose training was done: its results are what is left
+        result = evaluate(model, test_loader, run.device, len(classes), args.tau, run.autocast)
+    run.end_fold(model, result, test_set)  # metrics.json, model.pt and the samples eval_faithfulness.py scores
+
+
+def main(args, checkpoint, records, classes):
+    """Train and evaluate --fold, or every fold (`all`); a resumed run finishes its own fold first."""
+    run = Run(args, classes)  # torchrun's processes, the device, the stop signals (below the banner)
+    prior_cams = run.prior_cams(records) if METHODS[args.method]["clip_masks"] else None
+    for fold in range(args.folds) if args.fold == "all" else [int(args.fold)]:
+        if checkpoint is None or fold >= checkpoint["fold"]:
+            train_fold(args, fold, records, classes, run, checkpoint, prior_cams)
+            checkpoint = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Run plumbing: everything below serves the run, not the method (files, checkpoints, resume, stop signals,
+# progress, tracking, pictures, results). The method and its loop are all above this line.
+# ---------------------------------------------------------------------------------------------
+class Run:
+    """The run around the loop: torchrun's processes, the device and the stop signals, then per fold its folder, logs,
+    progress, checkpoints and results. Rank 0 alone writes; every process takes part in a stop. The loop calls it to
+    start a fold, for its progress bar, at the end of each epoch, and to finish the fold."""
+
+    active = None  # the fold being trained in this process, whose logs the command line's error handler closes
+
+    def __init__(self, args, classes):
+        self.args, self.classes, self.writer, self.tracked = args, classes, None, None
+        if "LOCAL_RANK" in os.environ:  # started by torchrun: a process group even for one, so DDP runs as at scale
+            backend = "nccl" if args.cuda and torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            dist.init_process_group(backend)
+            if args.batch_size % dist.get_world_size():
+                exit_error(f"--batch-size {args.batch_size} does not split over {dist.get_world_size()} processes")
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        if self.distributed and self.rank == 0:
+            per = args.batch_size // self.world_size
+            print(f"distributed: {self.world_size} processes ({dist.get_backend()}), {per} samples each per batch")
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if self.device.type == "cuda" and self.distributed:  # torchrun's LOCAL_RANK picks the GPU
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        cuda_amp = args.amp and self.device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda_amp else nullcontext()
+        pretrained = args.pretrained and download.imagenet_state_dict(args.model, args.weights, args.download_mirror)
+        self.imagenet = pretrained or None
+        self.stop = StopRequest("saving a checkpoint and stopping at the end of this epoch", "epoch").catch()
+
+    def prior_cams(self, records):
+        """The prior method's CLIP CAMs: rank 0 computes and caches them, the other processes read its cache."""
+        cams = clip_prior_cams(self.args, records, self.classes, self.device) if self.rank == 0 else None
+        if self.world_size > 1:
+            dist.barrier()
+            if self.rank != 0:
+                cams = clip_prior_cams(self.args, records, self.classes, torch.device("cpu"))
+        return cams
+
+    def start_fold(self, fold, model, optimizer, checkpoint, train_set, test_set):
+        """(first epoch, the DDP wrapper or None): the fold's folder and logs; a resumed fold gets its weights,
+        optimiser and generators back."""
+        args = self.args
+        if checkpoint is not None:
+            self.run_dir = args.resume.rstrip("/")
+            self.run_name = os.path.basename(self.run_dir)
+        else:
+            stamp = [int(time.time())]
+            if self.distributed:
+                dist.broadcast_object_list(stamp, src=0)  # one run name for all processes
+            self.run_name = f"{args.dataset}__{args.model}__{args.method}__fold{fold}__{args.seed}__{stamp[0]}"
+            self.run_dir = f"runs/{self.run_name}"
+        if self.rank == 0:
+            make_folder(self.run_dir)
+        start_epoch = 1
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            restore_rng(checkpoint["rng"])
+            start_epoch = checkpoint["epoch"] + 1
+            print(f"resuming {self.run_name} at epoch {start_epoch}/{args.epochs}")
+        forward = None
+        if self.distributed:  # all ranks start from rank 0's weights; gradients are averaged in backward
+            forward = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if self.rank == 0:  # one W&B run per fold; a resumed fold redoes the epochs from start_epoch on
+            purge = None if checkpoint is None else start_epoch
+            self.writer, self.tracked = open_logs(args, self.run_name, self.run_dir, purge_step=purge)
+            record_environment(self.run_dir, self.device)  # which code and packages made this run (stats.py)
+        Run.active = self
+        self.grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))  # held-out pictures
+        self.fold, self.sizes, self.start_epoch, self.announced = (
+            fold,
+            (len(train_set), len(test_set)),
+            start_epoch,
+            False,
+        )
+        self.start_time, self.collapsed_for, self.train_empty = time.time(), 0, None
+        return start_epoch, forward
+
+    def progress(self, loader, epoch):
+        """The epoch's batches, with a bar on a terminal; the first call also says what the run is."""
+        args = self.args
+        if not self.announced and self.rank == 0:
+            start = "ImageNet weights" if self.imagenet else "random start"
+            print(
+                f"{self.run_name}: {describe_device(self.device)}, {args.model} ({start}), {self.sizes[0]} training and "
+                f"{self.sizes[1]} held-out images, {args.epochs} epochs of {len(loader)} batches\n  run folder: "
+                f"{self.run_dir}   watch: tensorboard --logdir {os.path.dirname(self.run_dir) or '.'}   "
+                f"stop: Ctrl-C (saves a checkpoint; --resume {self.run_dir} continues)",
+                flush=True,
+            )
+        self.announced, self.epoch_start = True, time.perf_counter()
+        kw = dict(unit="batch", leave=False, dynamic_ncols=True, disable=None if self.rank == 0 else True)
+        return tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", **kw)
+
+    def end_epoch(self, epoch, sums, result, model, optimizer):
+        """The epoch's curves and progress line, the collapse watch, checkpoints, and a stop any process asked for."""
+        args = self.args
+        votes = torch.tensor(float(bool(self.stop)), device=self.device)
+        if self.distributed:
+            dist.all_reduce(sums)  # epoch statistics over every process's samples
+            dist.all_reduce(votes)  # one stop decision for all: any process asked to stop
+        total = dict(zip(EPOCH_SUMS, sums.tolist()))
+        stopping = votes.item() > 0 and epoch < args.epochs
+        if self.rank == 0:
+            writer, seen, valid = self.writer, total["seen"], total["valid"]
+            writer.add_scalar("train/loss", total["loss"] / seen, epoch)
+            writer.add_scalar("train/ce", total["ce"] / seen, epoch)
+            writer.add_scalar("train/regularizer", total["reg"] / seen, epoch)
+            writer.add_scalar("train/accuracy", total["correct"] / seen, epoch)
+            writer.add_scalar("train/cam_empty_fraction", total["empty"] / seen, epoch)
+            if valid:
+                writer.add_scalar("train/alpha", total["alpha"] / valid, epoch)
+                writer.add_scalar("train/beta", total["beta"] / valid, epoch)
+            writer.add_scalar("test/accuracy", result["accuracy"], epoch)
+            writer.add_scalar("test/cam_empty_fraction", result["cam_empty_fraction"], epoch)
+            for key in ("iou", "alpha", "beta"):
+                if result[key] is not None:
+                    writer.add_scalar(f"test/{'attention_iou' if key == 'iou' else key}", result[key], epoch)
+            images, masks, labels = self.grid  # image | mask | CAM for a few held-out samples
+            _, cams = class_cam(model, images.to(self.device), labels.to(self.device), False, self.autocast)
+            writer.add_image("test/image_mask_cam", overlay_grid(images, masks, cams.cpu()), epoch, dataformats="HWC")
+            per_epoch = (time.time() - self.start_time) / (epoch - self.start_epoch + 1)
+            writer.add_scalar("charts/epoch_seconds", per_epoch, epoch)
+            writer.flush()
+            self.stop.last_pass_seconds = time.perf_counter() - self.epoch_start
+            later = args.folds - 1 - self.fold if args.fold == "all" else 0  # --fold all: the folds after this one
+            eta = per_epoch * (args.epochs - epoch + later * args.epochs)
+            iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
+            print(
+                f"fold {self.fold} epoch {epoch}/{args.epochs} loss={total['loss'] / seen:.4f} "
+                f"train_acc={total['correct'] / seen:.3f} test_acc={result['accuracy']:.3f} test_iou={iou} "
+                f"cam_empty={total['empty'] / seen:.2f} eta={duration(eta)}",
+                flush=True,
+            )
+            self.train_empty = total["empty"] / seen
+            self.collapsed_for = self.collapsed_for + 1 if self.train_empty > 0.5 else 0
+            if self.collapsed_for == args.collapse_patience:  # the regulariser has no gradient on an all-zero map
+                warn(
+                    f"the CAM has been empty for over half the training samples for {self.collapsed_for} epochs "
+                    f"({self.train_empty:.0%} now): the regulariser has no gradient there and attention IoU measures "
+                    "nothing"
+                )
+            if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stopping:
+                path = os.path.join(self.run_dir, "checkpoint.pt")
+                save_checkpoint(path, model, optimizer, args, self.fold, epoch)
+        if stopping:
+            self.close()
+            if self.rank == 0:
+                print(
+                    f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {self.run_dir}"
+                )
+            sys.exit(self.stop.exit_code())
+
+    def end_fold(self, model, result, test_set):
+        """metrics.json (the mark of a finished fold, written last), model.pt and the held-out samples (rank 0)."""
+        if self.rank == 0:
+            facts = dict(train_cam_empty_fraction=self.train_empty, train_size=self.sizes[0], test_size=self.sizes[1])
+            facts.update(processes=self.world_size, wall_time=time.time() - self.start_time)
+            metrics = fold_metrics(self.args, self.fold, result, self.classes, self.run_name, facts)
+            save_results(self.run_dir, metrics, self.classes, model, test_set, self.args)
+            print(f"fold {self.fold}: results in {self.run_dir}")
+        self.close()
+
+    def close(self):
+        close_logs(self.writer, self.tracked)
+        self.writer = self.tracked = Run.active = None
+
+
+def overlay_grid(images, masks, cams):
+    """Rows of image | mask (red) | CAM overlay (jet), labelled, as one H x W x 3 uint8 array."""
+    return np.concatenate(
+        [attention_panel(img.permute(1, 2, 0).numpy(), m.numpy(), c.numpy()) for img, m, c in zip(images, masks, cams)]
+    )
+
+
+def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
+    """H x 3W x 3 uint8 RGB, each part labelled: the image, the mask in red over it, the CAM as a jet overlay.
+    image: H x W (gray) or H x W x 3 uint8; mask: H x W, non-zero inside; cam: H x W in [0, 1]."""
+    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image)
+    inside = np.asarray(mask).astype(bool)
+    masked = rgb.copy()
+    masked[inside] = (0.5 * masked[inside] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    parts = [rgb.copy(), masked, np.uint8(0.5 * rgb + 0.5 * heat)]
+    scale = max(0.3, rgb.shape[0] / 400)  # readable at 60 x 80 and at 224 x 224
+    for part, title in zip(parts, titles):
+        for colour, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):  # white on a dark edge: readable on any image
+            org, font = (2, 2 + int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX
+            cv2.putText(part, title, org, font, scale, colour, thickness, cv2.LINE_AA)
+    return np.concatenate(parts, axis=1)
 
 
 def faithfulness_samples(test_set, classes, seed, fold):
@@ -779,191 +1076,91 @@ def faithfulness_samples(test_set, classes, seed, fold):
         images.append(img)
         masks.append(m.to(torch.uint8))
         labels.append(y)
-    return {"images": torch.stack(images), "masks": torch.stack(masks), "labels": torch.tensor(labels), "classes": classes}
+    return {
+        "images": torch.stack(images),
+        "masks": torch.stack(masks),
+        "labels": torch.tensor(labels),
+        "classes": classes,
+    }
 
 
-# ---------------------------------------------------------------------------------------------
-# Run plumbing: everything below serves the run, not the method (downloads, files, checkpoints, resume, stop signals,
-# progress, tracking, pictures). The method is all above this line; the training loop is train_fold, at the end.
-# ---------------------------------------------------------------------------------------------
-# Downloads: the datasets' own archives into the layouts the readers read, and torchvision's ImageNet weights
-# Flowers-102's segmentation archive is not one of torchvision's resources; its md5 as other loaders publish it.
-FLOWERS_SEGMENTATIONS = ("102segmentations.tgz", "51375996b6c4f367a4b9f4492d7ecef5")
-
-LAYOUTS = {
-    "pets": "DATA/oxford-iiit-pet/images/*.jpg and DATA/oxford-iiit-pet/annotations/{trainval.txt, test.txt, trimaps/*.png}",
-    "flowers": "DATA/flowers-102/jpg/image_*.jpg, DATA/flowers-102/segmim/segmim_*.jpg, DATA/flowers-102/{imagelabels.mat, setid.mat}",
-    "busi": "DATA/Dataset_BUSI_with_GT/{benign, malignant, normal}/*.png with their *_mask.png",
-}
-
-BUSI_SOURCE = (
-    "BUSI has no stable direct link: get Dataset_BUSI_with_GT from its page (https://scholar.cu.edu.eg/?q=afahmy/pages/dataset, "
-    "or a mirror such as Kaggle's 'breast-ultrasound-images-dataset'), unzip it into --data-dir"
-)
-
-
-def dataset_files(dataset):
-    """(the dataset's folder under --data-dir, [(url, md5, extract?)]): torchvision's own resources for OxfordIIITPet and
-    Flowers102, so the layout is the one torchvision's classes make, plus Flowers' segmentation archive."""
-    from torchvision.datasets import Flowers102, OxfordIIITPet
-
-    if dataset == "pets":
-        return "oxford-iiit-pet", [(url, md5, True) for url, md5 in OxfordIIITPet._RESOURCES]
-    prefix = Flowers102._download_url_prefix
-    files = [(prefix + name, md5, name.endswith(".tgz")) for name, md5 in Flowers102._file_dict.values()]
-    return "flowers-102", files + [(prefix + FLOWERS_SEGMENTATIONS[0], FLOWERS_SEGMENTATIONS[1], True)]
+def fold_metrics(args, fold, result, classes, run_name, facts):
+    """metrics.json's content: the held-out figures, the run's settings, and `facts` (sizes, processes, wall time)."""
+    return {
+        "dataset": args.dataset,
+        "model": args.model,
+        "method": args.method,
+        "fold": fold,
+        "folds": args.folds,
+        "seed": args.seed,
+        "split_seed": args.split_seed,
+        "test_accuracy": result["accuracy"],
+        "test_iou": result["iou"],
+        "test_alpha": result["alpha"],
+        "test_beta": result["beta"],
+        "test_cam_empty_fraction": result["cam_empty_fraction"],
+        **facts,
+        "image_size": args.image_size,
+        "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
+        "epochs": args.epochs,
+        "tau": args.tau,
+        "camal_coef": args.camal_coef,
+        "run_name": run_name,
+        "args": asdict(args),  # every setting, so stats.py never takes runs of two experiments for one
+    }
 
 
-def mirrored(url, mirror):
-    """url on the --download-mirror server (its path kept), or url itself."""
-    if not mirror:
-        return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    m, u = urlsplit(mirror), urlsplit(url)
-    return urlunsplit((m.scheme, m.netloc, m.path.rstrip("/") + u.path, u.query, ""))
-
-
-def fetch(url, folder, name, md5):
-    """folder/name from url, checked against md5 with torchvision's own download (progress bar) and check; a whole, verified
-    file is not fetched again. A download that fails or does not match its checksum leaves nothing under that name."""
-    from torchvision.datasets.utils import check_integrity, download_url
-
-    path = os.path.join(folder, name)
-    if check_integrity(path, md5):
-        print(f"download: {name} is there and matches its checksum", flush=True)
-        return path
-    part = path + ".part"
-    try:
-        print(f"download: {url}", flush=True)
-        download_url(url, folder, os.path.basename(part))
-        if not check_integrity(part, md5):
-            raise DataError(f"{url} does not match its checksum (md5 {md5}): cut short or corrupt, it was removed; try again")
-        os.replace(part, path)
-    except DataError:
-        raise
-    except Exception as e:  # no network, a server that drops the connection, a full disk: nothing half-written stays
-        raise DataError(f"cannot download {url} ({first_line(e)})") from None
-    finally:
-        if os.path.lexists(part):
-            os.remove(part)
-    return path
+def save_results(run_dir, metrics, classes, model, test_set, args):
+    """metrics.json (stats.py), model.pt (a plain torchvision state dict with its preprocessing) and the held-out samples
+    eval_faithfulness.py scores."""
+    run_name, fold = metrics["run_name"], metrics["fold"]
+    saved = {
+        "state_dict": model.net.state_dict(),
+        "architecture": args.model,
+        "num_classes": len(classes),
+        "classes": classes,
+        # what eval_faithfulness.py checks against the run's metrics.json, so a model.pt from another run is refused
+        "dataset": args.dataset,
+        "method": args.method,
+        "run_name": run_name,
+        "preprocessing": {
+            "resize": resize_for(args.image_size),
+            "resize_mode": args.resize,
+            "crop": args.image_size,
+            "mean": MEAN,
+            "std": STD,
+        },
+        "cam_layer": CAM_LAYERS[args.model],
+    }
+    samples = faithfulness_samples(test_set, classes, args.seed, fold)
+    atomic_write(os.path.join(run_dir, "model.pt"), lambda f: torch.save(saved, f))
+    atomic_write(os.path.join(run_dir, "faithfulness_samples.pt"), lambda f: torch.save(samples, f))
+    write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)  # last: the mark of a finished run
 
 
-def download_dataset(dataset, data_dir, mirror=None):
-    """Fetch `dataset` into data_dir in the layout its reader reads: every archive checksum-verified, extracted into a
-    folder beside the target and moved into place only when whole, then marked done; a second call verifies and fetches
-    nothing. BUSI has no stable link: a DataError says where to get it. Concurrent calls (a grid's cells) take turns."""
-    if dataset == "shapes":
-        return
-    if dataset == "busi":  # put there by hand: nothing to fetch once it is there (its reader checks every file)
-        if os.path.isdir(os.path.join(data_dir, "Dataset_BUSI_with_GT")):
-            return
-        raise DataError(f"--download: {BUSI_SOURCE}, so that {LAYOUTS['busi']} exist (DATA is --data-dir)")
-    import fcntl
-
-    from torchvision.datasets.utils import check_integrity, extract_archive
-
-    folder, files = dataset_files(dataset)
-    root = os.path.join(data_dir, folder)
-    cache = os.path.join(root, ".downloads")
-    make_folder(cache)
-    with open(os.path.join(cache, "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another cell downloading the same files: wait for it, then find them done
-        for url, md5, extract in files:
-            name = os.path.basename(url)
-            done = os.path.join(root, f".{name}.done")
-            archive = os.path.join(cache, name)
-            if os.path.isfile(done) and (not os.path.isfile(archive) or check_integrity(archive, md5)):
-                print(f"download: {name} is in place" + (" and its archive matches its checksum" if os.path.isfile(archive) else ""), flush=True)
-                continue
+def check_files(records):
+    """Every image and mask readable as an image, each mask the size of its image: from the file headers, before any
+    output is written (a few seconds for a whole dataset). A file broken past its header is still named when it is read."""
+    for path, mask_paths, _ in records:
+        if not isinstance(path, str):
+            continue  # shapes: drawn, not read
+        sizes = []
+        for p in (path, *mask_paths):
             try:
-                archive = fetch(mirrored(url, mirror), cache, name, md5)
-            except DataError as e:
-                raise DataError(f"{e}. Without a network, put the files there by hand: {LAYOUTS[dataset]} (DATA is --data-dir)") from None
-            partial = os.path.join(root, f".{name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            if extract:
-                extract_archive(archive, partial)
-            else:
-                make_folder(partial)
-                shutil.copyfile(archive, os.path.join(partial, name))
-            for entry in sorted(os.listdir(partial)):  # into place only when whole; a half-moved earlier attempt is replaced
-                target = os.path.join(root, entry)
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                elif os.path.lexists(target):
-                    os.remove(target)
-                os.replace(os.path.join(partial, entry), target)
-            os.rmdir(partial)
-            atomic_write(done, lambda f: f.write(md5.encode()))
-    print(f"download: {dataset} is in {root} ({LAYOUTS[dataset].replace('DATA', data_dir)})", flush=True)
-
-
-WEIGHTS = {
-    "resnet18": "ResNet18_Weights",
-    "convnext_tiny": "ConvNeXt_Tiny_Weights",
-    "efficientnet_b0": "EfficientNet_B0_Weights",
-    "vit_b_16": "ViT_B_16_Weights",
-    "swin_v2_t": "Swin_V2_T_Weights",
-    "maxvit_t": "MaxVit_T_Weights",
-}
-
-
-def weights_url(name):
-    """torchvision's URL of the ImageNet weights of `name` (its file name carries the start of its sha256, which torch.hub checks)."""
-    return getattr(torchvision.models, WEIGHTS[name]).IMAGENET1K_V1.url
-
-
-def imagenet_state_dict(name, weights_path, mirror=None):
-    """ImageNet weights from --weights, or torchvision's own file in torch's hub cache ($TORCH_HOME/hub/checkpoints), downloaded
-    there through torch.hub (its progress bar and its check of the file's hash) when it is missing; offline, a message naming the
-    file, its URL and the cache path."""
-    source = weights_url(name)
-    filename = os.path.basename(source)
-    path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    if weights_path is None and not os.path.isfile(path):
-        url = mirrored(source, mirror)
-        print(f"ImageNet weights for {name}: downloading {url} into {os.path.dirname(path)}", flush=True)
-        try:
-            torch.hub.load_state_dict_from_url(url, model_dir=os.path.dirname(path), file_name=filename, check_hash=True, weights_only=True)
-        except Exception as e:  # no network, a dropped connection, a hash that does not match: torch.hub leaves no file
-            raise RunFileError(
-                f"cannot download the ImageNet weights of {name} ({first_line(e)}): put {filename} (from {source}) at {path}, "
-                "or pass --weights PATH, or train from scratch with --no-pretrained"
-            ) from None
-    state = read_torch(path)
-    try:
-        getattr(torchvision.models, name)(weights=None).load_state_dict(state)
-    except Exception as e:  # another model's weights, or not a state dict at all
-        raise RunFileError(f"{path} is not ImageNet weights of {name} ({first_line(e)})") from None
-    return state
-
-
-# Pictures: image | mask | CAM panels for TensorBoard
-def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
-    """H x 3W x 3 uint8 RGB, each part labelled: the image, the mask in red over it, the CAM as a jet overlay.
-    image: H x W (gray) or H x W x 3 uint8; mask: H x W, non-zero inside; cam: H x W in [0, 1]."""
-    rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image)
-    inside = np.asarray(mask).astype(bool)
-    masked = rgb.copy()
-    masked[inside] = (0.5 * masked[inside] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
-    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * np.clip(cam, 0, 1)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    parts = [rgb.copy(), masked, np.uint8(0.5 * rgb + 0.5 * heat)]
-    scale = max(0.3, rgb.shape[0] / 400)  # readable at 60 x 80 and at 224 x 224
-    for part, title in zip(parts, titles):
-        for colour, thickness in (((0, 0, 0), 2), ((255, 255, 255), 1)):  # white on a dark edge: readable on any image
-            cv2.putText(part, title, (2, 2 + int(22 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
-    return np.concatenate(parts, axis=1)
-
-
-def overlay_grid(images, masks, cams):
-    """Rows of image | mask (red) | CAM overlay (jet), labelled, as one H x W x 3 uint8 array."""
-    return np.concatenate([attention_panel(img.permute(1, 2, 0).numpy(), m.numpy(), c.numpy()) for img, m, c in zip(images, masks, cams)])
+                with Image.open(p) as im:
+                    sizes.append(im.size)
+            except Exception as e:
+                raise DataError(f"{p} is not an image ({type(e).__name__}: {e})") from e
+        if any(size != sizes[0] for size in sizes[1:]):
+            raise DataError(
+                f"mask {mask_paths[0]} is {sizes[1][1]} x {sizes[1][0]}, its image {path} is {sizes[0][1]} x {sizes[0][0]}"
+            )
 
 
 # Files: every file a run writes goes through atomic_write, every file it reads through read_json or read_torch.
 # Copied unchanged from ppo_camal_vizdoom.py; tests/test_shared_helpers.py keeps the copies identical.
+
+
 class RunFileError(ValueError):
     """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
 
@@ -1001,14 +1198,21 @@ def atomic_write(path, write, previous=None):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         except OSError:
             free = None
-        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if free is not None and free < 2**20 else first_line(e))
-        raise RunFileError(f"cannot write {path}: {why}" + (f" ({free / 2**20:.0f} MB free there)" if free is not None else "")) from None
+        full = free is not None and free < 2**20
+        why = WRITE_FAILURES.get(getattr(e, "errno", None)) or ("the disk is full" if full else first_line(e))
+        room = f" ({free / 2**20:.0f} MB free there)" if free is not None else ""
+        raise RunFileError(f"cannot write {path}: {why}{room}") from None
     finally:
         if os.path.lexists(tmp):  # whatever stopped the write: no half file is left behind
             try:
                 os.remove(tmp)
             except OSError:
                 pass
+
+
+def write_json(path, obj, **kw):
+    """JSON through atomic_write: a reader never sees half a file, a crash never leaves one."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
 def read_json(path, kind=dict):
@@ -1044,11 +1248,11 @@ def read_torch(path):
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise RunFileError(
-                f"{path} holds pickled Python objects, not only tensors (an older version of this script wrote it, or something "
-                "else did); loading it could run code, so it is refused"
+                f"{path} holds pickled Python objects, not only tensors (an older version of this script wrote it, or "
+                "something else did); loading it could run code, so it is refused"
             ) from None
         raise RunFileError(f"{path} is not a file torch.save wrote (random or corrupt bytes)") from None
-    except Exception as e:  # truncated or corrupt: zip, pickle, storage and OS errors of every kind (a cut zip gives EINVAL)
+    except Exception as e:  # truncated or corrupt: zip, pickle, storage and OS errors of every kind (a cut zip: EINVAL)
         raise RunFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
 
 
@@ -1063,17 +1267,6 @@ def make_folder(path):
         raise RunFileError(f"cannot make the folder {path}: {why}") from None
 
 
-def state_bytes(obj):
-    """The bytes of the tensors in a (nested) state: about what torch.save writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
-
-
 def unwritable(path):
     """Why the folder `path` could not be made or written in (a file in the way, no permission), or None. Checked before
     any work, so an output never fails once the work is done; nothing is created."""
@@ -1085,48 +1278,18 @@ def unwritable(path):
     return None if os.access(here, os.W_OK) else f"{here} is not writable"
 
 
-def write_json(path, obj, **kw):
-    """JSON through atomic_write: a reader never sees half a file, a crash never leaves one."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
+def state_bytes(obj):
+    """The bytes of the tensors in a (nested) state: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
-# Checkpoints, resume and tracking
-def start_tracking(args, run_name, run_dir):
-    """CleanRL's --track: a Weights and Biases run that mirrors the TensorBoard events (scalars, images). Its id comes from
-    the run's name, so a resumed run continues the same W&B run. WANDB_MODE=offline keeps it on disk."""
-    try:
-        import wandb
-    except ImportError:
-        raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
-    import hashlib
-
-    try:
-        return wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            id=hashlib.sha1(run_name.encode()).hexdigest()[:16],
-            resume="allow",
-            save_code=True,
-            dir=run_dir,
-        )
-    except Exception as e:  # no API key, no network, a bad entity: W&B's own errors
-        raise ValueError(
-            f"--track: Weights and Biases did not start ({first_line(e)}); run `wandb login` or set WANDB_API_KEY, "
-            "or WANDB_MODE=offline to keep the run on disk"
-        ) from None
-
-
-def ignored_flags(cli, saved, keep):
-    """The flags given with --resume that the run does not take (it continues with its own settings), as text."""
-    default = type(cli)()
-    return [
-        f"--{k.replace('_', '-')} {getattr(cli, k)} (the run's: {saved.get(k)})"
-        for k in cli.__dataclass_fields__
-        if k not in keep and getattr(cli, k) != getattr(default, k) and getattr(cli, k) != saved.get(k)
-    ]
+# Checkpoints and resume: copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py)
 
 
 def rng_state():
@@ -1188,46 +1351,50 @@ def read_checkpoint(path, keys):
         if p != path:
             every = state["args"].get("checkpoint_every")
             lost = f"up to {every} iterations or epochs of progress" if every else "the progress since the one before"
-            print(
-                f"warning: {problems[-1] if problems else path + ' is missing'}; resuming from the previous checkpoint {p}: {lost} will be redone",
-                file=sys.stderr,
-                flush=True,
-            )
+            why = problems[-1] if problems else f"{path} is missing"
+            warn(f"{why}; resuming from the previous checkpoint {p}: {lost} will be redone")
         return state
-    raise RunFileError(
-        "; ".join(problems)
-        or f"no checkpoint in {os.path.dirname(path) or '.'} (neither {os.path.basename(path)} nor {os.path.basename(previous_checkpoint(path))})"
-    )
+    names = f"neither {os.path.basename(path)} nor {os.path.basename(previous_checkpoint(path))}"
+    raise RunFileError("; ".join(problems) or f"no checkpoint in {os.path.dirname(path) or '.'} ({names})")
 
 
-DL_CHECKPOINT_KEYS = ("args", "fold", "model", "optimizer", "epoch", "global_step", "rng")
+def ignored_flags(cli, saved, keep):
+    """The flags given with --resume that the run does not take (it continues with its own settings), as text."""
+    default = type(cli)()
+    return [
+        f"--{k.replace('_', '-')} {getattr(cli, k)} (the run's: {saved.get(k)})"
+        for k in cli.__dataclass_fields__
+        if k not in keep and getattr(cli, k) != getattr(default, k) and getattr(cli, k) != saved.get(k)
+    ]
 
 
-def read_resume(args, finished, keys, keep):
+def read_resume(args, finished, keys, keep, retired=()):
     """(the run's own Args, its checkpoint) for --resume RUN; the flags given beside it, other than `keep`, are ignored
-    with a warning. finished: (the file a finished run has, a hint). Raises FileNotFoundError, ValueError or
-    RunFileError with a message that says why the run cannot resume."""
+    with a warning. finished: (the file a finished run has, a hint). retired: settings of older versions that did not
+    change what was computed, dropped. Raises FileNotFoundError, ValueError or RunFileError with a message that says
+    why the run cannot resume."""
     if not os.path.isdir(args.resume):
-        raise FileNotFoundError(
-            f"--resume {args.resume} is a file, not a run folder" if os.path.exists(args.resume) else f"--resume {args.resume} does not exist"
-        )
+        exists = os.path.exists(args.resume)
+        raise FileNotFoundError(f"--resume {args.resume} " + ("is a file, not a run folder" if exists else "does not exist"))
     try:
         entries = set(os.listdir(args.resume))
     except OSError as e:
         raise RunFileError(f"--resume {args.resume} cannot be read: {e.strerror}") from None
     if finished[0] in entries:
         raise ValueError(f"--resume {args.resume}: this run finished (its {finished[0]} is there); there is nothing to resume{finished[1]}")
-    if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is a whole state (a crash between renames)
-        raise FileNotFoundError(f"--resume {args.resume}: no checkpoint.pt there (a run saves one every --checkpoint-every and when it is stopped)")
+    if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is whole (a crash between renames)
+        raise FileNotFoundError(
+            f"--resume {args.resume}: no checkpoint.pt there (a run saves one every --checkpoint-every and when it is stopped)"
+        )
     try:
         checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), keys)
     except RunFileError as e:
         raise RunFileError(f"--resume {args.resume}: {e}") from None
     # the run continues with the settings it was started with
-    saved = checkpoint["args"]
+    saved = {k: v for k, v in checkpoint["args"].items() if k not in retired}
     ignored = ignored_flags(args, saved, keep=keep)
     if ignored:
-        print(f"warning: --resume continues with the run's own settings; ignored: {', '.join(ignored)}", file=sys.stderr)
+        warn(f"--resume continues with the run's own settings; ignored: {', '.join(ignored)}")
     saved.update({k: getattr(args, k) for k in keep})
     unknown = set(saved) - set(type(args).__dataclass_fields__)
     if unknown:
@@ -1235,188 +1402,90 @@ def read_resume(args, finished, keys, keep):
     return type(args)(**saved), checkpoint
 
 
-def save_checkpoint(path, model, optimizer, args, fold, epoch, global_step):
-    write_checkpoint(
-        path,
-        {
-            "args": asdict(args),
-            "fold": fold,  # the fold in progress (args.fold may be `all`)
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "global_step": global_step,
-            "rng": rng_state(),
-        },
-    )
+DL_CHECKPOINT_KEYS = ("args", "fold", "model", "optimizer", "epoch", "rng")
 
 
-# The run around the loop: processes, folders, logs, progress, stopping, the checks before any work
-def world():
-    """(rank, number of processes): (0, 1) unless started by torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def save_checkpoint(path, model, optimizer, args, fold, epoch):
+    state = {"args": asdict(args), "fold": fold, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    write_checkpoint(path, {**state, "epoch": epoch, "rng": rng_state()})  # fold: the one in progress (args.fold: all?)
 
 
-def run_folder(args, fold, resuming, distributed):
-    """(run_name, run_dir): the resumed run's own folder, or runs/{dataset}__{model}__{method}__fold{K}__{seed}__{unix time}."""
-    if resuming:
-        run_dir = args.resume.rstrip("/")
-        return os.path.basename(run_dir), run_dir
-    stamp = [int(time.time())]
-    if distributed:
-        dist.broadcast_object_list(stamp, src=0)  # one run name for all processes
-    run_name = f"{args.dataset}__{args.model}__{args.method}__fold{fold}__{args.seed}__{stamp[0]}"
-    return run_name, f"runs/{run_name}"
+# Stops, logs, the record of the environment: copied unchanged from ppo_camal_vizdoom.py (tests/test_shared_helpers.py)
 
 
-def pick_device(args, distributed):
-    """(device, autocast): torchrun's LOCAL_RANK picks the GPU; --amp is bf16 autocast on a GPU, nothing on a CPU."""
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
-    return device, autocast
+class StopRequest:
+    """The stop the signals ask for, as one object: the handler sets it, the training loop reads it (no globals).
+
+    Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job) ask for
+    a stop at the next safe point, which `point` describes. Only a second Ctrl-C stops at once: schedulers repeat their
+    signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that is still one stop.
+    """
+
+    def __init__(self, point, unit):
+        self.point, self.unit = point, unit  # what the run does when asked, and what it calls one pass (for the message)
+        self.signum = None  # the signal that asked, once one has
+        self.last_pass_seconds = None  # how long the last pass took, set by the loop
+
+    def __bool__(self):
+        return self.signum is not None
+
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGTERM)  # SIGTERM: another DDP process was asked
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        pace = f" (the last {self.unit} took {self.last_pass_seconds:.0f} s)" if self.last_pass_seconds else ""
+        name = signal.Signals(signum).name
+        print(f"\n{name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
+
+    def catch(self):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):  # the stops of a terminal, a scheduler
+            signal.signal(s, self.handle)
+        return self
 
 
-def restore_fold(model, optimizer, checkpoint, args, run_name):
-    """(start_epoch, global_step): 1, 0 for a new run; a resumed one gets its weights and RNG back."""
-    if checkpoint is None:
-        return 1, 0
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    restore_rng(checkpoint["rng"])
-    print(f"resuming {run_name} at epoch {checkpoint['epoch'] + 1}/{args.epochs}")
-    return checkpoint["epoch"] + 1, checkpoint["global_step"]
+def start_tracking(args, run_name, run_dir):
+    """CleanRL's --track: a Weights and Biases run that mirrors the TensorBoard events (scalars, images). Its id comes
+    from the run's name, so a resumed run continues the same W&B run. WANDB_MODE=offline keeps it on disk."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
+    import hashlib
 
-
-def batch_sums(step, masks, labels):
-    """One batch's share of the epoch's figures, in EPOCH_SUMS order (summed on the device: no sync per batch);
-    step: what train_step returned."""
-    loss, ce, reg, cam, logits = step
-    with torch.no_grad():
-        alpha, beta, valid = camal_terms(cam.detach(), masks)
-        n = len(labels)
-        sums = {
-            "loss": loss.detach() * n,
-            "ce": ce.detach() * n,
-            "reg": reg.detach() * n,
-            "alpha": alpha.sum(),
-            "beta": beta.sum(),
-            "valid": valid.sum(),
-            "correct": (logits.argmax(1) == labels).sum(),
-            "seen": torch.tensor(n, device=labels.device),
-            "empty": empty_cams(cam).sum(),
-        }
-        return torch.stack([sums[k].float() for k in EPOCH_SUMS])
-
-
-def log_train(writer, total, epoch):
-    """The epoch's training curves from the summed figures (every process's, under torchrun)."""
-    seen = total["seen"]
-    writer.add_scalar("train/loss", total["loss"] / seen, epoch)
-    writer.add_scalar("train/ce", total["ce"] / seen, epoch)
-    writer.add_scalar("train/regularizer", total["reg"] / seen, epoch)
-    writer.add_scalar("train/accuracy", total["correct"] / seen, epoch)
-    writer.add_scalar("train/cam_empty_fraction", total["empty"] / seen, epoch)
-    if total["valid"]:
-        writer.add_scalar("train/alpha", total["alpha"] / total["valid"], epoch)
-        writer.add_scalar("train/beta", total["beta"] / total["valid"], epoch)
-
-
-def log_test(writer, result, epoch):
-    """The held-out fold's scalars."""
-    writer.add_scalar("test/accuracy", result["accuracy"], epoch)
-    writer.add_scalar("test/cam_empty_fraction", result["cam_empty_fraction"], epoch)
-    for key in ("iou", "alpha", "beta"):
-        if result[key] is not None:
-            writer.add_scalar(f"test/{'attention_iou' if key == 'iou' else key}", result[key], epoch)
-
-
-def log_test_images(writer, model, grid, autocast, epoch):
-    """image | mask | CAM for a few held-out samples (grid: their images, masks and labels)."""
-    images, masks, labels = grid
-    device = next(model.parameters()).device
-    _, cams = class_cam(model, images.to(device), labels.to(device), double_backward=False, autocast=autocast)
-    writer.add_image("test/image_mask_cam", overlay_grid(images, masks, cams.cpu()), epoch, dataformats="HWC")
-
-
-def report_epoch(fold, epoch, args, total, result, eta):
-    iou = f"{result['iou']:.3f}" if result["iou"] is not None else "-"
-    print(
-        f"fold {fold} epoch {epoch}/{args.epochs} loss={total['loss'] / total['seen']:.4f} train_acc={total['correct'] / total['seen']:.3f} "
-        f"test_acc={result['accuracy']:.3f} test_iou={iou} cam_empty={total['empty'] / total['seen']:.2f} eta={duration(eta)}",
-        flush=True,
-    )
-
-
-def warn_collapse(epochs, empty_fraction):
-    """An all-zero CAM gives CAMAL no gradient and IoU nothing to measure: say so instead of training on silently."""
-    print(
-        f"warning: the CAM has been empty for over half the training samples for {epochs} epochs "
-        f"({empty_fraction:.0%} now): the regulariser has no gradient there and attention IoU measures nothing",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def fold_metrics(args, fold, result, classes, run_name, facts):
-    """metrics.json's content: the held-out figures, the run's settings, and `facts` (sizes, processes, wall time)."""
-    return {
-        "dataset": args.dataset,
-        "model": args.model,
-        "method": args.method,
-        "fold": fold,
-        "folds": args.folds,
-        "seed": args.seed,
-        "split_seed": args.split_seed,
-        "test_accuracy": result["accuracy"],
-        "test_iou": result["iou"],
-        "test_alpha": result["alpha"],
-        "test_beta": result["beta"],
-        "test_cam_empty_fraction": result["cam_empty_fraction"],
-        **facts,
-        "image_size": args.image_size,
-        "per_class_accuracy": dict(zip(classes, result["per_class_accuracy"])),
-        "epochs": args.epochs,
-        "tau": args.tau,
-        "camal_coef": args.camal_coef,
-        "run_name": run_name,
-        "args": asdict(args),  # every setting, so stats.py never takes runs of two experiments for one
-    }
-
-
-def save_results(run_dir, metrics, classes, model, test_set, args):
-    """metrics.json (stats.py), model.pt (a plain torchvision state dict with its preprocessing) and the held-out samples
-    eval_faithfulness.py scores."""
-    run_name, fold = metrics["run_name"], metrics["fold"]
-    saved = {
-        "state_dict": model.net.state_dict(),
-        "architecture": args.model,
-        "num_classes": len(classes),
-        "classes": classes,
-        # what eval_faithfulness.py checks against the run's metrics.json, so a model.pt from another run is refused
-        "dataset": args.dataset,
-        "method": args.method,
-        "run_name": run_name,
-        "preprocessing": {"resize": resize_for(args.image_size), "resize_mode": args.resize, "crop": args.image_size, "mean": MEAN, "std": STD},
-        "cam_layer": CAM_LAYERS[args.model],
-    }
-    samples = faithfulness_samples(test_set, classes, args.seed, fold)
-    atomic_write(os.path.join(run_dir, "model.pt"), lambda f: torch.save(saved, f))
-    atomic_write(os.path.join(run_dir, "faithfulness_samples.pt"), lambda f: torch.save(samples, f))
-    write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)  # last: the mark of a finished run
+    try:
+        return wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            id=hashlib.sha1(run_name.encode()).hexdigest()[:16],
+            resume="allow",
+            save_code=True,
+            dir=run_dir,
+        )
+    except Exception as e:  # no API key, no network, a bad entity: W&B's own errors
+        raise ValueError(
+            f"--track: Weights and Biases did not start ({first_line(e)}); run `wandb login` or set WANDB_API_KEY, "
+            "or WANDB_MODE=offline to keep the run on disk"
+        ) from None
 
 
 def open_logs(args, run_name, run_dir, purge_step):
     """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
     crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
-    tracked = start_tracking(args, run_name, run_dir) if args.track else None  # before the writer, so W&B mirrors its events
-    # TensorBoard writes from a thread: its OSError (a full disk) comes back at the next write, where the run says why it stops
+    tracked = start_tracking(args, run_name, run_dir) if args.track else None  # first, so W&B mirrors the events
+    # TensorBoard writes from a thread: its OSError (a full disk) comes back at the next write, where the run says why
     threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else threading.__excepthook__(a)
     writer = SummaryWriter(run_dir, purge_step=purge_step)
     if purge_step is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer, tracked
 
 
@@ -1430,6 +1499,75 @@ def close_logs(writer, tracked):
         tracked.finish()
 
 
+def describe_device(device):
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
+
+
+ENVIRONMENT_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy", "scipy", "rliable")
+
+
+def package_version(name):
+    """The installed version of a distribution, or None where it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def record_environment(run_dir, device):
+    """Append to run_dir/environment.json what this process trains with: package versions, the git commit (and whether
+    tracked files were changed), the device. One entry per start or resume, so a run resumed under other versions says
+    so."""
+
+    def git(*cmd):
+        here = os.path.dirname(os.path.abspath(__file__))
+        try:
+            done = subprocess.run(["git", "-C", here, *cmd], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):  # no git here
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "script": os.path.basename(__file__),
+        "python": sys.version.split()[0],
+        "packages": {name: package_version(name) for name in ENVIRONMENT_PACKAGES},
+        "git": None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain", "-uno"))},
+        "device": describe_device(device),
+        "cuda": torch.version.cuda,
+    }
+    path = os.path.join(run_dir, "environment.json")
+    try:
+        entries = read_json(path, kind=list) if os.path.exists(path) else []
+    except RunFileError:  # a damaged record is replaced, not a reason to stop the run
+        entries = []
+    write_json(path, entries + [entry], indent=2)
+
+
+def duration(seconds):
+    """3d 4h, 2h 05m, 4m 10s: an ETA a reader takes in at a glance."""
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def exit_error(message):
+    """Bad input, or a file that cannot be used: one line on stderr and exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# The command line: the flags checked at the door
 # (flag, lowest, highest, whether the lowest is allowed) of the real-valued flags
 NUMBERS = (
     ("learning_rate", 0.0, math.inf, False),
@@ -1458,16 +1596,24 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("seed", "split_seed"):
         if not 0 <= getattr(args, name) < 2**31:
-            raise ValueError(f"--{name.replace('_', '-')} must lie in 0 .. 2**31 - 1 (numpy's and torch's seeds), got {getattr(args, name)}")
+            raise ValueError(
+                f"--{name.replace('_', '-')} must lie in 0 .. 2**31 - 1 (numpy's and torch's seeds), got {getattr(args, name)}"
+            )
     for name, low, high, low_allowed in NUMBERS:  # nan fails every comparison, so it is refused here too
         v = getattr(args, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= low if low_allowed else v > low) and v <= high):
-            bound = f"{'at least' if low_allowed else 'above'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+        if not (
+            isinstance(v, (int, float)) and math.isfinite(v) and (v >= low if low_allowed else v > low) and v <= high
+        ):
+            bound = f"{'at least' if low_allowed else 'above'} {low:g}" + (
+                f" and at most {high:g}" if high < math.inf else ""
+            )
             raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}, got {v}")
     if args.dataset == "shapes":
         if not 1 <= args.shapes_classes <= len(SHAPE_NAMES):
             raise ValueError(f"--shapes-classes must lie in 1 .. {len(SHAPE_NAMES)}, got {args.shapes_classes}")
-        if args.shapes_per_class < args.folds:  # a class dealt round-robin over the folds: fewer images than folds empty some
+        if (
+            args.shapes_per_class < args.folds
+        ):  # a class dealt round-robin over the folds: fewer images than folds empty some
             raise ValueError(
                 f"--shapes-per-class {args.shapes_per_class} is less than --folds {args.folds}: some held-out folds would lack a class "
                 "or be empty; give at least one image per class and fold"
@@ -1477,7 +1623,9 @@ def check_args(args):
     if args.image_size != CROP and args.model in ("vit_b_16", "maxvit_t"):
         raise ValueError(f"--model {args.model} takes {CROP} x {CROP} images only, got --image-size {args.image_size}")
     if args.image_size != CROP and METHODS[args.method]["clip_masks"]:  # the CLIP encoder sees the training crop
-        raise ValueError(f"--method prior takes {CROP} x {CROP} images only (CLIP's input), got --image-size {args.image_size}")
+        raise ValueError(
+            f"--method prior takes {CROP} x {CROP} images only (CLIP's input), got --image-size {args.image_size}"
+        )
     if not 0.0 <= args.tau < 1.0:
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
     if METHODS[args.method]["clip_masks"]:
@@ -1493,112 +1641,15 @@ def check_args(args):
                 raise ValueError("--method prior needs open_clip: pip install -r requirements-prior.txt") from None
             tags = open_clip.list_pretrained_tags_by_model(args.prior_model)
             if args.prior_pretrained not in tags:
-                raise ValueError(f"--prior-pretrained {args.prior_pretrained} is not a tag of {args.prior_model}; its tags: {', '.join(tags)}")
+                raise ValueError(
+                    f"--prior-pretrained {args.prior_pretrained} is not a tag of {args.prior_model}; its tags: {', '.join(tags)}"
+                )
         if args.prior_weights not in (None, "random") and not os.path.isfile(args.prior_weights):
             raise FileNotFoundError(f"--prior-weights {args.prior_weights}: no such file")
         if not 0.0 <= args.prior_threshold < 1.0:
             raise ValueError(f"--prior-threshold must lie in [0, 1), got {args.prior_threshold}")
     if args.weights is not None and not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights {args.weights}: no such file")
-
-
-def describe_device(device):
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    return f"CPU ({torch.get_num_threads()} threads; --cuda uses a GPU where there is one)"
-
-
-ENVIRONMENT_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy", "scipy", "rliable")
-
-
-def package_version(name):
-    """The installed version of a distribution, or None where it is not installed."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def record_environment(run_dir, device):
-    """Append to run_dir/environment.json what this process trains with: package versions, the git commit (and whether
-    tracked files were changed), the device. One entry per start or resume, so a run resumed under other versions says so."""
-
-    def git(*cmd):
-        try:
-            done = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *cmd], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):  # no git here
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    entry = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "script": os.path.basename(__file__),
-        "python": sys.version.split()[0],
-        "packages": {name: package_version(name) for name in ENVIRONMENT_PACKAGES},
-        "git": None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
-        "device": describe_device(device),
-        "cuda": torch.version.cuda,
-    }
-    path = os.path.join(run_dir, "environment.json")
-    try:
-        entries = read_json(path, kind=list) if os.path.exists(path) else []
-    except RunFileError:  # a damaged record is replaced, not a reason to stop the run
-        entries = []
-    write_json(path, entries + [entry], indent=2)
-
-
-def duration(seconds):
-    """3d 4h, 2h 05m, 4m 10s: an ETA a reader takes in at a glance."""
-    seconds = int(seconds)
-    if seconds >= 86400:
-        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m {seconds % 60:02d}s"
-
-
-class StopRequest:
-    """The stop the signals ask for, as one object: the handler sets it, the training loop reads it (no globals).
-
-    Ctrl-C, SIGTERM, or SIGUSR1/SIGUSR2 (what SLURM and submitit send before pre-empting or timing out a job) ask for
-    a stop at the next safe point, which `point` describes. Only a second Ctrl-C stops at once: schedulers repeat
-    their signal (SLURM signals every process of the job, and benchmark.py forwards one more), and that is still one stop.
-    """
-
-    def __init__(self, point, unit):
-        self.point, self.unit = point, unit  # what the run does when asked, and what it calls one pass (for the message)
-        self.signum = None  # the signal that asked, once one has
-        self.last_pass_seconds = None  # how long the last pass took, set by the loop
-
-    def __bool__(self):
-        return self.signum is not None
-
-    def exit_code(self):
-        return 128 + (self.signum or signal.SIGTERM)  # SIGTERM: another DDP process was asked
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.signum = signum
-        pace = f" (the last {self.unit} took {self.last_pass_seconds:.0f} s)" if self.last_pass_seconds else ""
-        print(f"\n{signal.Signals(signum).name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
-
-    def catch(self):
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(s, self.handle)
-        return self
-
-
-def parse_args(argv):
-    """tyro's parse, where --pretrained's default depends on --dataset: shapes (toy data) trains from scratch unless
-    --pretrained is given, so a fresh machine needs no weights; the same flags are parsed over that default."""
-    args = tyro.cli(Args, args=argv)
-    if args.dataset == "shapes" and args.resume is None:
-        args = tyro.cli(Args, args=argv, default=Args(pretrained=False))
-    return args
 
 
 def setup(args):
@@ -1618,173 +1669,61 @@ def setup(args):
         if args.learning_rate is None:
             args.learning_rate = 1e-4 if args.model in ("vit_b_16", "swin_v2_t", "maxvit_t") else 1e-3
     check_args(args)
-    for folder in ("runs",) + ((args.prior_cache,) if METHODS[args.method]["clip_masks"] else ()):  # where the run writes: checked before any work
+    for folder in ("runs",) + (
+        (args.prior_cache,) if METHODS[args.method]["clip_masks"] else ()
+    ):  # where the run writes: checked before any work
         if unwritable(folder):
             raise RunFileError(f"cannot write in {folder}: {unwritable(folder)}")
     if args.download and args.dataset != "shapes":
         if args.data_dir is None:
             raise ValueError("--download needs --data-dir, the folder to put the dataset in")
-        download_dataset(args.dataset, args.data_dir, args.download_mirror)
+        download.download_dataset(args.dataset, args.data_dir, args.download_mirror)
     try:
         records, classes = dataset_records(args)
     except FileNotFoundError as e:  # the data is not there: say how to get it
-        hint = "" if args.download else f" ({BUSI_SOURCE})" if args.dataset == "busi" else " (--download fetches it)"
+        hint = (
+            ""
+            if args.download
+            else f" ({download.BUSI_SOURCE})"
+            if args.dataset == "busi"
+            else " (--download fetches it)"
+        )
         raise FileNotFoundError(f"{e}{hint}") from None
     check_files(records)
     if args.pretrained:
-        imagenet_state_dict(args.model, args.weights, args.download_mirror)  # fetched and checked before any training, not after
+        download.imagenet_state_dict(
+            args.model, args.weights, args.download_mirror
+        )  # fetched and checked before any training, not after
     return args, checkpoint, records, classes
 
 
-# ---------------------------------------------------------------------------------------------
-# The training loop: one fold
-# ---------------------------------------------------------------------------------------------
-def train_fold(args, fold, records, classes, stop, checkpoint=None, prior_cams=None):
-    """Train on every fold but `fold`, evaluate on `fold` (always against the true masks); returns the run folder
-    (rank 0 writes it). stop: the StopRequest the signals set; prior_cams: the method prior's CLIP CAMs, aligned with records."""
-    rank, world_size = world()
-    distributed = dist.is_available() and dist.is_initialized()  # under torchrun, even with one process (DDP, NCCL)
-    train_set, test_set = fold_sets(args, fold, records, prior_cams)
-    run_name, run_dir = run_folder(args, fold, resuming=checkpoint is not None, distributed=distributed)
-    if rank == 0:
-        make_folder(run_dir)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device, autocast = pick_device(args, distributed)
-
-    imagenet = imagenet_state_dict(args.model, args.weights, args.download_mirror) if args.pretrained else None
-    model = CamModel(args.model, len(classes), imagenet).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    start_epoch, global_step = restore_fold(model, optimizer, checkpoint, args, run_name)
-    forward = None
-    if distributed:  # all ranks start from rank 0's weights; gradients are averaged in backward
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # rank 0 logs, one W&B run per fold; a resumed run redoes the epochs from start_epoch on
-    writer, tracked = open_logs(args, run_name, run_dir, purge_step=None if checkpoint is None else start_epoch) if rank == 0 else (None, None)
-    if rank == 0:
-        record_environment(run_dir, device)  # which code and packages made this run (stats.py compares them)
-    train_loader, sampler, test_loader, grid = loaders(args, train_set, test_set, start_epoch, distributed)
-    term = METHODS[args.method]["term"]
-    start_time = time.time()
-    if rank == 0:
-        print(
-            f"{run_name}: {describe_device(device)}, {args.model} ({'ImageNet weights' if imagenet else 'random start'}), "
-            f"{len(train_set)} training and {len(test_set)} held-out images, {args.epochs} epochs of {len(train_loader)} batches\n"
-            f"  run folder: {run_dir}   watch: tensorboard --logdir {os.path.dirname(run_dir) or '.'}   "
-            f"stop: Ctrl-C (saves a checkpoint; --resume {run_dir} continues)",
-            flush=True,
-        )
-
-    result, collapsed_for, train_empty = None, 0, None  # collapsed_for: epochs in a row with over half the CAMs empty
-    for epoch in range(start_epoch, args.epochs + 1):
-        model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        sums = torch.zeros(len(EPOCH_SUMS), device=device)  # read once per epoch
-        batches = tqdm(
-            train_loader, desc=f"epoch {epoch}/{args.epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None if rank == 0 else True
-        )
-        for images, masks, labels in batches:  # a bar on a terminal only
-            images, masks, labels = images.to(device), masks.to(device), labels.to(device)
-            step = train_step(model, optimizer, (images, masks, labels), term, args.camal_coef, autocast, forward)
-            global_step += 1
-            sums += batch_sums(step, masks, labels)
-        stop_votes = torch.tensor(float(bool(stop)), device=device)
-        if distributed:
-            dist.all_reduce(sums)  # epoch statistics over every process's samples
-            dist.all_reduce(stop_votes)  # one stop decision for all: any process asked to stop
-        total = dict(zip(EPOCH_SUMS, sums.tolist()))
-        stopping = stop_votes.item() > 0 and epoch < args.epochs
-        if rank != 0:  # rank 0 evaluates, logs and saves
-            if stopping:
-                sys.exit(stop.exit_code())
-            continue
-
-        log_train(writer, total, epoch)
-        result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
-        log_test(writer, result, epoch)
-        log_test_images(writer, model, grid, autocast, epoch)
-        writer.add_scalar("charts/epoch_seconds", (time.time() - start_time) / (epoch - start_epoch + 1), epoch)
-        writer.flush()
-        stop.last_pass_seconds = time.perf_counter() - epoch_start
-        per_epoch = (time.time() - start_time) / (epoch - start_epoch + 1)
-        later = args.folds - 1 - fold if args.fold == "all" else 0  # --fold all: the folds after this one, at this pace
-        report_epoch(fold, epoch, args, total, result, eta=per_epoch * (args.epochs - epoch + later * args.epochs))
-        train_empty = total["empty"] / total["seen"]
-        collapsed_for = collapsed_for + 1 if train_empty > 0.5 else 0
-        if collapsed_for == args.collapse_patience:
-            warn_collapse(collapsed_for, train_empty)
-
-        if (args.checkpoint_every and epoch % args.checkpoint_every == 0) or stopping:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, args, fold, epoch, global_step)
-        if stopping:
-            close_logs(writer, tracked)
-            print(f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {run_dir}")
-            sys.exit(stop.exit_code())
-
-    if rank != 0:
-        return None
-    if result is None:  # resumed a finished run
-        result = evaluate(model, test_loader, device, len(classes), args.tau, autocast)
-    facts = dict(train_cam_empty_fraction=train_empty, train_size=len(train_set), test_size=len(test_set), processes=world_size)
-    metrics = fold_metrics(args, fold, result, classes, run_name, dict(facts, wall_time=time.time() - start_time))
-    save_results(run_dir, metrics, classes, model, test_set, args)
-    close_logs(writer, tracked)
-    return run_dir
+def parse_args(argv):
+    """tyro's parse, where --pretrained's default depends on --dataset: shapes (toy data) trains from scratch unless
+    --pretrained is given, so a fresh machine needs no weights; the same flags are parsed over that default."""
+    args = tyro.cli(Args, args=argv)
+    if args.dataset == "shapes" and args.resume is None:
+        args = tyro.cli(Args, args=argv, default=Args(pretrained=False))
+    return args
 
 
 if __name__ == "__main__":
     try:
-        args, checkpoint, records, classes = setup(parse_args(sys.argv[1:]))
-    except (ValueError, FileNotFoundError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-    if "LOCAL_RANK" in os.environ:  # started by torchrun: a process group even for one process, so DDP runs as it will at scale
-        backend = "nccl" if args.cuda and torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend)
-        if args.batch_size % dist.get_world_size():
-            print(f"error: --batch-size {args.batch_size} does not split over {dist.get_world_size()} processes", file=sys.stderr)
-            sys.exit(2)
-        if dist.get_rank() == 0:
-            print(f"distributed: {dist.get_world_size()} processes ({backend}), {args.batch_size // dist.get_world_size()} samples each per batch")
-    prior_cams = None
-    if METHODS[args.method]["clip_masks"]:  # rank 0 computes and caches; the others read its cache
-        rank, world_size = world()
-        try:
-            if rank == 0:
-                prior_cams = clip_prior_cams(args, records, classes, torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu"))
-            if world_size > 1:
-                dist.barrier()
-                if rank != 0:
-                    prior_cams = clip_prior_cams(args, records, classes, torch.device("cpu"))
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-    stop = StopRequest("saving a checkpoint and stopping at the end of this epoch", "epoch").catch()
-    folds = range(args.folds) if args.fold == "all" else [int(args.fold)]
-    if checkpoint is not None:  # finish the interrupted fold; with --fold all, then the folds after it
-        folds = [f for f in folds if f >= checkpoint["fold"]]
-    for fold in folds:
-        try:
-            run_dir = train_fold(args, int(fold), records, classes, stop, checkpoint, prior_cams)
-        except (FileNotFoundError, DataError, ValueError) as e:  # a file that went missing or is corrupt, --track without a key
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except OSError as e:  # TensorBoard's writer on a full disk or a folder made read-only; the last checkpoint is whole
-            print(f"error: cannot write the run's files: {WRITE_FAILURES.get(e.errno) or first_line(e)}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
-            print("\nstopped at once, without a checkpoint; the last saved one (if any) is in the run folder", file=sys.stderr, flush=True)
-            sys.exit(128 + signal.SIGINT)
-        checkpoint = None
-        if run_dir is not None:
-            print(f"fold {fold}: results in {run_dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        main(*setup(parse_args(sys.argv[1:])))
+    except (
+        FileNotFoundError,
+        DataError,
+        ValueError,
+    ) as e:  # bad input, a file missing or corrupt, --track without a key
+        exit_error(str(e))
+    except OSError as e:  # TensorBoard's writer on a full disk or a folder made read-only; the last checkpoint is whole
+        exit_error(f"cannot write the run's files: {WRITE_FAILURES.get(e.errno) or first_line(e)}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
+        print(
+            "\nstopped at once, without a checkpoint; the last saved one (if any) is in the run folder", file=sys.stderr
+        )
+        sys.exit(128 + signal.SIGINT)
+    finally:
+        if Run.active is not None:
+            Run.active.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()

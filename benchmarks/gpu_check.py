@@ -6,8 +6,7 @@
 What it runs, each part with the project's own code:
   ppo env      env-only steps per second of the vector env (random actions, async workers), 8 to 64 envs
   ppo train    ppo_camal_vizdoom.py at the paper's setting (TakeCover, 240 x 320, Table 8), vanilla and CAMAL, at
-               8, 32 and 64 envs, each with the frame stack built on the device (the default) and in the games
-               (--frame-stack-on env): steady-state SPS and where an iteration's time goes (its perf/ scalars: env
+               8, 32 and 64 envs: steady-state SPS and where an iteration's time goes (its perf/ scalars: env
                stepping, the rest of the rollout, the update; CAMAL's extra cost is its update minus vanilla's)
   dl step      CAMAL's training-step overhead over CE alone, batch 32 at 224 x 224, fp32 and bf16 (Table 6)
   extraction   batch-level Grad-CAM (one backward, Proposition 1) against one backward per sample (Figure 2)
@@ -59,8 +58,7 @@ FULL = dict(
     env_counts=[8, 16, 32, 64],
     num_steps=128,
     iterations=4,
-    # each setting with the frame stack built on the device (the default) and in the games (the older way)
-    train_runs=[(n, method, extra) for n in (8, 32, 64) for extra in ([], ["--frame-stack-on", "env"]) for method in ("vanilla", "camal")],
+    train_runs=[(n, method, []) for n in (8, 32, 64) for method in ("vanilla", "camal")],
     env_seconds=5.0,
     models=list(gradcam_overhead.dl.MODELS),
     batch=32,
@@ -78,7 +76,7 @@ REDUCED = dict(
     env_counts=[2],
     num_steps=32,
     iterations=3,
-    train_runs=[(2, "camal", ["--frame-stack-on", "env"])],
+    train_runs=[(2, "camal", [])],
     env_seconds=0.5,
     models=["resnet18"],
     batch=2,
@@ -520,10 +518,6 @@ def verdict(result):
                 f"{'MET ' if c / v >= TARGETS['camal_over_vanilla'] else 'MISS'} {n} envs: CAMAL / vanilla "
                 f"{c / v:.2f} (target {TARGETS['camal_over_vanilla']})"
             )
-    games = {(x["num_envs"], x["method"]): x for x in result.get("ppo_train", []) if not x["rc"] and x["flags"] == "--frame-stack-on env"}
-    for (n, method), r in sorted(train.items()):
-        if (n, method) in games:
-            lines.append(f"     {n} envs {method}: stack on the device {r['sps']:.0f} SPS, in the games {games[(n, method)]['sps']:.0f} SPS")
     for r in result.get("dl_step", []):
         ok = r["overhead_pct"] <= TARGETS["dl_overhead_pct"]
         lines.append(

@@ -82,19 +82,25 @@ def main(argv=None):
         return 2
 
     class Frames(gym.Wrapper):
-        """VizDoomEnv's stacked frames alone (its mask is for CAMAL), as a Box SB3's CnnPolicy reads channels first."""
+        """VizDoomEnv's newest frames, stacked as ppo_camal_vizdoom.py's stack_frames does (an episode's first frame
+        fills the stack), without the mask (it is CAMAL's): a Box SB3's CnnPolicy reads channels first."""
 
-        def __init__(self, env):
+        def __init__(self, env, stack=4):
             super().__init__(env)
-            self.observation_space = env.observation_space["frames"]
+            h, w = env.observation_space["frame"].shape
+            self.observation_space = gym.spaces.Box(0, 255, (stack, h, w), np.uint8)
+            self.frames = np.zeros((stack, h, w), np.uint8)
 
         def reset(self, **kw):
             obs, info = self.env.reset(**kw)
-            return obs["frames"], info
+            self.frames[:] = obs["frame"]
+            return self.frames.copy(), info
 
         def step(self, action):
             obs, reward, term, trunc, info = self.env.step(action)
-            return obs["frames"], reward, term, trunc, info
+            if not (term or trunc):  # an episode's end has no new frame: its last stack stands
+                self.frames = np.concatenate((self.frames[1:], obs["frame"][None]))
+            return self.frames.copy(), reward, term, trunc, info
 
     class Clip(gym.RewardWrapper):
         """Table 8's clip after --reward-scale, as ppo_camal_vizdoom.py's rollout does; Monitor below it sees the game's reward."""
@@ -103,7 +109,7 @@ def main(argv=None):
             return float(np.clip(reward * args.reward_scale, -1.0, 1.0))
 
     def make():
-        return Clip(Monitor(Frames(ppo.VizDoomEnv(args.env, 4, args.frame_height, args.frame_width, 4))))
+        return Clip(Monitor(Frames(ppo.VizDoomEnv(args.env, 4, args.frame_height, args.frame_width))))
 
     run_dir = Path(args.out or f"runs/{args.env}__sb3_ppo__{args.seed}__{int(time.time())}")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ def ppo_smoke_run(tmp_path_factory):
     def run(env, method, more=()):
         # one run also covers worker-process envs (the default on machines with more than 2 cores)
         extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
-        # for --figure; and the paper's ReLU CAM, whose critic map is empty from the start at seed 2 (the collapse warning)
+        # for drl_attention_figure.py; and the paper's ReLU CAM, whose critic map is empty from the start at seed 2 (the collapse warning)
         extra += ["--save-model", "--cam", "paper"] if (env, method) == ("Basic", "vanilla") else []
         args = ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", "--collapse-patience", "1"]
         args += [*PPO_TINY, *extra, *more]

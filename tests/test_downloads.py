@@ -1,4 +1,4 @@
-"""train_dl_camal.py's downloads against a real HTTP server on 127.0.0.1 (the tests never reach the network).
+"""download.py (and train_dl_camal.py on what it fetched) against a real HTTP server on 127.0.0.1 (the tests never reach the network).
 
 The server holds tiny archives in the official formats (Pets' images and annotations tarballs with trimaps and the list files,
 Flowers' 102flowers.tgz, .mat files and segmentation archive) at the official paths, and --download-mirror points the
@@ -24,6 +24,7 @@ import torchvision
 from conftest import ROOT, load_script
 
 dl = load_script("train_dl_camal")
+download = load_script("download")
 
 
 class Handler(SimpleHTTPRequestHandler):
@@ -102,7 +103,7 @@ def serve_official(server, monkeypatch, tmp_path, dataset):
         }
         md5 = {name: hashlib.md5(b).hexdigest() for name, b in blobs.items()}
         monkeypatch.setattr(Flowers102, "_file_dict", {k: (name, md5[name]) for k, (name, _) in Flowers102._file_dict.items()})
-        monkeypatch.setattr(dl, "FLOWERS_SEGMENTATIONS", ("102segmentations.tgz", md5["102segmentations.tgz"]))
+        monkeypatch.setattr(download, "FLOWERS_SEGMENTATIONS", ("102segmentations.tgz", md5["102segmentations.tgz"]))
         urls = [Flowers102._download_url_prefix + name for name in blobs]
     for url in urls:
         server.files[urlsplit(url).path] = blobs[url.rsplit("/", 1)[1]]
@@ -113,13 +114,13 @@ def serve_official(server, monkeypatch, tmp_path, dataset):
 def test_pets_download_verify_and_train(server, monkeypatch, tmp_path, capsys):
     paths = serve_official(server, monkeypatch, tmp_path, "pets")
     data = tmp_path / "data"
-    dl.download_dataset("pets", str(data), server.url)
+    download.download_dataset("pets", str(data), server.url)
     assert set(server.gets) == set(paths)  # torchvision's download opens each URL twice (a redirect check, then the file)
     gets = len(server.gets)
     records, classes = dl.pets_records(str(data))
     assert classes == ["Abyssinian", "beagle"] and len(records) == 6
     capsys.readouterr()
-    dl.download_dataset("pets", str(data), server.url)  # a second call verifies and fetches nothing
+    download.download_dataset("pets", str(data), server.url)  # a second call verifies and fetches nothing
     assert len(server.gets) == gets and "is in place and its archive matches its checksum" in capsys.readouterr().out
     assert not list(data.glob("**/*.part")) and not list(data.glob("**/*.partial"))
     # the downloaded tree trains, as a user runs it
@@ -139,7 +140,7 @@ def test_pets_download_verify_and_train(server, monkeypatch, tmp_path, capsys):
 def test_flowers_download_with_its_segmentations(server, monkeypatch, tmp_path):
     serve_official(server, monkeypatch, tmp_path, "flowers")
     data = tmp_path / "data"
-    dl.download_dataset("flowers", str(data), server.url)
+    download.download_dataset("flowers", str(data), server.url)
     records, classes = dl.flowers_records(str(data))
     assert len(records) == 6 and classes == ["pink primrose", "hard-leaved pocket orchid"]
     mask = dl.read_mask("flowers", records[0][1])
@@ -157,8 +158,8 @@ def test_a_bad_download_leaves_nothing(server, monkeypatch, tmp_path, fault):
         server.drop.add(bad)
     data = tmp_path / "data"
     words = "does not match its checksum .*cut short or corrupt"  # a dropped connection ends the file early: the checksum finds it
-    with pytest.raises(dl.DataError, match=words):
-        dl.download_dataset("pets", str(data), server.url)
+    with pytest.raises(download.DownloadError, match=words):
+        download.download_dataset("pets", str(data), server.url)
     root = data / "oxford-iiit-pet"
     assert not (root / "annotations").exists() and not list(root.glob(".annotations*")) and not list(root.glob("**/*.part"))
     assert not (root / ".downloads" / "annotations.tar.gz").exists()
@@ -167,7 +168,7 @@ def test_a_bad_download_leaves_nothing(server, monkeypatch, tmp_path, fault):
     server.drop.clear()  # the server is whole again: the next call completes the tree, fetching only what is missing
     server.files[bad] = good
     gets = len(server.gets)
-    dl.download_dataset("pets", str(data), server.url)
+    download.download_dataset("pets", str(data), server.url)
     assert set(server.gets[gets:]) == {bad} and len(dl.pets_records(str(data))[0]) == 6
 
 
@@ -189,10 +190,10 @@ def test_no_network_and_busi_say_what_to_do(tmp_path):
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now
-    with pytest.raises(dl.DataError, match="cannot download .*Without a network, put the files there by hand: DATA/oxford-iiit-pet/images"):
-        dl.download_dataset("pets", str(tmp_path / "data"), f"http://127.0.0.1:{port}")
-    with pytest.raises(dl.DataError, match="BUSI has no stable direct link"):
-        dl.download_dataset("busi", str(tmp_path / "data"))
+    with pytest.raises(download.DownloadError, match="cannot download .*Without a network, put the files there by hand: DATA/oxford-iiit-pet/images"):
+        download.download_dataset("pets", str(tmp_path / "data"), f"http://127.0.0.1:{port}")
+    with pytest.raises(download.DownloadError, match="BUSI has no stable direct link"):
+        download.download_dataset("busi", str(tmp_path / "data"))
 
 
 def test_imagenet_weights_come_through_torch_hub(server, monkeypatch, tmp_path):
@@ -203,17 +204,17 @@ def test_imagenet_weights_come_through_torch_hub(server, monkeypatch, tmp_path):
     good = buf.getvalue()
     name = f"resnet18-{hashlib.sha256(good).hexdigest()[:8]}.pth"
     server.files[f"/models/{name}"] = good
-    monkeypatch.setattr(dl, "weights_url", lambda model: f"https://download.pytorch.org/models/{name}")
+    monkeypatch.setattr(download, "weights_url", lambda model: f"https://download.pytorch.org/models/{name}")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    loaded = dl.imagenet_state_dict("resnet18", None, server.url)
+    loaded = download.imagenet_state_dict("resnet18", None, server.url)
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert (tmp_path / "torch" / "hub" / "checkpoints" / name).is_file()
-    dl.imagenet_state_dict("resnet18", None, server.url)  # cached: not fetched again
+    download.imagenet_state_dict("resnet18", None, server.url)  # cached: not fetched again
     assert server.gets.count(f"/models/{name}") == 1
     (tmp_path / "torch" / "hub" / "checkpoints" / name).unlink()
     server.files[f"/models/{name}"] = good[:-10] + b"0123456789"  # the hash in the name no longer matches
-    with pytest.raises(dl.RunFileError, match="cannot download the ImageNet weights of resnet18 .*put resnet18-"):
-        dl.imagenet_state_dict("resnet18", None, server.url)
+    with pytest.raises(download.RunFileError, match="cannot download the ImageNet weights of resnet18 .*put resnet18-"):
+        download.imagenet_state_dict("resnet18", None, server.url)
     assert not list((tmp_path / "torch" / "hub" / "checkpoints").iterdir())
 
 

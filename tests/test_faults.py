@@ -67,7 +67,7 @@ def ppo_state(ppo, folder):
     args = ppo.Args(env="Basic", frame_height=60, frame_width=80, num_envs=2, num_steps=32, total_timesteps=256)
     args.batch_size, args.minibatch_size, args.num_iterations = 64, 16, 4
     agent = ppo.Agent(3, 4, 60, 80)
-    ppo.save_checkpoint(str(folder / "checkpoint.pt"), agent, torch.optim.Adam(agent.parameters()), args, 1, 64, 3)
+    ppo.save_checkpoint(str(folder / "checkpoint.pt"), agent, torch.optim.Adam(agent.parameters()), args, 1, 64)
     return folder / "checkpoint.pt"
 
 
@@ -138,7 +138,7 @@ def test_resume_from_the_previous_checkpoint_alone(ppo, dl, tmp_path, capsys):
     model = dl.CamModel("resnet18", 2)
     dl_run = tmp_path / "dl_run"
     dl_run.mkdir()
-    dl.save_checkpoint(str(dl_run / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), dl_args, 0, 1, 2)
+    dl.save_checkpoint(str(dl_run / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), dl_args, 0, 1)
     os.replace(dl_run / "checkpoint.pt", dl_run / "checkpoint.prev.pt")
     resumed, checkpoint, _, _ = dl.setup(dl.Args(resume=str(dl_run)))
     assert checkpoint["epoch"] == 1 and resumed.shapes_per_class == 4
@@ -295,8 +295,9 @@ def test_dl_weights_that_are_not_imagenet_weights(dl, tmp_path, content):
         path.write_bytes(content)
     else:  # a real state dict, of another architecture
         torch.save(torch.nn.Linear(2, 2).state_dict(), path)
-    with pytest.raises(dl.RunFileError, match=str(path)):
-        dl.imagenet_state_dict("resnet18", str(path))
+    download = load_script("download")
+    with pytest.raises(download.RunFileError, match=str(path)):
+        download.imagenet_state_dict("resnet18", str(path))
 
 
 @pytest.mark.slow
@@ -337,10 +338,14 @@ def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
-def test_figure_flags_are_checked_before_play(ppo, tmp_path):
-    for figure_out, frames, words in ((str(tmp_path / "nodir" / "x.png"), 4, "does not exist"), (None, 0, "--figure-frames must be at least 1")):
+def test_figure_flags_are_checked_before_play(tmp_path):
+    from conftest import load_script
+
+    fig = load_script("drl_attention_figure")
+    cases = ((str(tmp_path / "nodir" / "x.png"), 4, "does not exist"), (None, 0, "--frames must be at least 1"))
+    for out, frames, words in cases:
         with pytest.raises(ValueError, match=words):
-            ppo.check_figure(ppo.Args(figure=("a", "b"), figure_out=figure_out, figure_frames=frames))
+            fig.check(fig.Args(runs=("a", "b"), out=out, frames=frames))
 
 
 # ---------------------------------------------------------------------------------------------

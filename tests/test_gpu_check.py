@@ -22,7 +22,7 @@ def test_reduced_mode_runs_every_part(tmp_path):
     assert r["system"]["mode"] == "cpu-reduced" and r["failed"] == [] and r["skipped"] == [] and r["verdict"] is None
     assert [row["num_envs"] for row in r["ppo_env"]] == [2] and all(row["sps"] > 0 for row in r["ppo_env"])
     train = r["ppo_train"]
-    assert [(row["num_envs"], row["method"], row["flags"]) for row in train] == [(2, "camal", "--frame-stack-on env")]
+    assert [(row["num_envs"], row["method"], row["flags"]) for row in train] == [(2, "camal", "")]
     for row in train:
         assert row["rc"] == 0 and row["sps"] > 0
         assert abs(row["env_share"] + row["policy_share"] + row["update_share"] - 1) < 1e-6

@@ -21,7 +21,7 @@ def frame_with_objects(env, max_steps=300):
 
 @pytest.mark.parametrize("name", ["Basic", "DefendLine", "DefendCenter", "TakeCover"])
 def test_labels_to_mask_real_frames(ppo, name):
-    env = ppo.VizDoomEnv(name, frame_skip=4, frame_height=240, frame_width=320, frame_stack=4)
+    env = ppo.VizDoomEnv(name, frame_skip=4, frame_height=240, frame_width=320)
     try:
         state = frame_with_objects(env)
         lb = state.labels_buffer
@@ -41,12 +41,12 @@ def test_labels_to_mask_real_frames(ppo, name):
             assert (lb == 255).any() and 255 in player
 
         # the env's observation: the newest frame's mask, resized with nearest neighbour
-        small = ppo.VizDoomEnv(name, frame_skip=4, frame_height=60, frame_width=80, frame_stack=4)
+        small = ppo.VizDoomEnv(name, frame_skip=4, frame_height=60, frame_width=80)
         try:
             obs, _ = small.reset(seed=3)
             s = small.game.get_state()
             lb_small = cv2.resize(s.labels_buffer, (80, 60), interpolation=cv2.INTER_NEAREST)
-            assert obs["mask"].shape == (60, 80) and obs["frames"].shape == (4, 60, 80)
+            assert obs["mask"].shape == (60, 80) and obs["frame"].shape == (60, 80)
             np.testing.assert_array_equal(obs["mask"].astype(bool), ppo.labels_to_mask(lb_small, s.labels))
         finally:
             small.close()

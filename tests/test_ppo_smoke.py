@@ -99,21 +99,22 @@ def test_smoke(ppo_smoke_run, env, method):
 
 
 @pytest.mark.slow
-def test_attention_figure(ppo_smoke_run, tmp_path, ppo):
+def test_attention_figure(ppo_smoke_run, tmp_path):
     """The paper's Figure 11 from two saved runs: frame | mask | each agent's CAM on the same frames."""
     from PIL import Image
 
-    from conftest import run_script
+    from conftest import load_script, run_script
 
     runs = [next((ppo_smoke_run("Basic", m)[1] / "runs").iterdir()) for m in ("camal", "vanilla")]
-    proc = run_script("ppo_camal_vizdoom", ["--figure", *map(str, runs), "--figure-frames", "2", "--figure-out", "fig.png"], cwd=tmp_path)
+    proc = run_script("drl_attention_figure", [*map(str, runs), "--frames", "2", "--out", "fig.png"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with Image.open(tmp_path / "fig.png") as im:
         assert im.size[0] > 2 * im.size[1] > 0  # two rows of four panels
-    # bad input, in-process (the script prints the ValueError's message and exits 2): a missing folder, a run without a saved model
-    for args, message in (
-        ((str(tmp_path / "nope"), str(runs[1])), "does not exist"),
-        ((str(runs[0]), str(next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir()))), "--save-model"),
-    ):
+    # bad input: a missing folder, a run without a saved model (in-process: the script prints the message, exit 2)
+    fig = load_script("drl_attention_figure")
+    other = next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir())
+    for runs_given, message in (((str(tmp_path / "nope"), str(runs[1])), "does not exist"), ((str(runs[0]), str(other)), "--save-model")):
         with pytest.raises(ValueError, match=message):
-            ppo.attention_figure(ppo.Args(figure=args))
+            fig.draw(fig.Args(runs=runs_given))
+    bad = run_script("drl_attention_figure", [str(tmp_path / "nope"), str(runs[1])], cwd=tmp_path)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

@@ -52,9 +52,10 @@ def test_commit_and_changed_code_are_recorded(tmp_path):
     """The script's own checkout: its commit, and whether a tracked file differs from it (run folders do not count)."""
     repo = tmp_path / "code"
     repo.mkdir()
-    shutil.copy(ROOT / "train_dl_camal.py", repo)
+    for script in ("train_dl_camal.py", "download.py"):  # the trainer loads download.py from beside it
+        shutil.copy(ROOT / script, repo)
     git(repo, "init", "-q")
-    git(repo, "add", "train_dl_camal.py")
+    git(repo, "add", "train_dl_camal.py", "download.py")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code")
     commit = git(repo, "rev-parse", "HEAD")
 

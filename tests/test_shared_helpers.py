@@ -1,7 +1,11 @@
-"""Helpers are copied between scripts (CleanRL's way), never imported: every copy must match its original."""
+"""Helpers are copied between scripts (CleanRL's way), never imported: every copy must match its original.
+
+    python tests/test_shared_helpers.py --sync   # after changing an original: copy it over every copy
+"""
 
 import ast
 import functools
+import sys
 
 from conftest import ROOT
 
@@ -40,6 +44,7 @@ SHARED = [
             "package_version",
             "record_environment",
             "duration",
+            "warn",
             "open_logs",
             "close_logs",
         ),
@@ -62,13 +67,6 @@ SHARED = [
             "SHAPE_NAMES",
             "CUE_COLOURS",
             "RESIZE, CROP",
-            "FLOWERS_SEGMENTATIONS",
-            "LAYOUTS",
-            "BUSI_SOURCE",
-            "dataset_files",
-            "mirrored",
-            "fetch",
-            "download_dataset",
         ),
     ),
     ("eval_faithfulness.py", ("mean_ci", "plot_curves")),
@@ -117,7 +115,7 @@ def test_regularizer_study_holds_the_copies():
     assert {"camal_terms", "dataset_records", "read_mask", "render_shape", "resize_crop", "pets_records", "flowers_records", "busi_records"} <= set(
         defs
     )
-    assert {"download_dataset", "fetch", "dataset_files", "mirrored"} <= set(defs)
+    assert not {"download_dataset", "fetch", "dataset_files", "mirrored"} & set(defs)  # download.py's, loaded
 
 
 def test_benchmarks_hold_the_copies():
@@ -147,3 +145,46 @@ def test_every_json_writer_holds_the_atomic_copy():
     assert "read_json" in top_level_definitions(ROOT / "stats.py")
     assert "unwritable" in top_level_definitions(ROOT / "benchmark.py")
     assert "MODELS" in top_level_definitions(ROOT / "benchmark.py")  # the grids' model axis is the trainer's --model
+
+
+def definition_lines(source):
+    """{name: (first line, last line)} of the top-level definitions and constants, 1-based, decorators included."""
+    spans = {}
+    for n in ast.parse(source).body:
+        first = min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])])
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+            spans[n.name] = (first, n.end_lineno)
+        elif isinstance(n, ast.Assign) and len(n.targets) == 1:
+            spans[ast.get_source_segment(source, n.targets[0])] = (first, n.end_lineno)
+    return spans
+
+
+def sync():
+    """Copy every shared helper from its origin over the copies in the other scripts."""
+    for origin, names in SHARED:
+        source = (ROOT / origin).read_text()
+        spans = definition_lines(source)
+        lines = source.splitlines(keepends=True)
+        texts = {name: "".join(lines[spans[name][0] - 1 : spans[name][1]]) for name in names}
+        for script in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("benchmarks/*.py")):
+            if script == ROOT / origin:
+                continue
+            target = script.read_text()
+            found = definition_lines(target)
+            out = target.splitlines(keepends=True)
+            changed = []
+            same = top_level_definitions.__wrapped__(script)  # uncached: the files change as they are synced
+            for name in sorted((n for n in names if n in found), key=lambda n: -found[n][0]):  # bottom up: lines stay put
+                first, last = found[name]
+                if same[name] != top_level_definitions.__wrapped__(ROOT / origin)[name]:
+                    out[first - 1 : last] = [texts[name]]
+                    changed.append(name)
+            if changed:
+                script.write_text("".join(out))
+                print(f"{script.relative_to(ROOT)}: {', '.join(sorted(changed))} copied from {origin}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--sync"]:
+        sys.exit(__doc__)
+    sync()
