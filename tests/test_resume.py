@@ -278,3 +278,49 @@ def test_a_stop_during_the_final_evaluation(tmp_path, how):
     results = [json.loads((d / "eval.json").read_text()) for d in (run_dir, whole_dir)]
     for key in ("episodic_returns", "episodic_lengths", "episodic_iou", "by_cam"):
         assert results[0][key] == results[1][key], key
+
+
+def descendants(pid):
+    """{pid: start time} of every process below pid, from /proc."""
+    procs = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            procs[int(d)] = (int(fields[1]), fields[19])
+        except (OSError, IndexError):
+            pass
+    found, parents = {}, [pid]
+    while parents:
+        children = [p for p, (parent, _) in procs.items() if parent == parents[-1]]
+        parents = parents[:-1] + children
+        found.update({p: procs[p][1] for p in children})
+    return found
+
+
+def alive(pid, start):
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == start and fields[0] != "Z"  # a zombie has ended
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vector_env", ["sync", "async"])
+def test_a_killed_trainer_leaves_no_game_running(tmp_path, vector_env):
+    """The games ignore the stop signals (so a scheduler's signal does not kill them mid-step): when the trainer itself
+    is killed with SIGKILL, its watchdog ends the engines and env workers it leaves behind."""
+    proc = start_ppo(tmp_path, [*ARGS, "--total-timesteps", "100000", "--vector-env", vector_env], own_session=True)
+    for line in proc.stdout:
+        if line.startswith("iter 1/"):
+            break
+    found = {p: (s, open(f"/proc/{p}/cmdline").read()) for p, s in descendants(proc.pid).items()}
+    games = {p: s for p, (s, cmd) in found.items() if "sys.stdin.read()" not in cmd}  # all but the watchdog
+    assert sum("vizdoom -iwad" in cmd.replace("\0", " ") for _, cmd in found.values()) == 2, found  # the two engines
+    assert len(games) == (4 if vector_env == "async" else 2), found  # async: and their two workers
+    os.kill(proc.pid, signal.SIGKILL)  # the trainer alone: nothing closes the games
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(p, s) for p, s in games.items()):
+        time.sleep(0.2)
+    assert not [p for p, s in games.items() if alive(p, s)], "game processes outlived their trainer"
