@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 ENVS = ("Basic", "DefendLine", "DefendCenter", "TakeCover")
-CAMS = ("paper", "abs", "abs-target")  # ppo_camal_vizdoom.py's --cam
+CAM_KINDS = ("abs", "paper", "abs-target")  # --cam's choices; every evaluation measures IoU under each
 MODELS = ("resnet18", "convnext_tiny", "efficientnet_b0", "vit_b_16", "swin_v2_t", "maxvit_t")
 # The paper's grids. Every axis can be narrowed or widened from the command line.
 PRESETS = {
@@ -527,6 +527,33 @@ def unwritable(path):
     return None if os.access(here, os.W_OK) else f"{here} is not writable"
 
 
+def passed_value(passthrough, flag):
+    """The value the training script's flags give `flag` (--flag V or --flag=V), or None."""
+    for i, token in enumerate(passthrough):
+        if token == flag and i + 1 < len(passthrough):
+            return passthrough[i + 1]
+        if token.startswith(flag + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def downloads(args, passthrough):
+    """With --download: download.py's commands that fetch the grid's datasets (and the ImageNet weights its cells start
+    from) once, here, before any cell starts, since a cluster's nodes may have no network; the cells then find them in
+    place and only verify them."""
+    preset = PRESETS[args.preset]
+    if preset["kind"] == "drl" or "--download" not in passthrough:
+        return []
+    datasets = [d for d in (args.datasets or preset["datasets"]) if d != "shapes"]
+    data_dir, mirror = passed_value(passthrough, "--data-dir"), passed_value(passthrough, "--download-mirror")
+    cmd = [sys.executable, str(ROOT / "download.py"), *(["--mirror", mirror] if mirror else [])]
+    calls = [[*cmd, "--dataset", d, "--data-dir", data_dir] for d in datasets if data_dir]
+    weights = "--no-pretrained" not in passthrough and passed_value(passthrough, "--weights") is None
+    if preset["kind"] == "dl" and datasets and weights:
+        calls.append([*cmd, "--weights", *(args.models or preset["models"])])
+    return calls
+
+
 def parse(argv):
     p = argparse.ArgumentParser(
         description="Run a grid of the paper's experiments, resumably; any flag not listed here goes to the training script unchanged.",
@@ -538,7 +565,7 @@ def parse(argv):
     p.add_argument(
         "--cams",
         nargs="+",
-        choices=CAMS,
+        choices=CAM_KINDS,
         help="DRL: the CAMAL cells' --cam (default: paper, the paper's Eq. 3); vanilla runs once, with the first, and its evaluation "
         "measures the IoU under each",
     )
@@ -613,13 +640,22 @@ def parse(argv):
 def main(argv=None):
     args, passthrough = parse(sys.argv[1:] if argv is None else argv)
     cells = grid(args, passthrough)
+    fetch = downloads(args, passthrough)
     if args.dry_run:
+        for call in fetch:
+            print(f"{shlex.join(call)}  # fetched once, before any cell starts")
         for i, cell in enumerate(cells):
             where = ("finished" if cell.finished() else f"SLURM array task {i}" if args.backend == "slurm" else "this machine") + (
                 ", resumes" if cell.resumable() else ""
             )
             print(f"cd {shlex.quote(str(cell.folder))} && {shlex.join(cell.command())}  # {cell.id}: {where}")
         return 0
+    for call in fetch:
+        print(f"[benchmark] {shlex.join(call[1:])}", file=sys.stderr, flush=True)
+        code = subprocess.run(call).returncode
+        if code:
+            print(f"[benchmark] error: download.py exited with {code}; no cell was started", file=sys.stderr)
+            return 2
     results = run_slurm(cells, args) if args.backend == "slurm" else run_local(cells, args)
     failed, interrupted = summary(results)
     if not args.no_analysis and not STOPPING["set"]:

@@ -60,7 +60,7 @@ def parse(argv):
         "--cams",
         nargs="+",
         default=["abs"],
-        choices=benchmark.CAMS,
+        choices=benchmark.CAM_KINDS,
         help="--cam of each CAMAL configuration; vanilla runs with the first and is measured under each",
     )
     p.add_argument("--threshold", type=float, default=50.0, help="the return a learned agent reaches (Basic: trained agents score about 75-85)")

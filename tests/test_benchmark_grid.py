@@ -63,11 +63,30 @@ def bench(args, cwd, timeout=600, env=None):
 )
 def test_dry_run_prints_one_line_per_cell(tmp_path, args, lines):
     proc = bench([*args, "--dry-run"], tmp_path)
-    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.returncode == 0 and proc.stderr == "" and "download.py" not in proc.stdout
     out = proc.stdout.splitlines()
     assert len(out) == lines and len(set(out)) == lines
     assert all(" && " in line and "# " in line for line in out)
     assert not (tmp_path / "benchmark_runs").exists()  # nothing made
+
+
+def test_downloads_come_once_before_any_cell(tmp_path):
+    """--download: download.py fetches the grid's datasets and the ImageNet weights of its models once, before any cell
+    starts (a cluster's nodes may have no network); --dry-run lists those commands, and one that fails starts no cell."""
+    grid = ["--preset", "dl", "--datasets", "pets", "shapes", "--models", "resnet18", "vit_b_16", "--folds", "0"]
+    flags = ["--download", "--data-dir", "DATA", "--download-mirror", "http://127.0.0.1:9"]  # port 9: nothing listens
+    out = bench([*grid, *flags, "--dry-run"], tmp_path).stdout.splitlines()
+    fetch = [line for line in out if "download.py" in line]
+    assert len(fetch) == 2 and all(line.endswith("# fetched once, before any cell starts") for line in fetch)
+    assert "--dataset pets --data-dir DATA" in fetch[0] and "--mirror http://127.0.0.1:9" in fetch[0]
+    assert "--weights resnet18 vit_b_16" in fetch[1] and "shapes" not in " ".join(fetch)
+    scratch = bench([*grid, *flags, "--no-pretrained", "--dry-run"], tmp_path).stdout
+    assert "--weights" not in scratch and "--dataset pets" in scratch  # cells that start from scratch need no weights
+    assert "download.py" not in bench([*grid, "--dry-run"], tmp_path).stdout  # without --download, nothing is fetched
+    failed = bench([*grid, *flags, "--no-pretrained"], tmp_path)
+    assert failed.returncode == 2 and "download.py exited with 2; no cell was started" in failed.stderr, failed.stderr[-2000:]
+    assert "cannot download http://127.0.0.1:9/" in failed.stderr and "Traceback" not in failed.stderr
+    assert not (tmp_path / "benchmark_runs" / "cells").exists()
 
 
 def test_cell_identity_is_the_cell_and_its_flags_not_the_time(tmp_path):

@@ -14,6 +14,7 @@ SHARED = [
     (
         "ppo_camal_vizdoom.py",
         (
+            "CAM_KINDS",
             "grad_cam",
             "camal_terms",
             "camal_loss",
@@ -145,6 +146,8 @@ def test_every_json_writer_holds_the_atomic_copy():
     assert "read_json" in top_level_definitions(ROOT / "stats.py")
     assert "unwritable" in top_level_definitions(ROOT / "benchmark.py")
     assert "MODELS" in top_level_definitions(ROOT / "benchmark.py")  # the grids' model axis is the trainer's --model
+    assert "CAM_KINDS" in top_level_definitions(ROOT / "benchmark.py")  # and its CAM axis the trainer's --cam
+    assert "MODELS" in top_level_definitions(ROOT / "download.py")  # --weights' choices
 
 
 def definition_lines(source):
