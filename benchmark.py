@@ -1,8 +1,8 @@
-# Run the paper's grids (Tables 7 and 8, Table 4) on this machine's GPUs or on a SLURM cluster, resumably, then analyse them.
-# Each cell of a grid (env x method x seed, or dataset x model x method x fold x seed) runs in its own folder under
-# --out/cells; its identity is the cell and the flags passed through, never the time. Rerunning the same command skips
-# finished cells, resumes interrupted ones from their checkpoint and retries failed ones. Single-file in CleanRL's style
-# (cleanrl_utils/benchmark.py is the anchor).
+# Run the paper's grids (Tables 7 and 8, Table 4) on this machine's GPUs or on a SLURM cluster, resumably, then analyse
+# them. Each cell of a grid (env x method x seed, or dataset x model x method x fold x seed) runs in its own folder
+# under --out/cells; its identity is the cell and the flags passed through, never the time. Rerunning the same command
+# skips finished cells, resumes interrupted ones from their checkpoint and retries failed ones. Single-file in CleanRL's
+# style (cleanrl_utils/benchmark.py is the anchor).
 #
 #   python benchmark.py --preset drl --dry-run                  # the 40 commands of Table 8's grid, one per line
 #   python benchmark.py --preset drl --seeds 1 2 --workers 4    # narrow an axis; run 4 at a time on this machine
@@ -47,7 +47,9 @@ PRESETS = {
     },
     "study": {"kind": "study", "datasets": ("pets", "flowers")},
 }
-INTERRUPTED = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}  # exit codes after a checkpoint
+INTERRUPTED = {
+    128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+}  # exit codes after a checkpoint
 
 
 class Cell:
@@ -91,12 +93,18 @@ class Cell:
         return [sys.executable, str(ROOT / self.script), *args]
 
 
-PATH_FLAGS = ("--data-dir", "--weights", "--prior-weights", "--prior-cache")  # paths, whether they exist yet or not (--download makes DATA)
+PATH_FLAGS = (
+    "--data-dir",
+    "--weights",
+    "--prior-weights",
+    "--prior-cache",
+)  # paths, whether they exist yet or not (--download makes DATA)
 
 
 def absolute_paths(passthrough):
-    """Paths given relative to where the benchmark starts (--data-dir DATA, --weights w.pth) made absolute, since each cell
-    runs in its own folder: existing paths, and every value of PATH_FLAGS (--data-dir DATA --download makes DATA)."""
+    """Paths given relative to where the benchmark starts (--data-dir DATA, --weights w.pth) made absolute, since each
+    cell runs in its own folder: existing paths, and every value of PATH_FLAGS (--data-dir DATA --download makes
+    DATA)."""
     out, previous = [], ""
     for token in passthrough:
         flag, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
@@ -120,8 +128,8 @@ def grid(args, passthrough):
         cams = list(dict.fromkeys(pick("cams")))
         for env in pick("envs"):
             for method in pick("methods"):
-                # vanilla trains without a CAM: one cell (with the first of --cams, for its training curves), whose evaluation
-                # measures the IoU under every --cam (eval.json's by_cam)
+                # vanilla trains without a CAM: one cell (with the first of --cams, for its training curves), whose
+                # evaluation measures the IoU under every --cam (eval.json's by_cam)
                 for cam in cams if method == "camal" else cams[:1]:
                     for seed in pick("seeds"):
                         axes = {"env": env, "method": method, "cam": cam, "seed": seed}
@@ -135,7 +143,9 @@ def grid(args, passthrough):
                             axes = {"dataset": dataset, "model": model, "method": method, "fold": fold, "seed": seed}
                             extra = [f"--folds={args.num_folds}", *passthrough]
                             if method == "prior" and not any(a.split("=")[0] == "--prior-cache" for a in passthrough):
-                                extra.append(f"--prior-cache={Path(args.out).resolve() / 'prior_cache'}")  # CLIP's CAMs once per grid
+                                extra.append(
+                                    f"--prior-cache={Path(args.out).resolve() / 'prior_cache'}"
+                                )  # CLIP's CAMs once per grid
                             cells.append(Cell(kind, axes, extra, args.out, 1))
     else:
         for dataset in pick("datasets"):
@@ -163,13 +173,17 @@ def run_cell(cell, retries, env=None, on_start=None):
         for attempt in range(retries + 1):
             cmd = cell.command()
             with open(cell.folder / "log.txt", "a") as log:
-                placed = " ".join(f"{k}={env[k]}" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if env and k in env)
+                placed = " ".join(
+                    f"{k}={env[k]}" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if env and k in env
+                )
                 log.write(
                     f"\n$ {placed + ' ' if placed else ''}{shlex.join(cmd)}  (attempt {attempt + 1} of {retries + 1}, "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n"
                 )
                 log.flush()
-                proc = subprocess.Popen(cmd, cwd=cell.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd, cwd=cell.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
                 CHILDREN.add(proc)
                 try:
                     code = proc.wait()
@@ -194,7 +208,8 @@ def forward_signal(signum, frame):
     """Ctrl-C, SIGTERM, SIGUSR1 or SIGUSR2: every running cell saves its checkpoint and stops; a rerun resumes them."""
     STOPPING["set"] = True
     print(
-        f"\n{signal.Signals(signum).name}: the running cells save a checkpoint and stop; rerun the same command to resume",
+        f"\n{signal.Signals(signum).name}: the running cells save a checkpoint and stop; rerun the same command to "
+        "resume",
         file=sys.stderr,
         flush=True,
     )
@@ -223,7 +238,8 @@ class CellJob:
         # scontrol requeue, scancel, a node taken down: SLURM sends SIGTERM to every process of the task; the cell then
         # saves its checkpoint, and must not be retried here (submitit's own handler only logs it)
         signal.signal(signal.SIGTERM, forward_signal)
-        # torch's threads match the CPUs SLURM gave the task: more would oversubscribe them (a 20-fold slowdown measured)
+        # torch's threads match the CPUs SLURM gave the task: more would oversubscribe them (a 20-fold slowdown
+        # measured)
         threads = os.environ.get("SLURM_CPUS_PER_TASK")
         return run_cell(cell, self.retries, env=dict(os.environ, OMP_NUM_THREADS=threads) if threads else None)
 
@@ -231,13 +247,15 @@ class CellJob:
         import submitit
 
         print(
-            "SLURM's time limit or a pre-emption is near: the cell saves a checkpoint; submitit requeues this task, which resumes it",
+            "SLURM's time limit or a pre-emption is near: the cell saves a checkpoint; submitit requeues this task, "
+            "which resumes it",
             file=sys.stderr,
             flush=True,
         )
         stop_children(signal.SIGUSR1)
         for proc in list(CHILDREN):
-            # not proc.wait(): this runs in a signal handler that interrupted run_cell's proc.wait(), which holds its lock
+            # not proc.wait(): this runs in a signal handler that interrupted run_cell's proc.wait(), which holds its
+            # lock
             try:
                 os.waitpid(proc.pid, 0)
             except ChildProcessError:
@@ -290,7 +308,8 @@ def summary(results):
     interrupted = [c for c, (status, _) in results.items() if status == "interrupted"]
     counts = {s: sum(1 for st, _ in results.values() if st == s) for s in ("done", "failed", "interrupted", "busy")}
     print(
-        f"\n[benchmark] {counts['done']} done, {counts['failed']} failed, {counts['interrupted']} interrupted (a rerun resumes them), "
+        f"\n[benchmark] {counts['done']} done, {counts['failed']} failed, {counts['interrupted']} interrupted (a rerun "
+        "resumes them), "
         f"{counts['busy']} run by another invocation",
         file=sys.stderr,
     )
@@ -307,7 +326,9 @@ def analyse(cells, out):
     """eval_faithfulness.py over the finished DL runs, then stats.py over every cell, into out/analysis."""
     analysis = Path(out) / "analysis"
     analysis.mkdir(parents=True, exist_ok=True)
-    dl_runs = [str(r) for c in cells if c.kind == "dl" and c.finished() for r in c.runs() if (r / "metrics.json").is_file()]
+    dl_runs = [
+        str(r) for c in cells if c.kind == "dl" and c.finished() for r in c.runs() if (r / "metrics.json").is_file()
+    ]
     steps = []
     if dl_runs:
         steps.append(
@@ -321,8 +342,12 @@ def analyse(cells, out):
         steps.append(("stats.py", [str(Path(out) / "cells"), "--out", str(analysis)], analysis / "stats.md"))
     for script, script_args, report in steps:
         with open(report, "w") as f:
-            code = subprocess.run([sys.executable, str(ROOT / script), *script_args], stdout=f, stderr=subprocess.STDOUT).returncode
-        print(f"[benchmark] {script}: {'written to' if code == 0 else f'exit code {code}, see'} {report}", file=sys.stderr)
+            code = subprocess.run(
+                [sys.executable, str(ROOT / script), *script_args], stdout=f, stderr=subprocess.STDOUT
+            ).returncode
+        print(
+            f"[benchmark] {script}: {'written to' if code == 0 else f'exit code {code}, see'} {report}", file=sys.stderr
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +370,8 @@ def run_local(cells, args):
     free_lock = threading.Lock()
     progress = Progress(len(cells), workers)
     print(
-        f"[benchmark] {len(cells)} cells, {workers} at a time on this machine ({gpus} GPUs, {args.runs_per_gpu} run per GPU; "
+        f"[benchmark] {len(cells)} cells, {workers} at a time on this machine ({gpus} GPUs, {args.runs_per_gpu} run "
+        "per GPU; "
         f"{threads} CPU threads each), in {Path(args.out).resolve()}",
         file=sys.stderr,
         flush=True,
@@ -361,13 +387,17 @@ def run_local(cells, args):
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
         started, ran = time.time(), []
         try:
-            status, code = run_cell(cell, args.retries, env, on_start=lambda: (ran.append(1), progress.update(running=1)))
+            status, code = run_cell(
+                cell, args.retries, env, on_start=lambda: (ran.append(1), progress.update(running=1))
+            )
         finally:
             if slot is not None:
                 with free_lock:
                     free.append(slot)
         if not ran:  # finished before this invocation, or another invocation holds it
-            progress.update(done=int(status == "done"), busy=int(status == "busy"), interrupted=int(status == "interrupted"))
+            progress.update(
+                done=int(status == "done"), busy=int(status == "busy"), interrupted=int(status == "interrupted")
+            )
         elif status == "done":
             progress.durations.append(time.time() - started)
             progress.update(running=-1, done=1)
@@ -387,11 +417,15 @@ def slurm_executor(args):
     except ImportError:
         raise SystemExit("error: --backend slurm needs submitit: pip install submitit") from None
     folder = str(Path(args.out) / "slurm" / "%j")
-    if args.slurm_cluster == "local":  # tests: the same pickled array tasks, time limit, signal and requeue, on this machine
+    if (
+        args.slurm_cluster == "local"
+    ):  # tests: the same pickled array tasks, time limit, signal and requeue, on this machine
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.slurm_max_requeues)
         executor.update_parameters(timeout_min=args.slurm_time, signal_delay_s=args.slurm_signal_delay_s)
         return executor
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.slurm_cluster, slurm_max_num_timeout=args.slurm_max_requeues)
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster=args.slurm_cluster, slurm_max_num_timeout=args.slurm_max_requeues
+    )
     extra = dict(kv.split("=", 1) for kv in args.slurm_extra)
     executor.update_parameters(
         timeout_min=args.slurm_time,
@@ -436,12 +470,26 @@ def wait_local(pending, executor, args, progress):
                 try:
                     yield cell, job.result()
                 except Exception as e:  # the task itself failed: its log says why
-                    yield cell, task_failed(cell, str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+                    yield (
+                        cell,
+                        task_failed(cell, str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__),
+                    )
                 del pending[cell]
 
 
-# SLURM's states of a task that is over (squeue lists them for MinJobAge after the end); any other state is still running
-OVER = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+# SLURM's states of a task that is over (squeue lists them for MinJobAge after the end); any other state is still
+# running
+OVER = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def slurm_states(jobs):
@@ -449,10 +497,17 @@ def slurm_states(jobs):
     squeue is the source of states: without an accounting database sacct (which submitit asks) has none."""
     ids = sorted({j.job_id.split("_")[0] for j in jobs})
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(ids), "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-t", "all", "-j", ",".join(ids), "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode and "Invalid job id" not in out.stderr:  # the controller is busy or away: ask again at the next poll
+    if (
+        out.returncode and "Invalid job id" not in out.stderr
+    ):  # the controller is busy or away: ask again at the next poll
         return None
     return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
 
@@ -483,7 +538,9 @@ def wait_slurm(pending, executor, args, progress):
             outcome = read_outcome(job)
             if cell.finished():
                 yield cell, ("done", 0)
-            elif outcome is not None and outcome[0] == "failed":  # the training failed, with its retries: log.txt says why
+            elif (
+                outcome is not None and outcome[0] == "failed"
+            ):  # the training failed, with its retries: log.txt says why
                 yield cell, outcome
             elif state == "CANCELLED" or STOPPING["set"]:
                 yield cell, ("interrupted", None)
@@ -491,11 +548,25 @@ def wait_slurm(pending, executor, args, progress):
                 tries[cell] += 1
                 retry = executor.submit(CellJob(args.retries), cell)
                 with open(cell.folder / "log.txt", "a") as log:
-                    log.write(f"\nSLURM task {job.job_id} ended {state} without finishing the cell: submitted again as job {retry.job_id}\n")
-                print(f"[benchmark] {cell.id}: task {job.job_id} ended {state}; submitted again as {retry.job_id}", file=sys.stderr, flush=True)
+                    log.write(
+                        f"\nSLURM task {job.job_id} ended {state} without finishing the cell: submitted again as job "
+                        f"{retry.job_id}\n"
+                    )
+                print(
+                    f"[benchmark] {cell.id}: task {job.job_id} ended {state}; submitted again as {retry.job_id}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 pending[cell] = retry
             else:
-                yield cell, task_failed(cell, f"SLURM task {job.job_id} ended {state} without finishing the cell, after {args.retries} resubmissions")
+                yield (
+                    cell,
+                    task_failed(
+                        cell,
+                        f"SLURM task {job.job_id} ended {state} without finishing the cell, after {args.retries} "
+                        "resubmissions",
+                    ),
+                )
 
 
 def read_outcome(job):
@@ -556,36 +627,66 @@ def downloads(args, passthrough):
 
 def parse(argv):
     p = argparse.ArgumentParser(
-        description="Run a grid of the paper's experiments, resumably; any flag not listed here goes to the training script unchanged.",
+        description="Run a grid of the paper's experiments, resumably; any flag not listed here goes to the training "
+        "script unchanged.",
         allow_abbrev=False,
     )
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="drl (Table 8), dl (Table 7), dl-suppress, study (Table 4)")
+    p.add_argument(
+        "--preset",
+        required=True,
+        choices=sorted(PRESETS),
+        help="drl (Table 8), dl (Table 7), dl-suppress, study (Table 4)",
+    )
     p.add_argument("--envs", nargs="+", choices=ENVS, help="DRL environments (all four by default)")
     p.add_argument("--methods", nargs="+", choices=["camal", "vanilla", "prior", "suppress"])
     p.add_argument(
         "--cams",
         nargs="+",
         choices=CAM_KINDS,
-        help="DRL: the CAMAL cells' --cam (default: paper, the paper's Eq. 3); vanilla runs once, with the first, and its evaluation "
+        help="DRL: the CAMAL cells' --cam (default: paper, the paper's Eq. 3); vanilla runs once, with the first, and "
+        "its evaluation "
         "measures the IoU under each",
     )
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--models", nargs="+", choices=MODELS)
     p.add_argument("--datasets", nargs="+", choices=["pets", "flowers", "busi", "shapes"])
     p.add_argument("--folds", nargs="+", type=int, help="which folds to run (all of --num-folds by default)")
-    p.add_argument("--num-folds", type=int, default=10, help="DL: k of the k-fold split (train_dl_camal.py's --folds; the paper: 10)")
-    p.add_argument("--out", default="benchmark_runs", help="the grid's folder: cells/<cell>/ (runs, log.txt), analysis/, slurm/")
+    p.add_argument(
+        "--num-folds",
+        type=int,
+        default=10,
+        help="DL: k of the k-fold split (train_dl_camal.py's --folds; the paper: 10)",
+    )
+    p.add_argument(
+        "--out", default="benchmark_runs", help="the grid's folder: cells/<cell>/ (runs, log.txt), analysis/, slurm/"
+    )
     p.add_argument("--backend", default="local", choices=["local", "slurm"])
-    p.add_argument("--workers", type=int, default=0, help="local: cells at a time (default: one per GPU slot, 1 without GPUs)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="local: cells at a time (default: one per GPU slot, 1 without GPUs)"
+    )
     p.add_argument("--runs-per-gpu", type=int, default=1, help="local: cells sharing one GPU (CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--retries", type=int, default=1, help="reruns of a failed cell (from its checkpoint when it has one)")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="DRL cells checkpoint every this many iterations (DL: every epoch)")
-    p.add_argument("--dry-run", action="store_true", help="print each cell's command and where it would run; run nothing")
+    p.add_argument(
+        "--retries", type=int, default=1, help="reruns of a failed cell (from its checkpoint when it has one)"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="DRL cells checkpoint every this many iterations (DL: every epoch)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print each cell's command and where it would run; run nothing"
+    )
     p.add_argument("--no-analysis", action="store_true", help="skip eval_faithfulness.py and stats.py at the end")
     p.add_argument("--slurm-partition", default=None)
     p.add_argument("--slurm-gpus-per-task", type=int, default=1)
     p.add_argument("--slurm-cpus-per-task", type=int, default=8)
-    p.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per task; a task that runs out checkpoints and is requeued")
+    p.add_argument(
+        "--slurm-time",
+        type=int,
+        default=24 * 60,
+        help="minutes per task; a task that runs out checkpoints and is requeued",
+    )
     p.add_argument(
         "--slurm-signal-delay-s",
         type=int,
@@ -597,16 +698,29 @@ def parse(argv):
         "--slurm-max-requeues",
         type=int,
         default=20,
-        help="how many times a task may reach its time limit and be requeued (submitit's max_num_timeout; its default of 3 "
+        help="how many times a task may reach its time limit and be requeued (submitit's max_num_timeout; its default "
+        "of 3 "
         "would fail a long cell); a pre-emption does not count",
     )
-    p.add_argument("--slurm-extra", nargs="*", default=[], metavar="KEY=VALUE", help="more sbatch options, e.g. account=proj qos=high")
-    p.add_argument("--slurm-cluster", default=None, choices=["slurm", "local", "debug"], help=argparse.SUPPRESS)  # tests: submitit locally
+    p.add_argument(
+        "--slurm-extra",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more sbatch options, e.g. account=proj qos=high",
+    )
+    p.add_argument(
+        "--slurm-cluster", default=None, choices=["slurm", "local", "debug"], help=argparse.SUPPRESS
+    )  # tests: submitit locally
     p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
     args, passthrough = p.parse_known_args(argv)
     problems = []
     kind = PRESETS[args.preset]["kind"]
-    applies = {"drl": ("envs", "methods", "cams", "seeds"), "dl": ("datasets", "models", "methods", "folds", "seeds"), "study": ("datasets",)}[kind]
+    applies = {
+        "drl": ("envs", "methods", "cams", "seeds"),
+        "dl": ("datasets", "models", "methods", "folds", "seeds"),
+        "study": ("datasets",),
+    }[kind]
     for axis in ("envs", "methods", "cams", "seeds", "models", "datasets", "folds"):
         if getattr(args, axis) and axis not in applies:
             problems.append(f"--{axis} does not apply to --preset {args.preset}")
@@ -625,10 +739,15 @@ def parse(argv):
         problems.append("--slurm-extra takes KEY=VALUE pairs")
     own = ("--resume", "--fold", "--env", "--seed", "--method", "--cam", "--model", "--dataset")
     # --seed 7, --seed=7, and an abbreviation such as --se 7 alike
-    taken = [a for a in passthrough if a.startswith("--") and any(o.startswith(a.split("=")[0]) for o in own) and len(a.split("=")[0]) > 2]
+    taken = [
+        a
+        for a in passthrough
+        if a.startswith("--") and any(o.startswith(a.split("=")[0]) for o in own) and len(a.split("=")[0]) > 2
+    ]
     if taken:
         problems.append(
-            f"these flags are the grid's own or the benchmark's: {taken}; use --envs, --methods, --cams, --seeds, --models, --datasets, --folds"
+            f"these flags are the grid's own or the benchmark's: {taken}; use --envs, --methods, --cams, --seeds, "
+            "--models, --datasets, --folds"
         )
     if unwritable(args.out):  # checked now, before any cell runs
         problems.append(f"--out {args.out}: {unwritable(args.out)}")
@@ -645,9 +764,13 @@ def main(argv=None):
         for call in fetch:
             print(f"{shlex.join(call)}  # fetched once, before any cell starts")
         for i, cell in enumerate(cells):
-            where = ("finished" if cell.finished() else f"SLURM array task {i}" if args.backend == "slurm" else "this machine") + (
-                ", resumes" if cell.resumable() else ""
-            )
+            where = (
+                "finished"
+                if cell.finished()
+                else f"SLURM array task {i}"
+                if args.backend == "slurm"
+                else "this machine"
+            ) + (", resumes" if cell.resumable() else "")
             print(f"cd {shlex.quote(str(cell.folder))} && {shlex.join(cell.command())}  # {cell.id}: {where}")
         return 0
     for call in fetch:

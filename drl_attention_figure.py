@@ -1,6 +1,6 @@
 """The paper's Figure 11: two trained agents' attention on the same frames.
 
-    python drl_attention_figure.py runs/Basic__ppo_camal_vizdoom__camal__1__... runs/Basic__ppo_camal_vizdoom__vanilla__1__...
+    python drl_attention_figure.py runs/Basic__*__camal__1__* runs/Basic__*__vanilla__1__*
 
 The first run's policy plays its scenario. Frames with an object on screen are picked, spread over the play, and each
 row shows the frame, its object mask and each agent's critic CAM (under the --cam it trained with) with its IoU. Both
@@ -42,7 +42,9 @@ class Args:
 def load_saved_agent(run_dir):
     """(the run's Args, its Agent) from args.json and the saved weights (weights only: no code runs)."""
     if not os.path.isdir(run_dir):
-        raise ValueError(f"{run_dir} is a file, not a run folder" if os.path.exists(run_dir) else f"{run_dir} does not exist")
+        raise ValueError(
+            f"{run_dir} is a file, not a run folder" if os.path.exists(run_dir) else f"{run_dir} does not exist"
+        )
     args_path = os.path.join(run_dir, "args.json")
     if not os.path.lexists(args_path):
         raise ValueError(f"{run_dir} is not a run folder of ppo_camal_vizdoom.py (no args.json)")
@@ -51,13 +53,17 @@ def load_saved_agent(run_dir):
         run_args = ppo.Args(**{k: v for k, v in saved.items() if k in ppo.Args.__dataclass_fields__})
         ppo.check_args(run_args)
     except (TypeError, ValueError) as e:
-        raise ppo.RunFileError(f"{args_path} does not hold ppo_camal_vizdoom.py's settings ({ppo.first_line(e)})") from None
+        raise ppo.RunFileError(
+            f"{args_path} does not hold ppo_camal_vizdoom.py's settings ({ppo.first_line(e)})"
+        ) from None
     model_path = os.path.join(run_dir, f"{run_args.exp_name}.cleanrl_model")
     if not os.path.lexists(model_path):
         raise ValueError(f"{run_dir} has no {os.path.basename(model_path)}: train it with --save-model")
     state = ppo.read_torch(model_path)
     try:
-        agent = ppo.Agent(state["actor.weight"].shape[0], run_args.frame_stack, run_args.frame_height, run_args.frame_width)
+        agent = ppo.Agent(
+            state["actor.weight"].shape[0], run_args.frame_stack, run_args.frame_height, run_args.frame_width
+        )
         agent.load_state_dict(state)
     except Exception as e:  # a file of another version, another frame size, or not a model at all: say which
         raise ppo.RunFileError(f"{model_path} is not a model of this run ({ppo.first_line(e)})") from None

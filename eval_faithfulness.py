@@ -33,7 +33,8 @@ class Args:
     plot: Optional[str] = None
     """write removal and insertion curves per method, with 95 % bands, to this PNG"""
     figures: Optional[str] = None
-    """write the paper's attention figures (Figures 3 and 10) to this folder: the same held-out samples with each method's CAM, and per method the pixel-wise mean and variance of the CAMs beside the masks'"""
+    """write the paper's attention figures (Figures 3 and 10) to this folder: the same held-out samples with each
+    method's CAM, and per method the pixel-wise mean and variance of the CAMs beside the masks'"""
     figure_samples: int = 6
     """rows of the side-by-side figure (samples spread over the classes)"""
     seed: int = 0
@@ -336,7 +337,13 @@ def write_json(path, obj, **kw):
     atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
-METRICS_TYPES = {"dataset": str, "model": str, "method": str, "fold": int, "seed": int}  # what a run's scores are filed under
+METRICS_TYPES = {
+    "dataset": str,
+    "model": str,
+    "method": str,
+    "fold": int,
+    "seed": int,
+}  # what a run's scores are filed under
 
 
 def load_run(run_dir):
@@ -350,12 +357,17 @@ def load_run(run_dir):
     saved = read_torch(os.path.join(run_dir, "model.pt"))
     need = {"state_dict", "architecture", "num_classes", "classes", "preprocessing"}
     if not isinstance(saved, dict) or not need <= set(saved) or not isinstance(saved["preprocessing"], dict):
-        raise RunError(f"{run_dir}/model.pt is not a train_dl_camal.py model file of this version (it needs {sorted(need)})")
+        raise RunError(
+            f"{run_dir}/model.pt is not a train_dl_camal.py model file of this version (it needs {sorted(need)})"
+        )
     pre = saved["preprocessing"]
     crop = pre.get("crop")  # train_dl_camal.py's --image-size: 224 unless the run chose another
-    # the samples were stored after training's own resize and crop (--resize square or shorter-side), so they are used as they are
+    # the samples were stored after training's own resize and crop (--resize square or shorter-side), so they are used
+    # as they are
     if pre.get("resize_mode", "shorter-side") not in ("square", "shorter-side"):  # runs before --resize: shorter-side
-        raise RunError(f"{run_dir}/model.pt names an unknown resize {pre.get('resize_mode')!r} (square or shorter-side)")
+        raise RunError(
+            f"{run_dir}/model.pt names an unknown resize {pre.get('resize_mode')!r} (square or shorter-side)"
+        )
     if tuple(pre.get("mean", ())) != MEAN or tuple(pre.get("std", ())) != STD or not isinstance(crop, int) or crop < 32:
         raise RunError(
             f"{run_dir}/model.pt was trained with other preprocessing ({pre}); this version expects "
@@ -365,18 +377,32 @@ def load_run(run_dir):
         model = CamModel(saved["architecture"], saved["num_classes"])
         model.net.load_state_dict(saved["state_dict"])
     except (AttributeError, RuntimeError, TypeError) as e:
-        raise RunError(f"{run_dir}/model.pt does not match {saved['architecture']} of this version: {first_line(e)}") from None
+        raise RunError(
+            f"{run_dir}/model.pt does not match {saved['architecture']} of this version: {first_line(e)}"
+        ) from None
     samples = read_torch(os.path.join(run_dir, "faithfulness_samples.pt"))
     if not isinstance(samples, dict) or not {"images", "masks", "labels"} <= set(samples):
-        raise RunError(f"{run_dir}/faithfulness_samples.pt is not a train_dl_camal.py samples file (it needs images, masks, labels)")
+        raise RunError(
+            f"{run_dir}/faithfulness_samples.pt is not a train_dl_camal.py samples file (it needs images, masks, "
+            "labels)"
+        )
     if samples["images"].dtype != torch.uint8 or samples["images"].shape[1:] != (3, crop, crop):
-        raise RunError(f"{run_dir}/faithfulness_samples.pt: expected uint8 images of 3 x {crop} x {crop} (model.pt's crop)")
+        raise RunError(
+            f"{run_dir}/faithfulness_samples.pt: expected uint8 images of 3 x {crop} x {crop} (model.pt's crop)"
+        )
     if len(samples["labels"]) and int(samples["labels"].max()) >= saved["num_classes"]:
         raise RunError(f"{run_dir}/faithfulness_samples.pt has labels beyond model.pt's {saved['num_classes']} classes")
     metrics = read_json(os.path.join(run_dir, "metrics.json"))
-    wrong = [k for k, kind in METRICS_TYPES.items() if not isinstance(metrics.get(k), kind) or isinstance(metrics.get(k), bool)]
+    wrong = [
+        k
+        for k, kind in METRICS_TYPES.items()
+        if not isinstance(metrics.get(k), kind) or isinstance(metrics.get(k), bool)
+    ]
     if wrong:
-        raise RunError(f"{run_dir}/metrics.json is not a metrics.json of train_dl_camal.py: {', '.join(wrong)} missing or of the wrong type")
+        raise RunError(
+            f"{run_dir}/metrics.json is not a metrics.json of train_dl_camal.py: {', '.join(wrong)} missing or of the "
+            "wrong type"
+        )
     # model.pt must be this run's: a file copied in from another run would be scored under this run's method
     classes = list(metrics.get("per_class_accuracy") or saved["classes"])
     theirs = {
@@ -393,15 +419,18 @@ def load_run(run_dir):
     }
     differ = [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in theirs if ours.get(k) is not None and theirs[k] != ours[k]]
     if differ or saved["num_classes"] != len(saved["classes"]):
-        raise RunError(f"{run_dir}/model.pt is not this run's model (model.pt against metrics.json: {'; '.join(differ) or 'its class count'})")
+        raise RunError(
+            f"{run_dir}/model.pt is not this run's model (model.pt against metrics.json: "
+            f"{'; '.join(differ) or 'its class count'})"
+        )
     return model.eval(), samples, metrics
 
 
 def evaluate_run(model, samples, args, device, tie_rng, random_rng):
     """Curves and AUCs for every sample of a run (and for a random ranking when asked), and the samples' CAMs.
 
-    Two generators: tie_rng breaks ties among equal attention values, random_rng draws the random rankings, so asking for
-    the random baseline never changes the methods' own numbers."""
+    Two generators: tie_rng breaks ties among equal attention values, random_rng draws the random rankings, so asking
+    for the random baseline never changes the methods' own numbers."""
     out, cams = [], []
     for image, label in zip(samples["images"], samples["labels"]):
         image, label = image.to(device), int(label)
@@ -411,7 +440,9 @@ def evaluate_run(model, samples, args, device, tie_rng, random_rng):
                 logits, _ = model(normalise(batch, next(model.parameters()).dtype))
             return torch.softmax(logits.float(), dim=1)[:, label].cpu().numpy()
 
-        logits, cam = class_cam(model, image[None], torch.tensor([label], device=device), double_backward=False, autocast=nullcontext())
+        logits, cam = class_cam(
+            model, image[None], torch.tensor([label], device=device), double_backward=False, autocast=nullcontext()
+        )
         cams.append(cam[0].cpu())
         rankings = {"attention": pixel_ranking(cams[-1].numpy(), tie_rng)}
         if args.baseline == "random":
@@ -419,9 +450,10 @@ def evaluate_run(model, samples, args, device, tie_rng, random_rng):
         entry = {"label": label, "correct": bool(int(logits[0].argmax()) == label)}
         for kind, ranking in rankings.items():
             ks, removal, insertion = faithfulness_curves(predict, image, ranking, args.steps)
-            # the paper's AUCs, and the same over curves divided by the intact image's probability (removal starts there:
-            # a model that is wrong from the start has a low removal AUC for free); only where that probability is at least
-            # NORMALISE_FLOOR, so a ratio stays below 1 / NORMALISE_FLOOR instead of exploding for a near-zero start
+            # the paper's AUCs, and the same over curves divided by the intact image's probability (removal starts
+            # there: a model that is wrong from the start has a low removal AUC for free); only where that probability
+            # is at least NORMALISE_FLOOR, so a ratio stays below 1 / NORMALISE_FLOOR instead of exploding for a
+            # near-zero start
             start = float(removal[0])
             scaled = start >= NORMALISE_FLOOR
             entry[kind] = {
@@ -461,7 +493,13 @@ def plot_curves(path, ks, groups):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"camal": "tab:blue", "vanilla": "tab:orange", "prior": "tab:green", "suppress": "tab:red", "supp. only": "tab:red"}
+    colours = {
+        "camal": "tab:blue",
+        "vanilla": "tab:orange",
+        "prior": "tab:green",
+        "suppress": "tab:red",
+        "supp. only": "tab:red",
+    }
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, curve in zip(axes, ("removal", "insertion")):
         for name, curves in groups.items():
@@ -489,8 +527,9 @@ def plot_curves(path, ks, groups):
 # The paper's attention figures (Figures 3 and 10)
 # ---------------------------------------------------------------------------------------------
 def attention_figures(out, runs, rows, tau):
-    """Two PNGs from the evaluated runs: the same held-out samples with each method's CAM side by side, and per method the
-    pixel-wise mean and variance of its CAMs over all its samples beside the masks' own. Returns the paths written."""
+    """Two PNGs from the evaluated runs: the same held-out samples with each method's CAM side by side, and per method
+    the pixel-wise mean and variance of its CAMs over all its samples beside the masks' own. Returns the paths
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -583,7 +622,10 @@ def check_inputs(args):
         if not args.plot or os.path.isdir(args.plot):
             raise RunError(f"--plot {args.plot!r}: give the PNG's path")
         if not os.path.isdir(folder) or unwritable(folder):
-            raise RunError(f"--plot {args.plot}: " + (f"the folder {folder} does not exist" if not os.path.isdir(folder) else unwritable(folder)))
+            raise RunError(
+                f"--plot {args.plot}: "
+                + (f"the folder {folder} does not exist" if not os.path.isdir(folder) else unwritable(folder))
+            )
     if args.figures is not None and (not args.figures or unwritable(args.figures) or os.path.isfile(args.figures)):
         raise RunError(f"--figures {args.figures!r}: " + (unwritable(args.figures) or "give a folder, not a file"))
     loaded = [(run, *load_run(run)) for run in args.runs]
@@ -621,8 +663,8 @@ def auc_cell(values):
 
 
 def print_summary(groups):
-    """The tables: each method's AUCs with 95 % CIs, as they are, normalised by p(true) at k=0, and over the samples every
-    method classifies correctly (each with the number of samples it rests on); then the relative changes between
+    """The tables: each method's AUCs with 95 % CIs, as they are, normalised by p(true) at k=0, and over the samples
+    every method classifies correctly (each with the number of samples it rests on); then the relative changes between
     methods, as the paper reports them."""
     print(
         f"\n{'method':<16}{'samples':>8}{'wrong at k=0':>13}{'p(true) at k=0':>16}{'removal AUC (lower is better)':>32}"
@@ -633,7 +675,8 @@ def print_summary(groups):
         row = f"{auc_cell(g['removal_auc']):>32}{auc_cell(g['insertion_auc']):>34}"
         print(f"{name:<16}{len(g['removal_auc']):>8}{wrong:>13}{np.mean(g['start']):>16.3f}{row}")
     print(
-        f"\nthe same, with each curve divided by the sample's probability at k=0, over the samples where that probability is at "
+        "\nthe same, with each curve divided by the sample's probability at k=0, over the samples where that "
+        "probability is at "
         f"least {NORMALISE_FLOOR} (the ratio then stays below {1 / NORMALISE_FLOOR:g}; others are left out)"
     )
     for name, g in groups.items():
@@ -641,7 +684,9 @@ def print_summary(groups):
         i = [v for v in g["insertion_auc_normalised"] if v is not None]
         print(f"{name:<16}{len(r):>8}{'':>29}{auc_cell(r):>32}{auc_cell(i):>34}")
     methods = [n for n in groups if "/" not in n]
-    common = set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
+    common = (
+        set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
+    )
     print(f"\nover the {len(common)} samples that every method's model classifies correctly at k=0")
     for name, g in groups.items():
         if common:
@@ -650,14 +695,19 @@ def print_summary(groups):
     for name, g in groups.items():
         if "/" not in name and np.mean(g["start"]) < 0.5:
             print(
-                f"warning: {name}'s models give the true class {np.mean(g['start']):.2f} on average before any pixel is removed: its "
-                "removal AUC is low because the model is wrong from the start, not because its attention is faithful. Compare "
+                f"warning: {name}'s models give the true class {np.mean(g['start']):.2f} on average before any pixel "
+                "is removed: its "
+                "removal AUC is low because the model is wrong from the start, not because its attention is faithful. "
+                "Compare "
                 "removal AUCs only between methods whose p(true) at k=0 is alike.",
                 file=sys.stderr,
             )
     names = list(groups)
     if len(names) > 1:
-        print("\nrelative change of the mean AUC (first against second; the paper: CAMAL -39 % removal, +35.3 % insertion against Prior)")
+        print(
+            "\nrelative change of the mean AUC (first against second; the paper: CAMAL -39 % removal, +35.3 % "
+            "insertion against Prior)"
+        )
         means = {n: (np.mean(groups[n]["removal_auc"]), np.mean(groups[n]["insertion_auc"])) for n in names}
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
@@ -671,7 +721,10 @@ def score_runs(loaded, args, device, groups, figure_runs):
     tie_rng, random_rng = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 1])
     for run, model, samples, metrics in loaded:
         # one key per held-out sample: runs of different methods on the same fold and seed hold the same samples
-        sample_keys = [(metrics["dataset"], metrics.get("split_seed"), metrics["fold"], metrics["seed"], i) for i in range(len(samples["labels"]))]
+        sample_keys = [
+            (metrics["dataset"], metrics.get("split_seed"), metrics["fold"], metrics["seed"], i)
+            for i in range(len(samples["labels"]))
+        ]
         ks, entries, cams = evaluate_run(model.to(device), samples, args, device, tie_rng, random_rng)
         if args.figures:
             figure_runs.append({"method": metrics["method"], "samples": samples, "cams": cams})
@@ -691,7 +744,9 @@ def score_runs(loaded, args, device, groups, figure_runs):
             result["random"] = summarise(ks, entries, "random")
         write_json(os.path.join(run, "faithfulness.json"), result, indent=2)
         # the random floor is per method: each ranks pixels at random for its own models
-        kinds = [("attention", metrics["method"])] + ([("random", f"{metrics['method']}/random")] if args.baseline == "random" else [])
+        kinds = [("attention", metrics["method"])] + (
+            [("random", f"{metrics['method']}/random")] if args.baseline == "random" else []
+        )
         for kind, name in kinds:
             pool(groups.setdefault(name, new_group()), entries, sample_keys, kind)
         a = result["attention"]

@@ -522,7 +522,9 @@ def evaluate(agent, envs, args, device, stop=None, video=None):
                     }
                     for k, kind in enumerate(CAM_KINDS)
                 }
-                episodes.append({"return": float(ret[i]), "length": int(length[i]), **by_cam[args.cam], "by_cam": by_cam})
+                episodes.append(
+                    {"return": float(ret[i]), "length": int(length[i]), **by_cam[args.cam], "by_cam": by_cam}
+                )
                 if i == 0 and video is not None:
                     video.write(f"eval-episode-{done_count[0]}.mp4")
                 done_count[i] += 1
@@ -569,7 +571,9 @@ def main(args, checkpoint=None):
     start_time = time.time()
     next_obs_np, _ = envs.reset(seed=args.seed + (run.start_iteration - 1) * args.num_envs)
     next_obs = torch.zeros((args.num_envs, args.frame_stack, H, W), dtype=torch.uint8, device=device)
-    next_obs = stack_frames(next_obs, torch.from_numpy(next_obs_np["frame"]), torch.ones(args.num_envs, dtype=torch.bool))
+    next_obs = stack_frames(
+        next_obs, torch.from_numpy(next_obs_np["frame"]), torch.ones(args.num_envs, dtype=torch.bool)
+    )
     next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
     next_done = torch.zeros(args.num_envs, device=device)
 
@@ -774,10 +778,15 @@ class Run:
             flush=True,
         )
         if checkpoint is not None and self.start_iteration > args.num_iterations:
-            print(f"resuming {self.run_name}: its training is done (global_step={self.global_step}); completing its outputs")
+            print(
+                f"resuming {self.run_name}: its training is done (global_step={self.global_step}); completing its "
+                "outputs"
+            )
         elif checkpoint is not None:
-            print(f"resuming {self.run_name} at iteration {self.start_iteration}/{args.num_iterations}, "
-                  f"global_step={self.global_step}")
+            print(
+                f"resuming {self.run_name} at iteration {self.start_iteration}/{args.num_iterations}, "
+                f"global_step={self.global_step}"
+            )
         # a bar on a terminal (none in logs, where each iteration's line carries the ETA)
         total = args.num_iterations * args.batch_size
         kw = dict(unit="step", unit_scale=True, disable=None, dynamic_ncols=True, leave=False)
@@ -831,7 +840,8 @@ class Run:
         if iteration == self.start_iteration and eta > 86400:
             tqdm.write(
                 f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 "
-                f"want a GPU). A CPU run that trains a Basic agent in about 15 min: python {os.path.basename(__file__)} "
+                "want a GPU). A CPU run that trains a Basic agent in about 15 min: python "
+                f"{os.path.basename(__file__)} "
                 "--env Basic --frame-height 60 --frame-width 80 --total-timesteps 409600",
                 file=sys.stderr,
             )
@@ -846,7 +856,9 @@ class Run:
         # the first image after the first update, then every --image-every iterations, and the trained agent's
         last = iteration == args.num_iterations
         if args.image_every and (iteration == 1 or iteration % args.image_every == 0 or last):
-            log_attention(writer, self.agent, args, obs.reshape((-1,) + obs.shape[2:]), masks.flatten(0, 1), global_step)
+            log_attention(
+                writer, self.agent, args, obs.reshape((-1,) + obs.shape[2:]), masks.flatten(0, 1), global_step
+            )
             if self.video_dir is not None:  # env 0's whole rollout of this iteration
                 cams = self.agent.critic_cam(obs[:, 0], args.cam).cpu().numpy()
                 clip = self.video()
@@ -857,8 +869,10 @@ class Run:
         if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (self.stop and not last):
             self.save(iteration, global_step)
         if self.stop and not last:
-            tqdm.write(f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} "
-                       f"--resume {self.run_dir}")
+            tqdm.write(
+                f"stopped at iteration {iteration}; continue with: python {os.path.basename(__file__)} "
+                f"--resume {self.run_dir}"
+            )
             sys.exit(self.stop.exit_code())
         if last:
             self.trained()
@@ -886,8 +900,10 @@ class Run:
         if self.args.eval_episodes and episodes is None:
             restore_rng(self.trained_rng)
             self.save(*self.at_last_update)
-            tqdm.write(f"stopped during the final evaluation; complete it with: python {os.path.basename(__file__)} "
-                       f"--resume {self.run_dir}")
+            tqdm.write(
+                f"stopped during the final evaluation; complete it with: python {os.path.basename(__file__)} "
+                f"--resume {self.run_dir}"
+            )
             sys.exit(self.stop.exit_code())
         if episodes is not None:
             report_evaluation(episodes, self.args, self.writer, self.run_dir, self.at_last_update[1])
@@ -1022,7 +1038,9 @@ def report_evaluation(episodes, args, writer, run_dir, global_step):
     # the same policy's attention under every --cam: vanilla trains without a CAM, so it is every formulation's baseline
     by_cam = {}
     for kind in CAM_KINDS:
-        ious = [ep["by_cam"][kind]["attention_iou"] for ep in episodes if ep["by_cam"][kind]["attention_iou"] is not None]
+        ious = [
+            ep["by_cam"][kind]["attention_iou"] for ep in episodes if ep["by_cam"][kind]["attention_iou"] is not None
+        ]
         empty = [ep["by_cam"][kind]["cam_empty_fraction"] for ep in episodes]
         by_cam[kind] = {"mean_iou": float(np.mean(ious)) if ious else None, "cam_empty_fraction": float(np.mean(empty))}
     result = {
@@ -1261,16 +1279,25 @@ def read_resume(args, finished, keys, keep, retired=()):
     why the run cannot resume."""
     if not os.path.isdir(args.resume):
         exists = os.path.exists(args.resume)
-        raise FileNotFoundError(f"--resume {args.resume} " + ("is a file, not a run folder" if exists else "does not exist"))
+        raise FileNotFoundError(
+            f"--resume {args.resume} " + ("is a file, not a run folder" if exists else "does not exist")
+        )
     try:
         entries = set(os.listdir(args.resume))
     except OSError as e:
         raise RunFileError(f"--resume {args.resume} cannot be read: {e.strerror}") from None
     if finished[0] in entries:
-        raise ValueError(f"--resume {args.resume}: this run finished (its {finished[0]} is there); there is nothing to resume{finished[1]}")
-    if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is whole (a crash between renames)
+        raise ValueError(
+            f"--resume {args.resume}: this run finished (its {finished[0]} is there); there is nothing to "
+            f"resume{finished[1]}"
+        )
+    if not entries & {
+        "checkpoint.pt",
+        "checkpoint.prev.pt",
+    }:  # the previous one alone is whole (a crash between renames)
         raise FileNotFoundError(
-            f"--resume {args.resume}: no checkpoint.pt there (a run saves one every --checkpoint-every and when it is stopped)"
+            f"--resume {args.resume}: no checkpoint.pt there (a run saves one every --checkpoint-every and when it is "
+            "stopped)"
         )
     try:
         checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), keys)
@@ -1284,7 +1311,9 @@ def read_resume(args, finished, keys, keep, retired=()):
     saved.update({k: getattr(args, k) for k in keep})
     unknown = set(saved) - set(type(args).__dataclass_fields__)
     if unknown:
-        raise ValueError(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
+        raise ValueError(
+            f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}"
+        )
     return type(args)(**saved), checkpoint
 
 
@@ -1312,7 +1341,10 @@ def resume_from(args):
     trained = checkpoint["iteration"] >= args.total_timesteps // (args.num_envs * args.num_steps)
     model_missing = args.save_model and not os.path.isfile(os.path.join(args.resume, f"{args.exp_name}.cleanrl_model"))
     if trained and not args.eval_episodes and not model_missing:  # with an evaluation, eval.json marks the end
-        exit_error(f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to resume")
+        exit_error(
+            f"--resume {args.resume}: this run finished (its checkpoint is at the last iteration); there is nothing to "
+            "resume"
+        )
     return args, checkpoint
 
 
@@ -1326,7 +1358,10 @@ class StopRequest:
     """
 
     def __init__(self, point, unit):
-        self.point, self.unit = point, unit  # what the run does when asked, and what it calls one pass (for the message)
+        self.point, self.unit = (
+            point,
+            unit,
+        )  # what the run does when asked, and what it calls one pass (for the message)
         self.signum = None  # the signal that asked, once one has
         self.last_pass_seconds = None  # how long the last pass took, set by the loop
 
@@ -1347,7 +1382,12 @@ class StopRequest:
         print(f"\n{name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
 
     def catch(self):
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):  # the stops of a terminal, a scheduler
+        for s in (
+            signal.SIGINT,
+            signal.SIGTERM,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+        ):  # the stops of a terminal, a scheduler
             signal.signal(s, self.handle)
         return self
 
@@ -1382,7 +1422,8 @@ def start_tracking(args, run_name, run_dir):
 
 def open_logs(args, run_name, run_dir, purge_step):
     """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
-    crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
+    crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its
+    hyperparameters."""
     tracked = start_tracking(args, run_name, run_dir) if args.track else None  # first, so W&B mirrors the events
     # TensorBoard writes from a thread: its OSError (a full disk) comes back at the next write, where the run says why
     threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else threading.__excepthook__(a)
@@ -1490,7 +1531,9 @@ NUMBERS = (
 def check_args(args):
     """Reject settings that cannot run, with a message that says why."""
     if args.frame_height <= 0 or args.frame_width <= 0:
-        raise ValueError(f"--frame-height and --frame-width must be positive, got {args.frame_height} x {args.frame_width}")
+        raise ValueError(
+            f"--frame-height and --frame-width must be positive, got {args.frame_height} x {args.frame_width}"
+        )
     nature_cnn_output_size(args.frame_height, args.frame_width)
     render_resolution(args.frame_height, args.frame_width)
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_skip", "frame_stack"):
@@ -1514,9 +1557,13 @@ def check_args(args):
         raise ValueError(f"--seed must lie in 0 .. 2**31 - 1 (the games' and numpy's seeds), got {args.seed}")
     for name, low, high, low_allowed in NUMBERS:  # nan fails every comparison, so it is refused here too
         v = getattr(args, name)
-        in_range = isinstance(v, (int, float)) and math.isfinite(v) and (v >= low if low_allowed else v > low) and v <= high
+        in_range = (
+            isinstance(v, (int, float)) and math.isfinite(v) and (v >= low if low_allowed else v > low) and v <= high
+        )
         if v is not None and not in_range:
-            bound = f"{'at least' if low_allowed else 'above'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+            bound = f"{'at least' if low_allowed else 'above'} {low:g}" + (
+                f" and at most {high:g}" if high < math.inf else ""
+            )
             raise ValueError(f"--{name.replace('_', '-')} must be a number {bound}, got {v}")
 
 
@@ -1536,11 +1583,17 @@ if __name__ == "__main__":
     try:
         main(args, checkpoint)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
-        print("\nstopped at once, without a checkpoint; the last saved one (if any) is in the run folder", file=sys.stderr)
+        print(
+            "\nstopped at once, without a checkpoint; the last saved one (if any) is in the run folder", file=sys.stderr
+        )
         sys.exit(128 + signal.SIGINT)
     except (RunFileError, OSError) as e:  # a full disk or a folder made read-only (TensorBoard's writer: OSError)
         run_dir = Run.active.run_dir if Run.active else "runs/"
-        why = e if isinstance(e, RunFileError) else f"cannot write in {run_dir}: {WRITE_FAILURES.get(e.errno) or first_line(e)}"
+        why = (
+            e
+            if isinstance(e, RunFileError)
+            else f"cannot write in {run_dir}: {WRITE_FAILURES.get(e.errno) or first_line(e)}"
+        )
         kept = [n for n in ("checkpoint.pt", "checkpoint.prev.pt") if os.path.isfile(os.path.join(run_dir, n))]
         last = f"The last whole checkpoint is in {run_dir}: make room, then --resume {run_dir}"
         exit_error(f"{why}. " + (last if kept else "No checkpoint was saved."))

@@ -23,7 +23,9 @@ import torchvision.transforms.v2.functional as TF
 import tyro
 from PIL import Image
 
-_spec = importlib.util.spec_from_file_location("download", os.path.join(os.path.dirname(os.path.abspath(__file__)), "download.py"))
+_spec = importlib.util.spec_from_file_location(
+    "download", os.path.join(os.path.dirname(os.path.abspath(__file__)), "download.py")
+)
 download = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(download)  # --download: the datasets' archives, fetched and verified
 
@@ -341,7 +343,8 @@ def write_json(path, obj, **kw):
 
 
 def crop_mask(mask, how):
-    """A dataset mask in train_dl_camal.py's geometry: 256 x 256 (or the shorter side to 256; nearest), centre crop 224."""
+    """A dataset mask in train_dl_camal.py's geometry: 256 x 256 (or the shorter side to 256; nearest), centre crop
+    224."""
     m = torch.from_numpy(np.ascontiguousarray(mask))[None].to(torch.uint8)
     return resize_crop(m, RESIZE, CROP, nearest=True, how=how)[0].numpy().astype(bool)
 
@@ -349,7 +352,9 @@ def crop_mask(mask, how):
 def load_mask(args, record):
     path, mask_paths, label = record
     if args.dataset == "shapes":
-        return crop_mask(render_shape(path, label, args.split_seed, None, args.shapes_cue, args.shapes_classes)[1], args.resize)
+        return crop_mask(
+            render_shape(path, label, args.split_seed, None, args.shapes_cue, args.shapes_classes)[1], args.resize
+        )
     return crop_mask(read_mask(args.dataset, mask_paths), args.resize)
 
 
@@ -386,9 +391,15 @@ def perturb(mask, levels, shift_max, dilate_max, angle):
     shift = []
     for s in sev:
         dx, dy = s * shift_max * extent * direction
-        shift.append(cv2.warpAffine(m, np.float32([[1, 0, dx], [0, 1, dy]]), (w, h), flags=cv2.INTER_NEAREST, borderValue=0))
+        shift.append(
+            cv2.warpAffine(m, np.float32([[1, 0, dx], [0, 1, dy]]), (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
+        )
     # float64: under dilation alpha is exactly 1, and beta - alpha must move exactly as beta does
-    return {"shift": np.stack(shift).astype(np.float64), "erode": erode.astype(np.float64), "dilate": dilate.astype(np.float64)}
+    return {
+        "shift": np.stack(shift).astype(np.float64),
+        "erode": erode.astype(np.float64),
+        "dilate": dilate.astype(np.float64),
+    }
 
 
 def responses(mask, maps):
@@ -405,7 +416,10 @@ def correlations(response):
     if np.all(response == response[0]):
         return {"spearman": None, "pearson": None}
     sev = np.arange(1, len(response) + 1)
-    return {"spearman": float(scipy.stats.spearmanr(sev, response).statistic), "pearson": float(scipy.stats.pearsonr(sev, response).statistic)}
+    return {
+        "spearman": float(scipy.stats.spearmanr(sev, response).statistic),
+        "pearson": float(scipy.stats.pearsonr(sev, response).statistic),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +454,9 @@ def summarise(per_image, significance):
                 p = 1.0  # identical correlations on every image (dilation: alpha stays 1, so both move with beta)
             higher = float(values["camal"].mean()) > float(values["suppress"].mean())
             cell["wilcoxon_p"] = p
-            cell["verdict"] = "significant" if higher and p < significance else "higher, not significant" if higher else "not higher"
+            cell["verdict"] = (
+                "significant" if higher and p < significance else "higher, not significant" if higher else "not higher"
+            )
             table[kind, corr] = cell
     return table
 
@@ -456,7 +472,8 @@ def cell_text(c, bold=False):
 
 def table_markdown(dataset, table, n_images, significance):
     lines = [
-        f"### Regulariser response to perturbed attention: {DATASET_NAMES.get(dataset, dataset)}, {n_images} masks (the paper's Table 4)",
+        f"### Regulariser response to perturbed attention: {DATASET_NAMES.get(dataset, dataset)}, {n_images} masks "
+        "(the paper's Table 4)",
         "",
         "| Perturbation | Spearman CAMAL | Spearman Supp. only | Pearson CAMAL | Pearson Supp. only |",
         "|---|---|---|---|---|",
@@ -470,7 +487,8 @@ def table_markdown(dataset, table, n_images, significance):
     lines += [
         "",
         f"Correlation of severity with the response, mean ± std over the masks where the regulariser responds. "
-        f"—: no response on any mask (a constant value); (k flat): no response on k masks. **Bold**: CAMAL's mean is higher "
+        "—: no response on any mask (a constant value); (k flat): no response on k masks. **Bold**: CAMAL's mean is "
+        "higher "
         f"and the one-tailed Wilcoxon signed-rank test over masks (H1: CAMAL > suppress-only; no response counts as 0) "
         f"gives p < {significance:g}.",
         "",
@@ -537,13 +555,19 @@ def plot_figure9(path, mask, maps, resp, mean_resp, levels):
         sev = np.arange(1, levels + 1)
         for reg, name in REGULARIZERS.items():
             (line,) = row[5].plot(sev, resp[kind][reg], marker="o", label=f"{name} (this mask)")
-            row[5].plot(sev, mean_resp[kind][reg], linestyle="--", color=line.get_color(), label=f"{name} (mean over masks)")
+            row[5].plot(
+                sev, mean_resp[kind][reg], linestyle="--", color=line.get_color(), label=f"{name} (mean over masks)"
+            )
         row[5].set_xlabel("severity")
         row[5].set_ylabel("R(M, H)")
     # legends beside the panels, never over them
     axes[0][5].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     axes[0][2].legend(
-        handles=[Patch(color=c, label=n) for n, c in OVERLAP.items()], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=1
+        handles=[Patch(color=c, label=n) for n, c in OVERLAP.items()],
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.02),
+        ncol=1,
     )
     axes[0][4].legend(
         handles=[
@@ -561,7 +585,10 @@ def plot_figure9(path, mask, maps, resp, mean_resp, levels):
 
 def check_args(args):
     if not 3 <= args.levels <= 200:
-        raise ValueError(f"--levels must lie in [3, 200] (a correlation needs three points; each level holds 3 maps per mask), got {args.levels}")
+        raise ValueError(
+            "--levels must lie in [3, 200] (a correlation needs three points; each level holds 3 maps per mask), got "
+            f"{args.levels}"
+        )
     if args.shift_max <= 0 or args.dilate_max <= 0:
         raise ValueError(f"--shift-max and --dilate-max must be positive, got {args.shift_max} and {args.dilate_max}")
     if args.max_images is not None and args.max_images < 1:

@@ -36,8 +36,9 @@ class Args:
     last_n: int = 10
     """with --drl-score training, a DRL run's score is the mean of its last this-many TensorBoard values"""
     include_unfinished: bool = False
-    """with --drl-score training, also score runs that stopped short of their steps (from their curves up to their checkpoint, so
-    a killed attempt's events past it never count), each named under Warnings; by default they are listed and left out"""
+    """with --drl-score training, also score runs that stopped short of their steps (from their curves up to their
+    checkpoint, so a killed attempt's events past it never count), each named under Warnings; by default they are listed
+    and left out"""
     significance: float = 0.05
     """Wilcoxon p below this is significant (the paper: 0.05)"""
     curve_points: int = 100
@@ -67,8 +68,8 @@ DRL_METRICS = {"return": ("charts/episodic_return", "Figure 6"), "iou": ("charts
 DL_KEYS = {"dataset", "model", "method", "fold", "folds", "seed", "split_seed", "test_accuracy", "test_iou"}
 DRL_KEYS = {"env", "method", "seed", "mean_return", "mean_iou"}
 # What defines an experiment: every setting a run records, except the ones below, which cannot change its result (where
-# inputs are read from and outputs written, the device, tracking, what is logged, checkpoint cadence), and the run's place
-# in the grid (CELL). Runs that differ in a setting are never paired, pooled or taken for duplicates.
+# inputs are read from and outputs written, the device, tracking, what is logged, checkpoint cadence), and the run's
+# place in the grid (CELL). Runs that differ in a setting are never paired, pooled or taken for duplicates.
 NOT_SETTINGS = {
     "exp_name",
     "cuda",
@@ -87,13 +88,15 @@ NOT_SETTINGS = {
     "image_every",
     "eval_episodes",
     "vector_env",  # DRL: the games step in worker processes or in the learner's; the same steps either way
-    "frame_stack_on",  # DRL: the frame stack kept where the model runs or by the games; the same agent (tests/test_frame_stack.py)
+    # DRL: the frame stack kept where the model runs or by the games; the same agent (tests/test_frame_stack.py)
+    "frame_stack_on",
     "figure",
     "figure_frames",
     "figure_out",
 }
 CELL = {"dataset", "model", "method", "fold", "seed", "env"}
-# Settings only the runs of these methods carry (vanilla has no camal_coef to match); they tell experiments of one method apart.
+# Settings only the runs of these methods carry (vanilla has no camal_coef to match); they tell experiments of one
+# method apart.
 METHOD_SETTINGS = {
     "camal": ("camal_coef",),
     "suppress": ("camal_coef",),
@@ -155,14 +158,20 @@ def describe(values):
         return {"n": 0, "mean": float("nan"), "std": float("nan"), "ci95": [float("nan")] * 2, "values": []}
     mean, half = mean_ci(values)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-    return {"n": len(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half], "values": [float(v) for v in values]}
+    return {
+        "n": len(values),
+        "mean": mean,
+        "std": std,
+        "ci95": [mean - half, mean + half],
+        "values": [float(v) for v in values],
+    }
 
 
 def wilcoxon_greater(x, y, significance):
     """One-tailed Wilcoxon signed-rank test of H1: x > y over paired values (scipy, on the differences), and the paper's
-    verdict. The differences are rounded to 1e-9 first: scores such as accuracies are ratios of counts, and 17/20 - 16/20
-    and 15/20 - 14/20 differ in their last bits, which would rank a tie as two different values. Fewer than two pairs
-    cannot be tested: the verdict says so, with no p."""
+    verdict. The differences are rounded to 1e-9 first: scores such as accuracies are ratios of counts, and 17/20 -
+    16/20 and 15/20 - 14/20 differ in their last bits, which would rank a tie as two different values. Fewer than two
+    pairs cannot be tested: the verdict says so, with no p."""
     d = np.round(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64), 9)
     higher = float(np.mean(x)) > float(np.mean(y))
     n = int(np.count_nonzero(d))  # zero differences are dropped (zero_method="wilcox")
@@ -174,7 +183,13 @@ def wilcoxon_greater(x, y, significance):
     r_plus = float(res.statistic)
     p = float(res.pvalue)
     verdict = "significant" if higher and p < significance else "higher, not significant" if higher else "not higher"
-    return {"r_plus": r_plus, "T": min(r_plus, n * (n + 1) / 2 - r_plus), "nonzero_pairs": n, "p": p, "verdict": verdict}
+    return {
+        "r_plus": r_plus,
+        "T": min(r_plus, n * (n + 1) / 2 - r_plus),
+        "nonzero_pairs": n,
+        "p": p,
+        "verdict": verdict,
+    }
 
 
 def clean(obj):
@@ -315,11 +330,18 @@ DL_TYPES = {
     "test_accuracy": (NUMBER, True),
     "test_iou": (NUMBER, True),
 }
-DRL_TYPES = {"env": (TEXT, False), "method": (TEXT, False), "seed": (INTEGER, False), "mean_return": (NUMBER, False), "mean_iou": (NUMBER, True)}
+DRL_TYPES = {
+    "env": (TEXT, False),
+    "method": (TEXT, False),
+    "seed": (INTEGER, False),
+    "mean_return": (NUMBER, False),
+    "mean_iou": (NUMBER, True),
+}
 
 
 def check_by_cam(path, by_cam):
-    """eval.json's by_cam (the policy's IoU under every --cam), checked; {} for an eval.json written before it existed."""
+    """eval.json's by_cam (the policy's IoU under every --cam), checked; {} for an eval.json written before it
+    existed."""
     if by_cam is None:
         return {}
     if not isinstance(by_cam, dict) or not all(isinstance(v, dict) for v in by_cam.values()):
@@ -385,10 +407,16 @@ def run_environment(run_dir, warnings_):
         return None
     try:
         entries = read_json(path, kind=list)
-        versions = {p: sorted({str(e["packages"][p]) for e in entries if e["packages"].get(p)}) for p in NUMBER_PACKAGES}
+        versions = {
+            p: sorted({str(e["packages"][p]) for e in entries if e["packages"].get(p)}) for p in NUMBER_PACKAGES
+        }
     except (RunFileError, KeyError, TypeError, AttributeError) as e:
         warnings_.append(
-            {"run": run_dir, "reason": f"its environment.json cannot be used ({first_line(e) or type(e).__name__}): its versions are not compared"}
+            {
+                "run": run_dir,
+                "reason": f"its environment.json cannot be used ({first_line(e) or type(e).__name__}): its versions "
+                "are not compared",
+            }
         )
         return None
     return {p: v for p, v in versions.items() if v}
@@ -466,7 +494,10 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
     for root in paths:
         if not os.path.isdir(root):
             raise StatsError(f"{root} " + ("is not a folder" if os.path.exists(root) else "does not exist"))
-        unreadable = lambda e: skipped.append({"run": e.filename, "reason": f"cannot be read ({e.strerror}): any runs in it are not used"})  # noqa: E731
+
+        def unreadable(e):
+            skipped.append({"run": e.filename, "reason": f"cannot be read ({e.strerror}): any runs in it are not used"})
+
         for d, subdirs, files in os.walk(root, onerror=unreadable):
             subdirs.sort()
             events = sorted(f for f in files if f.startswith("events.out.tfevents."))
@@ -486,7 +517,9 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                 path = os.path.join(d, "eval.json")
                 e = load_json(path)
                 if not isinstance(e, dict) or DRL_KEYS - set(e):
-                    raise StatsError(f"{path} is not an eval.json of ppo_camal_vizdoom.py (it needs {sorted(DRL_KEYS)})")
+                    raise StatsError(
+                        f"{path} is not an eval.json of ppo_camal_vizdoom.py (it needs {sorted(DRL_KEYS)})"
+                    )
                 check_types(path, e, DRL_TYPES)
                 saved = load_json(os.path.join(d, "args.json")) if "args.json" in files else {}
                 drl.append(
@@ -498,9 +531,11 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                         "mtime": os.path.getmtime(path),
                         "total_timesteps": saved.get("total_timesteps"),
                         "steps_done": e.get("total_timesteps"),
-                        # eval.json records cam, tau, camal_coef and reward_scale (its total_timesteps is the steps done, not the plan)
+                        # eval.json records cam, tau, camal_coef and reward_scale (its total_timesteps is the steps
+                        # done, not the plan)
                         "settings": recorded_settings(
-                            {**{k: e[k] for k in ("cam", "tau", "camal_coef", "reward_scale") if k in e}, **saved}, e["method"]
+                            {**{k: e[k] for k in ("cam", "tau", "camal_coef", "reward_scale") if k in e}, **saved},
+                            e["method"],
                         ),
                         "return": e["mean_return"],
                         "iou": e["mean_iou"],
@@ -510,20 +545,28 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                     }
                 )
             elif "eval.json" in files and not events:
-                left_out.append({"run": d, "reason": "eval.json but no TensorBoard events: --drl-score training cannot score it"})
+                left_out.append(
+                    {"run": d, "reason": "eval.json but no TensorBoard events: --drl-score training cannot score it"}
+                )
             elif events:
                 acc = read_tensorboard(d)
                 hp = hyperparameters(acc)
                 if {"env", "method", "seed"} <= set(hp):
                     run = tensorboard_run(d, acc, hp, last_n, max(os.path.getmtime(os.path.join(d, f)) for f in events))
                     if run["unfinished"] and include_unfinished and drl_score == "training":
-                        warnings_.append({"run": d, "reason": f"unfinished, scored anyway (--include-unfinished): {run['unfinished']}"})
+                        warnings_.append(
+                            {
+                                "run": d,
+                                "reason": f"unfinished, scored anyway (--include-unfinished): {run['unfinished']}",
+                            }
+                        )
                         drl.append(run)
                     elif run["unfinished"]:
                         left_out.append(
                             {
                                 "run": d,
-                                "reason": f"unfinished: {run['unfinished']}; not scored (finish it with python ppo_camal_vizdoom.py --resume {d})",
+                                "reason": f"unfinished: {run['unfinished']}; not scored (finish it with python "
+                                f"ppo_camal_vizdoom.py --resume {d})",
                             }
                         )
                     elif drl_score == "eval" and "eval.json" not in files:
@@ -537,7 +580,9 @@ def find_runs(paths, drl_score, last_n, include_unfinished=False, warnings_=None
                     else:
                         drl.append(run)
                 elif "dataset" in hp:
-                    skipped.append({"run": d, "reason": "train_dl_camal.py run without metrics.json (unfinished?): not used"})
+                    skipped.append(
+                        {"run": d, "reason": "train_dl_camal.py run without metrics.json (unfinished?): not used"}
+                    )
                 else:
                     skipped.append({"run": d, "reason": "TensorBoard events of neither training script: not used"})
     return dl, drl, left_out, skipped
@@ -583,10 +628,14 @@ def tensorboard_run(d, acc, hp, last_n, mtime):
     parts = []
     for metric, (tag, _) in DRL_METRICS.items():
         steps, values = scalar_series(acc, tag)
-        steps, values = until((steps, values), cut)  # an unfinished run: what it logged after its checkpoint is redone on --resume
+        steps, values = until(
+            (steps, values), cut
+        )  # an unfinished run: what it logged after its checkpoint is redone on --resume
         tail = values[-last_n:]
         run[metric] = float(tail.mean()) if len(tail) else None
-        parts.append(f"last {len(tail)} of {len(values)} {tag}" + (f" (to step {int(steps[-1])})" if len(steps) else ""))
+        parts.append(
+            f"last {len(tail)} of {len(values)} {tag}" + (f" (to step {int(steps[-1])})" if len(steps) else "")
+        )
     tail = scalar_series(acc, "charts/cam_empty_fraction")[1][-last_n:]
     run["cam_empty"] = float(tail.mean()) if len(tail) else None
     run["source"] = "TensorBoard: mean of the " + ", ".join(parts)
@@ -602,7 +651,8 @@ def newest(runs, key, label, incomplete):
         if k in chosen:
             other = same_experiment(chosen[k], r)
             what = (
-                f"another experiment ({other}) than the newer {r['dir']}, which is used; analyse them from separate folders"
+                f"another experiment ({other}) than the newer {r['dir']}, which is used; analyse them from separate "
+                "folders"
                 if other
                 else f"duplicate {label(k)}; the newer {r['dir']} is used"
             )
@@ -685,9 +735,13 @@ def dl_analysis(runs, args, incomplete, warnings_):
                 continue
             other = methods[base]
             for k in sorted(set(cam) - set(other)):
-                incomplete.append({"run": cam[k]["dir"], "reason": f"no {base} run for {fold_label(k)}: left out of camal vs {base}"})
+                incomplete.append(
+                    {"run": cam[k]["dir"], "reason": f"no {base} run for {fold_label(k)}: left out of camal vs {base}"}
+                )
             for k in sorted(set(other) - set(cam)):
-                incomplete.append({"run": other[k]["dir"], "reason": f"no camal run for {fold_label(k)}: left out of camal vs {base}"})
+                incomplete.append(
+                    {"run": other[k]["dir"], "reason": f"no camal run for {fold_label(k)}: left out of camal vs {base}"}
+                )
             paired = sorted(set(cam) & set(other))
             if not paired:
                 continue
@@ -701,10 +755,16 @@ def dl_analysis(runs, args, incomplete, warnings_):
             for metric in DL_METRICS:
                 usable = [k for k in paired if cam[k][metric] is not None and other[k][metric] is not None]
                 for k in sorted(set(paired) - set(usable)):
-                    incomplete.append({"run": cam[k]["dir"], "reason": f"{metric} is null in one run of the pair for {fold_label(k)}"})
+                    incomplete.append(
+                        {"run": cam[k]["dir"], "reason": f"{metric} is null in one run of the pair for {fold_label(k)}"}
+                    )
                 if usable:
                     x, y = [cam[k][metric] for k in usable], [other[k][metric] for k in usable]
-                    comp[metric] = {"camal": describe(x), base: describe(y), "wilcoxon": wilcoxon_greater(x, y, args.significance)}
+                    comp[metric] = {
+                        "camal": describe(x),
+                        base: describe(y),
+                        "wilcoxon": wilcoxon_greater(x, y, args.significance),
+                    }
             comp["faithfulness"] = faithfulness_pairs(cam, other, paired, base, incomplete)
             comparisons.append(comp)
     return summary, comparisons
@@ -719,7 +779,10 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
         if k not in have:
             lacking = [r["dir"] for r in (cam[k], other[k]) if not r["faithfulness"]]
             incomplete.append(
-                {"run": ", ".join(lacking), "reason": f"no faithfulness.json: {fold_label(k)} left out of the faithfulness of camal vs {base}"}
+                {
+                    "run": ", ".join(lacking),
+                    "reason": f"no faithfulness.json: {fold_label(k)} left out of the faithfulness of camal vs {base}",
+                }
             )
     pooled, grid = {}, None
     for name, runs in (("camal", cam), (base, other)):
@@ -742,7 +805,9 @@ def check_faithfulness(path, f):
         )
 
     if not isinstance(f, dict) or not numbers(f.get("k")) or len(f["k"]) < 2 or not isinstance(f.get("samples"), list):
-        raise StatsError(f"{path} is not a faithfulness.json of eval_faithfulness.py (it needs k, a list of numbers, and samples)")
+        raise StatsError(
+            f"{path} is not a faithfulness.json of eval_faithfulness.py (it needs k, a list of numbers, and samples)"
+        )
     if not f["samples"]:
         raise StatsError(f"{path} holds no samples: run eval_faithfulness.py on its run again")
     for i, s in enumerate(f["samples"]):
@@ -752,7 +817,9 @@ def check_faithfulness(path, f):
             or not all(numbers(a.get(c), len(f["k"])) for c in ("removal", "insertion"))
             or not numbers([a.get("removal_auc"), a.get("insertion_auc")])
         ):
-            raise StatsError(f"{path}: sample {i} needs removal and insertion curves of {len(f['k'])} numbers and their AUCs")
+            raise StatsError(
+                f"{path}: sample {i} needs removal and insertion curves of {len(f['k'])} numbers and their AUCs"
+            )
 
 
 def pool_samples(pool, k, samples):
@@ -769,11 +836,17 @@ def faithfulness_summary(pooled, base):
     out = {}
     for auc in ("removal_auc", "insertion_auc"):
         c, b = describe(pooled["camal"][auc]), describe(pooled[base][auc])
-        out[auc] = {"camal": c, base: b, "relative_change_percent": 100 * (c["mean"] / b["mean"] - 1) if b["mean"] else float("nan")}
-    # the removal curve starts at the intact image's probability: a model wrong from the start has a low removal AUC for free
+        out[auc] = {
+            "camal": c,
+            base: b,
+            "relative_change_percent": 100 * (c["mean"] / b["mean"] - 1) if b["mean"] else float("nan"),
+        }
+    # the removal curve starts at the intact image's probability: a model wrong from the start has a low removal AUC for
+    # free
     out["start_probability"] = {m: float(np.mean([c[0] for c in pooled[m]["removal"]])) for m in ("camal", base)}
     out["mean_curves"] = {
-        m: {"k": pooled[m]["k"], **{c: np.mean(pooled[m][c], axis=0).tolist() for c in ("removal", "insertion")}} for m in ("camal", base)
+        m: {"k": pooled[m]["k"], **{c: np.mean(pooled[m][c], axis=0).tolist() for c in ("removal", "insertion")}}
+        for m in ("camal", base)
     }
     return out
 
@@ -816,15 +889,25 @@ def drl_analysis(runs, args, incomplete, warnings_):
     label = variants(runs, lambda r: r["env"], setting_names(runs), key)
     for r in runs:  # an environment run with other settings (frame size, steps, CAM) is another task, never pooled
         r["task"] = r["env"] + (f" [{label[key(r)]}]" if label[key(r)] else "")
-    chosen = newest(runs, lambda r: (r["task"], r["method"], r["seed"]), lambda k: f"{k[0]}/{k[1]} run with seed {k[2]}", incomplete)
-    runs = sorted(chosen.values(), key=lambda r: (order(r["env"], ENV_ORDER), r["task"], order(r["method"], tuple(METHOD_NAMES)), r["seed"]))
+    chosen = newest(
+        runs, lambda r: (r["task"], r["method"], r["seed"]), lambda k: f"{k[0]}/{k[1]} run with seed {k[2]}", incomplete
+    )
+    runs = sorted(
+        chosen.values(),
+        key=lambda r: (order(r["env"], ENV_ORDER), r["task"], order(r["method"], tuple(METHOD_NAMES)), r["seed"]),
+    )
     methods = sorted({r["method"] for r in runs}, key=lambda m: order(m, tuple(METHOD_NAMES)))
     envs_of = {m: {r["task"] for r in runs if r["method"] == m} for m in methods}
     envs = [t for t in dict.fromkeys(r["task"] for r in runs) if all(t in envs_of[m] for m in methods)]
     for r in runs:
         if r["task"] not in envs:
             lacking = [m for m in methods if r["task"] not in envs_of[m]]
-            incomplete.append({"run": r["dir"], "reason": f"{r['task']} has no {', '.join(lacking)} run: left out of the DRL matrices"})
+            incomplete.append(
+                {
+                    "run": r["dir"],
+                    "reason": f"{r['task']} has no {', '.join(lacking)} run: left out of the DRL matrices",
+                }
+            )
     used = set()
     result = {"methods": methods, "envs": envs, "metrics": {}}
     for metric in DRL_METRICS:
@@ -837,7 +920,8 @@ def drl_analysis(runs, args, incomplete, warnings_):
                         incomplete.append(
                             {
                                 "run": r["dir"],
-                                "reason": f"no {metric} value (no episode ended, or no object on screen): left out of the {metric} matrix",
+                                "reason": f"no {metric} value (no episode ended, or no object on screen): left out of "
+                                f"the {metric} matrix",
                             }
                         )
                 cells[m, e] = [r for r in cell if r[metric] is not None]
@@ -861,7 +945,9 @@ def drl_analysis(runs, args, incomplete, warnings_):
             "raw": {m: raw[m].tolist() for m in methods},
         }
         scores = raw
-        if metric == "return":  # min-max per environment over the runs in the matrix (every method), so no env's scale dominates
+        if (
+            metric == "return"
+        ):  # min-max per environment over the runs in the matrix (every method), so no env's scale dominates
             every = [[cells[m, e][i]["return"] for m in methods for i in range(k)] for e in envs]
             lo, hi = np.array([min(v) for v in every]), np.array([max(v) for v in every])
             span = np.where(hi > lo, hi - lo, 1.0)
@@ -878,18 +964,40 @@ def drl_analysis(runs, args, incomplete, warnings_):
             for y in methods:
                 if y == "camal":
                     continue
-                point, ci = rliable_estimate({f"camal,{y}": (scores["camal"], scores[y])}, probability_of_improvement, args)
+                point, ci = rliable_estimate(
+                    {f"camal,{y}": (scores["camal"], scores[y])}, probability_of_improvement, args
+                )
                 # with one run per environment the bootstrap has nothing to resample: a zero-width CI is no evidence
                 res["poi"][y] = {"p": point, "ci95": ci, "significant": bool(k > 1 and point > 0.5 and ci[0] > 0.5)}
         result["metrics"][metric] = res
     # only the runs in the matrices: the table of runs, the learning curves and the step grid come from them alone
     result["runs"] = [
-        {k: r.get(k) for k in ("dir", "env", "task", "method", "seed", "total_timesteps", "steps_done", "return", "iou", "source")}
+        {
+            k: r.get(k)
+            for k in (
+                "dir",
+                "env",
+                "task",
+                "method",
+                "seed",
+                "total_timesteps",
+                "steps_done",
+                "return",
+                "iou",
+                "source",
+            )
+        }
         for r in runs
         if (r["dir"], r["task"]) in used
     ]
     for e in envs:
-        steps = sorted({r["steps_done"] for r in runs if r["task"] == e and (r["dir"], e) in used and r.get("steps_done") is not None})
+        steps = sorted(
+            {
+                r["steps_done"]
+                for r in runs
+                if r["task"] == e and (r["dir"], e) in used and r.get("steps_done") is not None
+            }
+        )
         if len(steps) > 1:
             warnings_.append({"run": e, "reason": f"runs of different lengths in this environment: steps done {steps}"})
     return result
@@ -902,8 +1010,8 @@ def until(series, step):
 
 
 def binned(steps, values, edges):
-    """One run's curve on a step grid: the mean of its values in each bin (edges[i-1], edges[i]] (the first bin also takes
-    the steps before it); a bin without a value keeps the last one, NaN before the first."""
+    """One run's curve on a step grid: the mean of its values in each bin (edges[i-1], edges[i]] (the first bin also
+    takes the steps before it); a bin without a value keeps the last one, NaN before the first."""
     idx = np.searchsorted(edges, steps, side="left")
     row, last = np.full(len(edges) - 1, np.nan), np.nan
     for i in range(1, len(edges)):
@@ -1023,7 +1131,17 @@ def dl_tables(summary, comparisons, significance):
                     "[...]: the settings in which an experiment differs from another of the same dataset and model; "
                     "runs of different experiments are never paired. Runs not used are listed under Incomplete."
                 ],
-                "csv_header": ["dataset", "variant", "model", "method", "runs", "accuracy_mean", "accuracy_std", "iou_mean", "iou_std"],
+                "csv_header": [
+                    "dataset",
+                    "variant",
+                    "model",
+                    "method",
+                    "runs",
+                    "accuracy_mean",
+                    "accuracy_std",
+                    "iou_mean",
+                    "iou_std",
+                ],
                 "csv_rows": csv_rows,
             }
         )
@@ -1032,7 +1150,9 @@ def dl_tables(summary, comparisons, significance):
             comps = [c for c in comparisons if c["baseline"] == base and metric in c]
             if not comps:
                 continue
-            datasets = sorted({(c["dataset"], c["variant"]) for c in comps}, key=lambda d: (order(d[0], tuple(DATASET_NAMES)), d[1]))
+            datasets = sorted(
+                {(c["dataset"], c["variant"]) for c in comps}, key=lambda d: (order(d[0], tuple(DATASET_NAMES)), d[1])
+            )
             models = sorted({c["model"] for c in comps}, key=lambda m: order(m, tuple(MODEL_NAMES)))
             header = ["Model"] + [f"{dataset_label(*d)} {n}" for d in datasets for n in ("CAMAL", method_name(base))]
             rows = []
@@ -1040,12 +1160,17 @@ def dl_tables(summary, comparisons, significance):
                 row = [MODEL_NAMES.get(model, model)]
                 for d in datasets:
                     c = next((c for c in comps if (c["dataset"], c["variant"], c["model"]) == (*d, model)), None)
-                    row += [pct(c[metric]["camal"], c[metric]["wilcoxon"]["verdict"]), pct(c[metric][base])] if c else ["—", "—"]
+                    row += (
+                        [pct(c[metric]["camal"], c[metric]["wilcoxon"]["verdict"]), pct(c[metric][base])]
+                        if c
+                        else ["—", "—"]
+                    )
                 rows.append(row)
             paper = PAPER_TABLE.get((metric, base))
             title = f"{DL_METRICS[metric]}: CAMAL vs {method_name(base)}" + (f" (the paper's {paper})" if paper else "")
             notes = [
-                f"% mean ± std over the paired folds. **Bold**: CAMAL's mean is higher and the one-tailed Wilcoxon signed-rank "
+                "% mean ± std over the paired folds. **Bold**: CAMAL's mean is higher and the one-tailed Wilcoxon "
+                "signed-rank "
                 f"test (H1: CAMAL > baseline) gives p < {significance:g}; <u>underlined</u>: higher, not significant."
             ]
             detail_rows, csv_rows = [], []
@@ -1114,10 +1239,20 @@ def dl_tables(summary, comparisons, significance):
                 {
                     "name": None,
                     "title": f"{title}: tests",
-                    "header": ["Dataset", "Model", "Pairs", "CAMAL % [95 % CI]", f"{method_name(base)} % [95 % CI]", "T", "p (one-tailed)", "Result"],
+                    "header": [
+                        "Dataset",
+                        "Model",
+                        "Pairs",
+                        "CAMAL % [95 % CI]",
+                        f"{method_name(base)} % [95 % CI]",
+                        "T",
+                        "p (one-tailed)",
+                        "Result",
+                    ],
                     "rows": detail_rows,
                     "notes": [
-                        "T = min(R+, R-) as in the paper's Eq. 5; p from scipy.stats.wilcoxon(camal, baseline, alternative='greater'). "
+                        "T = min(R+, R-) as in the paper's Eq. 5; p from scipy.stats.wilcoxon(camal, baseline, "
+                        "alternative='greater'). "
                         "CI: mean ± 1.96 standard errors."
                     ],
                 }
@@ -1142,7 +1277,9 @@ def faithfulness_tables(comparisons):
             continue
         entries = [(c["dataset"], c["variant"], c["model"], c["faithfulness"]) for c in comps]
         if len(comps) > 1:
-            entries.append(("all", "", "all", {m: merge_pools([c["faithfulness"][m] for c in comps]) for m in ("camal", base)}))
+            entries.append(
+                ("all", "", "all", {m: merge_pools([c["faithfulness"][m] for c in comps]) for m in ("camal", base)})
+            )
         curves[base] = entries[-1][3]
         rows, csv_rows, results[base] = [], [], []
         for ds, variant, model, pooled in entries:
@@ -1205,10 +1342,13 @@ def faithfulness_tables(comparisons):
                 ],
                 "rows": rows,
                 "notes": [
-                    "Per-sample AUCs pooled over the paired folds that both have faithfulness.json. Removal: lower is better; "
+                    "Per-sample AUCs pooled over the paired folds that both have faithfulness.json. Removal: lower is "
+                    "better; "
                     "insertion: higher is better. Change: CAMAL's mean relative to the baseline's "
-                    "(the paper, against Prior: -39 % removal, +35.3 % insertion). p(true) at k=0: the mean probability of "
-                    "the true class on the intact images (CAMAL / baseline); removal starts there, so compare removal AUCs "
+                    "(the paper, against Prior: -39 % removal, +35.3 % insertion). p(true) at k=0: the mean "
+                    "probability of "
+                    "the true class on the intact images (CAMAL / baseline); removal starts there, so compare removal "
+                    "AUCs "
                     "only where these are alike: a model wrong from the start has a low removal AUC for free."
                 ],
                 "csv_header": [
@@ -1260,7 +1400,9 @@ def drl_tables(drl, args):
             "header": ["Env", "Method", "Seed", "Return", "IoU", "Source"],
             "rows": rows,
             "csv_header": ["env", "method", "seed", "return", "iou", "source", "run"],
-            "csv_rows": [[r["task"], r["method"], r["seed"], r["return"], r["iou"], r["source"], r["dir"]] for r in drl["runs"]],
+            "csv_rows": [
+                [r["task"], r["method"], r["seed"], r["return"], r["iou"], r["source"], r["dir"]] for r in drl["runs"]
+            ],
         }
     )
     for metric, res in drl["metrics"].items():
@@ -1272,7 +1414,10 @@ def drl_tables(drl, args):
             for m in drl["methods"]
             for d in [res["per_env"][m][e]]
         ]
-        notes = [f"{res['k']} run{'s' if res['k'] > 1 else ''} per method and environment (the lowest seeds where a cell has more)."]
+        notes = [
+            f"{res['k']} run{'s' if res['k'] > 1 else ''} per method and environment (the lowest seeds where a cell "
+            "has more)."
+        ]
         if res["k"] == 1:
             notes.append(
                 "With one run per environment the bootstrap has nothing to resample: the CIs have zero width and "
@@ -1280,17 +1425,24 @@ def drl_tables(drl, args):
             )
         if metric == "return":
             notes.append(
-                "Returns are min-max normalised per environment over the runs in the matrix, of every method, before aggregation (min -> 0, "
+                "Returns are min-max normalised per environment over the runs in the matrix, of every method, before "
+                "aggregation (min -> 0, "
                 "max -> 1; an environment where all are equal -> 0): "
                 + ", ".join(f"{e} [{lo:g}, {hi:g}]" for e, (lo, hi) in res["normalisation"].items())
                 + "."
             )
         notes.append(
-            f"SBCI: rliable get_interval_estimates with the mean aggregate, {args.reps} stratified bootstrap resamples, "
+            f"SBCI: rliable get_interval_estimates with the mean aggregate, {args.reps} stratified bootstrap "
+            "resamples, "
             f"numpy seeded with {args.seed}."
         )
         sbci = [
-            [method_name(m), f"{res['k']} x {len(drl['envs'])}", f"{v['mean']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"]
+            [
+                method_name(m),
+                f"{res['k']} x {len(drl['envs'])}",
+                f"{v['mean']:.3f}",
+                f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]",
+            ]
             for m, v in res["sbci_mean"].items()
         ]
         tables.append(
@@ -1311,11 +1463,18 @@ def drl_tables(drl, args):
             {
                 "name": f"drl_{metric}_sbci",
                 "title": f"DRL {label}: SBCI of the mean (the paper's {figure}, left)",
-                "header": ["Method", "Runs x envs", "Mean" + (" (normalised)" if metric == "return" else ""), "95 % CI"],
+                "header": [
+                    "Method",
+                    "Runs x envs",
+                    "Mean" + (" (normalised)" if metric == "return" else ""),
+                    "95 % CI",
+                ],
                 "rows": sbci,
                 "notes": notes,
                 "csv_header": ["method", "runs", "envs", "mean", "ci_low", "ci_high"],
-                "csv_rows": [[m, res["k"], len(drl["envs"]), v["mean"], *v["ci95"]] for m, v in res["sbci_mean"].items()],
+                "csv_rows": [
+                    [m, res["k"], len(drl["envs"]), v["mean"], *v["ci95"]] for m, v in res["sbci_mean"].items()
+                ],
             }
         )
         if res["poi"]:
@@ -1335,7 +1494,8 @@ def drl_tables(drl, args):
                         for y, v in res["poi"].items()
                     ],
                     "notes": [
-                        "rliable probability_of_improvement (Mann-Whitney per environment, averaged; the paper's Eq. 6) with "
+                        "rliable probability_of_improvement (Mann-Whitney per environment, averaged; the paper's Eq. "
+                        "6) with "
                         "its stratified bootstrap CI. Significant when P > 0.5 and 0.5 is outside the CI."
                     ],
                     "csv_header": ["x", "y", "p", "ci_low", "ci_high", "significant"],
@@ -1359,8 +1519,14 @@ def plot_drl(drl, curves, out):
     metrics_ = [m for m in DRL_METRICS if m in drl["metrics"]]
     labels = {"return": "Return (min-max normalised)", "iou": "Attention IoU"}
     if metrics_:
-        point = {method_name(m): np.array([drl["metrics"][x]["sbci_mean"][m]["mean"] for x in metrics_]) for m in drl["methods"]}
-        interval = {method_name(m): np.array([drl["metrics"][x]["sbci_mean"][m]["ci95"] for x in metrics_]).T for m in drl["methods"]}
+        point = {
+            method_name(m): np.array([drl["metrics"][x]["sbci_mean"][m]["mean"] for x in metrics_])
+            for m in drl["methods"]
+        }
+        interval = {
+            method_name(m): np.array([drl["metrics"][x]["sbci_mean"][m]["ci95"] for x in metrics_]).T
+            for m in drl["methods"]
+        }
         fig, _ = plot_utils.plot_interval_estimates(
             point,
             interval,
@@ -1371,7 +1537,10 @@ def plot_drl(drl, curves, out):
             subfigure_width=4.0,
             xlabel_y_coordinate=-0.35,
         )
-        atomic_write(os.path.join(out, "drl_interval_estimates.png"), lambda f: fig.savefig(f, dpi=120, bbox_inches="tight", format="png"))
+        atomic_write(
+            os.path.join(out, "drl_interval_estimates.png"),
+            lambda f: fig.savefig(f, dpi=120, bbox_inches="tight", format="png"),
+        )
         plt.close(fig)
         written.append("drl_interval_estimates.png")
     poi = [x for x in metrics_ if drl["metrics"][x]["poi"]]
@@ -1386,7 +1555,10 @@ def plot_drl(drl, curves, out):
                 xlabel=f"P(X > Y), {labels[x]}",
             )
         fig.tight_layout()
-        atomic_write(os.path.join(out, "drl_probability_of_improvement.png"), lambda f: fig.savefig(f, dpi=120, bbox_inches="tight", format="png"))
+        atomic_write(
+            os.path.join(out, "drl_probability_of_improvement.png"),
+            lambda f: fig.savefig(f, dpi=120, bbox_inches="tight", format="png"),
+        )
         plt.close(fig)
         written.append("drl_probability_of_improvement.png")
     envs = sorted({e for c in curves.values() for e in c}, key=lambda e: order(e, ENV_ORDER))
@@ -1398,7 +1570,12 @@ def plot_drl(drl, curves, out):
                 for m, c in drawn.items():
                     mean, band = np.array(c["mean"]), np.array(c["band"])
                     few = np.count_nonzero(~np.isnan(mean)) < 2  # a single value: a marker, not an invisible line
-                    ax.plot(c["steps"], mean, marker="o" if few else None, label=f"{method_name(m)} ({c['runs']} run{'s' if c['runs'] > 1 else ''})")
+                    ax.plot(
+                        c["steps"],
+                        mean,
+                        marker="o" if few else None,
+                        label=f"{method_name(m)} ({c['runs']} run{'s' if c['runs'] > 1 else ''})",
+                    )
                     ax.fill_between(c["steps"], mean - band, mean + band, alpha=0.2)
                 ax.set_title(f"{env}: {DRL_METRICS[metric][0]}")
                 ax.set_xlabel("global step")
@@ -1418,7 +1595,11 @@ def plot_faithfulness(curves, out):
     written = []
     for base, pooled in curves.items():
         name = f"dl_faithfulness_camal_vs_{base}.png"
-        plot_curves(os.path.join(out, name), np.asarray(pooled["camal"]["k"]), {method_name(m): pooled[m] for m in ("camal", base)})
+        plot_curves(
+            os.path.join(out, name),
+            np.asarray(pooled["camal"]["k"]),
+            {method_name(m): pooled[m] for m in ("camal", base)},
+        )
         written.append(name)
     return written
 
@@ -1433,7 +1614,13 @@ def plot_curves(path, ks, groups):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"camal": "tab:blue", "vanilla": "tab:orange", "prior": "tab:green", "suppress": "tab:red", "supp. only": "tab:red"}
+    colours = {
+        "camal": "tab:blue",
+        "vanilla": "tab:orange",
+        "prior": "tab:green",
+        "suppress": "tab:red",
+        "supp. only": "tab:red",
+    }
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, curve in zip(axes, ("removal", "insertion")):
         for name, curves in groups.items():
@@ -1483,7 +1670,9 @@ def analyse(args):
     """Every number of the analysis, and the tables that show them."""
     check_args(args)
     warnings_ = []
-    dl_runs, drl_runs, left_out, skipped = find_runs(args.paths, args.drl_score, args.last_n, args.include_unfinished, warnings_)
+    dl_runs, drl_runs, left_out, skipped = find_runs(
+        args.paths, args.drl_score, args.last_n, args.include_unfinished, warnings_
+    )
     if not dl_runs and not drl_runs:
         seen = f" ({len(skipped)} folders with TensorBoard events but no usable run)" if skipped else ""
         if left_out:
@@ -1511,7 +1700,8 @@ def analyse(args):
         warnings_.append(
             {
                 "run": "analysis",
-                "reason": "some numbers overflowed to infinity (scores too large for a float): they print as inf and are null in stats.json",
+                "reason": "some numbers overflowed to infinity (scores too large for a float): they print as inf and "
+                "are null in stats.json",
             }
         )
     stats = {
@@ -1537,9 +1727,15 @@ def nothing_compared(dl_runs, comparisons, drl):
     notes = []
     if dl_runs and not comparisons:
         methods = sorted({r["method"] for r in dl_runs})
-        notes.append(f"DL: the runs are of {', '.join(methods)} only: no pair of CAMAL and a baseline on the same fold, so no test was made")
+        notes.append(
+            f"DL: the runs are of {', '.join(methods)} only: no pair of CAMAL and a baseline on the same fold, so no "
+            "test was made"
+        )
     if drl and not any(res.get("poi") for res in drl["metrics"].values()):
-        notes.append(f"DRL: the runs are of {', '.join(drl['methods'])} only: no CAMAL run beside another method, so nothing was compared")
+        notes.append(
+            f"DRL: the runs are of {', '.join(drl['methods'])} only: no CAMAL run beside another method, so nothing "
+            "was compared"
+        )
     return notes
 
 
@@ -1587,7 +1783,11 @@ def report(stats, tables):
         if items:
             parts += [f"### {title}", ""] + [f"- {i['run']}: {i['reason']}" for i in items] + [""]
     env = stats["computed_with"]
-    parts += [f"Computed with scipy {env['scipy']} (the Wilcoxon p-values), rliable {env['rliable']} and numpy {env['numpy']}.", ""]
+    parts += [
+        f"Computed with scipy {env['scipy']} (the Wilcoxon p-values), rliable {env['rliable']} and numpy "
+        f"{env['numpy']}.",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -1620,6 +1820,9 @@ if __name__ == "__main__":
         if args.out:
             written = write_outputs(args, stats, tables, curves, drl_runs)
             print(f"written to {args.out}/: {', '.join(written)}")
-    except (StatsError, RunFileError) as e:  # bad input, a run file that cannot be read, an output that cannot be written
+    except (
+        StatsError,
+        RunFileError,
+    ) as e:  # bad input, a run file that cannot be read, an output that cannot be written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -563,7 +563,8 @@ PROMPTS = {
 
 
 def prior_cache_path(args, records, prompts):
-    """Where --prior-cache keeps these CLIP CAMs: named by everything they depend on (images, prompts, geometry, weights)."""
+    """Where --prior-cache keeps these CLIP CAMs: named by everything they depend on (images, prompts, geometry,
+    weights)."""
     import hashlib
 
     ids = (
@@ -596,8 +597,10 @@ def load_clip(args, device):
             clip = open_clip.create_model(args.prior_model, pretrained=args.prior_pretrained)
         except Exception as e:  # offline, or a download that failed
             raise ValueError(
-                f"cannot get open_clip's {args.prior_model} weights '{args.prior_pretrained}' ({first_line(e)}): on a machine with a "
-                "network they are fetched into open_clip's cache (Hugging Face's, ~/.cache/huggingface); without one, pass --prior-weights PATH"
+                f"cannot get open_clip's {args.prior_model} weights '{args.prior_pretrained}' ({first_line(e)}): on a "
+                "machine with a "
+                "network they are fetched into open_clip's cache (Hugging Face's, ~/.cache/huggingface); without one, "
+                "pass --prior-weights PATH"
             ) from None
     if args.prior_weights not in (None, "random"):
         open_clip.load_checkpoint(clip, args.prior_weights)
@@ -956,7 +959,8 @@ class Run:
         if not self.announced and self.rank == 0:
             start = "ImageNet weights" if self.imagenet else "random start"
             print(
-                f"{self.run_name}: {describe_device(self.device)}, {args.model} ({start}), {self.sizes[0]} training and "
+                f"{self.run_name}: {describe_device(self.device)}, {args.model} ({start}), {self.sizes[0]} training "
+                "and "
                 f"{self.sizes[1]} held-out images, {args.epochs} epochs of {len(loader)} batches\n  run folder: "
                 f"{self.run_dir}   watch: tensorboard --logdir {os.path.dirname(self.run_dir) or '.'}   "
                 f"stop: Ctrl-C (saves a checkpoint; --resume {self.run_dir} continues)",
@@ -1021,7 +1025,8 @@ class Run:
             self.close()
             if self.rank == 0:
                 print(
-                    f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume {self.run_dir}"
+                    f"stopped at epoch {epoch}; continue with: python {os.path.basename(__file__)} --resume "
+                    f"{self.run_dir}"
                 )
             sys.exit(self.stop.exit_code())
 
@@ -1111,8 +1116,8 @@ def fold_metrics(args, fold, result, classes, run_name, facts):
 
 
 def save_results(run_dir, metrics, classes, model, test_set, args):
-    """metrics.json (stats.py), model.pt (a plain torchvision state dict with its preprocessing) and the held-out samples
-    eval_faithfulness.py scores."""
+    """metrics.json (stats.py), model.pt (a plain torchvision state dict with its preprocessing) and the held-out
+    samples eval_faithfulness.py scores."""
     run_name, fold = metrics["run_name"], metrics["fold"]
     saved = {
         "state_dict": model.net.state_dict(),
@@ -1140,7 +1145,8 @@ def save_results(run_dir, metrics, classes, model, test_set, args):
 
 def check_files(records):
     """Every image and mask readable as an image, each mask the size of its image: from the file headers, before any
-    output is written (a few seconds for a whole dataset). A file broken past its header is still named when it is read."""
+    output is written (a few seconds for a whole dataset). A file broken past its header is still named when it is
+    read."""
     for path, mask_paths, _ in records:
         if not isinstance(path, str):
             continue  # shapes: drawn, not read
@@ -1153,7 +1159,8 @@ def check_files(records):
                 raise DataError(f"{p} is not an image ({type(e).__name__}: {e})") from e
         if any(size != sizes[0] for size in sizes[1:]):
             raise DataError(
-                f"mask {mask_paths[0]} is {sizes[1][1]} x {sizes[1][0]}, its image {path} is {sizes[0][1]} x {sizes[0][0]}"
+                f"mask {mask_paths[0]} is {sizes[1][1]} x {sizes[1][0]}, its image {path} is {sizes[0][1]} x "
+                f"{sizes[0][0]}"
             )
 
 
@@ -1375,16 +1382,25 @@ def read_resume(args, finished, keys, keep, retired=()):
     why the run cannot resume."""
     if not os.path.isdir(args.resume):
         exists = os.path.exists(args.resume)
-        raise FileNotFoundError(f"--resume {args.resume} " + ("is a file, not a run folder" if exists else "does not exist"))
+        raise FileNotFoundError(
+            f"--resume {args.resume} " + ("is a file, not a run folder" if exists else "does not exist")
+        )
     try:
         entries = set(os.listdir(args.resume))
     except OSError as e:
         raise RunFileError(f"--resume {args.resume} cannot be read: {e.strerror}") from None
     if finished[0] in entries:
-        raise ValueError(f"--resume {args.resume}: this run finished (its {finished[0]} is there); there is nothing to resume{finished[1]}")
-    if not entries & {"checkpoint.pt", "checkpoint.prev.pt"}:  # the previous one alone is whole (a crash between renames)
+        raise ValueError(
+            f"--resume {args.resume}: this run finished (its {finished[0]} is there); there is nothing to "
+            f"resume{finished[1]}"
+        )
+    if not entries & {
+        "checkpoint.pt",
+        "checkpoint.prev.pt",
+    }:  # the previous one alone is whole (a crash between renames)
         raise FileNotFoundError(
-            f"--resume {args.resume}: no checkpoint.pt there (a run saves one every --checkpoint-every and when it is stopped)"
+            f"--resume {args.resume}: no checkpoint.pt there (a run saves one every --checkpoint-every and when it is "
+            "stopped)"
         )
     try:
         checkpoint = read_checkpoint(os.path.join(args.resume, "checkpoint.pt"), keys)
@@ -1398,7 +1414,9 @@ def read_resume(args, finished, keys, keep, retired=()):
     saved.update({k: getattr(args, k) for k in keep})
     unknown = set(saved) - set(type(args).__dataclass_fields__)
     if unknown:
-        raise ValueError(f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}")
+        raise ValueError(
+            f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}"
+        )
     return type(args)(**saved), checkpoint
 
 
@@ -1422,7 +1440,10 @@ class StopRequest:
     """
 
     def __init__(self, point, unit):
-        self.point, self.unit = point, unit  # what the run does when asked, and what it calls one pass (for the message)
+        self.point, self.unit = (
+            point,
+            unit,
+        )  # what the run does when asked, and what it calls one pass (for the message)
         self.signum = None  # the signal that asked, once one has
         self.last_pass_seconds = None  # how long the last pass took, set by the loop
 
@@ -1443,7 +1464,12 @@ class StopRequest:
         print(f"\n{name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
 
     def catch(self):
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):  # the stops of a terminal, a scheduler
+        for s in (
+            signal.SIGINT,
+            signal.SIGTERM,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+        ):  # the stops of a terminal, a scheduler
             signal.signal(s, self.handle)
         return self
 
@@ -1478,7 +1504,8 @@ def start_tracking(args, run_name, run_dir):
 
 def open_logs(args, run_name, run_dir, purge_step):
     """(TensorBoard writer, W&B run or None). purge_step: where a resumed run's curves restart, so events a stopped or
-    crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its hyperparameters."""
+    crashed run logged from there on are dropped, not doubled; None for a new run, which also logs its
+    hyperparameters."""
     tracked = start_tracking(args, run_name, run_dir) if args.track else None  # first, so W&B mirrors the events
     # TensorBoard writes from a thread: its OSError (a full disk) comes back at the next write, where the run says why
     threading.excepthook = lambda a: None if issubclass(a.exc_type, OSError) else threading.__excepthook__(a)
@@ -1597,7 +1624,8 @@ def check_args(args):
     for name in ("seed", "split_seed"):
         if not 0 <= getattr(args, name) < 2**31:
             raise ValueError(
-                f"--{name.replace('_', '-')} must lie in 0 .. 2**31 - 1 (numpy's and torch's seeds), got {getattr(args, name)}"
+                f"--{name.replace('_', '-')} must lie in 0 .. 2**31 - 1 (numpy's and torch's seeds), got "
+                f"{getattr(args, name)}"
             )
     for name, low, high, low_allowed in NUMBERS:  # nan fails every comparison, so it is refused here too
         v = getattr(args, name)
@@ -1615,7 +1643,8 @@ def check_args(args):
             args.shapes_per_class < args.folds
         ):  # a class dealt round-robin over the folds: fewer images than folds empty some
             raise ValueError(
-                f"--shapes-per-class {args.shapes_per_class} is less than --folds {args.folds}: some held-out folds would lack a class "
+                f"--shapes-per-class {args.shapes_per_class} is less than --folds {args.folds}: some held-out folds "
+                "would lack a class "
                 "or be empty; give at least one image per class and fold"
             )
     if args.image_size < 32:
@@ -1631,8 +1660,10 @@ def check_args(args):
     if METHODS[args.method]["clip_masks"]:
         if (args.prior_weights is None) == (args.prior_pretrained is None):
             raise ValueError(
-                "--method prior needs one of --prior-pretrained TAG (open_clip's pretrained weights of --prior-model, e.g. openai, "
-                "downloaded), --prior-weights PATH (a local open_clip weights file), or --prior-weights random (an untrained encoder, tests)"
+                "--method prior needs one of --prior-pretrained TAG (open_clip's pretrained weights of --prior-model, "
+                "e.g. openai, "
+                "downloaded), --prior-weights PATH (a local open_clip weights file), or --prior-weights random (an "
+                "untrained encoder, tests)"
             )
         if args.prior_pretrained is not None:
             try:
@@ -1642,7 +1673,8 @@ def check_args(args):
             tags = open_clip.list_pretrained_tags_by_model(args.prior_model)
             if args.prior_pretrained not in tags:
                 raise ValueError(
-                    f"--prior-pretrained {args.prior_pretrained} is not a tag of {args.prior_model}; its tags: {', '.join(tags)}"
+                    f"--prior-pretrained {args.prior_pretrained} is not a tag of {args.prior_model}; its tags: "
+                    f"{', '.join(tags)}"
                 )
         if args.prior_weights not in (None, "random") and not os.path.isfile(args.prior_weights):
             raise FileNotFoundError(f"--prior-weights {args.prior_weights}: no such file")

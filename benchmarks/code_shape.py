@@ -4,8 +4,9 @@
     python benchmarks/code_shape.py --json     # the same as JSON
 
 Per trainer: its lines; the lines above the "Run plumbing" banner (Args, the method, the training loop); the training
-loop's function, and its loop over iterations or epochs; the plumbing below the banner; the deepest indentation of the loop's loss line; the loop's calls to
-the run object; and the lines over 120 characters. docs/code.md keeps the figures and their targets.
+loop's function, and its loop over iterations or epochs; the plumbing below the banner; the deepest indentation of the
+loop's loss line; the loop's calls to the run object; and the lines over 120 characters. docs/code.md keeps the figures
+and their targets.
 """
 
 import ast
@@ -14,7 +15,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINERS = {"ppo_camal_vizdoom.py": ("main", "loss = pg_loss"), "train_dl_camal.py": ("train_fold", "step = train_step")}
+TRAINERS = {
+    "ppo_camal_vizdoom.py": ("main", "loss = pg_loss"),
+    "train_dl_camal.py": ("train_fold", "step = train_step"),
+}
 
 
 def shape(path, loop_name, loss_text):
@@ -29,7 +33,9 @@ def shape(path, loop_name, loss_text):
         {
             n.func.attr
             for n in ast.walk(loop)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "run"
+            if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and getattr(n.func.value, "id", "") == "run"
         }
     )
     opens = [n.func.id for n in ast.walk(loop) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Run"]

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fresh_folder(out, marker):
-    """Empty `out` for a new benchmark run, but only if this benchmark made it (its marker file is there); exit 2 otherwise."""
+    """Empty `out` for a new benchmark run, but only if this benchmark made it (its marker file is there); exit 2
+    otherwise."""
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
         print(f"error: --out {out} exists and was not made by this benchmark: choose another folder", file=sys.stderr)
@@ -47,19 +48,24 @@ def collapsed_iterations(log):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="drl_alignment", help="folder for the runs, logs and stats (a previous one is emptied first)")
+    p.add_argument(
+        "--out", default="drl_alignment", help="folder for the runs, logs and stats (a previous one is emptied first)"
+    )
     p.add_argument("--env", default="Basic", choices=["Basic", "DefendLine", "DefendCenter", "TakeCover"])
     p.add_argument(
         "--seeds",
         type=int,
         nargs="+",
         default=[4, 5, 6],
-        help="the settings (frame size, budget) were chosen on seeds 1-3, so the default reports on others (docs/results.md)",
+        help="the settings (frame size, budget) were chosen on seeds 1-3, so the default reports on others "
+        "(docs/results.md)",
     )
     p.add_argument("--frame-height", type=int, default=120)
     p.add_argument("--frame-width", type=int, default=160)
     p.add_argument("--total-timesteps", type=int, default=40960)
-    p.add_argument("--train-args", default="", help="extra ppo_camal_vizdoom.py flags, one string (tests: tiny settings)")
+    p.add_argument(
+        "--train-args", default="", help="extra ppo_camal_vizdoom.py flags, one string (tests: tiny settings)"
+    )
     args = p.parse_args()
 
     out = fresh_folder(args.out, ".drl_alignment")
@@ -91,11 +97,16 @@ def main():
                 code = subprocess.run(cmd, cwd=out, stdout=f, stderr=subprocess.STDOUT).returncode
             print(f"{method} seed {seed}: {time.time() - t:.0f} s", flush=True)
             if code:
-                print(f"error: ppo_camal_vizdoom.py exited with {code}; see {out / f'train_{method}_{seed}.log'}", file=sys.stderr)
+                print(
+                    f"error: ppo_camal_vizdoom.py exited with {code}; see {out / f'train_{method}_{seed}.log'}",
+                    file=sys.stderr,
+                )
                 sys.exit(1)
     with open(out / "stats.md", "w") as f:
         code = subprocess.run(
-            [sys.executable, str(ROOT / "stats.py"), str(out / "runs"), "--out", str(out / "stats")], stdout=f, stderr=subprocess.STDOUT
+            [sys.executable, str(ROOT / "stats.py"), str(out / "runs"), "--out", str(out / "stats")],
+            stdout=f,
+            stderr=subprocess.STDOUT,
         ).returncode
     print(f"total {time.time() - start:.0f} s\n")
     if code:
@@ -115,7 +126,8 @@ def main():
         c, v = by["camal", seed], by["vanilla", seed]
         collapsed = [collapsed_iterations(out / f"train_{m}_{seed}.log") for m in ("camal", "vanilla")]
         print(
-            f"| {seed} | {c['mean_iou']:.3f} | {v['mean_iou']:.3f} | {c['cam_empty_fraction']:.0%} | {v['cam_empty_fraction']:.0%} "
+            f"| {seed} | {c['mean_iou']:.3f} | {v['mean_iou']:.3f} | {c['cam_empty_fraction']:.0%} | "
+            f"{v['cam_empty_fraction']:.0%} "
             f"| {collapsed[0]} | {collapsed[1]} | {c['mean_return']:.1f} | {v['mean_return']:.1f} |"
         )
         wins.append(c["mean_iou"] > v["mean_iou"] and v["cam_empty_fraction"] < 0.5)

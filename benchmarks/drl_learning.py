@@ -44,14 +44,29 @@ def load(name):
     return module
 
 
-stats, benchmark = load("stats"), load("benchmark")  # stats.py's curve helpers; benchmark.py's cells, as its runs name them
+stats, benchmark = (
+    load("stats"),
+    load("benchmark"),
+)  # stats.py's curve helpers; benchmark.py's cells, as its runs name them
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--out", default="drl_learning", help="the benchmark's folder: cells/ (benchmark.py's), reference/, stats/, the figure")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument(
+        "--out",
+        default="drl_learning",
+        help="the benchmark's folder: cells/ (benchmark.py's), reference/, stats/, the figure",
+    )
     p.add_argument("--env", default="Basic", choices=["Basic", "DefendLine", "DefendCenter", "TakeCover"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="the seeds (the budget was chosen on seed 11: docs/results.md)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="the seeds (the budget was chosen on seed 11: docs/results.md)",
+    )
     p.add_argument("--frame-height", type=int, default=60)
     p.add_argument("--frame-width", type=int, default=80)
     p.add_argument("--total-timesteps", type=int, default=409_600)
@@ -63,12 +78,27 @@ def parse(argv):
         choices=benchmark.CAM_KINDS,
         help="--cam of each CAMAL configuration; vanilla runs with the first and is measured under each",
     )
-    p.add_argument("--threshold", type=float, default=50.0, help="the return a learned agent reaches (Basic: trained agents score about 75-85)")
-    p.add_argument("--reference", action="store_true", help="also train Stable-Baselines3's PPO on the same frames (requirements-bench.txt)")
-    p.add_argument("--reference-margin", type=float, default=15.0, help="how far below SB3's mean evaluation return ours may fall")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=50.0,
+        help="the return a learned agent reaches (Basic: trained agents score about 75-85)",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also train Stable-Baselines3's PPO on the same frames (requirements-bench.txt)",
+    )
+    p.add_argument(
+        "--reference-margin", type=float, default=15.0, help="how far below SB3's mean evaluation return ours may fall"
+    )
     p.add_argument("--workers", type=int, default=2, help="runs at a time (each gets cores / workers CPU threads)")
     p.add_argument("--curve-points", type=int, default=40, help="points of the step grid of the curves")
-    p.add_argument("--train-args", default="", help="more ppo_camal_vizdoom.py flags for every run, one string (e.g. --reward-scale 0.01)")
+    p.add_argument(
+        "--train-args",
+        default="",
+        help="more ppo_camal_vizdoom.py flags for every run, one string (e.g. --reward-scale 0.01)",
+    )
     args = p.parse_args(argv)
     problems = []
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
@@ -81,7 +111,9 @@ def parse(argv):
         problems.append("--threshold and --reference-margin must be numbers")
     flags = args.train_args.split()
     if any(f.split("=")[0] in ("--camal-coef", "--cam", "--method", "--seed", "--env", "--resume") for f in flags):
-        problems.append(f"--train-args may not set what the benchmark sets (--camal-coef, --cam, --method, --seed, --env): {flags}")
+        problems.append(
+            f"--train-args may not set what the benchmark sets (--camal-coef, --cam, --method, --seed, --env): {flags}"
+        )
     if Path(args.out).exists() and not Path(args.out).is_dir():
         problems.append(f"--out {args.out} is a file")
     if problems:
@@ -101,14 +133,19 @@ def configs(args):
 
 
 def coef_flags(coef):
-    return [] if coef == 1.0 else ["--camal-coef", f"{coef:g}"]  # the default adds no flag: its cells are the plain ones
+    return (
+        [] if coef == 1.0 else ["--camal-coef", f"{coef:g}"]
+    )  # the default adds no flag: its cells are the plain ones
 
 
 def cells(args, out):
-    """benchmark.py's cells of this check: {"vanilla": [...], (lambda, cam): [...]}, one per seed. Vanilla runs once, with
-    the first of --cams (so abs, the default, shares its cells with every later call that lists abs first): it trains
-    without a CAM, and its evaluation measures the IoU under each."""
-    make = lambda method, cam, seed, extra: benchmark.Cell("drl", {"env": args.env, "method": method, "cam": cam, "seed": seed}, extra, out, 10)  # noqa: E731
+    """benchmark.py's cells of this check: {"vanilla": [...], (lambda, cam): [...]}, one per seed. Vanilla runs once,
+    with the first of --cams (so abs, the default, shares its cells with every later call that lists abs first): it
+    trains without a CAM, and its evaluation measures the IoU under each."""
+
+    def make(method, cam, seed, extra):
+        return benchmark.Cell("drl", {"env": args.env, "method": method, "cam": cam, "seed": seed}, extra, out, 10)
+
     first = list(dict.fromkeys(args.cams))[0]
     found = {"vanilla": [make("vanilla", first, s, passthrough(args)) for s in args.seeds]}
     for coef, cam in configs(args):
@@ -118,7 +155,16 @@ def cells(args, out):
 
 def run_cells(args, out):
     """benchmark.py over vanilla and every CAMAL configuration (one invocation per lambda), all in out/cells."""
-    base = [sys.executable, str(ROOT / "benchmark.py"), "--preset", "drl", "--envs", args.env, "--seeds", *map(str, args.seeds)]
+    base = [
+        sys.executable,
+        str(ROOT / "benchmark.py"),
+        "--preset",
+        "drl",
+        "--envs",
+        args.env,
+        "--seeds",
+        *map(str, args.seeds),
+    ]
     base += ["--out", str(out), "--workers", str(args.workers), "--no-analysis", "--cams", *dict.fromkeys(args.cams)]
     coefs = list(dict.fromkeys(args.camal_coefs))
     calls = [["--methods", "vanilla", *(["camal"] if 1.0 in coefs else [])]]
@@ -128,7 +174,10 @@ def run_cells(args, out):
         print(f"[drl_learning] {' '.join(cmd[1:])}", flush=True)
         code = subprocess.run(cmd, cwd=out).returncode
         if code:
-            raise SystemExit(f"error: benchmark.py exited with {code} (cells and logs in {out / 'cells'}); rerun this command to resume")
+            raise SystemExit(
+                f"error: benchmark.py exited with {code} (cells and logs in {out / 'cells'}); rerun this command to "
+                "resume"
+            )
 
 
 def finished_runs(cells):
@@ -143,10 +192,13 @@ def finished_runs(cells):
 
 
 def run_references(args, out):
-    """SB3's PPO per seed into out/reference/seed_N (skipped where its reference_eval.json is there), --workers at a time."""
+    """SB3's PPO per seed into out/reference/seed_N (skipped where its reference_eval.json is there), --workers at a
+    time."""
     ref = out / "reference"
     ref.mkdir(exist_ok=True)
-    scale = next((float(v) for k, v in zip(args.train_args.split(), args.train_args.split()[1:]) if k == "--reward-scale"), 1.0)
+    scale = next(
+        (float(v) for k, v in zip(args.train_args.split(), args.train_args.split()[1:]) if k == "--reward-scale"), 1.0
+    )
     threads = str(max(1, (os.cpu_count() or 1) // args.workers))
 
     def one(seed):
@@ -215,7 +267,9 @@ def plot(path, groups, edges, env, threshold):
             if key not in g:
                 continue
             mean, band = stats.mean_band(np.array(g[key]))
-            line = ax.plot(x, mean, label=f"{name} ({len(g[key])} seeds)", linestyle="--" if name.startswith("SB3") else "-")[0]
+            line = ax.plot(
+                x, mean, label=f"{name} ({len(g[key])} seeds)", linestyle="--" if name.startswith("SB3") else "-"
+            )[0]
             ax.fill_between(x, mean - band, mean + band, alpha=0.15, color=line.get_color())
     axes[0].axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
     axes[0].set_title(f"{env}: training return (charts/episodic_return), mean and 95 % band")
@@ -248,7 +302,12 @@ def main(argv=None):
         "iou": [curve(r, "charts/attention_iou", edges) for r in vanilla],
     }
     reach = {"vanilla": [first_reach(c, edges, args.threshold) for c in groups[name]["return"]]}
-    checks.append((f"vanilla: evaluation return >= {args.threshold:g} in every seed", all(e["mean_return"] >= args.threshold for e in van_eval)))
+    checks.append(
+        (
+            f"vanilla: evaluation return >= {args.threshold:g} in every seed",
+            all(e["mean_return"] >= args.threshold for e in van_eval),
+        )
+    )
     for coef, cam in configs(args):
         name = f"CAMAL lambda {coef:g}, --cam {cam}"
         runs = finished_runs(grid[coef, cam])
@@ -259,55 +318,85 @@ def main(argv=None):
         }
         reach[name] = [first_reach(c, edges, args.threshold) for c in groups[name]["return"]]
         st = run_stats(out, f"camal_{coef:g}_{cam}", runs + vanilla)
-        if set(st["drl"]["metrics"]) != {"return", "iou"}:  # e.g. runs of two experiments: stats.py says why it paired nothing
+        if set(st["drl"]["metrics"]) != {
+            "return",
+            "iou",
+        }:  # e.g. runs of two experiments: stats.py says why it paired nothing
             why = "; ".join(sorted({i["reason"] for i in st["incomplete"]}) or st.get("nothing_compared", []))
             raise SystemExit(
-                f"error: stats.py compared no {name} runs with vanilla's ({why}); see {out / 'stats' / f'camal_{coef:g}_{cam}' / 'stats.md'}"
+                f"error: stats.py compared no {name} runs with vanilla's ({why}); see "
+                f"{out / 'stats' / f'camal_{coef:g}_{cam}' / 'stats.md'}"
             )
         poi = {m: st["drl"]["metrics"][m]["poi"]["vanilla"] for m in ("return", "iou")}
         van_iou = [e["by_cam"][cam]["mean_iou"] for e in van_eval]
         rows.append((name, evals, van_iou, poi))
-        checks.append((f"{name}: evaluation return >= {args.threshold:g} in every seed", all(e["mean_return"] >= args.threshold for e in evals)))
         checks.append(
             (
-                f"{name}: evaluation IoU above vanilla's (under --cam {cam}) in every seed, probability of improvement significant",
-                all(e["mean_iou"] is not None and v is not None and e["mean_iou"] > v for e, v in zip(evals, van_iou)) and poi["iou"]["significant"],
+                f"{name}: evaluation return >= {args.threshold:g} in every seed",
+                all(e["mean_return"] >= args.threshold for e in evals),
+            )
+        )
+        checks.append(
+            (
+                f"{name}: evaluation IoU above vanilla's (under --cam {cam}) in every seed, probability of improvement "
+                "significant",
+                all(e["mean_iou"] is not None and v is not None and e["mean_iou"] > v for e, v in zip(evals, van_iou))
+                and poi["iou"]["significant"],
             )
         )
     if refs:
         ref_eval = [json.loads((r / "reference_eval.json").read_text()) for r in refs]
         groups["SB3 PPO (reference)"] = {"return": [curve(r, "charts/episodic_return", edges) for r in refs]}
-        reach["SB3 PPO (reference)"] = [first_reach(c, edges, args.threshold) for c in groups["SB3 PPO (reference)"]["return"]]
+        reach["SB3 PPO (reference)"] = [
+            first_reach(c, edges, args.threshold) for c in groups["SB3 PPO (reference)"]["return"]
+        ]
         ours, theirs = np.mean([e["mean_return"] for e in van_eval]), np.mean([e["mean_return"] for e in ref_eval])
         checks.append(
             (
-                f"our vanilla PPO's mean evaluation return ({ours:.1f}) >= SB3's ({theirs:.1f}) - {args.reference_margin:g}",
+                f"our vanilla PPO's mean evaluation return ({ours:.1f}) >= SB3's ({theirs:.1f}) - "
+                f"{args.reference_margin:g}",
                 ours >= theirs - args.reference_margin,
             )
         )
 
     seeds = " ".join(map(str, args.seeds))
-    print(f"\n## {args.env} at {args.frame_height} x {args.frame_width}, {args.total_timesteps} steps, seeds {seeds} {args.train_args}\n")
     print(
-        "| run | evaluation return per seed | mean | evaluation IoU per seed | vanilla's IoU (same CAM) | P(CAMAL > vanilla), return | P(CAMAL > vanilla), IoU |"
+        f"\n## {args.env} at {args.frame_height} x {args.frame_width}, {args.total_timesteps} steps, seeds {seeds} "
+        f"{args.train_args}\n"
+    )
+    print(
+        "| run | evaluation return per seed | mean | evaluation IoU per seed | vanilla's IoU (same CAM) | P(CAMAL > "
+        "vanilla), return | P(CAMAL > vanilla), IoU |"
     )
     print("|---|---|---|---|---|---|---|")
     print(f"| vanilla | {returns(van_eval)} | {np.mean([e['mean_return'] for e in van_eval]):.1f} | | | | |")
     for name, evals, van_iou, poi in rows:
         p = {m: f"{poi[m]['p']:.2f} [{poi[m]['ci95'][0]:.2f}, {poi[m]['ci95'][1]:.2f}]" for m in poi}
         print(
-            f"| {name} | {returns(evals)} | {np.mean([e['mean_return'] for e in evals]):.1f} | {ious([e['mean_iou'] for e in evals])} | {ious(van_iou)} "
+            f"| {name} | {returns(evals)} | {np.mean([e['mean_return'] for e in evals]):.1f} | "
+            f"{ious([e['mean_iou'] for e in evals])} | {ious(van_iou)} "
             f"| {p['return']} | {p['iou']} |"
         )
     if refs:
-        print(f"| SB3 PPO (reference) | {returns(ref_eval)} | {np.mean([e['mean_return'] for e in ref_eval]):.1f} | | | | |")
-    print(f"\nsteps until the training return (binned over {args.total_timesteps // args.curve_points} steps) first reaches {args.threshold:g}:")
+        print(
+            f"| SB3 PPO (reference) | {returns(ref_eval)} | {np.mean([e['mean_return'] for e in ref_eval]):.1f} | | | "
+            "| |"
+        )
+    print(
+        f"\nsteps until the training return (binned over {args.total_timesteps // args.curve_points} steps) first "
+        f"reaches {args.threshold:g}:"
+    )
     for name, r in reach.items():
         print(f"- {name}: " + ", ".join(f"seed {s}: {'never' if v is None else v}" for s, v in zip(args.seeds, r)))
     plot(out / "drl_learning.png", groups, edges, args.env, args.threshold)
     summary = {name: {k: [row.tolist() for row in v] for k, v in g.items()} for name, g in groups.items()}
-    stats.write_json(str(out / "curves.json"), stats.clean({"steps": edges[1:].tolist(), "groups": summary, "first_reach": reach}))
-    print(f"\nfigure: {out / 'drl_learning.png'}; stats.py's reports: {out / 'stats'}/*/stats.md; total {time.time() - start:.0f} s\n")
+    stats.write_json(
+        str(out / "curves.json"), stats.clean({"steps": edges[1:].tolist(), "groups": summary, "first_reach": reach})
+    )
+    print(
+        f"\nfigure: {out / 'drl_learning.png'}; stats.py's reports: {out / 'stats'}/*/stats.md; total "
+        f"{time.time() - start:.0f} s\n"
+    )
     for name, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}: {name}")
     return 0 if all(ok for _, ok in checks) else 1

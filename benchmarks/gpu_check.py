@@ -68,7 +68,9 @@ FULL = dict(
     cause_runs=[("resnet18", "fp32"), ("vit_b_16", "fp32"), ("resnet18", "bf16"), ("vit_b_16", "bf16")],
     sizes=[1, 32],
     shapes=["--shapes-per-class", "40", "--folds", "5"],
-    cost=dict(images=3680, size=(375, 500), models=list(gradcam_overhead.dl.MODELS), flags=["--num-workers", "12", "--amp"]),
+    cost=dict(
+        images=3680, size=(375, 500), models=list(gradcam_overhead.dl.MODELS), flags=["--num-workers", "12", "--amp"]
+    ),
 )
 REDUCED = dict(
     height=60,
@@ -90,8 +92,8 @@ REDUCED = dict(
 )
 PARTS = ["ppo env", "ppo train", "dl step", "extraction", "dl run", "dl cost", "dl causes"]
 # Images per dataset (Pets: 7,349; Flowers-102: 8,189; BUSI: 780): the cost of a cell scales with its dataset's images;
-# camal, suppress and prior train with the double backward, vanilla without it. The grids are benchmark.py's own presets,
-# each cell at train_dl_camal.py's default of 500 epochs (Table 7).
+# camal, suppress and prior train with the double backward, vanilla without it. The grids are benchmark.py's own
+# presets, each cell at train_dl_camal.py's default of 500 epochs (Table 7).
 DATASET_IMAGES = {"pets": 7349, "flowers": 8189, "busi": 780}
 GRID_EPOCHS = 500
 _spec = importlib.util.spec_from_file_location("benchmark", ROOT / "benchmark.py")
@@ -109,7 +111,9 @@ def run(cmd, cwd, timeout, env=None):
     """Run a command; (exit code, seconds, combined output). A timeout counts as exit code 124."""
     start = time.perf_counter()
     try:
-        p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
+        p = subprocess.run(
+            cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env
+        )
         return p.returncode, time.perf_counter() - start, p.stdout
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -184,15 +188,31 @@ def dl_runs(cfg, cuda, timeout, tmp):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         row.update(test_accuracy=metrics["test_accuracy"], test_iou=metrics["test_iou"])
         rows.append(row)
-        rc, s, out = run([sys.executable, str(FAITH), str(run_dir), "--steps", "5", "--cuda" if cuda else "--no-cuda"], cwd, timeout)
+        rc, s, out = run(
+            [sys.executable, str(FAITH), str(run_dir), "--steps", "5", "--cuda" if cuda else "--no-cuda"], cwd, timeout
+        )
         row = {"what": "eval_faithfulness.py", "rc": rc, "wall_s": round(s, 1)}
         if rc == 0:
-            row["removal_auc"] = json.loads((run_dir / "faithfulness.json").read_text())["attention"]["removal_auc"]["mean"]
+            row["removal_auc"] = json.loads((run_dir / "faithfulness.json").read_text())["attention"]["removal_auc"][
+                "mean"
+            ]
     rows.append({**row, "log_tail": tail(out)} if rc else row)
     cwd = Path(tmp) / "ddp"
     cwd.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(DL), *base, "--epochs", "1", "--amp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        str(DL),
+        *base,
+        "--epochs",
+        "1",
+        "--amp",
+    ]
     rc, s, out = run(cmd, cwd, timeout, env=env)
     backend = "nccl" if "(nccl)" in out else "gloo" if "(gloo)" in out else None
     row = {"what": "torchrun --nproc_per_node 1", "rc": rc, "wall_s": round(s, 1), "backend": backend}
@@ -201,7 +221,8 @@ def dl_runs(cfg, cuda, timeout, tmp):
 
 
 def make_pets(root, n, size):
-    """n images (h x w JPEGs: a coloured ellipse on a gradient) and their trimaps in Oxford-IIIT-Pet's layout, 37 classes."""
+    """n images (h x w JPEGs: a coloured ellipse on a gradient) and their trimaps in Oxford-IIIT-Pet's layout, 37
+    classes."""
     import numpy as np
     from PIL import Image
 
@@ -215,7 +236,12 @@ def make_pets(root, n, size):
         label = i % 37
         stem = f"breed{label:02d}_{i}"
         rng = np.random.default_rng(i)
-        cy, cx, ry, rx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, rng.uniform(0.15, 0.3) * h, rng.uniform(0.15, 0.3) * w
+        cy, cx, ry, rx = (
+            rng.uniform(0.3, 0.7) * h,
+            rng.uniform(0.3, 0.7) * w,
+            rng.uniform(0.15, 0.3) * h,
+            rng.uniform(0.15, 0.3) * w,
+        )
         inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
         image = np.stack([(xx * 255 // w), (yy * 255 // h), np.full_like(xx, 7 * label)], axis=2).astype(np.uint8)
         image[inside] = (37 * label) % 256, 255 - 5 * label, 128
@@ -230,8 +256,27 @@ def dl_cost(cfg, pets_dir, images, model, method, cuda, timeout, tmp):
     """One Pets cell (fold 0 of 10) for 2 epochs: the second epoch's seconds and the seconds per image."""
     cwd = Path(tmp) / f"cost_{model}_{method}"
     cwd.mkdir()
-    cmd = [sys.executable, str(DL), "--dataset", "pets", "--data-dir", str(pets_dir), "--model", model, "--method", method]
-    cmd += ["--no-pretrained", "--epochs", "2", "--folds", "10", "--cuda" if cuda else "--no-cuda", *cfg["cost"]["flags"]]
+    cmd = [
+        sys.executable,
+        str(DL),
+        "--dataset",
+        "pets",
+        "--data-dir",
+        str(pets_dir),
+        "--model",
+        model,
+        "--method",
+        method,
+    ]
+    cmd += [
+        "--no-pretrained",
+        "--epochs",
+        "2",
+        "--folds",
+        "10",
+        "--cuda" if cuda else "--no-cuda",
+        *cfg["cost"]["flags"],
+    ]
     rc, seconds, out = run(cmd, cwd, timeout)
     row = {"model": model, "method": method, "images": images, "rc": rc, "wall_s": round(seconds, 1)}
     if rc:
@@ -249,12 +294,16 @@ def grid_hours(rows):
     per_image = {(r["model"], r["method"]): r["s_per_image"] for r in rows if not r["rc"]}
     out = {}
     for name, grid in GRIDS.items():
-        keys = [(m, "vanilla" if method == "vanilla" else "camal") for m in grid["models"] for method in grid["methods"]]
+        keys = [
+            (m, "vanilla" if method == "vanilla" else "camal") for m in grid["models"] for method in grid["methods"]
+        ]
         if not all(k in per_image for k in keys):
             out[name] = None
             continue
         images = sum(DATASET_IMAGES[d] for d in grid["datasets"])
-        out[name] = sum(per_image[k] for k in keys) * images * GRID_EPOCHS * len(grid["folds"]) * len(grid["seeds"]) / 3600
+        out[name] = (
+            sum(per_image[k] for k in keys) * images * GRID_EPOCHS * len(grid["folds"]) * len(grid["seeds"]) / 3600
+        )
     return out
 
 
@@ -288,8 +337,13 @@ def main():
     p.add_argument("--budget-s", type=float, default=460.0, help="no part starts after this many seconds")
     p.add_argument("--reduced", action="store_true", help="the reduced mode even on a GPU")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="run only these parts (e.g. to rerun one)")
-    p.add_argument("--pets-dir", help="dl cost: a folder holding the real oxford-iiit-pet/ (default: generated images in its layout)")
-    p.add_argument("--repeats", type=int, help="timed calls per figure in dl step, dl causes and extraction (default: 5 on a GPU)")
+    p.add_argument(
+        "--pets-dir",
+        help="dl cost: a folder holding the real oxford-iiit-pet/ (default: generated images in its layout)",
+    )
+    p.add_argument(
+        "--repeats", type=int, help="timed calls per figure in dl step, dl causes and extraction (default: 5 on a GPU)"
+    )
     opts = p.parse_args()
     if opts.budget_s <= 0:
         print(f"error: --budget-s must be positive, got {opts.budget_s}", file=sys.stderr)
@@ -300,7 +354,9 @@ def main():
         sys.exit(2)
 
     if opts.pets_dir is not None and not os.path.isdir(os.path.join(opts.pets_dir, "oxford-iiit-pet", "images")):
-        print(f"error: --pets-dir {opts.pets_dir} has no oxford-iiit-pet/images/ (torchvision's layout)", file=sys.stderr)
+        print(
+            f"error: --pets-dir {opts.pets_dir} has no oxford-iiit-pet/images/ (torchvision's layout)", file=sys.stderr
+        )
         sys.exit(2)
     if opts.repeats is not None and opts.repeats < 1:
         print(f"error: --repeats must be at least 1, got {opts.repeats}", file=sys.stderr)
@@ -323,10 +379,15 @@ def main():
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if cuda:
-        print(f"gpu_check: {system['device']}, torch {system['torch']}, CUDA {system['cuda']}, {system['cpu_count']} cores", flush=True)
+        print(
+            f"gpu_check: {system['device']}, torch {system['torch']}, CUDA {system['cuda']}, {system['cpu_count']} "
+            "cores",
+            flush=True,
+        )
     else:
         print(
-            "gpu_check: REDUCED MODE on the CPU (no CUDA, or --reduced): small settings that test every path; these figures say nothing about a GPU",
+            "gpu_check: REDUCED MODE on the CPU (no CUDA, or --reduced): small settings that test every path; these "
+            "figures say nothing about a GPU",
             flush=True,
         )
     result = {"system": system, "settings": cfg, "targets": TARGETS, "skipped": [], "failed": []}
@@ -357,7 +418,9 @@ def main():
             print(f"\n[ppo env] TakeCover {cfg['height']} x {cfg['width']}, async workers, random actions", flush=True)
             rows, ppo = [], ppo_sps.load_ppo()
             for n in cfg["env_counts"]:
-                o = argparse.Namespace(env="TakeCover", num_envs=n, frame_height=cfg["height"], frame_width=cfg["width"])
+                o = argparse.Namespace(
+                    env="TakeCover", num_envs=n, frame_height=cfg["height"], frame_width=cfg["width"]
+                )
                 rows.append({"num_envs": n, "sps": ppo_sps.env_only_sps(ppo, o, True, cfg["env_seconds"])})
                 print(f"  {n:>3} envs  {rows[-1]['sps']:>8.0f} steps/s", flush=True)
                 if left() <= 0:
@@ -370,7 +433,10 @@ def main():
                 f"{cfg['iterations']} iterations (the first left out), async envs",
                 flush=True,
             )
-            print(f"  {'envs':>4} {'method':<8}{'SPS':>8}{'env':>7}{'policy':>8}{'update':>8}{'update s':>10}  flags", flush=True)
+            print(
+                f"  {'envs':>4} {'method':<8}{'SPS':>8}{'env':>7}{'policy':>8}{'update':>8}{'update s':>10}  flags",
+                flush=True,
+            )
             rows = result["ppo_train"] = []
             for n, method, extra in cfg["train_runs"]:
                 name = f"ppo train {n} envs {method} {' '.join(extra)}".strip()
@@ -391,21 +457,49 @@ def main():
                 write(opts.out, result)
 
         def step_part():
-            print(f"\n[dl step] training step, batch {cfg['batch']} x 3 x 224 x 224, median of {cfg['repeats']}", flush=True)
+            print(
+                f"\n[dl step] training step, batch {cfg['batch']} x 3 x 224 x 224, median of {cfg['repeats']}",
+                flush=True,
+            )
             rows = result["dl_step"] = []
             for precision in cfg["precisions"]:
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else gradcam_overhead.dl.nullcontext()
+                autocast = (
+                    torch.autocast("cuda", dtype=torch.bfloat16)
+                    if precision == "bf16"
+                    else gradcam_overhead.dl.nullcontext()
+                )
                 o = argparse.Namespace(batch_size=cfg["batch"], repeats=cfg["repeats"])
                 for name in cfg["models"]:
                     plain, camal = gradcam_overhead.step_overhead(name, o, device, autocast)
-                    rows.append({"model": name, "precision": precision, "ce_s": plain, "camal_s": camal, "overhead_pct": 100 * (camal / plain - 1)})
-                    print(f"  {name:<16}{precision:<6}{1000 * plain:>9.1f} ms{1000 * camal:>9.1f} ms{rows[-1]['overhead_pct']:>8.1f} %", flush=True)
+                    rows.append(
+                        {
+                            "model": name,
+                            "precision": precision,
+                            "ce_s": plain,
+                            "camal_s": camal,
+                            "overhead_pct": 100 * (camal / plain - 1),
+                        }
+                    )
+                    print(
+                        f"  {name:<16}{precision:<6}{1000 * plain:>9.1f} ms{1000 * camal:>9.1f} "
+                        f"ms{rows[-1]['overhead_pct']:>8.1f} %",
+                        flush=True,
+                    )
                     if left() <= 0:
                         return
 
         def causes_part():
-            print(f"\n[dl causes] per step, batch {cfg['batch']}: wall and kernel time (torch.profiler); CUDA graphs replayed", flush=True)
-            print(f"  {'model':<16}{'':<6}{'wall CE/CAMAL ms':>18}{'kernels ms':>16}{'kernels':>12}{'graphed ms':>16}{'graphed +%':>11}", flush=True)
+            print(
+                f"\n[dl causes] per step, batch {cfg['batch']}: wall and kernel time (torch.profiler); CUDA graphs "
+                "replayed",
+                flush=True,
+            )
+            print(
+                "  "
+                f"{'model':<16}{'':<6}{'wall CE/CAMAL ms':>18}{'kernels ms':>16}{'kernels':>12}"
+                f"{'graphed ms':>16}{'graphed +%':>11}",
+                flush=True,
+            )
             rows = result["dl_causes"] = []
             for name, precision in cfg["cause_runs"]:
                 bf16 = precision == "bf16"
@@ -413,13 +507,24 @@ def main():
                 r = gradcam_overhead.step_profile(name, cfg["batch"], device, autocast, steps=cfg["repeats"])
                 r["precision"] = precision
                 if cuda:  # a graph needs autocast's weight cache off
-                    graph_autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if bf16 else autocast
-                    ce, camal = gradcam_overhead.graphed_overhead(name, cfg["batch"], cfg["repeats"], device, graph_autocast)
+                    graph_autocast = (
+                        torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if bf16 else autocast
+                    )
+                    ce, camal = gradcam_overhead.graphed_overhead(
+                        name, cfg["batch"], cfg["repeats"], device, graph_autocast
+                    )
                     r.update(graphed_ce_s=ce, graphed_camal_s=camal, graphed_overhead_pct=100 * (camal / ce - 1))
                 rows.append(r)
-                graphed = f"{1e3 * r['graphed_ce_s']:>7.1f}/{1e3 * r['graphed_camal_s']:<7.1f}{r['graphed_overhead_pct']:>10.1f} %" if cuda else ""
+                graphed = (
+                    f"{1e3 * r['graphed_ce_s']:>7.1f}/{1e3 * r['graphed_camal_s']:<7.1f}"
+                    f"{r['graphed_overhead_pct']:>10.1f} %"
+                    if cuda
+                    else ""
+                )
                 print(
-                    f"  {name:<16}{precision:<6}{r['ce_wall_ms']:>8.1f}/{r['camal_wall_ms']:<9.1f}{r['ce_kernel_ms']:>7.1f}/{r['camal_kernel_ms']:<8.1f}"
+                    "  "
+                    f"{name:<16}{precision:<6}{r['ce_wall_ms']:>8.1f}/{r['camal_wall_ms']:<9.1f}"
+                    f"{r['ce_kernel_ms']:>7.1f}/{r['camal_kernel_ms']:<8.1f}"
                     f"{r['ce_kernels']:>5.0f}/{r['camal_kernels']:<6.0f}{graphed}",
                     flush=True,
                 )
@@ -435,12 +540,25 @@ def main():
             for name in cfg["extraction_models"]:
                 for n, fast, slow, arith in gradcam_overhead.extraction(name, cfg["sizes"], o, device):
                     rows.append(
-                        {"model": name, "batch": n, "batch_level_s": fast, "per_sample_s": slow, "speedup": slow / fast, "cam_arithmetic_s": arith}
+                        {
+                            "model": name,
+                            "batch": n,
+                            "batch_level_s": fast,
+                            "per_sample_s": slow,
+                            "speedup": slow / fast,
+                            "cam_arithmetic_s": arith,
+                        }
                     )
-                    print(f"  {name:<16}B={n:<4}{1000 * fast:>8.2f} ms vs {1000 * slow:>8.2f} ms: {slow / fast:>5.1f} x", flush=True)
+                    print(
+                        f"  {name:<16}B={n:<4}{1000 * fast:>8.2f} ms vs {1000 * slow:>8.2f} ms: {slow / fast:>5.1f} x",
+                        flush=True,
+                    )
                 diff = exactness(name, device)
                 result.setdefault("exactness_max_abs_diff", {})[name] = diff
-                print(f"  {name:<16}batch-level CAMs vs one forward and backward per image: max |diff| {diff:.2e}", flush=True)
+                print(
+                    f"  {name:<16}batch-level CAMs vs one forward and backward per image: max |diff| {diff:.2e}",
+                    flush=True,
+                )
                 if diff > 1e-2:  # TF32 convolutions on a GPU differ in the last bits between batch sizes
                     raise AssertionError(f"{name}: batch-level Grad-CAM differs from per-sample Grad-CAM by {diff:.2e}")
 
@@ -462,8 +580,16 @@ def main():
                 make_pets(pets_dir, images, cost["size"])
             else:
                 images = len(os.listdir(os.path.join(pets_dir, "oxford-iiit-pet", "images")))
-            what = "the real Pets" if opts.pets_dir else f"{images} generated images of {cost['size'][1]} x {cost['size'][0]}"
-            print(f"\n[dl cost] one Pets cell, {what}, fold 0 of 10, 2 epochs, {' '.join(cost['flags'])}: the second epoch", flush=True)
+            what = (
+                "the real Pets"
+                if opts.pets_dir
+                else f"{images} generated images of {cost['size'][1]} x {cost['size'][0]}"
+            )
+            print(
+                f"\n[dl cost] one Pets cell, {what}, fold 0 of 10, 2 epochs, {' '.join(cost['flags'])}: the second "
+                "epoch",
+                flush=True,
+            )
             rows = result["dl_cost"] = []
             for model in cost["models"]:
                 for method in ("camal", "vanilla"):
@@ -476,14 +602,19 @@ def main():
                         result["failed"].append(f"dl cost {model} {method}")
                         print(f"  {model:<16}{method:<8} FAILED (exit {r['rc']})\n{r['log_tail']}", flush=True)
                         continue
-                    print(f"  {model:<16}{method:<8}{r['epoch_s']:>8.1f} s per epoch{3600 / r['epoch_s']:>8.0f} epochs per hour", flush=True)
+                    print(
+                        f"  {model:<16}{method:<8}{r['epoch_s']:>8.1f} s per epoch{3600 / r['epoch_s']:>8.0f} epochs "
+                        "per hour",
+                        flush=True,
+                    )
                     write(opts.out, result)
             hours = result["dl_grid_gpu_hours"] = grid_hours(rows)
             for grid, h in hours.items():
                 g = GRIDS[grid]
                 runs = len(g["models"]) * len(g["datasets"]) * len(g["methods"]) * len(g["folds"]) * len(g["seeds"])
                 print(
-                    f"  --preset {grid}: {runs} cells of {GRID_EPOCHS} epochs: " + (f"{h:,.0f} GPU-hours" if h else "not every model measured"),
+                    f"  --preset {grid}: {runs} cells of {GRID_EPOCHS} epochs: "
+                    + (f"{h:,.0f} GPU-hours" if h else "not every model measured"),
                     flush=True,
                 )
 
@@ -498,7 +629,10 @@ def main():
     result["verdict"] = verdict(result) if cuda else None
     result["total_s"] = round(time.perf_counter() - start, 1)
     write(opts.out, result)
-    print(f"\n{mode}: {result['total_s']:.0f} s; skipped: {result['skipped'] or 'none'}; failed: {result['failed'] or 'none'}; JSON in {opts.out}")
+    print(
+        f"\n{mode}: {result['total_s']:.0f} s; skipped: {result['skipped'] or 'none'}; failed: "
+        f"{result['failed'] or 'none'}; JSON in {opts.out}"
+    )
     for line in result["verdict"] or []:
         print(line)
     sys.exit(1 if result["failed"] else 0)
@@ -512,7 +646,8 @@ def verdict(result):
         if (n, "camal") in train and (n, "vanilla") in train:
             c, v = train[(n, "camal")]["sps"], train[(n, "vanilla")]["sps"]
             lines.append(
-                f"{'MET ' if c >= TARGETS['ppo_camal_sps'] else 'MISS'} {n} envs: PPO + CAMAL {c:.0f} SPS (target {TARGETS['ppo_camal_sps']})"
+                f"{'MET ' if c >= TARGETS['ppo_camal_sps'] else 'MISS'} {n} envs: PPO + CAMAL {c:.0f} SPS (target "
+                f"{TARGETS['ppo_camal_sps']})"
             )
             lines.append(
                 f"{'MET ' if c / v >= TARGETS['camal_over_vanilla'] else 'MISS'} {n} envs: CAMAL / vanilla "

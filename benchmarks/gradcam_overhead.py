@@ -131,7 +131,9 @@ def graphed_overhead(name, batch_size, repeats, device, autocast):
 
     def normalise(images, dtype=torch.float32):
         if (images.device, dtype) not in made:
-            made[images.device, dtype] = [torch.tensor(v, device=images.device, dtype=dtype).view(1, 3, 1, 1) for v in (dl.MEAN, dl.STD)]
+            made[images.device, dtype] = [
+                torch.tensor(v, device=images.device, dtype=dtype).view(1, 3, 1, 1) for v in (dl.MEAN, dl.STD)
+            ]
         mean, std = made[images.device, dtype]
         return (images.to(dtype) / 255.0 - mean) / std
 
@@ -201,10 +203,19 @@ def main():
         print(f"{name:<17}{plain:>12.3f}{camal:>11.3f}{100 * (camal / plain - 1):>9.1f}%", flush=True)
 
     for name in opts.extraction_models:
-        print(f"\n(2) Grad-CAM extraction, {name}, {device}, median of {opts.repeats}: backward passes to the CAM layer")
-        print(f"{'B':>4}{'batch-level (ms)':>18}{'per-sample (ms)':>17}{'speed-up':>10}{'0.8 x B':>9}{'CAM arithmetic (ms)':>21}")
+        print(
+            f"\n(2) Grad-CAM extraction, {name}, {device}, median of {opts.repeats}: backward passes to the CAM layer"
+        )
+        print(
+            f"{'B':>4}{'batch-level (ms)':>18}{'per-sample (ms)':>17}{'speed-up':>10}{'0.8 x B':>9}"
+            f"{'CAM arithmetic (ms)':>21}"
+        )
         for n, fast, slow, arith in extraction(name, opts.sizes, opts, device):
-            print(f"{n:>4}{1000 * fast:>18.2f}{1000 * slow:>17.2f}{slow / fast:>10.1f}{0.8 * n:>9.1f}{1000 * arith:>21.2f}", flush=True)
+            print(
+                f"{n:>4}{1000 * fast:>18.2f}{1000 * slow:>17.2f}{slow / fast:>10.1f}{0.8 * n:>9.1f}"
+                f"{1000 * arith:>21.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

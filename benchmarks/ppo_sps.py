@@ -124,7 +124,10 @@ def main():
         f"\n{opts.env}, {opts.frame_height} x {opts.frame_width}, {opts.num_envs} envs x {opts.num_steps} steps, "
         f"{'cuda' if opts.cuda else 'cpu'}, median of {opts.rounds}"
     )
-    print(f"{'vector env':<11}{'env-only':>10}{'vanilla':>10}{'camal':>10}{'camal/vanilla':>15}{'vanilla/env':>13}{'camal/env':>11}")
+    print(
+        f"{'vector env':<11}{'env-only':>10}{'vanilla':>10}{'camal':>10}{'camal/vanilla':>15}{'vanilla/env':>13}"
+        f"{'camal/env':>11}"
+    )
     for async_envs in modes:
         tag = "async" if async_envs else "sync"
         env, van, cam = (float(np.median(results[(tag, k)])) for k in ("env", "vanilla", "camal"))

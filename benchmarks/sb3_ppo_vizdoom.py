@@ -1,7 +1,9 @@
-"""A reference for our PPO: Stable-Baselines3's PPO on ppo_camal_vizdoom.py's own frames, with Table 8's hyperparameters.
+"""A reference for our PPO: Stable-Baselines3's PPO on ppo_camal_vizdoom.py's own frames, with Table 8's
+hyperparameters.
 
     pip install -r requirements-bench.txt
-    python benchmarks/sb3_ppo_vizdoom.py --env Basic --seed 1 --frame-height 60 --frame-width 80 --total-timesteps 409600
+    python benchmarks/sb3_ppo_vizdoom.py --env Basic --seed 1 --frame-height 60 --frame-width 80 \\
+        --total-timesteps 409600
 
 The game, the frames (grayscale, resized, 4 stacked), the frame skip and the reward clip are ppo_camal_vizdoom.py's
 VizDoomEnv and rollout; the learner is SB3's PPO with its CnnPolicy (the same Nature CNN, shared by actor and critic,
@@ -12,7 +14,8 @@ of its last frame (ours: CleanRL treats it as an end).
 
 The run folder gets TensorBoard events with `charts/episodic_return` (the unclipped game return, at the global step
 where each episode ended, as ppo_camal_vizdoom.py logs it), args.json and, after --eval-episodes episodes with the
-trained policy (sampled actions), reference_eval.json. Exit code 2 on bad input, or when stable-baselines3 is not installed.
+trained policy (sampled actions), reference_eval.json. Exit code 2 on bad input, or when stable-baselines3 is not
+installed.
 """
 
 import argparse
@@ -35,14 +38,21 @@ def load_ppo():
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--env", default="Basic", choices=["Basic", "DefendLine", "DefendCenter", "TakeCover"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--frame-height", type=int, default=60)
     p.add_argument("--frame-width", type=int, default=80)
     p.add_argument("--total-timesteps", type=int, default=409_600)
     p.add_argument("--num-envs", type=int, default=8)
-    p.add_argument("--reward-scale", type=float, default=1.0, help="rewards times this before the [-1, 1] clip (as ppo_camal_vizdoom.py)")
+    p.add_argument(
+        "--reward-scale",
+        type=float,
+        default=1.0,
+        help="rewards times this before the [-1, 1] clip (as ppo_camal_vizdoom.py)",
+    )
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default=None, help="the run folder (default: runs/{env}__sb3_ppo__{seed}__{time})")
     args = p.parse_args(argv)
@@ -71,7 +81,10 @@ def main(argv=None):
         from stable_baselines3.common.vec_env import DummyVecEnv
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        print(f"error: the reference PPO needs stable-baselines3 ({e}): pip install -r requirements-bench.txt", file=sys.stderr)
+        print(
+            f"error: the reference PPO needs stable-baselines3 ({e}): pip install -r requirements-bench.txt",
+            file=sys.stderr,
+        )
         return 2
     ppo = load_ppo()
     try:
@@ -103,7 +116,8 @@ def main(argv=None):
             return self.frames.copy(), reward, term, trunc, info
 
     class Clip(gym.RewardWrapper):
-        """Table 8's clip after --reward-scale, as ppo_camal_vizdoom.py's rollout does; Monitor below it sees the game's reward."""
+        """Table 8's clip after --reward-scale, as ppo_camal_vizdoom.py's rollout does; Monitor below it sees the game's
+        reward."""
 
         def reward(self, reward):
             return float(np.clip(reward * args.reward_scale, -1.0, 1.0))
@@ -137,7 +151,10 @@ def main(argv=None):
             writer.add_scalar("charts/SPS", sps, self.num_timesteps)
             if self.rollouts % 10 == 0:
                 mean = f"{np.mean(self.recent):.2f}" if self.recent else "-"
-                print(f"sb3 global_step={self.num_timesteps} SPS={sps} episodes={len(self.recent)} mean_return={mean}", flush=True)
+                print(
+                    f"sb3 global_step={self.num_timesteps} SPS={sps} episodes={len(self.recent)} mean_return={mean}",
+                    flush=True,
+                )
                 self.recent = []
 
     envs = DummyVecEnv([make for _ in range(args.num_envs)])  # PPO(seed=...) seeds them: env i with seed + i
@@ -159,7 +176,11 @@ def main(argv=None):
         device="cpu" if not torch.cuda.is_available() else "cuda",
         verbose=0,
     )
-    print(f"sb3 PPO on {args.env} {args.frame_height} x {args.frame_width}, seed {args.seed}, {args.total_timesteps} steps -> {run_dir}", flush=True)
+    print(
+        f"sb3 PPO on {args.env} {args.frame_height} x {args.frame_width}, seed {args.seed}, {args.total_timesteps} "
+        f"steps -> {run_dir}",
+        flush=True,
+    )
     model.learn(total_timesteps=args.total_timesteps, callback=Episodes())
     writer.close()
     envs.close()

@@ -1,6 +1,6 @@
 """The built-in spurious-correlation benchmark: does CAMAL make a classifier look at the object, and decide by it?
 
-    python benchmarks/spurious_shapes.py                      # camal and vanilla, 5 folds, seeds 7 8 9, stats.py per seed
+    python benchmarks/spurious_shapes.py  # camal and vanilla, 5 folds, seeds 7 8 9, stats.py per seed
     python benchmarks/spurious_shapes.py --seeds 1 --methods camal vanilla suppress
     python benchmarks/spurious_shapes.py --cue corner         # the stress case: a compact 24 x 24 corner cue
 
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The benchmark's settings, chosen by measurement to fit 2 CPU cores (docs/results.md).
-# A learning rate of 3e-4 instead of Table 7's 1e-3 (for 500 epochs from ImageNet weights): from scratch at 1e-3, held-out
-# accuracy swings by up to 0.6 between consecutive epochs, so the last epoch is a lottery for every method.
+# The benchmark's settings, chosen by measurement to fit 2 CPU cores (docs/results.md). A learning rate of 3e-4 instead
+# of Table 7's 1e-3 (for 500 epochs from ImageNet weights): from scratch at 1e-3, held-out accuracy swings by up to 0.6
+# between consecutive epochs, so the last epoch is a lottery for every method.
 SETTINGS = [
     "--dataset",
     "shapes",
@@ -54,7 +54,8 @@ SETTINGS = [
 
 
 def fresh_folder(out, marker):
-    """Empty `out` for a new benchmark run, but only if this benchmark made it (its marker file is there); exit 2 otherwise."""
+    """Empty `out` for a new benchmark run, but only if this benchmark made it (its marker file is there); exit 2
+    otherwise."""
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
         print(f"error: --out {out} exists and was not made by this benchmark: choose another folder", file=sys.stderr)
@@ -75,17 +76,42 @@ def run_seed(args, out, seed):
     """Every method on every fold of one seed (model seed and data/split seed), then stats.py; the stats.json."""
     folder = out / f"seed_{seed}"
     folder.mkdir()
-    settings = [args.cue if x == "background" else x for x in SETTINGS] + ["--folds", str(args.folds), "--seed", str(seed), "--split-seed", str(seed)]
+    settings = [args.cue if x == "background" else x for x in SETTINGS] + [
+        "--folds",
+        str(args.folds),
+        "--seed",
+        str(seed),
+        "--split-seed",
+        str(seed),
+    ]
     settings += args.train_args.split()
     for method in args.methods:
         t = time.time()
-        cmd = [sys.executable, str(ROOT / "train_dl_camal.py"), "--method", method, "--fold", "all", "--exp-name", "spurious", *settings]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train_dl_camal.py"),
+            "--method",
+            method,
+            "--fold",
+            "all",
+            "--exp-name",
+            "spurious",
+            *settings,
+        ]
         code = run(cmd, folder, folder / f"train_{method}.log")
-        print(f"seed {seed}, {method}: {args.folds} folds in {time.time() - t:.0f} s (log: {folder / f'train_{method}.log'})", flush=True)
+        print(
+            f"seed {seed}, {method}: {args.folds} folds in {time.time() - t:.0f} s (log: "
+            f"{folder / f'train_{method}.log'})",
+            flush=True,
+        )
         if code:
             print(f"error: train_dl_camal.py --method {method} exited with {code}; see the log", file=sys.stderr)
             sys.exit(1)
-    code = run([sys.executable, str(ROOT / "stats.py"), str(folder / "runs"), "--out", str(folder / "stats")], folder, folder / "stats.md")
+    code = run(
+        [sys.executable, str(ROOT / "stats.py"), str(folder / "runs"), "--out", str(folder / "stats")],
+        folder,
+        folder / "stats.md",
+    )
     if code:
         print(f"error: stats.py exited with {code}; see {folder / 'stats.md'}", file=sys.stderr)
         sys.exit(1)
@@ -108,7 +134,9 @@ def criteria(comp):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="spurious_shapes", help="folder for the runs, logs and stats (a previous one is emptied first)")
+    p.add_argument(
+        "--out", default="spurious_shapes", help="folder for the runs, logs and stats (a previous one is emptied first)"
+    )
     p.add_argument("--methods", nargs="+", default=["camal", "vanilla"], choices=["camal", "vanilla", "suppress"])
     p.add_argument("--folds", type=int, default=5, help="k of the k-fold split; every fold is trained")
     p.add_argument(
@@ -116,15 +144,18 @@ def main():
         type=int,
         nargs="+",
         default=[7, 8, 9],
-        help="each seed S trains with --seed S --split-seed S (its own data, split and initialisation). The settings were chosen on "
-        "seeds 1 (split seed 0) and 5 (split seed 11); the verdicts took their final form after seeds 6-8 (where 'vanilla below 0.5' "
+        help="each seed S trains with --seed S --split-seed S (its own data, split and initialisation). The settings "
+        "were chosen on "
+        "seeds 1 (split seed 0) and 5 (split seed 11); the verdicts took their final form after seeds 6-8 (where "
+        "'vanilla below 0.5' "
         "failed on all three), and seed 9 was run after that (docs/results.md)",
     )
     p.add_argument(
         "--cue",
         default="background",
         choices=["background", "corner"],
-        help="the shortcut: background (the benchmark) or corner, the compact-cue stress case for mean-based alpha and beta",
+        help="the shortcut: background (the benchmark) or corner, the compact-cue stress case for mean-based alpha and "
+        "beta",
     )
     p.add_argument("--train-args", default="", help="extra train_dl_camal.py flags, one string (tests: tiny settings)")
     args = p.parse_args()
@@ -135,8 +166,13 @@ def main():
         problems.append(f"--folds must be at least 2, got {args.folds}")
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         problems.append(f"--seeds must be distinct and not negative, got {args.seeds}")
-    if any(f.split("=")[0] in ("--seed", "--split-seed", "--method", "--fold", "--folds") for f in args.train_args.split()):
-        problems.append("--train-args may not set --seed, --split-seed, --method, --fold or --folds: use --seeds, --methods, --folds")
+    if any(
+        f.split("=")[0] in ("--seed", "--split-seed", "--method", "--fold", "--folds") for f in args.train_args.split()
+    ):
+        problems.append(
+            "--train-args may not set --seed, --split-seed, --method, --fold or --folds: use --seeds, --methods, "
+            "--folds"
+        )
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         sys.exit(2)
@@ -148,7 +184,10 @@ def main():
         results[seed] = run_seed(args, out, seed)
     print(f"total {time.time() - start:.0f} s; stats.py's report of each seed: {out}/seed_*/stats.md\n", flush=True)
 
-    print("| seed | method | held-out accuracy per fold | mean accuracy [95 % CI] | mean IoU [95 % CI] | CAMs empty (test) |")
+    print(
+        "| seed | method | held-out accuracy per fold | mean accuracy [95 % CI] | mean IoU [95 % CI] | CAMs empty "
+        "(test) |"
+    )
     print("|---|---|---|---|---|---|")
     verdicts = {}
     for seed, st in results.items():
@@ -156,7 +195,8 @@ def main():
         missing = [m for m in args.methods if m != "camal" and m not in comps]
         if missing:
             print(
-                f"error: stats.py paired no camal and {', '.join(missing)} runs of seed {seed}; see {out / f'seed_{seed}' / 'stats.md'}",
+                f"error: stats.py paired no camal and {', '.join(missing)} runs of seed {seed}; see "
+                f"{out / f'seed_{seed}' / 'stats.md'}",
                 file=sys.stderr,
             )
             sys.exit(1)
@@ -182,7 +222,8 @@ def main():
     for name in names:
         held = [seed for seed, checks in verdicts.items() if dict(checks).get(name)]
         print(
-            f"{'PASS' if len(held) == len(verdicts) else 'FAIL'}: {name} (seeds {' '.join(map(str, held)) or 'none'} of {' '.join(map(str, verdicts))})"
+            f"{'PASS' if len(held) == len(verdicts) else 'FAIL'}: {name} (seeds {' '.join(map(str, held)) or 'none'} "
+            f"of {' '.join(map(str, verdicts))})"
         )
     sys.exit(0 if all(ok for checks in verdicts.values() for _, ok in checks) else 1)
 

@@ -37,6 +37,9 @@ for name, fn in (("rliable", metrics.probability_of_improvement), ("stats.py", s
     point, interval = rly.get_interval_estimates({"x": (x, y)}, fn, reps=args.reps)
     results[name] = (time.perf_counter() - start, float(point["x"]), np.ravel(interval["x"]).tolist())
 for name, (sec, p, ci) in results.items():
-    print(f"{name:>9}: {sec:7.2f} s for {args.reps} resamples ({sec * 50000 / args.reps:7.1f} s at 50,000); P = {p:.4f}, CI = {ci}")
+    print(
+        f"{name:>9}: {sec:7.2f} s for {args.reps} resamples ({sec * 50000 / args.reps:7.1f} s at 50,000); P = {p:.4f}, "
+        f"CI = {ci}"
+    )
 assert results["rliable"][1:] == results["stats.py"][1:], "the two gave different numbers"
 print(f"speed-up: {results['rliable'][0] / results['stats.py'][0]:.1f}x, identical estimates")

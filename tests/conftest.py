@@ -34,7 +34,8 @@ def ppo():
 
 
 def run_script(name, args, cwd, timeout=300, env_extra=None, **kwargs):
-    """Run `python name.py args` in cwd (with env_extra in its environment); returns the CompletedProcess (stdout and stderr as text)."""
+    """Run `python name.py args` in cwd (with env_extra in its environment); returns the CompletedProcess (stdout and
+    stderr as text)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.run(
         [sys.executable, str(ROOT / f"{name}.py"), *args],
@@ -61,7 +62,18 @@ def dl():
     return load_script("train_dl_camal")
 
 
-PPO_TINY = ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128", "--frame-height", "60", "--frame-width", "80"]
+PPO_TINY = [
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "32",
+    "--total-timesteps",
+    "128",
+    "--frame-height",
+    "60",
+    "--frame-width",
+    "80",
+]
 
 
 def made_once(tmp_path_factory, name, make):
@@ -93,15 +105,32 @@ def completed(record):
 
 @pytest.fixture(scope="session")
 def ppo_smoke_run(tmp_path_factory):
-    """Tiny real PPO runs, each made on first use and shared: test_ppo_smoke checks each one, test_stats analyses them all.
-    Returns run(env, method, more=()) -> (CompletedProcess, the folder it ran in); `more`: flags added to that run's."""
+    """Tiny real PPO runs, each made on first use and shared: test_ppo_smoke checks each one, test_stats analyses them
+    all. Returns run(env, method, more=()) -> (CompletedProcess, the folder it ran in); `more`: flags added to that
+    run's."""
 
     def run(env, method, more=()):
         # one run also covers worker-process envs (the default on machines with more than 2 cores)
-        extra = ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
-        # for drl_attention_figure.py; and the paper's ReLU CAM, whose critic map is empty from the start at seed 2 (the collapse warning)
+        extra = (
+            ["--capture-video", "--save-model", "--vector-env", "async"] if (env, method) == ("Basic", "camal") else []
+        )
+        # for drl_attention_figure.py; and the paper's ReLU CAM, whose critic map is empty from the start at seed 2 (the
+        # collapse warning)
         extra += ["--save-model", "--cam", "paper"] if (env, method) == ("Basic", "vanilla") else []
-        args = ["--env", env, "--method", method, "--seed", "2", "--eval-episodes", "2", "--image-every", "1", "--collapse-patience", "1"]
+        args = [
+            "--env",
+            env,
+            "--method",
+            method,
+            "--seed",
+            "2",
+            "--eval-episodes",
+            "2",
+            "--image-every",
+            "1",
+            "--collapse-patience",
+            "1",
+        ]
         args += [*PPO_TINY, *extra, *more]
         cwd, record = made_once(
             tmp_path_factory,
@@ -113,7 +142,20 @@ def ppo_smoke_run(tmp_path_factory):
     return run
 
 
-DL_TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "1", "--image-size", "96"]
+DL_TINY = [
+    "--shapes-classes",
+    "3",
+    "--shapes-per-class",
+    "6",
+    "--folds",
+    "3",
+    "--batch-size",
+    "6",
+    "--epochs",
+    "1",
+    "--image-size",
+    "96",
+]
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +168,18 @@ def shapes_runs(tmp_path_factory):
             proc = run_script("train_dl_camal", ["--method", method, "--fold", "all", *DL_TINY], cwd=root)
             assert proc.returncode == 0, proc.stderr[-3000:]
         runs = sorted(str(p) for p in (root / "runs").iterdir())
-        flags = ["--steps", "5", "--baseline", "random", "--plot", "curves.png", "--figures", "figs", "--figure-samples", "4"]
+        flags = [
+            "--steps",
+            "5",
+            "--baseline",
+            "random",
+            "--plot",
+            "curves.png",
+            "--figures",
+            "figs",
+            "--figure-samples",
+            "4",
+        ]
         return {"runs": runs, "proc": process_record(run_script("eval_faithfulness", [*runs, *flags], cwd=root))}
 
     root, made = made_once(tmp_path_factory, "shapes_runs", make)

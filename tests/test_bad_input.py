@@ -40,7 +40,8 @@ def test_command_line(tmp_path, script, args, message):
 
 
 @pytest.mark.parametrize(
-    "args, message", [(["--resume", "no/such/run"], "--resume no/such/run does not exist"), (["--resume", "."], "no checkpoint.pt")]
+    "args, message",
+    [(["--resume", "no/such/run"], "--resume no/such/run does not exist"), (["--resume", "."], "no checkpoint.pt")],
 )
 def test_ppo_resume(ppo, capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -72,13 +73,16 @@ def test_ppo_settings(ppo, capsys, args, message):
 
 
 def test_dl_pretrained_default_follows_the_dataset(dl):
-    """Shapes trains from scratch unless --pretrained is given; the real datasets start from ImageNet unless --no-pretrained."""
+    """Shapes trains from scratch unless --pretrained is given; the real datasets start from ImageNet unless
+    --no-pretrained."""
     assert dl.parse_args([]).pretrained is False
     assert dl.parse_args(["--pretrained"]).pretrained is True
     assert dl.parse_args(["--dataset", "pets"]).pretrained is True
     assert dl.parse_args(["--dataset", "pets", "--no-pretrained"]).pretrained is False
     # the second parse keeps every other flag
-    assert dl.parse_args(["--epochs", "3", "--model", "vit_b_16"]) == dl.Args(epochs=3, model="vit_b_16", pretrained=False)
+    assert dl.parse_args(["--epochs", "3", "--model", "vit_b_16"]) == dl.Args(
+        epochs=3, model="vit_b_16", pretrained=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,7 +91,10 @@ def test_dl_pretrained_default_follows_the_dataset(dl):
         (["--dataset", "imagenet"], "shapes"),
         (["--dataset", "pets", "--data-dir", "no/such/dir"], "--data-dir no/such/dir does not exist"),
         (["--dataset", "busi", "--data-dir", "."], "Dataset_BUSI_with_GT"),
-        (["--dataset", "shapes", "--pretrained", "--download-mirror", "http://127.0.0.1:9"], "put resnet18-"),  # no server: offline
+        (
+            ["--dataset", "shapes", "--pretrained", "--download-mirror", "http://127.0.0.1:9"],
+            "put resnet18-",
+        ),  # no server: offline
         (["--fold", "10"], "--fold must be 0 to 9"),
         (["--method", "gradcam"], "prior"),
         (["--method", "prior"], "--prior-weights"),
@@ -103,7 +110,9 @@ def test_dl_pretrained_default_follows_the_dataset(dl):
 )
 def test_dl_settings(dl, capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights: the offline message, never the network
+    monkeypatch.setenv(
+        "TORCH_HOME", str(tmp_path / "torch")
+    )  # no cached weights: the offline message, never the network
     with pytest.raises((ValueError, FileNotFoundError, dl.DataError, SystemExit)) as err:
         dl.setup(dl.parse_args(args))
     if err.type is SystemExit:

@@ -1,4 +1,5 @@
-"""benchmark.py: the grids, dry runs, real local runs that skip, resume, retry and lock, the analysis, and SLURM through submitit."""
+"""benchmark.py: the grids, dry runs, real local runs that skip, resume, retry and lock, the analysis, and SLURM through
+submitit."""
 
 import json
 import os
@@ -35,7 +36,20 @@ def long_cell(iterations):
     ]
 
 
-TINY_DL = ["--shapes-classes", "2", "--shapes-per-class", "4", "--num-folds", "2", "--batch-size", "4", "--epochs", "1", "--image-size", "64"]
+TINY_DL = [
+    "--shapes-classes",
+    "2",
+    "--shapes-per-class",
+    "4",
+    "--num-folds",
+    "2",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "--image-size",
+    "64",
+]
 
 
 def bench(args, cwd, timeout=600, env=None):
@@ -57,8 +71,14 @@ def bench(args, cwd, timeout=600, env=None):
         (["--preset", "dl-suppress"], 360),
         (["--preset", "study"], 2),
         (["--preset", "drl", "--envs", "Basic", "TakeCover", "--seeds", "1", "2", "3"], 12),
-        (["--preset", "drl", "--cams", "paper", "abs", "abs-target"], 80),  # 3 CAMAL cells per env and seed, vanilla once
-        (["--preset", "dl", "--datasets", "pets", "--models", "resnet18", "--folds", "0", "1", "--data-dir", "DATA"], 6),
+        (
+            ["--preset", "drl", "--cams", "paper", "abs", "abs-target"],
+            80,
+        ),  # 3 CAMAL cells per env and seed, vanilla once
+        (
+            ["--preset", "dl", "--datasets", "pets", "--models", "resnet18", "--folds", "0", "1", "--data-dir", "DATA"],
+            6,
+        ),
     ],
 )
 def test_dry_run_prints_one_line_per_cell(tmp_path, args, lines):
@@ -72,7 +92,8 @@ def test_dry_run_prints_one_line_per_cell(tmp_path, args, lines):
 
 def test_downloads_come_once_before_any_cell(tmp_path):
     """--download: download.py fetches the grid's datasets and the ImageNet weights of its models once, before any cell
-    starts (a cluster's nodes may have no network); --dry-run lists those commands, and one that fails starts no cell."""
+    starts (a cluster's nodes may have no network); --dry-run lists those commands, and one that fails starts no
+    cell."""
     grid = ["--preset", "dl", "--datasets", "pets", "shapes", "--models", "resnet18", "vit_b_16", "--folds", "0"]
     flags = ["--download", "--data-dir", "DATA", "--download-mirror", "http://127.0.0.1:9"]  # port 9: nothing listens
     out = bench([*grid, *flags, "--dry-run"], tmp_path).stdout.splitlines()
@@ -84,25 +105,48 @@ def test_downloads_come_once_before_any_cell(tmp_path):
     assert "--weights" not in scratch and "--dataset pets" in scratch  # cells that start from scratch need no weights
     assert "download.py" not in bench([*grid, "--dry-run"], tmp_path).stdout  # without --download, nothing is fetched
     failed = bench([*grid, *flags, "--no-pretrained"], tmp_path)
-    assert failed.returncode == 2 and "download.py exited with 2; no cell was started" in failed.stderr, failed.stderr[-2000:]
+    assert failed.returncode == 2 and "download.py exited with 2; no cell was started" in failed.stderr, failed.stderr[
+        -2000:
+    ]
     assert "cannot download http://127.0.0.1:9/" in failed.stderr and "Traceback" not in failed.stderr
     assert not (tmp_path / "benchmark_runs" / "cells").exists()
 
 
 def test_cell_identity_is_the_cell_and_its_flags_not_the_time(tmp_path):
-    a = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--dry-run"], tmp_path).stdout
-    b = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--dry-run"], tmp_path).stdout
-    c = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--dry-run", "--frame-height", "60"], tmp_path).stdout
+    a = bench(
+        ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--dry-run"], tmp_path
+    ).stdout
+    b = bench(
+        ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "--dry-run"], tmp_path
+    ).stdout
+    c = bench(
+        [
+            "--preset",
+            "drl",
+            "--envs",
+            "Basic",
+            "--seeds",
+            "1",
+            "--methods",
+            "camal",
+            "--dry-run",
+            "--frame-height",
+            "60",
+        ],
+        tmp_path,
+    ).stdout
     assert a == b and "cells/drl__Basic__camal__paper__1 " in a
     assert "--frame-height 60" in c and "cells/drl__Basic__camal__paper__1__" in c  # other flags: another cell
 
 
 def test_the_paper_grid_runs_the_papers_cam(tmp_path):
-    """--preset drl reproduces Table 8 with the paper's Eq. 3 (--cam paper); --cams adds the remedies as more CAMAL cells, and
-    vanilla runs once (its eval.json measures the IoU under every CAM)."""
+    """--preset drl reproduces Table 8 with the paper's Eq. 3 (--cam paper); --cams adds the remedies as more CAMAL
+    cells, and vanilla runs once (its eval.json measures the IoU under every CAM)."""
     paper = bench(["--preset", "drl", "--dry-run"], tmp_path).stdout.splitlines()
     assert all("--cam=paper" in line for line in paper) and sum("--method=vanilla" in line for line in paper) == 20
-    both = bench(["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--cams", "abs", "paper", "--dry-run"], tmp_path).stdout.splitlines()
+    both = bench(
+        ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--cams", "abs", "paper", "--dry-run"], tmp_path
+    ).stdout.splitlines()
     assert [line.split("# ")[1].split(":")[0] for line in both] == [
         "drl__Basic__camal__abs__1",
         "drl__Basic__camal__paper__1",
@@ -130,11 +174,13 @@ def test_bad_input(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_local_grid_runs_skips_and_analyses(tmp_path):
-    """Two cells at once, each on its own GPU slot with the CPU threads shared out. This machine has no GPU, so a stand-in
-    nvidia-smi lists two; the runs themselves then use the CPU, as --cuda does where CUDA is missing."""
+    """Two cells at once, each on its own GPU slot with the CPU threads shared out. This machine has no GPU, so a
+    stand-in nvidia-smi lists two; the runs themselves then use the CPU, as --cuda does where CUDA is missing."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\necho 'GPU 1: Stand-in (UUID: GPU-1)'\n")
+    (bin_dir / "nvidia-smi").write_text(
+        "#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\necho 'GPU 1: Stand-in (UUID: GPU-1)'\n"
+    )
     (bin_dir / "nvidia-smi").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     args = ["--preset", "drl", "--envs", "Basic", "--seeds", "1", *TINY_DRL]
@@ -161,9 +207,14 @@ def test_local_grid_runs_skips_and_analyses(tmp_path):
 
 
 def start_until_checkpoint(args, tmp_path):
-    """benchmark.py with one cell, in the background, until the cell's run has saved a checkpoint: (the process, the cell)."""
+    """benchmark.py with one cell, in the background, until the cell's run has saved a checkpoint: (the process, the
+    cell)."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(ROOT / "benchmark.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     cells = tmp_path / "benchmark_runs" / "cells"
     deadline = time.time() + 300
@@ -225,13 +276,15 @@ def test_refused_cell_is_not_retried_and_is_summarised(tmp_path):
 
 @pytest.mark.slow
 def test_a_crashed_cell_is_retried_from_its_checkpoint(tmp_path):
-    """A training process killed outright (SIGKILL: no checkpoint of its own) is retried, and the retry resumes from the last
-    checkpoint it saved; one curve value per iteration across the crash."""
+    """A training process killed outright (SIGKILL: no checkpoint of its own) is retried, and the retry resumes from the
+    last checkpoint it saved; one curve value per iteration across the crash."""
     iters, per_iter = 12, 64
     args = [*CELL, "--checkpoint-every", "2", "--retries", "1", *long_cell(iters)]
     proc, cell = start_until_checkpoint(args, tmp_path)
     # the benchmark's own child only (other benchmarks may run on this machine)
-    (trainer,) = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "ppo_camal_vizdoom.py"], capture_output=True, text=True).stdout.split()
+    (trainer,) = subprocess.run(
+        ["pgrep", "-P", str(proc.pid), "-f", "ppo_camal_vizdoom.py"], capture_output=True, text=True
+    ).stdout.split()
     os.kill(int(trainer), signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "1 done, 0 failed" in err, err[-3000:]
@@ -245,7 +298,11 @@ def test_a_crashed_cell_is_retried_from_its_checkpoint(tmp_path):
 def test_a_cell_runs_once_under_two_invocations(tmp_path):
     args = [*CELL, *TINY_DRL]
     first = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmark.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(ROOT / "benchmark.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     cells = tmp_path / "benchmark_runs" / "cells"
     deadline = time.time() + 120
@@ -262,7 +319,8 @@ def test_a_cell_runs_once_under_two_invocations(tmp_path):
 
 @pytest.mark.slow
 def test_dl_grid_with_analysis_through_submitit(tmp_path):
-    """--backend slurm on submitit's local executor (the same array jobs, without a cluster), then eval_faithfulness and stats."""
+    """--backend slurm on submitit's local executor (the same array jobs, without a cluster), then eval_faithfulness and
+    stats."""
     pytest.importorskip("submitit", reason="requirements-cluster.txt")  # .ci/run installs it, so CI runs this
     proc = bench(
         [
@@ -302,7 +360,11 @@ def test_dl_grid_with_analysis_through_submitit(tmp_path):
 @pytest.mark.parametrize(
     "script, args, tags",
     [
-        ("ppo_camal_vizdoom", ["--env", "Basic", *PPO_TINY, "--eval-episodes", "0"], [b"charts/SPS", b"losses/camal_loss", b"charts/attention_iou"]),
+        (
+            "ppo_camal_vizdoom",
+            ["--env", "Basic", *PPO_TINY, "--eval-episodes", "0"],
+            [b"charts/SPS", b"losses/camal_loss", b"charts/attention_iou"],
+        ),
         (
             "train_dl_camal",
             [

@@ -174,7 +174,8 @@ def test_all_zero_cam_is_zero_not_nan(ppo):
 
 def test_collapsed_cam_has_no_gradient_and_the_abs_cam_does(ppo, agent_and_batch):
     """A critic whose features all lower V (the collapse of issue 10): the paper's ReLU map is empty in every sample and
-    CAMAL's loss has no gradient, so it can never recover; the |.| map is the same evidence with its sign kept, alive."""
+    CAMAL's loss has no gradient, so it can never recover; the |.| map is the same evidence with its sign kept,
+    alive."""
     agent, obs, masks = agent_and_batch
     with torch.no_grad():  # make every feature lower V: V = -sum(hidden) with non-negative weights into the head
         agent.head[1].weight.abs_()
@@ -193,7 +194,8 @@ def test_collapsed_cam_has_no_gradient_and_the_abs_cam_does(ppo, agent_and_batch
         assert first_conv.abs().sum() > 0
     # the |.| map is the paper's map of -V here: the same evidence, sign kept
     torch.testing.assert_close(
-        ppo.critic_cam(feats, value, (60, 80), "abs", create_graph=False), ppo.critic_cam(feats, -value, (60, 80), "paper", create_graph=False)
+        ppo.critic_cam(feats, value, (60, 80), "abs", create_graph=False),
+        ppo.critic_cam(feats, -value, (60, 80), "paper", create_graph=False),
     )
 
 
@@ -226,7 +228,8 @@ def test_attention_panel_is_labelled_and_marks_the_mask(ppo):
 
 # ----- PPO's advantages against the definition ----------------------------------------------------
 def test_gae_matches_the_discounted_sum_of_td_errors(ppo):
-    # A_t = sum_l (gamma lambda)^l delta_{t+l}, cut where an episode ends; dones[t] marks obs[t] as a new episode's first
+    # A_t = sum_l (gamma lambda)^l delta_{t+l}, cut where an episode ends; dones[t] marks obs[t] as a new episode's
+    # first
     gen = torch.Generator().manual_seed(0)
     steps, envs, gamma, lam = 7, 3, 0.99, 0.95
     rewards, values = torch.randn(steps, envs, generator=gen), torch.randn(steps, envs, generator=gen)

@@ -60,7 +60,9 @@ def test_crop_keeps_seven_eighths_of_each_side(tmp_path):
     records, _ = dl.dataset_records(args_for("pets", tmp_path))
     img, _, _ = dl.SegmentationDataset(records, args_for("pets", tmp_path), train=True)[0]
     columns = img.float().mean(dim=(0, 1))
-    assert columns[5:8].min() > 200 and columns[20:].max() < 30  # 40..50 of 500 -> 20.5..25.6 of 256 -> 4.5..9.6 of the crop
+    assert (
+        columns[5:8].min() > 200 and columns[20:].max() < 30
+    )  # 40..50 of 500 -> 20.5..25.6 of 256 -> 4.5..9.6 of the crop
     # --resize shorter-side, torchvision's convention: 256 x 341, and the crop cuts the band off
     shorter = args_for("pets", tmp_path, resize="shorter-side")
     img, _, _ = dl.SegmentationDataset(records, shorter, train=True)[0]
@@ -96,7 +98,10 @@ def test_flowers_jpeg_blue_background(tmp_path):
     assert classes == ["pink primrose", "hard-leaved pocket orchid"]  # the real names, which CLIP's prompt needs
     _, mask, _ = dl.SegmentationDataset(records, args_for("flowers", tmp_path), train=True)[0]
     # 240 x 320 -> 256 x 256, crop 224: the flower box (rows 60..180, cols 80..240) maps to rows 48..176, cols 48..176
-    inside, outside = mask[60:165, 60:165], torch.cat([mask[:40].flatten(), mask[190:].flatten(), mask[:, :40].flatten()])
+    inside, outside = (
+        mask[60:165, 60:165],
+        torch.cat([mask[:40].flatten(), mask[190:].flatten(), mask[:, :40].flatten()]),
+    )
     assert inside.float().mean() > 0.99, "JPEG noise inside the flower must not punch holes"
     assert outside.float().mean() < 0.01, "JPEG noise on the blue must not leak into the mask"
 
@@ -185,7 +190,8 @@ def test_shapes_cue_planted_in_train_and_shuffled_in_test(cue):
 
 @pytest.mark.parametrize("classes", [4, 6])
 def test_shapes_object_carries_its_class_in_stripe_angle(classes):
-    """The evidence that holds at test time is on the object: stripes at label x 180 / classes degrees, whatever the cue."""
+    """The evidence that holds at test time is on the object: stripes at label x 180 / classes degrees, whatever the
+    cue."""
     for index in range(2 * classes):
         label = index % classes
         img, mask = dl.render_shape(index, label, 0, (label + 1) % classes, "background", classes)
@@ -199,7 +205,8 @@ def test_shapes_object_carries_its_class_in_stripe_angle(classes):
 
 
 def test_class_names_and_prompts_name_the_object(tmp_path):
-    """CLIP's prompts carry the class: Pets' breeds with spaces, Flowers' real names, BUSI saying what the image shows."""
+    """CLIP's prompts carry the class: Pets' breeds with spaces, Flowers' real names, BUSI saying what the image
+    shows."""
     make_pets(tmp_path, n_per_class=2, breeds=("american_bulldog", "Abyssinian"))
     _, classes = dl.dataset_records(args_for("pets", tmp_path))
     assert classes == ["american bulldog", "Abyssinian"]
@@ -227,7 +234,9 @@ def test_bad_dataset_file_is_named_before_any_output(tmp_path, case):
         bad = base / "annotations" / "trimaps" / "Abyssinian_2.png"
         Image.fromarray(np.full((100, 100), 2, np.uint8)).save(bad)
     proc = run_script(
-        "train_dl_camal", ["--dataset", "pets", "--data-dir", str(tmp_path), "--no-pretrained", "--epochs", "1", "--folds", "2"], cwd=tmp_path
+        "train_dl_camal",
+        ["--dataset", "pets", "--data-dir", str(tmp_path), "--no-pretrained", "--epochs", "1", "--folds", "2"],
+        cwd=tmp_path,
     )
     assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()

@@ -12,9 +12,33 @@ from conftest import ROOT, read_events
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
-    args = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "2", "--fold", "0", "--no-cuda"]
+    args = [
+        "--shapes-classes",
+        "3",
+        "--shapes-per-class",
+        "6",
+        "--folds",
+        "3",
+        "--batch-size",
+        "6",
+        "--epochs",
+        "2",
+        "--fold",
+        "0",
+        "--no-cuda",
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "train_dl_camal.py"), *args],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(ROOT / "train_dl_camal.py"),
+            *args,
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

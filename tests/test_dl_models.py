@@ -50,7 +50,9 @@ def test_camal_step_and_proposition_1(name, batch):
     model.eval().double()
     _, cam_batch = dl.class_cam(model, images, labels, double_backward=False, autocast=dl.nullcontext())
     for b in range(2):
-        _, cam_one = dl.class_cam(model, images[b : b + 1], labels[b : b + 1], double_backward=False, autocast=dl.nullcontext())
+        _, cam_one = dl.class_cam(
+            model, images[b : b + 1], labels[b : b + 1], double_backward=False, autocast=dl.nullcontext()
+        )
         torch.testing.assert_close(cam_batch[b], cam_one[0], atol=1e-10, rtol=0)
 
 
@@ -75,7 +77,8 @@ def test_vit_layer_choice_and_math_attention():
 @pytest.mark.slow
 def test_vit_math_attention_in_the_last_block_only():
     """Only the block after the CAM layer is differentiated twice: running just that one on the math kernel gives the
-    same CAMAL gradients as the math kernel everywhere (and keeps the fused kernel, faster on a GPU, in the other 11)."""
+    same CAMAL gradients as the math kernel everywhere (and keeps the fused kernel, faster on a GPU, in the other
+    11)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
@@ -130,8 +133,16 @@ def test_train_step_is_each_methods_loss():
         want = torch.autograd.grad(ce + 0.5 * term, list(model.parameters()), allow_unused=True, retain_graph=True)
         trained = copy.deepcopy(model)  # the same weights, and its own hook that records A
         optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
-        loss, ce_s, reg, _, _ = dl.train_step(trained, optimizer, (images, masks, labels), dl.METHODS[method]["term"], 0.5, dl.nullcontext())
+        loss, ce_s, reg, _, _ = dl.train_step(
+            trained, optimizer, (images, masks, labels), dl.METHODS[method]["term"], 0.5, dl.nullcontext()
+        )
         torch.testing.assert_close(reg.detach(), (beta if method == "suppress" else beta - alpha).mean().detach())
         torch.testing.assert_close(loss.detach(), (ce_s + (0.5 * reg if method != "vanilla" else 0.0)).detach())
         for (name, p), q, g in zip(model.named_parameters(), trained.parameters(), want):
-            torch.testing.assert_close(p.detach() - q.detach(), torch.zeros_like(p) if g is None else g, atol=1e-6, rtol=1e-4, msg=f"{method} {name}")
+            torch.testing.assert_close(
+                p.detach() - q.detach(),
+                torch.zeros_like(p) if g is None else g,
+                atol=1e-6,
+                rtol=1e-4,
+                msg=f"{method} {name}",
+            )

@@ -8,7 +8,10 @@ import torch
 from conftest import read_events, run_script
 
 TINY = ["--shapes-classes", "3", "--shapes-per-class", "6", "--folds", "3", "--batch-size", "6", "--epochs", "2"]
-SMALL = ["--image-size", "96"]  # where the size does not matter (prior needs 224): a 224 run costs about 4 times as much on a CPU
+SMALL = [
+    "--image-size",
+    "96",
+]  # where the size does not matter (prior needs 224): a 224 run costs about 4 times as much on a CPU
 
 
 @pytest.mark.slow
@@ -17,18 +20,29 @@ def test_shapes_end_to_end(tmp_path, method):
     workers = ["--num-workers", "2"] if method == "vanilla" else []  # one run loads through worker processes
     size = 96 if method == "suppress" else 224  # one run at a smaller --image-size
     proc = run_script(
-        "train_dl_camal", ["--method", method, "--fold", "1", "--image-size", str(size), "--collapse-patience", "1", *TINY, *workers], cwd=tmp_path
+        "train_dl_camal",
+        ["--method", method, "--fold", "1", "--image-size", str(size), "--collapse-patience", "1", *TINY, *workers],
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"shapes__resnet18__{method}__fold1__1__")
 
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert (m["dataset"], m["model"], m["method"], m["fold"], m["seed"], m["epochs"]) == ("shapes", "resnet18", method, 1, 1, 2)
+    assert (m["dataset"], m["model"], m["method"], m["fold"], m["seed"], m["epochs"]) == (
+        "shapes",
+        "resnet18",
+        method,
+        1,
+        1,
+        2,
+    )
     assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["test_iou"] <= 1 and m["wall_time"] > 0
     assert set(m["per_class_accuracy"]) == {"circle", "square", "triangle"}
     assert m["train_size"] + m["test_size"] == 18 and m["test_size"] == 6
-    assert 0 <= m["test_cam_empty_fraction"] <= 1 and 0 <= m["train_cam_empty_fraction"] <= 1 and m["image_size"] == size
+    assert (
+        0 <= m["test_cam_empty_fraction"] <= 1 and 0 <= m["train_cam_empty_fraction"] <= 1 and m["image_size"] == size
+    )
 
     saved = torch.load(run_dir / "model.pt", weights_only=True)
     assert saved["architecture"] == "resnet18" and saved["classes"] == ["circle", "square", "triangle"]
@@ -71,7 +85,10 @@ def test_shapes_end_to_end(tmp_path, method):
     assert "test/image_mask_cam" in acc.Tags()["images"]
     # the collapse warning (patience 1 here) comes exactly when over half an epoch's training CAMs were empty
     empty = [e.value for e in acc.Scalars("train/cam_empty_fraction")]
-    assert ("warning: the CAM has been empty" in proc.stderr) == any(v > 0.5 for v in empty), (empty, proc.stderr[-2000:])
+    assert ("warning: the CAM has been empty" in proc.stderr) == any(v > 0.5 for v in empty), (
+        empty,
+        proc.stderr[-2000:],
+    )
     if method == "vanilla":  # CE alone
         for lo, ce in zip(acc.Scalars("train/loss"), acc.Scalars("train/ce")):
             assert lo.value == pytest.approx(ce.value)
@@ -91,10 +108,16 @@ def test_folds_differ_and_fold_all(shapes_runs):
 
 @pytest.mark.slow
 def test_resume_fold_all_continues_with_the_next_folds(tmp_path):
-    proc = run_script("train_dl_camal", ["--fold", "all", *TINY, *SMALL, "--epochs", "1", "--checkpoint-every", "1"], cwd=tmp_path)
+    proc = run_script(
+        "train_dl_camal", ["--fold", "all", *TINY, *SMALL, "--epochs", "1", "--checkpoint-every", "1"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # --fold all's ETA covers the folds still to run: after fold 0's only epoch, folds 1 and 2 are left
-    etas = {line.split()[1]: line.split("eta=")[1] for line in proc.stdout.splitlines() if line.startswith("fold ") and "eta=" in line}
+    etas = {
+        line.split()[1]: line.split("eta=")[1]
+        for line in proc.stdout.splitlines()
+        if line.startswith("fold ") and "eta=" in line
+    }
     assert etas["0"] != "0m 00s" and etas["2"] == "0m 00s", etas
     by_fold = {json.loads((r / "metrics.json").read_text())["fold"]: r for r in (tmp_path / "runs").iterdir()}
     for r in by_fold.values():
@@ -103,7 +126,9 @@ def test_resume_fold_all_continues_with_the_next_folds(tmp_path):
     assert torch.load(by_fold[1] / "checkpoint.pt", weights_only=True)["fold"] == 1
     resumed = run_script("train_dl_camal", ["--resume", str(by_fold[1])], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "fold 1: results" in resumed.stdout and "fold 2: results" in resumed.stdout and "fold 0:" not in resumed.stdout
+    assert (
+        "fold 1: results" in resumed.stdout and "fold 2: results" in resumed.stdout and "fold 0:" not in resumed.stdout
+    )
     assert (by_fold[1] / "metrics.json").is_file() and not (by_fold[0] / "metrics.json").exists()
     new = [r for r in (tmp_path / "runs").iterdir() if r not in by_fold.values()]
     assert len(new) == 1 and json.loads((new[0] / "metrics.json").read_text())["fold"] == 2
@@ -161,10 +186,17 @@ def test_resume_survives_a_broken_checkpoint_and_refuses_an_unsafe_one(tmp_path,
     (run_dir / "metrics.json").unlink()
     good_prev = prev.read_bytes()
     ckpt.write_bytes(ckpt.read_bytes()[:5000])  # a copy cut short
-    resumed = run_script("train_dl_camal", ["--resume", str(run_dir), "--seed", "5", "--num-workers", "0"], cwd=tmp_path)
+    resumed = run_script(
+        "train_dl_camal", ["--resume", str(run_dir), "--seed", "5", "--num-workers", "0"], cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "ignored: --seed 5 (the run's: 1)" in resumed.stderr and "num-workers" not in resumed.stderr  # said, not silent
-    assert "checkpoint.pt is truncated or corrupt" in resumed.stderr and "resuming from the previous checkpoint" in resumed.stderr
+    assert (
+        "ignored: --seed 5 (the run's: 1)" in resumed.stderr and "num-workers" not in resumed.stderr
+    )  # said, not silent
+    assert (
+        "checkpoint.pt is truncated or corrupt" in resumed.stderr
+        and "resuming from the previous checkpoint" in resumed.stderr
+    )
     assert "up to 1 iterations or epochs of progress will be redone" in resumed.stderr
     assert "resuming" in resumed.stdout and "epoch 3/3" in resumed.stdout
     # epoch 3 ran twice (its events from the first run were on disk): purged, not doubled

@@ -1,10 +1,11 @@
-"""download.py (and train_dl_camal.py on what it fetched) against a real HTTP server on 127.0.0.1 (the tests never reach the network).
+"""download.py (and train_dl_camal.py on what it fetched) against a real HTTP server on 127.0.0.1 (the tests never reach
+the network).
 
-The server holds tiny archives in the official formats (Pets' images and annotations tarballs with trimaps and the list files,
-Flowers' 102flowers.tgz, .mat files and segmentation archive) at the official paths, and --download-mirror points the
-downloads at it. The expected checksums are the tiny archives' own (patched in-process into torchvision's tables, where
-the real ones live). Each download is checked, extracted and trained on; a second call fetches nothing; a corrupt archive,
-a dropped connection and no server at all are clear errors that leave nothing a later run mistakes for data.
+The server holds tiny archives in the official formats (Pets' images and annotations tarballs with trimaps and the list
+files, Flowers' 102flowers.tgz, .mat files and segmentation archive) at the official paths, and --download-mirror points
+the downloads at it. The expected checksums are the tiny archives' own (patched in-process into torchvision's tables,
+where the real ones live). Each download is checked, extracted and trained on; a second call fetches nothing; a corrupt
+archive, a dropped connection and no server at all are clear errors that leave nothing a later run mistakes for data.
 """
 
 import hashlib
@@ -79,7 +80,8 @@ def tar_gz(folder, names):
 
 
 def serve_official(server, monkeypatch, tmp_path, dataset):
-    """The dataset's official files, tiny, at their official paths on the server; torchvision's checksums set to theirs."""
+    """The dataset's official files, tiny, at their official paths on the server; torchvision's checksums set to
+    theirs."""
     from test_dl_data import make_flowers, make_pets
     from torchvision.datasets import Flowers102, OxfordIIITPet
 
@@ -89,7 +91,9 @@ def serve_official(server, monkeypatch, tmp_path, dataset):
         base = src / "oxford-iiit-pet"
         (base / "annotations" / "list.txt").write_text("# Image CLASS-ID SPECIES BREED ID\n")
         blobs = {"images.tar.gz": tar_gz(base, ["images"]), "annotations.tar.gz": tar_gz(base, ["annotations"])}
-        resources = [(url, hashlib.md5(blobs[url.rsplit("/", 1)[1]]).hexdigest()) for url, _ in OxfordIIITPet._RESOURCES]
+        resources = [
+            (url, hashlib.md5(blobs[url.rsplit("/", 1)[1]]).hexdigest()) for url, _ in OxfordIIITPet._RESOURCES
+        ]
         monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", tuple(resources))
         urls = [url for url, _ in resources]
     else:
@@ -102,7 +106,9 @@ def serve_official(server, monkeypatch, tmp_path, dataset):
             "setid.mat": (base / "setid.mat").read_bytes(),
         }
         md5 = {name: hashlib.md5(b).hexdigest() for name, b in blobs.items()}
-        monkeypatch.setattr(Flowers102, "_file_dict", {k: (name, md5[name]) for k, (name, _) in Flowers102._file_dict.items()})
+        monkeypatch.setattr(
+            Flowers102, "_file_dict", {k: (name, md5[name]) for k, (name, _) in Flowers102._file_dict.items()}
+        )
         monkeypatch.setattr(download, "FLOWERS_SEGMENTATIONS", ("102segmentations.tgz", md5["102segmentations.tgz"]))
         urls = [Flowers102._download_url_prefix + name for name in blobs]
     for url in urls:
@@ -115,7 +121,9 @@ def test_pets_download_verify_and_train(server, monkeypatch, tmp_path, capsys):
     paths = serve_official(server, monkeypatch, tmp_path, "pets")
     data = tmp_path / "data"
     download.download_dataset("pets", str(data), server.url)
-    assert set(server.gets) == set(paths)  # torchvision's download opens each URL twice (a redirect check, then the file)
+    assert set(server.gets) == set(
+        paths
+    )  # torchvision's download opens each URL twice (a redirect check, then the file)
     gets = len(server.gets)
     records, classes = dl.pets_records(str(data))
     assert classes == ["Abyssinian", "beagle"] and len(records) == 6
@@ -125,7 +133,17 @@ def test_pets_download_verify_and_train(server, monkeypatch, tmp_path, capsys):
     assert not list(data.glob("**/*.part")) and not list(data.glob("**/*.partial"))
     # the downloaded tree trains, as a user runs it
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_dl_camal.py"), "--dataset", "pets", "--data-dir", str(data), "--no-pretrained", "--epochs", "1"]
+        [
+            sys.executable,
+            str(ROOT / "train_dl_camal.py"),
+            "--dataset",
+            "pets",
+            "--data-dir",
+            str(data),
+            "--no-pretrained",
+            "--epochs",
+            "1",
+        ]
         + ["--folds", "2", "--batch-size", "4", "--image-size", "64"],
         cwd=tmp_path,
         capture_output=True,
@@ -157,11 +175,16 @@ def test_a_bad_download_leaves_nothing(server, monkeypatch, tmp_path, fault):
     else:
         server.drop.add(bad)
     data = tmp_path / "data"
-    words = "does not match its checksum .*cut short or corrupt"  # a dropped connection ends the file early: the checksum finds it
+    # a dropped connection ends the file early: the checksum finds it
+    words = "does not match its checksum .*cut short or corrupt"
     with pytest.raises(download.DownloadError, match=words):
         download.download_dataset("pets", str(data), server.url)
     root = data / "oxford-iiit-pet"
-    assert not (root / "annotations").exists() and not list(root.glob(".annotations*")) and not list(root.glob("**/*.part"))
+    assert (
+        not (root / "annotations").exists()
+        and not list(root.glob(".annotations*"))
+        and not list(root.glob("**/*.part"))
+    )
     assert not (root / ".downloads" / "annotations.tar.gz").exists()
     with pytest.raises(FileNotFoundError):  # what is there is not taken for the dataset
         dl.pets_records(str(data))
@@ -174,9 +197,18 @@ def test_a_bad_download_leaves_nothing(server, monkeypatch, tmp_path, fault):
 
 @pytest.mark.slow
 def test_regularizer_study_downloads_too(tmp_path):
-    """The study's --download is the same tested copy; wired in before the data is read (busi: where to get it, exit code 2)."""
+    """The study's --download is the same tested copy; wired in before the data is read (busi: where to get it, exit
+    code 2)."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "regularizer_study.py"), "--dataset", "busi", "--data-dir", str(tmp_path), "--download"],
+        [
+            sys.executable,
+            str(ROOT / "regularizer_study.py"),
+            "--dataset",
+            "busi",
+            "--data-dir",
+            str(tmp_path),
+            "--download",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -190,14 +222,18 @@ def test_no_network_and_busi_say_what_to_do(tmp_path):
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now
-    with pytest.raises(download.DownloadError, match="cannot download .*Without a network, put the files there by hand: DATA/oxford-iiit-pet/images"):
+    with pytest.raises(
+        download.DownloadError,
+        match="cannot download .*Without a network, put the files there by hand: DATA/oxford-iiit-pet/images",
+    ):
         download.download_dataset("pets", str(tmp_path / "data"), f"http://127.0.0.1:{port}")
     with pytest.raises(download.DownloadError, match="BUSI has no stable direct link"):
         download.download_dataset("busi", str(tmp_path / "data"))
 
 
 def test_imagenet_weights_come_through_torch_hub(server, monkeypatch, tmp_path):
-    """torchvision's weights, served under a name whose hash prefix torch.hub checks, into $TORCH_HOME; a wrong file is refused."""
+    """torchvision's weights, served under a name whose hash prefix torch.hub checks, into $TORCH_HOME; a wrong file is
+    refused."""
     state = torchvision.models.resnet18(weights=None).state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -220,17 +256,36 @@ def test_imagenet_weights_come_through_torch_hub(server, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_clip_prior_weights_come_through_open_clip(tmp_path):
-    """--prior-pretrained TAG goes through open_clip's own pretrained mechanism (Hugging Face's hub and cache); offline (the
-    hub told so, so nothing is attempted), the message says how to do without; an unknown tag is refused at the door."""
+    """--prior-pretrained TAG goes through open_clip's own pretrained mechanism (Hugging Face's hub and cache); offline
+    (the hub told so, so nothing is attempted), the message says how to do without; an unknown tag is refused at the
+    door."""
     pytest.importorskip("open_clip", reason="requirements-prior.txt")
     import os
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
-    args = ["--method", "prior", "--prior-model", "ViT-B-32", "--prior-pretrained", "openai", "--shapes-per-class", "4", "--folds", "2"]
+    args = [
+        "--method",
+        "prior",
+        "--prior-model",
+        "ViT-B-32",
+        "--prior-pretrained",
+        "openai",
+        "--shapes-per-class",
+        "4",
+        "--folds",
+        "2",
+    ]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_dl_camal.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, str(ROOT / "train_dl_camal.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "cannot get open_clip's ViT-B-32 weights 'openai'" in proc.stderr and "--prior-weights PATH" in proc.stderr
     with pytest.raises(ValueError, match="is not a tag of ViT-B-32; its tags: openai"):
-        dl.check_args(dl.Args(method="prior", prior_model="ViT-B-32", prior_pretrained="nonsense", learning_rate=1e-3, epochs=1))
+        dl.check_args(
+            dl.Args(method="prior", prior_model="ViT-B-32", prior_pretrained="nonsense", learning_rate=1e-3, epochs=1)
+        )

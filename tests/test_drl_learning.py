@@ -1,4 +1,5 @@
-"""benchmarks/drl_learning.py and benchmarks/sb3_ppo_vizdoom.py: a tiny learning check end to end, and their bad input."""
+"""benchmarks/drl_learning.py and benchmarks/sb3_ppo_vizdoom.py: a tiny learning check end to end, and their bad
+input."""
 
 import importlib.util
 import json
@@ -18,13 +19,19 @@ def load(name):
 
 
 def check(args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "drl_learning.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "drl_learning.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_tiny_learning_check_with_the_reference(tmp_path):
-    """Cells through benchmark.py, SB3's PPO on the same frames, stats.py per CAMAL configuration, the table, the steps to
-    the threshold, the figure and the verdicts; a rerun finds every run finished and trains nothing again."""
+    """Cells through benchmark.py, SB3's PPO on the same frames, stats.py per CAMAL configuration, the table, the steps
+    to the threshold, the figure and the verdicts; a rerun finds every run finished and trains nothing again."""
     train = "--num-envs 2 --num-steps 32 --eval-episodes 1 --image-every 0 --reward-scale 0.01"
     args = ["--out", "out", "--seeds", "1", "--total-timesteps", "1024", "--curve-points", "2", "--threshold", "-1000"]
     args += ["--reference", "--reference-margin", "1e6", "--train-args", train]
@@ -37,7 +44,11 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     assert "FAIL: CAMAL lambda 1, --cam abs: evaluation IoU above vanilla's (under --cam abs)" in out
     assert "PASS: our vanilla PPO's mean evaluation return" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| vanilla", "| CAMAL lambda 1, --cam abs", "| SB3 PPO (reference)"]
+    assert [r.split(" | ")[0] for r in rows[1:]] == [
+        "| vanilla",
+        "| CAMAL lambda 1, --cam abs",
+        "| SB3 PPO (reference)",
+    ]
     assert "- SB3 PPO (reference): seed 1: 512" in out  # the first bin of the grid already reaches -1000
     folder = tmp_path / "out"
     assert (folder / "drl_learning.png").is_file() and (folder / "stats" / "camal_1_abs" / "stats.json").is_file()
@@ -62,7 +73,10 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     (run / "args.json").write_text(json.dumps(dict(json.loads((run / "args.json").read_text()), gamma=0.5)))
     unpaired = check(args, tmp_path)
     assert unpaired.returncode == 1 and "Traceback" not in unpaired.stderr, unpaired.stderr[-3000:]
-    assert "error: stats.py compared no CAMAL lambda 1, --cam abs runs with vanilla's" in unpaired.stderr and "has no vanilla run" in unpaired.stderr
+    assert (
+        "error: stats.py compared no CAMAL lambda 1, --cam abs runs with vanilla's" in unpaired.stderr
+        and "has no vanilla run" in unpaired.stderr
+    )
 
 
 @pytest.mark.parametrize(
@@ -83,7 +97,11 @@ def test_learning_check_bad_input(argv, message, capsys):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--total-timesteps", "100"], "less than one rollout"), (["--reward-scale", "nan"], "--reward-scale"), (["--seed", "-1"], "--seed")],
+    [
+        (["--total-timesteps", "100"], "less than one rollout"),
+        (["--reward-scale", "nan"], "--reward-scale"),
+        (["--seed", "-1"], "--seed"),
+    ],
 )
 def test_reference_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

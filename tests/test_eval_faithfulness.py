@@ -39,7 +39,9 @@ def test_true_map_beats_random_and_inverted_map_loses():
     for name, ranking in rankings.items():
         ks, removal, insertion = ef.faithfulness_curves(predict, image, ranking, steps=20)
         assert len(ks) == len(removal) == len(insertion) == 21
-        assert removal[0] == pytest.approx(insertion[-1]) and removal[-1] == pytest.approx(insertion[0])  # k = 0 and 100 %
+        assert removal[0] == pytest.approx(insertion[-1]) and removal[-1] == pytest.approx(
+            insertion[0]
+        )  # k = 0 and 100 %
         aucs[name] = (ef.auc(ks, removal), ef.auc(ks, insertion))
     assert aucs["true"][0] < aucs["random"][0] < aucs["inverted"][0]  # removal: lower is better
     assert aucs["true"][1] > aucs["random"][1] > aucs["inverted"][1]  # insertion: higher is better
@@ -98,7 +100,9 @@ def test_end_to_end_on_shapes_runs(shapes_runs):
         s = result["samples"][0]["attention"]
         assert len(s["removal"]) == 6 and 0 <= s["removal_auc"] <= 1
         assert s["removal_auc"] == pytest.approx(ef.auc(result["k"], s["removal"]))
-        assert result["attention"]["removal_auc"]["mean"] == pytest.approx(np.mean([x["attention"]["removal_auc"] for x in result["samples"]]))
+        assert result["attention"]["removal_auc"]["mean"] == pytest.approx(
+            np.mean([x["attention"]["removal_auc"] for x in result["samples"]])
+        )
         assert "random" in result
 
 
@@ -108,14 +112,22 @@ def test_bad_input(tmp_path):
     assert proc.returncode == 2 and "not a run of train_dl_camal.py: no model.pt" in proc.stderr
     assert "Traceback" not in proc.stderr
     # the other checks in-process: the command line turns the same RunError into the message and exit code 2 above
-    for args, message in (([], "give one or more run folders"), ([str(tmp_path / "notarun")], "--figure-samples must be at least 1")):
+    for args, message in (
+        ([], "give one or more run folders"),
+        ([str(tmp_path / "notarun")], "--figure-samples must be at least 1"),
+    ):
         with pytest.raises(ef.RunError, match=message):
             ef.check_inputs(ef.Args(runs=args, figures="f", figure_samples=0))  # the runs are checked first
 
-    fake = tmp_path / "oldrun"  # a run folder whose model file comes from another version (checked in-process: load_run)
+    fake = (
+        tmp_path / "oldrun"
+    )  # a run folder whose model file comes from another version (checked in-process: load_run)
     fake.mkdir()
     torch.save({"weights": {}}, fake / "model.pt")
-    torch.save({"images": torch.zeros(1, 3, 224, 224, dtype=torch.uint8), "labels": torch.tensor([0])}, fake / "faithfulness_samples.pt")
+    torch.save(
+        {"images": torch.zeros(1, 3, 224, 224, dtype=torch.uint8), "labels": torch.tensor([0])},
+        fake / "faithfulness_samples.pt",
+    )
     (fake / "metrics.json").write_text("{}")
     with pytest.raises(ef.RunError, match="not a train_dl_camal.py model file of this version"):
         ef.load_run(str(fake))
@@ -175,13 +187,17 @@ def test_random_baseline_does_not_change_the_methods_numbers(shapes_runs):
         _, entries, _ = ef.evaluate_run(model, samples, args, torch.device("cpu"), tie, rand)
         out[baseline] = [(e["attention"]["removal_auc"], e["attention"]["insertion_auc"]) for e in entries]
         assert all(e["start_probability"] == e["attention"]["removal"][0] for e in entries)
-        for (
-            e
-        ) in entries:  # the curves divided by the intact image's probability (where it is at least the floor), and whether the model was right there
+        # the curves divided by the intact image's probability (where it is at least the floor), and whether the model
+        # was right there
+        for e in entries:
             a, ks = e["attention"], np.linspace(0, 1, 6)
             if a["removal"][0] >= ef.NORMALISE_FLOOR:
-                assert a["removal_auc_normalised"] == pytest.approx(ef.auc(ks, np.array(a["removal"]) / a["removal"][0]))
-                assert a["insertion_auc_normalised"] == pytest.approx(ef.auc(ks, np.array(a["insertion"]) / a["removal"][0]))
+                assert a["removal_auc_normalised"] == pytest.approx(
+                    ef.auc(ks, np.array(a["removal"]) / a["removal"][0])
+                )
+                assert a["insertion_auc_normalised"] == pytest.approx(
+                    ef.auc(ks, np.array(a["insertion"]) / a["removal"][0])
+                )
             else:  # a near-zero start would make the ratio explode: left out
                 assert a["removal_auc_normalised"] is None and a["insertion_auc_normalised"] is None
             assert isinstance(e["correct"], bool)
@@ -207,11 +223,15 @@ def test_curve_plot_bands_stay_in_range_and_colours_follow_the_method(tmp_path, 
             for band in ax.collections:  # 95 % bands of a probability: never below 0 or above 1
                 ys = band.get_paths()[0].vertices[:, 1]
                 assert ys.min() >= 0 and ys.max() <= 1
-            assert len(ax.collections) == sum(1 for line in ax.lines if line.get_linestyle() == "-")  # floors have no band
+            assert len(ax.collections) == sum(
+                1 for line in ax.lines if line.get_linestyle() == "-"
+            )  # floors have no band
             for line in ax.lines:
                 name = line.get_label().split("/")[0]
                 colour.setdefault(name, set()).add(matplotlib.colors.to_hex(line.get_color()))
-    assert all(len(c) == 1 for c in colour.values()) and colour["camal"] != colour["vanilla"]  # one colour per method, in every plot
+    assert (
+        all(len(c) == 1 for c in colour.values()) and colour["camal"] != colour["vanilla"]
+    )  # one colour per method, in every plot
 
 
 @pytest.mark.slow
@@ -226,5 +246,7 @@ def test_samples_file_is_loaded_as_weights_only(tmp_path, shapes_runs):
     (run / "faithfulness.json").unlink()  # the shared runs were evaluated already
     write_code_running_file(run / "faithfulness_samples.pt", tmp_path / "ran", images=torch.zeros(1))
     proc = run_script("eval_faithfulness", [str(run)], cwd=tmp_path)
-    assert proc.returncode == 2 and "faithfulness_samples.pt holds pickled Python objects" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "faithfulness_samples.pt holds pickled Python objects" in proc.stderr, proc.stderr[
+        -2000:
+    ]
     assert not (tmp_path / "ran").exists() and not (run / "faithfulness.json").exists()

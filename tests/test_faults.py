@@ -1,7 +1,7 @@
-"""Faults, one at a time, as a user meets them: every file a run reads broken in every way (zero bytes, cut short, random
-bytes, pickled code, wrong keys or types), a full disk and a read-only folder during the writes, every spelling of a
-grid flag, a model.pt from another run, and the analysis's edge cases. Each gives a clear message (exit code 2 where a
-command runs) and no traceback, and leaves the last good state whole.
+"""Faults, one at a time, as a user meets them: every file a run reads broken in every way (zero bytes, cut short,
+random bytes, pickled code, wrong keys or types), a full disk and a read-only folder during the writes, every spelling
+of a grid flag, a model.pt from another run, and the analysis's edge cases. Each gives a clear message (exit code 2
+where a command runs) and no traceback, and leaves the last good state whole.
 
 A full disk is a small tmpfs where this machine lets the tests mount one (root, as in CI); everywhere the same write is
 also failed in-process with ENOSPC at the write call, so the logic is tested on every machine. Most cases run in-process
@@ -46,7 +46,9 @@ def small_disk(tmp_path):
     disk.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root; the in-process ENOSPC cases cover the same writes")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True, text=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if made.returncode:
         pytest.skip(f"this machine does not allow mounting a tmpfs ({made.stderr.strip()})")
     yield disk
@@ -54,7 +56,8 @@ def small_disk(tmp_path):
 
 
 def no_space(monkeypatch, module):
-    """The disk is full from now on, for `module`'s writes: fsync fails with ENOSPC, as a real full disk fails a flush."""
+    """The disk is full from now on, for `module`'s writes: fsync fails with ENOSPC, as a real full disk fails a
+    flush."""
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -80,12 +83,18 @@ BROKEN = {
     "random bytes": lambda p: p.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8))),
     "text": lambda p: p.write_text("hello"),
 }
-WORDS = {"zero bytes": "is empty", "cut short": "truncated or corrupt", "random bytes": "not a file torch.save wrote", "text": "truncated or corrupt"}
+WORDS = {
+    "zero bytes": "is empty",
+    "cut short": "truncated or corrupt",
+    "random bytes": "not a file torch.save wrote",
+    "text": "truncated or corrupt",
+}
 
 
 @pytest.mark.parametrize("case", BROKEN)
 def test_a_broken_checkpoint_falls_back_to_the_previous_one(ppo, dl, tmp_path, case, capsys):
-    """Both trainers' read_checkpoint (the same tested copy): the previous checkpoint is used, and the warning names the broken file."""
+    """Both trainers' read_checkpoint (the same tested copy): the previous checkpoint is used, and the warning names the
+    broken file."""
     ckpt = ppo_state(ppo, tmp_path)
     shutil.copy(ckpt, tmp_path / "checkpoint.prev.pt")
     BROKEN[case](ckpt)
@@ -101,7 +110,8 @@ def test_a_broken_checkpoint_falls_back_to_the_previous_one(ppo, dl, tmp_path, c
 
 
 def test_reader_words(ppo, tmp_path):
-    """Each failure is called what it is: missing, a folder, empty, cut, random bytes, pickled code, JSON of the wrong kind."""
+    """Each failure is called what it is: missing, a folder, empty, cut, random bytes, pickled code, JSON of the wrong
+    kind."""
     from conftest import write_code_running_file
 
     write_code_running_file(tmp_path / "code.pt", tmp_path / "ran")
@@ -134,7 +144,16 @@ def test_resume_from_the_previous_checkpoint_alone(ppo, dl, tmp_path, capsys):
     assert checkpoint["iteration"] == 1 and args.num_envs == 2
     assert "is missing; resuming from the previous checkpoint" in capsys.readouterr().err
     # train_dl_camal.py the same way, with its own checkpoint of a tiny model
-    dl_args = dl.Args(shapes_classes=2, shapes_per_class=4, folds=2, epochs=2, learning_rate=1e-3, batch_size=4, image_size=64, pretrained=False)
+    dl_args = dl.Args(
+        shapes_classes=2,
+        shapes_per_class=4,
+        folds=2,
+        epochs=2,
+        learning_rate=1e-3,
+        batch_size=4,
+        image_size=64,
+        pretrained=False,
+    )
     model = dl.CamModel("resnet18", 2)
     dl_run = tmp_path / "dl_run"
     dl_run.mkdir()
@@ -143,7 +162,9 @@ def test_resume_from_the_previous_checkpoint_alone(ppo, dl, tmp_path, capsys):
     resumed, checkpoint, _, _ = dl.setup(dl.Args(resume=str(dl_run)))
     assert checkpoint["epoch"] == 1 and resumed.shapes_per_class == 4
     # and the benchmark counts such a cell as resumable, with the run folder to --resume
-    cell = load_script("benchmark").Cell("drl", {"env": "Basic", "method": "camal", "cam": "abs", "seed": 1}, [], tmp_path / "b", 10)
+    cell = load_script("benchmark").Cell(
+        "drl", {"env": "Basic", "method": "camal", "cam": "abs", "seed": 1}, [], tmp_path / "b", 10
+    )
     (cell.folder / "runs").mkdir(parents=True)
     shutil.copytree(run, cell.folder / "runs" / "r")
     assert cell.resumable() == cell.folder / "runs" / "r" and "--resume" in cell.command()
@@ -155,7 +176,11 @@ def test_resume_refusals_say_what_is_wrong(ppo, tmp_path, case, capsys):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(SystemExit) as e:
         ppo.resume_from(ppo.Args(resume=str(target)))
-    words = {"a file": "is a file, not a run folder", "missing": "does not exist", "no checkpoint": "no checkpoint.pt there"}[case]
+    words = {
+        "a file": "is a file, not a run folder",
+        "missing": "does not exist",
+        "no checkpoint": "no checkpoint.pt there",
+    }[case]
     assert e.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -170,7 +195,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(ppo, tmp_path, monk
     no_space(monkeypatch, ppo)
     with pytest.raises(ppo.RunFileError, match=f"cannot write {path}: the disk is full"):
         ppo.write_json(str(path), {"good": 2})
-    with pytest.raises(ppo.RunFileError, match="the disk is full"):  # a checkpoint: the current one and its predecessor untouched
+    with pytest.raises(
+        ppo.RunFileError, match="the disk is full"
+    ):  # a checkpoint: the current one and its predecessor untouched
         ppo_state(ppo, tmp_path)
     assert json.loads(path.read_text()) == {"good": 1} and ckpt.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "checkpoint.pt", "eval.json"]  # no .tmp
@@ -186,7 +213,8 @@ def test_no_room_for_a_checkpoint_is_said_before_writing(ppo, tmp_path, monkeypa
 
 
 def test_dl_results_write_the_marker_last(dl, tmp_path, monkeypatch):
-    """A run whose model.pt cannot be written has no metrics.json: it is not finished, and --resume or the benchmark redo it."""
+    """A run whose model.pt cannot be written has no metrics.json: it is not finished, and --resume or the benchmark
+    redo it."""
     calls = []
     real = dl.atomic_write
 
@@ -197,12 +225,23 @@ def test_dl_results_write_the_marker_last(dl, tmp_path, monkeypatch):
         return real(path, write, previous)
 
     monkeypatch.setattr(dl, "atomic_write", fail_model)
-    args = dl.Args(shapes_classes=2, shapes_per_class=4, folds=2, epochs=1, batch_size=4, image_size=64, pretrained=False)
+    args = dl.Args(
+        shapes_classes=2, shapes_per_class=4, folds=2, epochs=1, batch_size=4, image_size=64, pretrained=False
+    )
     records, classes = dl.dataset_records(args)
     train_set, test_set = dl.fold_sets(args, 0, records, None)
-    result = {"accuracy": 0.5, "iou": 0.1, "alpha": 0.2, "beta": 0.1, "cam_empty_fraction": 0.0, "per_class_accuracy": [0.5, 0.5]}
+    result = {
+        "accuracy": 0.5,
+        "iou": 0.1,
+        "alpha": 0.2,
+        "beta": 0.1,
+        "cam_empty_fraction": 0.0,
+        "per_class_accuracy": [0.5, 0.5],
+    }
     with pytest.raises(dl.RunFileError, match="the disk is full"):
-        metrics = dl.fold_metrics(args, 0, result, classes, "r", {"train_size": len(train_set), "test_size": len(test_set)})
+        metrics = dl.fold_metrics(
+            args, 0, result, classes, "r", {"train_size": len(train_set), "test_size": len(test_set)}
+        )
         dl.save_results(str(tmp_path), metrics, classes, dl.CamModel("resnet18", 2), test_set, args)
     assert calls == ["model.pt"] and not (tmp_path / "metrics.json").exists()
 
@@ -214,7 +253,20 @@ def test_a_full_disk_during_a_real_ppo_run(small_disk):
     (small_disk / "ballast").write_bytes(b"\0" * 4 * 2**20)
     proc = run_script(
         "ppo_camal_vizdoom",
-        ["--env", "Basic", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "256", "--frame-height", "60", "--frame-width", "80"]
+        [
+            "--env",
+            "Basic",
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "32",
+            "--total-timesteps",
+            "256",
+            "--frame-height",
+            "60",
+            "--frame-width",
+            "80",
+        ]
         + ["--checkpoint-every", "1", "--eval-episodes", "1", "--image-every", "0"],
         cwd=small_disk,
         env_extra={"OMP_NUM_THREADS": "1"},
@@ -228,9 +280,25 @@ def test_a_full_disk_during_a_real_ppo_run(small_disk):
 
 @pytest.mark.slow
 def test_a_full_disk_at_the_end_of_a_real_dl_run(small_disk):
-    """model.pt does not fit: exit code 2 with a message, no metrics.json (the run is not taken for finished), no .tmp."""
-    (small_disk / "ballast").write_bytes(b"\0" * 14 * 2**20)  # resnet18's model.pt (about 45 MB) cannot fit in what is left
-    tiny = ["--shapes-classes", "2", "--shapes-per-class", "4", "--folds", "2", "--batch-size", "4", "--epochs", "1", "--image-size", "64"]
+    """model.pt does not fit: exit code 2 with a message, no metrics.json (the run is not taken for finished), no
+    .tmp."""
+    (small_disk / "ballast").write_bytes(
+        b"\0" * 14 * 2**20
+    )  # resnet18's model.pt (about 45 MB) cannot fit in what is left
+    tiny = [
+        "--shapes-classes",
+        "2",
+        "--shapes-per-class",
+        "4",
+        "--folds",
+        "2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+    ]
     proc = run_script("train_dl_camal", tiny, cwd=small_disk, env_extra={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "cannot write" in proc.stderr and "the disk is full" in proc.stderr
@@ -334,7 +402,11 @@ def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
         timeout=300,
         env=dict(env, HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path)),
     )
-    assert proc.returncode == 2 and "--track: Weights and Biases did not start" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "--track: Weights and Biases did not start" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
@@ -351,7 +423,9 @@ def test_figure_flags_are_checked_before_play(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # benchmark.py: every spelling of a grid flag (a refused cell is not retried: test_benchmark_grid.py)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flag", [["--seed", "7"], ["--seed=7"], ["--se", "7"], ["--method=suppress"], ["--cam", "abs"], ["--fold=2"]])
+@pytest.mark.parametrize(
+    "flag", [["--seed", "7"], ["--seed=7"], ["--se", "7"], ["--method=suppress"], ["--cam", "abs"], ["--fold=2"]]
+)
 def test_grid_flags_are_refused_in_every_spelling(bench, flag, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse(["--preset", "drl", *flag])
@@ -383,9 +457,20 @@ def fake_run(ef, folder, method="vanilla", classes=("a", "b"), model_classes=Non
     if model_method:
         saved.update(method=model_method, dataset="shapes")
     torch.save(saved, folder / "model.pt")
-    samples = {"images": torch.zeros(2, 3, 64, 64, dtype=torch.uint8), "masks": torch.zeros(2, 64, 64), "labels": torch.tensor([0, 1])}
+    samples = {
+        "images": torch.zeros(2, 3, 64, 64, dtype=torch.uint8),
+        "masks": torch.zeros(2, 64, 64),
+        "labels": torch.tensor([0, 1]),
+    }
     torch.save(samples, folder / "faithfulness_samples.pt")
-    metrics = {"dataset": "shapes", "model": "resnet18", "method": method, "fold": 0, "seed": 1, "per_class_accuracy": {c: 0.5 for c in classes}}
+    metrics = {
+        "dataset": "shapes",
+        "model": "resnet18",
+        "method": method,
+        "fold": 0,
+        "seed": 1,
+        "per_class_accuracy": {c: 0.5 for c in classes},
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
 
@@ -401,7 +486,9 @@ def test_a_model_from_another_run_is_refused(ef, tmp_path):
         ef.load_run(str(tmp_path / "camal"))
 
 
-@pytest.mark.parametrize("name, case", [("model.pt", "zero bytes"), ("faithfulness_samples.pt", "zero bytes"), ("model.pt", "random bytes")])
+@pytest.mark.parametrize(
+    "name, case", [("model.pt", "zero bytes"), ("faithfulness_samples.pt", "zero bytes"), ("model.pt", "random bytes")]
+)
 def test_broken_run_files_are_named(ef, tmp_path, name, case):
     run = fake_run(ef, tmp_path / "run")
     BROKEN[case](run / name)
@@ -410,7 +497,8 @@ def test_broken_run_files_are_named(ef, tmp_path, name, case):
 
 
 @pytest.mark.parametrize(
-    "content, words", [('{"dataset": "shapes", ', "not whole JSON"), ('{"dataset": "shapes"}', "model, method, fold, seed missing")]
+    "content, words",
+    [('{"dataset": "shapes", ', "not whole JSON"), ('{"dataset": "shapes"}', "model, method, fold, seed missing")],
 )
 def test_broken_metrics_json_is_named(ef, tmp_path, content, words):
     run = fake_run(ef, tmp_path / "run")
@@ -434,7 +522,13 @@ def test_eval_outputs_are_checked_before_scoring(ef, tmp_path):
 
 
 def test_too_few_samples_print_no_interval(ef, capsys):
-    one = {"removal_auc": [0.3], "insertion_auc": [0.6], "removal_auc_normalised": [None], "insertion_auc_normalised": [None], "start": [0.01]}
+    one = {
+        "removal_auc": [0.3],
+        "insertion_auc": [0.6],
+        "removal_auc_normalised": [None],
+        "insertion_auc_normalised": [None],
+        "start": [0.01],
+    }
     ef.print_summary({"camal": {**one, "correct": {("s", 0): True}, "aucs": {("s", 0): (0.3, 0.6)}}})
     out = capsys.readouterr().out
     assert "too few samples (1)" in out and "nan" not in out and "too few samples (0)" in out
@@ -469,12 +563,18 @@ def test_one_pair_or_equal_pairs_are_too_few_to_test(st, tmp_path):
 
 
 def test_accuracies_that_tie_are_ties(st):
-    """17/20 - 16/20 and 15/20 - 14/20 differ in their last bits; compared as counts they tie (the tie-aware test's R+ and p)."""
+    """17/20 - 16/20 and 15/20 - 14/20 differ in their last bits; compared as counts they tie (the tie-aware test's R+
+    and p)."""
     camal = [17 / 20, 15 / 20, 19 / 20, 12 / 20, 18 / 20, 16 / 20, 14 / 20, 20 / 20, 13 / 20, 11 / 20]
     vanilla = [16 / 20, 14 / 20, 17 / 20, 13 / 20, 15 / 20, 12 / 20, 11 / 20, 16 / 20, 10 / 20, 12 / 20]
-    counts = scipy.stats.wilcoxon(np.round(np.array(camal) * 20) - np.round(np.array(vanilla) * 20), alternative="greater")
+    counts = scipy.stats.wilcoxon(
+        np.round(np.array(camal) * 20) - np.round(np.array(vanilla) * 20), alternative="greater"
+    )
     floats = scipy.stats.wilcoxon(camal, vanilla, alternative="greater")
-    assert (floats.statistic, floats.pvalue) != (counts.statistic, counts.pvalue)  # the float differences rank the ties apart
+    assert (floats.statistic, floats.pvalue) != (
+        counts.statistic,
+        counts.pvalue,
+    )  # the float differences rank the ties apart
     w = st.wilcoxon_greater(camal, vanilla, 0.05)
     assert w["r_plus"] == counts.statistic and w["p"] == pytest.approx(counts.pvalue)
 
@@ -501,7 +601,9 @@ def test_odd_values_are_messages_or_handled(st, tmp_path):
     (run / "metrics.json").write_text(json.dumps(dict(m, fold=10**400)))
     with pytest.raises(st.StatsError, match="fold is .* expected a whole number"):
         analyse(st, tmp_path / "big")
-    dl_pair(tmp_path / "list", 2, [0.9, 0.8], [0.4, 0.3], epochs=[8])  # a list where a number belongs: one experiment, no traceback
+    dl_pair(
+        tmp_path / "list", 2, [0.9, 0.8], [0.4, 0.3], epochs=[8]
+    )  # a list where a number belongs: one experiment, no traceback
     assert len(analyse(st, tmp_path / "list")[0]["dl"]["comparisons"]) == 1
     drl = write_drl(tmp_path / "args", "Basic", "camal", 1, 1.0, 0.5)
     (drl / "args.json").write_text("[1, 2]")
@@ -511,7 +613,10 @@ def test_odd_values_are_messages_or_handled(st, tmp_path):
     stats, tables, _, _ = analyse(st, tmp_path / "huge")
     assert any("overflowed to infinity" in w["reason"] for w in stats["warnings"])
     json.dumps(st.clean(stats), allow_nan=False)  # the JSON write no longer fails
-    for bad, words in (({"seed": -1}, "--seed must lie in 0"), ({"out": str(run / "metrics.json" / "sub")}, "is a file")):
+    for bad, words in (
+        ({"seed": -1}, "--seed must lie in 0"),
+        ({"out": str(run / "metrics.json" / "sub")}, "is a file"),
+    ):
         with pytest.raises(st.StatsError, match=words):
             analyse(st, tmp_path / "list", **bad)
 
@@ -535,8 +640,8 @@ def test_one_method_only_says_nothing_was_compared(st, tmp_path):
 
 
 def test_an_unreadable_folder_is_listed(st, tmp_path, monkeypatch):
-    """os.walk's listing error is a skipped folder, named, not silence (as root, chmod cannot make a folder unreadable, so the
-    listing fails in-process there)."""
+    """os.walk's listing error is a skipped folder, named, not silence (as root, chmod cannot make a folder unreadable,
+    so the listing fails in-process there)."""
     dl_pair(tmp_path / "ok", 2, [0.9, 0.8], [0.4, 0.3])
     hidden = tmp_path / "hidden"
     hidden.mkdir()

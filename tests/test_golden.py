@@ -21,7 +21,20 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 PPO = ["--env", "Basic", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "256", "--frame-height", "60"]
 PPO += ["--frame-width", "80", "--eval-episodes", "2", "--vector-env", "sync", "--image-every", "2", "--save-model"]
-DL = ["--shapes-per-class", "8", "--folds", "4", "--fold", "0", "--image-size", "64", "--epochs", "2", "--batch-size", "8"]
+DL = [
+    "--shapes-per-class",
+    "8",
+    "--folds",
+    "4",
+    "--fold",
+    "0",
+    "--image-size",
+    "64",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+]
 RUNS = {
     "ppo_camal": ("ppo_camal_vizdoom", [*PPO, "--method", "camal", "--seed", "3"]),
     "ppo_vanilla": ("ppo_camal_vizdoom", [*PPO, "--method", "vanilla", "--seed", "3"]),
@@ -54,7 +67,13 @@ def run(name):
     script, args = RUNS[name]
     with tempfile.TemporaryDirectory() as cwd:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        done = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *args, "--no-cuda"], cwd=cwd, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / f"{script}.py"), *args, "--no-cuda"],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         (run_dir,) = (Path(cwd) / "runs").iterdir()
         if script == "ppo_camal_vizdoom":
@@ -70,7 +89,10 @@ def run(name):
             for tag in sorted(acc.Tags()["scalars"])
             if not tag.startswith(TIMING_TAGS)
         }
-        images = {tag: [hashlib.sha256(e.encoded_image_string).hexdigest() for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+        images = {
+            tag: [hashlib.sha256(e.encoded_image_string).hexdigest() for e in acc.Images(tag)]
+            for tag in acc.Tags()["images"]
+        }
     return {
         "weights_sha256": tensors_hash(weights),
         "result": {k: v for k, v in result.items() if k not in TIMING_KEYS},

@@ -15,7 +15,13 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 @pytest.mark.slow
 def test_reduced_mode_runs_every_part(tmp_path):
     out = tmp_path / "g.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--reduced"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--reduced"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.splitlines()[0].startswith("gpu_check: REDUCED MODE")
     r = json.loads(out.read_text())
@@ -29,7 +35,11 @@ def test_reduced_mode_runs_every_part(tmp_path):
         assert 0 < row["env_share"] < 1 and row["policy_share"] > 0 and row["update_seconds"] > 0
     assert {(row["model"], row["precision"]) for row in r["dl_step"]} == {("resnet18", "fp32")}
     (cause,) = r["dl_causes"]  # a profile of both steps; no CUDA graphs on a CPU
-    assert cause["model"] == "resnet18" and cause["camal_kernels"] > cause["ce_kernels"] > 0 and cause["camal_kernel_ms"] > 0
+    assert (
+        cause["model"] == "resnet18"
+        and cause["camal_kernels"] > cause["ce_kernels"] > 0
+        and cause["camal_kernel_ms"] > 0
+    )
     assert "graphed_overhead_pct" not in cause and cause["top_extra_ms"]
     assert [row["batch"] for row in r["extraction"]] == [1, 4]
     assert r["exactness_max_abs_diff"]["resnet18"] < 1e-4
@@ -46,7 +56,8 @@ def test_reduced_mode_runs_every_part(tmp_path):
 
 
 def test_grid_hours_from_seconds_per_image(tmp_path, monkeypatch):
-    """The grid's GPU-hours: every model x dataset x method cell, 10 folds x 500 epochs, at its dataset's image count."""
+    """The grid's GPU-hours: every model x dataset x method cell, 10 folds x 500 epochs, at its dataset's image
+    count."""
     gpu_check = load(monkeypatch)
     rows = [
         {"model": m, "method": k, "rc": 0, "s_per_image": (1e-3 if k == "camal" else 5e-4)}
@@ -55,23 +66,41 @@ def test_grid_hours_from_seconds_per_image(tmp_path, monkeypatch):
     ]
     images = 7349 + 8189 + 780
     hours = gpu_check.grid_hours(rows)
-    assert hours["dl"] == pytest.approx(6 * images * 5000 * (2e-3 + 5e-4) / 3600)  # camal and prior at CAMAL's cost, vanilla at its own
+    assert hours["dl"] == pytest.approx(
+        6 * images * 5000 * (2e-3 + 5e-4) / 3600
+    )  # camal and prior at CAMAL's cost, vanilla at its own
     assert hours["dl-suppress"] == pytest.approx(6 * images * 5000 * 2e-3 / 3600)
     assert gpu_check.grid_hours(rows[1:])["dl"] is None  # a model's figure missing
     gpu_check.make_pets(tmp_path, 3, (30, 40))
     pet = tmp_path / "oxford-iiit-pet"
     records, classes = load_script("train_dl_camal").pets_records(str(tmp_path))  # the layout the trainer reads
-    assert len(records) == 3 and classes[:3] == ["breed00", "breed01", "breed02"] and (pet / "annotations" / "test.txt").is_file()
+    assert (
+        len(records) == 3
+        and classes[:3] == ["breed00", "breed01", "breed02"]
+        and (pet / "annotations" / "test.txt").is_file()
+    )
 
 
 @pytest.mark.slow
 def test_budget_skips_parts_and_keeps_the_json(tmp_path):
     out = tmp_path / "g.json"
     p = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--budget-s", "1e-9"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), "--out", str(out), "--budget-s", "1e-9"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads(out.read_text())["skipped"] == ["ppo env", "ppo train", "dl step", "extraction", "dl run", "dl cost", "dl causes"]
+    assert json.loads(out.read_text())["skipped"] == [
+        "ppo env",
+        "ppo train",
+        "dl step",
+        "extraction",
+        "dl run",
+        "dl cost",
+        "dl causes",
+    ]
 
 
 def load(monkeypatch):

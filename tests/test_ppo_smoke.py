@@ -62,8 +62,14 @@ def test_smoke(ppo_smoke_run, env, method):
     # the collapse warning (patience 1 in these runs) comes exactly when over half the CAMs of an iteration were empty
     empty = [ev.value for ev in acc.Scalars("charts/cam_empty_fraction")]
     assert all(0.0 <= v <= 1.0 for v in empty)
-    assert ("warning: the critic's CAM has been empty" in proc.stderr) == any(v > 0.5 for v in empty), (empty, proc.stderr[-2000:])
-    if (env, method) == ("Basic", "vanilla"):  # the paper's CAM at seed 2: every critic map is empty (docs/ppo_camal_vizdoom.md, --cam)
+    assert ("warning: the critic's CAM has been empty" in proc.stderr) == any(v > 0.5 for v in empty), (
+        empty,
+        proc.stderr[-2000:],
+    )
+    if (env, method) == (
+        "Basic",
+        "vanilla",
+    ):  # the paper's CAM at seed 2: every critic map is empty (docs/ppo_camal_vizdoom.md, --cam)
         assert empty == [1.0, 1.0]
     else:  # the default |.| CAM is never empty
         assert empty == [0.0, 0.0]
@@ -113,7 +119,10 @@ def test_attention_figure(ppo_smoke_run, tmp_path):
     # bad input: a missing folder, a run without a saved model (in-process: the script prints the message, exit 2)
     fig = load_script("drl_attention_figure")
     other = next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir())
-    for runs_given, message in (((str(tmp_path / "nope"), str(runs[1])), "does not exist"), ((str(runs[0]), str(other)), "--save-model")):
+    for runs_given, message in (
+        ((str(tmp_path / "nope"), str(runs[1])), "does not exist"),
+        ((str(runs[0]), str(other)), "--save-model"),
+    ):
         with pytest.raises(ValueError, match=message):
             fig.draw(fig.Args(runs=runs_given))
     bad = run_script("drl_attention_figure", [str(tmp_path / "nope"), str(runs[1])], cwd=tmp_path)

@@ -1,4 +1,5 @@
-"""Every run folder says which code and packages made it (environment.json), and stats.py says when a table mixes versions."""
+"""Every run folder says which code and packages made it (environment.json), and stats.py says when a table mixes
+versions."""
 
 import json
 import os
@@ -78,16 +79,24 @@ def test_commit_and_changed_code_are_recorded(tmp_path):
 
 @pytest.mark.slow
 def test_a_resumed_run_appends_and_outside_git_is_null(ppo, tmp_path):
-    """One entry per start or resume; a copy of the script outside any checkout records git as null, a damaged record is replaced."""
+    """One entry per start or resume; a copy of the script outside any checkout records git as null, a damaged record is
+    replaced."""
     outside = tmp_path / "copy"
     outside.mkdir()
     shutil.copy(ROOT / "ppo_camal_vizdoom.py", outside)
     code = (
         "import sys, torch; sys.argv = ['x']; import importlib.util as u; "
-        f"s = u.spec_from_file_location('p', {str(outside / 'ppo_camal_vizdoom.py')!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-        f"m.record_environment({str(tmp_path)!r}, torch.device('cpu')); m.record_environment({str(tmp_path)!r}, torch.device('cpu'))"
+        f"s = u.spec_from_file_location('p', {str(outside / 'ppo_camal_vizdoom.py')!r}); m = u.module_from_spec(s); "
+        "s.loader.exec_module(m); "
+        f"m.record_environment({str(tmp_path)!r}, torch.device('cpu')); m.record_environment({str(tmp_path)!r}, "
+        "torch.device('cpu'))"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=tmp_path,
+        env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)),
+    )
     entries = json.loads((tmp_path / "environment.json").read_text())
     assert len(entries) == 2 and all(e["git"] is None for e in entries)
     (tmp_path / "environment.json").write_text("{not json")
@@ -105,14 +114,22 @@ def test_stats_warns_when_a_table_mixes_versions(tmp_path):
     st = __import__("conftest").load_script("stats")
     for fold in range(3):
         with_environment(write_dl(tmp_path, "shapes", "resnet18", "camal", fold, 0.9, 0.6, folds=3), torch="2.14.1")
-        with_environment(write_dl(tmp_path, "shapes", "resnet18", "vanilla", fold, 0.5, 0.3, folds=3), torch="2.13.0" if fold == 0 else "2.14.1")
-    for seed in (1, 2):  # the same versions: no warning for Basic; one run records nothing (older than the record): not compared
+        with_environment(
+            write_dl(tmp_path, "shapes", "resnet18", "vanilla", fold, 0.5, 0.3, folds=3),
+            torch="2.13.0" if fold == 0 else "2.14.1",
+        )
+    for seed in (
+        1,
+        2,
+    ):  # the same versions: no warning for Basic; one run records nothing (older than the record): not compared
         with_environment(write_drl(tmp_path, "Basic", "camal", seed, 80.0, 0.1))
         write_drl(tmp_path, "Basic", "vanilla", seed, 79.0, 0.02)
     (write_drl(tmp_path, "TakeCover", "camal", 1, 500.0, 0.1) / "environment.json").write_text("[{}]")
     stats, tables, _, _ = st.analyse(args_for(st, tmp_path))
     mixed = [w for w in stats["warnings"] if "different" in w["reason"]]
-    assert [(w["run"], w["reason"].split(":")[0]) for w in mixed] == [("shapes", "its runs were trained with different torch versions")]
+    assert [(w["run"], w["reason"].split(":")[0]) for w in mixed] == [
+        ("shapes", "its runs were trained with different torch versions")
+    ]
     assert "2.13.0 (1 runs), 2.14.1 (5 runs)" in mixed[0]["reason"]
     assert any("TakeCover" in w["run"] and "environment.json cannot be used" in w["reason"] for w in stats["warnings"])
     assert stats["computed_with"]["scipy"] == installed("scipy")
@@ -127,7 +144,8 @@ def canonical(name):
 
 
 def test_the_lock_pins_every_requirement_once():
-    """requirements-lock.txt (what .ci/run installs) holds every package the requirements files name, each at one exact version."""
+    """requirements-lock.txt (what .ci/run installs) holds every package the requirements files name, each at one exact
+    version."""
     pinned = {}
     for line in (ROOT / "requirements-lock.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):

@@ -59,7 +59,9 @@ def test_morphology_equals_opencv_erode_and_dilate_with_a_disk():
         for kind, r, op in (("erode", r_erode, cv2.erode), ("dilate", r_dilate, cv2.dilate)):
             k = math.floor(r)
             y, x = np.mgrid[-k : k + 1, -k : k + 1]
-            kernel = (x * x + y * y <= r * r).astype(np.uint8)  # the Euclidean disk of radius r as a structuring element
+            kernel = (x * x + y * y <= r * r).astype(
+                np.uint8
+            )  # the Euclidean disk of radius r as a structuring element
             assert np.array_equal(maps[kind][i] > 0.5, op(mask, kernel).astype(bool)), (kind, i)  # pixel for pixel
     assert np.all(np.diff([m.sum() for m in maps["erode"]]) < 0) and maps["erode"][-1].sum() > 0  # never empty
 
@@ -79,7 +81,9 @@ def test_summary_cells_and_wilcoxon_against_scipy():
     sup = [e["shift"]["suppress"]["spearman"] for e in per_image]
     cell = table["shift", "spearman"]
     assert cell["wilcoxon_p"] == pytest.approx(scipy.stats.wilcoxon(cam, sup, alternative="greater").pvalue)
-    assert cell["camal"]["mean"] == pytest.approx(np.mean(cam)) and cell["camal"]["std"] == pytest.approx(np.std(cam, ddof=1))
+    assert cell["camal"]["mean"] == pytest.approx(np.mean(cam)) and cell["camal"]["std"] == pytest.approx(
+        np.std(cam, ddof=1)
+    )
     erode = table["erode", "pearson"]
     assert erode["suppress"]["responding"] == 0 and erode["suppress"]["flat"] == 12
     cam_e = [e["erode"]["camal"]["pearson"] for e in per_image]
@@ -98,9 +102,14 @@ def test_pets_masks_follow_training_geometry(tmp_path):
     assert rs.dataset_records(args)[0] == records
     mask = rs.load_mask(args, records[0])
     assert torch.equal(torch.from_numpy(mask), dl.SegmentationDataset(records, dl_args, train=True)[0][1])
-    for how in ("square", "shorter-side"):  # the 300 x 400 masks differ between the two geometries; each matches training's
+    for how in (
+        "square",
+        "shorter-side",
+    ):  # the 300 x 400 masks differ between the two geometries; each matches training's
         dl_args.resize, args.resize = how, how
-        assert torch.equal(torch.from_numpy(rs.load_mask(args, records[0])), dl.SegmentationDataset(records, dl_args, train=True)[0][1])
+        assert torch.equal(
+            torch.from_numpy(rs.load_mask(args, records[0])), dl.SegmentationDataset(records, dl_args, train=True)[0][1]
+        )
     args.resize = "square"
     per_image, left_out, _, _ = rs.study(args, records)
     assert len(per_image) == 6 and not left_out
@@ -108,7 +117,9 @@ def test_pets_masks_follow_training_geometry(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_on_shapes(tmp_path):
-    proc = run_script("regularizer_study", ["--max-images", "12", "--levels", "6", "--out", "out"], cwd=tmp_path, timeout=120)
+    proc = run_script(
+        "regularizer_study", ["--max-images", "12", "--levels", "6", "--out", "out"], cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the paper's Table 4" in proc.stdout
     erode_row = next(line for line in proc.stdout.splitlines() if line.startswith("| Erode"))
@@ -130,7 +141,9 @@ def test_busi_normal_masks_are_left_out_and_bad_input(tmp_path):
         (tmp_path / "Dataset_BUSI_with_GT" / name).mkdir(parents=True)
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(normal / "normal (1).png")
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(normal / "normal (1)_mask.png")
-    proc = run_script("regularizer_study", ["--dataset", "busi", "--data-dir", str(tmp_path)], cwd=tmp_path, timeout=120)
+    proc = run_script(
+        "regularizer_study", ["--dataset", "busi", "--data-dir", str(tmp_path)], cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 2 and "every mask of busi is empty" in proc.stderr and "Traceback" not in proc.stderr
     for args, message in (
         (rs.Args(levels=2), r"--levels must lie in \[3, 200\]"),

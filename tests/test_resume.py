@@ -64,7 +64,9 @@ def check_resumed_run(run_dir, iters=ITERS, per_iter=PER_ITER):
 @pytest.mark.slow
 def test_resume_after_crash(tmp_path):
     """Killed two iterations after a checkpoint: the resumed run re-logs those iterations once, not twice."""
-    proc = start_ppo(tmp_path, [*ARGS, "--checkpoint-every", "2", "--vector-env", "sync"], stderr=subprocess.STDOUT, own_session=True)
+    proc = start_ppo(
+        tmp_path, [*ARGS, "--checkpoint-every", "2", "--vector-env", "sync"], stderr=subprocess.STDOUT, own_session=True
+    )
     saved, kill_after = None, None
     for line in proc.stdout:
         if line.startswith("iter "):
@@ -80,7 +82,8 @@ def test_resume_after_crash(tmp_path):
                 break
     proc.wait()
     assert saved is not None and kill_after < ITERS, "the run ended before it could be killed"
-    # the newest checkpoint garbled (a copy cut short): the resume must fall back to the previous one, here the saved one
+    # the newest checkpoint garbled (a copy cut short): the resume must fall back to the previous one, here the saved
+    # one
     ckpt.with_name("checkpoint.prev.pt").write_bytes(saved)
     ckpt.write_bytes(ckpt.read_bytes()[:3000])
     state = torch.load(ckpt.with_name("checkpoint.prev.pt"), weights_only=True)
@@ -91,7 +94,10 @@ def test_resume_after_crash(tmp_path):
 
     resumed = run_script("ppo_camal_vizdoom", ["--resume", str(ckpt.parent)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "checkpoint.pt is truncated or corrupt" in resumed.stderr and "up to 2 iterations or epochs of progress will be redone" in resumed.stderr
+    assert (
+        "checkpoint.pt is truncated or corrupt" in resumed.stderr
+        and "up to 2 iterations or epochs of progress will be redone" in resumed.stderr
+    )
     assert f"resuming {ckpt.parent.name} at iteration {state['iteration'] + 1}/{ITERS}" in resumed.stdout
     check_resumed_run(ckpt.parent)
 
@@ -138,7 +144,10 @@ def test_interrupt_saves_and_resumes(tmp_path):
     assert proc.wait(timeout=120) == 128 + signal.SIGINT, out[-3000:]
     assert "Traceback" not in out and "--resume" in out
     # within a step: the rollout had not changed the model, so the state after iteration 1 is saved at once
-    assert "SIGINT: saving a checkpoint and stopping within a step during a rollout" in out and "(the last iteration took" in out
+    assert (
+        "SIGINT: saving a checkpoint and stopping within a step during a rollout" in out
+        and "(the last iteration took" in out
+    )
     assert "stopped in iteration 2's rollout; saved the state after iteration 1" in out, out[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -158,7 +167,9 @@ def refused_resume(run_dir):
     with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
         ppo.resume_from(ppo.Args(resume=str(run_dir)))
     message = err.getvalue()
-    assert e.value.code == 2 and message.startswith(f"error: --resume {run_dir}: ") and "Traceback" not in message, message
+    assert e.value.code == 2 and message.startswith(f"error: --resume {run_dir}: ") and "Traceback" not in message, (
+        message
+    )
     for expected in ("this run finished", "truncated or corrupt", "could run code, so it is refused"):
         if expected in message:
             return expected
@@ -180,7 +191,8 @@ def test_broken_or_unsafe_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("script", ["ppo_camal_vizdoom", "train_dl_camal"])
 def test_repeated_scheduler_signals_are_one_stop_and_a_second_ctrl_c_stops_now(script, capsys):
-    """SLURM signals every process of a job (SIGUSR2) and benchmark.py forwards one more (SIGUSR1): still one clean stop."""
+    """SLURM signals every process of a job (SIGUSR2) and benchmark.py forwards one more (SIGUSR1): still one clean
+    stop."""
     module = load_script(script)
     stop = module.StopRequest("stopping at the next safe point", "pass")
     assert not stop and stop.exit_code() == 128 + signal.SIGTERM  # a DDP process that was not signalled itself
@@ -229,8 +241,13 @@ def test_first_run_explains_itself(tmp_path):
     assert "watch: tensorboard --logdir runs" in lines[1] and "--resume runs/Basic__" in lines[1]
     eta = lines[-1].split(" eta=")[1].split(" episodes=")[0]
     assert eta.endswith("h") and "d " in eta  # days and hours
-    assert "warning: at " in err and "more (the paper's 10M steps" in err and "--frame-height 60 --frame-width 80" in err
-    assert "SIGINT: saving a checkpoint and stopping" in out and "continue with: python ppo_camal_vizdoom.py --resume" in out
+    assert (
+        "warning: at " in err and "more (the paper's 10M steps" in err and "--frame-height 60 --frame-width 80" in err
+    )
+    assert (
+        "SIGINT: saving a checkpoint and stopping" in out
+        and "continue with: python ppo_camal_vizdoom.py --resume" in out
+    )
     assert "Traceback" not in err + out
 
 
@@ -243,7 +260,17 @@ def test_a_stop_during_the_final_evaluation(tmp_path, how):
     episodes = 1000 if how == "second ctrl-c" else 20
     signum = signal.SIGUSR1 if how == "scheduler" else signal.SIGINT
     args = ["--env", "Basic", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "64", "--frame-height", "60"]
-    args += ["--frame-width", "80", "--eval-episodes", str(episodes), "--image-every", "0", "--no-cuda", "--vector-env", "sync"]
+    args += [
+        "--frame-width",
+        "80",
+        "--eval-episodes",
+        str(episodes),
+        "--image-every",
+        "0",
+        "--no-cuda",
+        "--vector-env",
+        "sync",
+    ]
     (tmp_path / "stopped").mkdir()
     proc = start_ppo(tmp_path / "stopped", args, own_session=True)
     said = []
@@ -269,7 +296,9 @@ def test_a_stop_during_the_final_evaluation(tmp_path, how):
     assert code == 128 + signum and "stopped during the final evaluation; complete it with:" in said, said + err[-3000:]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["iteration"] == 1
     resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run_dir)], cwd=tmp_path / "stopped")
-    assert resumed.returncode == 0 and "its training is done (global_step=64); completing its outputs" in resumed.stdout, resumed.stderr
+    assert (
+        resumed.returncode == 0 and "its training is done (global_step=64); completing its outputs" in resumed.stdout
+    ), resumed.stderr
     assert refused_resume(run_dir) == "this run finished"
     (tmp_path / "whole").mkdir()
     whole = run_script("ppo_camal_vizdoom", args, cwd=tmp_path / "whole")

@@ -1,6 +1,6 @@
 """Helpers are copied between scripts (CleanRL's way), never imported: every copy must match its original.
 
-    python tests/test_shared_helpers.py --sync   # after changing an original: copy it over every copy
+python tests/test_shared_helpers.py --sync   # after changing an original: copy it over every copy
 """
 
 import ast
@@ -80,7 +80,9 @@ SHARED = [
 def top_level_definitions(path):
     source = path.read_text()
     tree = ast.parse(source)
-    defs = {n.name: ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defs = {
+        n.name: ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+    }
     for n in tree.body:  # constants the helpers read, keyed by their target ("RESIZE, CROP")
         if isinstance(n, ast.Assign) and len(n.targets) == 1:
             defs[ast.get_source_segment(source, n.targets[0])] = ast.get_source_segment(source, n)
@@ -99,7 +101,9 @@ def test_copies_are_identical():
             defs = top_level_definitions(script)
             for name in names:
                 if name in defs:
-                    assert defs[name] == original[name], f"{script.name}: {name} differs from {origin}; copy it unchanged"
+                    assert defs[name] == original[name], (
+                        f"{script.name}: {name} differs from {origin}; copy it unchanged"
+                    )
 
 
 def test_eval_faithfulness_holds_the_copies():
@@ -113,9 +117,16 @@ def test_stats_holds_the_copies():
 
 def test_regularizer_study_holds_the_copies():
     defs = top_level_definitions(ROOT / "regularizer_study.py")
-    assert {"camal_terms", "dataset_records", "read_mask", "render_shape", "resize_crop", "pets_records", "flowers_records", "busi_records"} <= set(
-        defs
-    )
+    assert {
+        "camal_terms",
+        "dataset_records",
+        "read_mask",
+        "render_shape",
+        "resize_crop",
+        "pets_records",
+        "flowers_records",
+        "busi_records",
+    } <= set(defs)
     assert not {"download_dataset", "fetch", "dataset_files", "mirrored"} & set(defs)  # download.py's, loaded
 
 
@@ -139,7 +150,9 @@ def test_dl_holds_the_checkpoint_copies():
 
 def test_every_json_writer_holds_the_atomic_copy():
     for script in ("train_dl_camal.py", "eval_faithfulness.py", "stats.py", "regularizer_study.py"):
-        assert {"write_json", "atomic_write", "RunFileError", "unwritable"} <= set(top_level_definitions(ROOT / script)), script
+        assert {"write_json", "atomic_write", "RunFileError", "unwritable"} <= set(
+            top_level_definitions(ROOT / script)
+        ), script
     # every file a run reads goes through one reader
     for script in ("train_dl_camal.py", "eval_faithfulness.py"):
         assert {"read_json", "read_torch"} <= set(top_level_definitions(ROOT / script)), script
@@ -177,7 +190,9 @@ def sync():
             out = target.splitlines(keepends=True)
             changed = []
             same = top_level_definitions.__wrapped__(script)  # uncached: the files change as they are synced
-            for name in sorted((n for n in names if n in found), key=lambda n: -found[n][0]):  # bottom up: lines stay put
+            for name in sorted(
+                (n for n in names if n in found), key=lambda n: -found[n][0]
+            ):  # bottom up: lines stay put
                 first, last = found[name]
                 if same[name] != top_level_definitions.__wrapped__(ROOT / origin)[name]:
                     out[first - 1 : last] = [texts[name]]

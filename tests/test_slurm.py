@@ -17,7 +17,8 @@ from conftest import ROOT, read_events
 pytestmark = [
     pytest.mark.skipif(
         not all(shutil.which(c) for c in ("sbatch", "slurmctld", "slurmd", "munged")) or os.geteuid() != 0,
-        reason="needs a SLURM controller: apt-get install slurm-wlm munge, as root (.ci/run does); tests/slurm/start.sh starts it",
+        reason="needs a SLURM controller: apt-get install slurm-wlm munge, as root (.ci/run does); "
+        "tests/slurm/start.sh starts it",
     ),
     pytest.mark.slow,
 ]
@@ -36,7 +37,11 @@ def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slurm")
     ports = {"SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
     start = subprocess.run(
-        [str(ROOT / "tests" / "slurm" / "start.sh"), str(folder)], env=dict(os.environ, **ports), capture_output=True, text=True, timeout=180
+        [str(ROOT / "tests" / "slurm" / "start.sh"), str(folder)],
+        env=dict(os.environ, **ports),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert start.returncode == 0, start.stdout + start.stderr
     env = dict(os.environ, SLURM_CONF=str(folder / "slurm.conf"), PYTHONUNBUFFERED="1")
@@ -46,7 +51,9 @@ def cluster(tmp_path_factory):
 
 def tasks(env):
     """[(task id, state, reason)] of every job SLURM knows, finished ones included."""
-    out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T %r"], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-t", "all", "-o", "%i %T %r"], capture_output=True, text=True, env=env, check=True
+    ).stdout
     return [tuple(line.split()) for line in out.splitlines()]
 
 
@@ -67,8 +74,13 @@ class Watcher(threading.Thread):
     def run(self):
         while not self.stop.wait(1):
             for task, state, reason in tasks(self.env):
-                # after 20 s: the previous run of the task must have ended, or its exit status is taken for the new one's
-                if state == "PENDING" and reason == "BeginTime" and time.time() - self.pending_since.setdefault(task, time.time()) > 20:
+                # after 20 s: the previous run of the task must have ended, or its exit status is taken for the new
+                # one's
+                if (
+                    state == "PENDING"
+                    and reason == "BeginTime"
+                    and time.time() - self.pending_since.setdefault(task, time.time()) > 20
+                ):
                     scontrol(self.env, "update", f"jobid={task}", "starttime=now")
                     self.pending_since.pop(task)
                     self.requeues += 1
@@ -102,7 +114,21 @@ def one_value_per_iteration(cell, iterations, per_iter=64):
 def test_dl_and_drl_grids_with_their_analysis(cluster, tmp_path):
     (tmp_path / "dl").mkdir()
     dl = bench(
-        ["--preset", "dl", "--datasets", "shapes", "--models", "resnet18", "--methods", "camal", "vanilla", "--folds", "0", *SLURM, *TINY_DL],
+        [
+            "--preset",
+            "dl",
+            "--datasets",
+            "shapes",
+            "--models",
+            "resnet18",
+            "--methods",
+            "camal",
+            "vanilla",
+            "--folds",
+            "0",
+            *SLURM,
+            *TINY_DL,
+        ],
         tmp_path / "dl",
         env=cluster,
     )
@@ -114,7 +140,9 @@ def test_dl_and_drl_grids_with_their_analysis(cluster, tmp_path):
     assert comp["baseline"] == "vanilla" and len(comp["pairs"]) == 1  # one fold: "too few pairs to test", no traceback
     (tmp_path / "drl").mkdir()
     drl = bench(
-        ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "vanilla", *SLURM, *TINY_DRL], tmp_path / "drl", env=cluster
+        ["--preset", "drl", "--envs", "Basic", "--seeds", "1", "--methods", "camal", "vanilla", *SLURM, *TINY_DRL],
+        tmp_path / "drl",
+        env=cluster,
     )
     assert drl.returncode == 0, drl.stderr[-3000:]
     assert "2 done, 0 failed" in drl.stderr
@@ -127,7 +155,9 @@ def test_preemption_and_time_limit_resume_their_cells(cluster, tmp_path):
     """Two cells with a one-minute limit (SIGUSR2 45 s before it): each checkpoints and is requeued by submitit when the
     signal comes; the vanilla cell is also pre-empted with `scontrol requeue` (SIGTERM to every process of the task)
     early in its first run. benchmark.py waits through the requeues and analyses both cells."""
-    iters = 80  # about 30 s of training on 2 idle cores: the time limit (its signal 15 s after a start) comes at least once
+    iters = (
+        80  # about 30 s of training on 2 idle cores: the time limit (its signal 15 s after a start) comes at least once
+    )
     preempted = []
 
     def preempt(task, seconds):
@@ -142,7 +172,18 @@ def test_preemption_and_time_limit_resume_their_cells(cluster, tmp_path):
 
     with Watcher(cluster, preempt) as watcher:
         proc = bench(
-            [*CELL[:-3], "--methods", "camal", "vanilla", *SLURM, "--slurm-time", "1", "--slurm-signal-delay-s", "45", *long_cell(iters)],
+            [
+                *CELL[:-3],
+                "--methods",
+                "camal",
+                "vanilla",
+                *SLURM,
+                "--slurm-time",
+                "1",
+                "--slurm-signal-delay-s",
+                "45",
+                *long_cell(iters),
+            ],
             tmp_path,
             timeout=1200,
             env=cluster,
@@ -154,8 +195,12 @@ def test_preemption_and_time_limit_resume_their_cells(cluster, tmp_path):
     cells = {c.name.split("__")[2]: c for c in (tmp_path / "benchmark_runs" / "cells").iterdir()}
     camal, vanilla = ((cells[m] / "log.txt").read_text() for m in ("camal", "vanilla"))
     # the time limit's SIGUSR2 reaches the training from SLURM itself, or as submitit's SIGUSR1, whichever comes first
-    assert ("SIGUSR1: saving a checkpoint" in camal or "SIGUSR2: saving a checkpoint" in camal) and "resuming" in camal, camal[-3000:]
-    assert "SIGTERM: saving a checkpoint" in vanilla and "resuming" in vanilla and "Traceback" not in vanilla, vanilla[-3000:]
+    assert (
+        "SIGUSR1: saving a checkpoint" in camal or "SIGUSR2: saving a checkpoint" in camal
+    ) and "resuming" in camal, camal[-3000:]
+    assert "SIGTERM: saving a checkpoint" in vanilla and "resuming" in vanilla and "Traceback" not in vanilla, vanilla[
+        -3000:
+    ]
     for cell in cells.values():
         one_value_per_iteration(cell, iters)
     assert (tmp_path / "benchmark_runs" / "analysis" / "stats.json").is_file()

@@ -43,21 +43,40 @@ def test_pipeline_runs_and_judges(tmp_path):
     runs = sorted(p.name for p in (tmp_path / "b" / "seed_3" / "runs").iterdir())
     assert len(runs) == 4 and sum("__camal__" in r for r in runs) == 2
     settings = json.loads((tmp_path / "b" / "seed_3" / "runs" / runs[0] / "metrics.json").read_text())["args"]
-    assert (settings["shapes_cue"], settings["shapes_cue_prob"], settings["learning_rate"]) == ("corner", 0.95, 3e-4)  # the stress case
+    assert (settings["shapes_cue"], settings["shapes_cue_prob"], settings["learning_rate"]) == (
+        "corner",
+        0.95,
+        3e-4,
+    )  # the stress case
     assert (settings["seed"], settings["split_seed"]) == (3, 3)  # a seed is the data, the split and the initialisation
     assert (tmp_path / "b" / "seed_3" / "stats" / "stats.json").is_file()
 
 
 def test_bad_input(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--methods", "vanilla", "suppress", "--out", str(tmp_path / "b")],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "spurious_shapes.py"),
+            "--methods",
+            "vanilla",
+            "suppress",
+            "--out",
+            str(tmp_path / "b"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 2 and "needs camal" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--train-args", "--split-seed 4", "--out", str(tmp_path / "b")],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "spurious_shapes.py"),
+            "--train-args",
+            "--split-seed 4",
+            "--out",
+            str(tmp_path / "b"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -66,7 +85,10 @@ def test_bad_input(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--out", str(tmp_path / "mine")], capture_output=True, text=True, timeout=60
+        [sys.executable, str(ROOT / "benchmarks" / "spurious_shapes.py"), "--out", str(tmp_path / "mine")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2 and "was not made by this benchmark" in proc.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -40,7 +40,12 @@ def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, fait
         samples = [
             {
                 "label": 0,
-                "attention": {"removal": [1.0, 2 * r - 1.0, 0.0], "insertion": [0.0, 2 * i - 0.5, 1.0], "removal_auc": r, "insertion_auc": i},
+                "attention": {
+                    "removal": [1.0, 2 * r - 1.0, 0.0],
+                    "insertion": [0.0, 2 * i - 0.5, 1.0],
+                    "removal_auc": r,
+                    "insertion_auc": i,
+                },
             }
             for r, i in zip(*faithfulness)
         ]
@@ -97,11 +102,16 @@ def test_dl_tests_match_scipy(st, tmp_path):
         x, y = CAMAL_ACC[ds], VANILLA_ACC[ds]
         ref = scipy.stats.wilcoxon(x, y, alternative="greater")
         assert acc["wilcoxon"]["p"] == pytest.approx(ref.pvalue) and acc["wilcoxon"]["r_plus"] == ref.statistic
-        assert acc["camal"]["mean"] == pytest.approx(np.mean(x)) and acc["camal"]["std"] == pytest.approx(np.std(x, ddof=1))
+        assert acc["camal"]["mean"] == pytest.approx(np.mean(x)) and acc["camal"]["std"] == pytest.approx(
+            np.std(x, ddof=1)
+        )
         half = 1.96 * np.std(y, ddof=1) / np.sqrt(5)
         assert acc["vanilla"]["ci95"] == pytest.approx([np.mean(y) - half, np.mean(y) + half])
     # shapes: every fold higher, exact p = 1/32 -> significant; pets: higher mean, p > 0.05
-    shapes, pets = comps["shapes", "vanilla"]["test_accuracy"]["wilcoxon"], comps["pets", "vanilla"]["test_accuracy"]["wilcoxon"]
+    shapes, pets = (
+        comps["shapes", "vanilla"]["test_accuracy"]["wilcoxon"],
+        comps["pets", "vanilla"]["test_accuracy"]["wilcoxon"],
+    )
     assert shapes["p"] == pytest.approx(1 / 32) and shapes["verdict"] == "significant" and shapes["T"] == 0
     assert pets["p"] > 0.05 and pets["verdict"] == "higher, not significant"
     assert comps["shapes", "prior"]["test_accuracy"]["wilcoxon"]["verdict"] == "not higher"
@@ -109,12 +119,20 @@ def test_dl_tests_match_scipy(st, tmp_path):
     # the paper's layout: bold when significant, underlined when only higher
     table = next(t for t in tables if t["name"] == "dl_test_accuracy_camal_vs_vanilla")
     assert "Table 2" in table["title"]
-    assert table["header"] == ["Model", "Oxford-IIIT-Pet CAMAL", "Oxford-IIIT-Pet Vanilla", "Shapes CAMAL", "Shapes Vanilla"]
+    assert table["header"] == [
+        "Model",
+        "Oxford-IIIT-Pet CAMAL",
+        "Oxford-IIIT-Pet Vanilla",
+        "Shapes CAMAL",
+        "Shapes Vanilla",
+    ]
     row = table["rows"][0]
     assert row[3] == f"**{100 * np.mean(CAMAL_ACC['shapes']):.1f} ± {100 * np.std(CAMAL_ACC['shapes'], ddof=1):.1f}**"
     assert row[1].startswith("<u>") and not row[2].startswith(("**", "<u>"))
     # the fold prior lacks is listed, not dropped silently
-    assert any("no prior run for fold 4 of 5" in i["reason"] and "camal__fold4" in i["run"] for i in stats["incomplete"])
+    assert any(
+        "no prior run for fold 4 of 5" in i["reason"] and "camal__fold4" in i["run"] for i in stats["incomplete"]
+    )
 
 
 def test_duplicates_and_missing_baseline_are_listed(st, tmp_path):
@@ -145,7 +163,9 @@ def test_iou_from_empty_cams_is_flagged(st, tmp_path):
     stats, _, _, _ = st.analyse(args_for(st, tmp_path))
     flagged = {w["run"]: w["reason"] for w in stats["warnings"] if "empty" in w["reason"]}
     assert set(flagged) == {"Basic/vanilla", "shapes/resnet18/vanilla"}
-    assert flagged["Basic/vanilla"].startswith("63% of its CAMs were empty") and "over 3 runs" in flagged["Basic/vanilla"]
+    assert (
+        flagged["Basic/vanilla"].startswith("63% of its CAMs were empty") and "over 3 runs" in flagged["Basic/vanilla"]
+    )
     assert flagged["shapes/resnet18/vanilla"].startswith("100% of its CAMs")
 
 
@@ -159,7 +179,9 @@ def test_faithfulness_aucs(st, tmp_path):
     (res,) = stats["dl"]["faithfulness"]["prior"]
     removal_c, removal_p = [0.2, 0.3, 0.25], [0.4, 0.5, 0.45]
     assert res["removal_auc"]["camal"]["mean"] == pytest.approx(np.mean(removal_c))
-    assert res["removal_auc"]["relative_change_percent"] == pytest.approx(100 * (np.mean(removal_c) / np.mean(removal_p) - 1))
+    assert res["removal_auc"]["relative_change_percent"] == pytest.approx(
+        100 * (np.mean(removal_c) / np.mean(removal_p) - 1)
+    )
     assert res["insertion_auc"]["prior"]["n"] == 3
     assert res["mean_curves"]["camal"]["removal"] == pytest.approx([1.0, 2 * np.mean(removal_c) - 1.0, 0.0])
     assert any("fold 2 of 5" in i["reason"] and "faithfulness" in i["reason"] for i in stats["incomplete"])
@@ -175,7 +197,9 @@ def drl_folder(root):
                 ret, iou = scale * (rng.random() + shift), 0.1 + shift + 0.1 * rng.random()
                 truth[env, method, seed] = (ret, iou)
                 write_drl(root, env, method, seed, ret, iou)
-    write_drl(root, "Basic", "camal", 4, 500.0, 0.2, total_timesteps=500)  # one seed more than the other cells, and shorter
+    write_drl(
+        root, "Basic", "camal", 4, 500.0, 0.2, total_timesteps=500
+    )  # one seed more than the other cells, and shorter
     write_drl(root, "DefendLine", "camal", 1, 5.0, 0.2)  # an env without a vanilla run
     return truth
 
@@ -189,24 +213,34 @@ def test_drl_matches_rliable(st, tmp_path):
     drl = stats["drl"]
     assert drl["envs"] == ["Basic", "TakeCover"] and drl["methods"] == ["camal", "vanilla"]
     raw = {m: np.array([[truth[e, m, s][0] for e in drl["envs"]] for s in (1, 2, 3)]) for m in ("camal", "vanilla")}
-    lo, hi = np.minimum(raw["camal"].min(0), raw["vanilla"].min(0)), np.maximum(raw["camal"].max(0), raw["vanilla"].max(0))
-    # Basic's extra seed 4 (return 500) is left out of the matrices, so it sets no range either: lo and hi are the matrix's own
+    lo, hi = (
+        np.minimum(raw["camal"].min(0), raw["vanilla"].min(0)),
+        np.maximum(raw["camal"].max(0), raw["vanilla"].max(0)),
+    )
+    # Basic's extra seed 4 (return 500) is left out of the matrices, so it sets no range either: lo and hi are the
+    # matrix's own
     norm = {m: (raw[m] - lo) / (hi - lo) for m in raw}
     res = drl["metrics"]["return"]
     assert np.array(res["normalised"]["camal"]) == pytest.approx(norm["camal"])
     for m in ("camal", "vanilla"):
         np.random.seed(3)
-        point, interval = rly.get_interval_estimates({m: norm[m]}, lambda s: np.array([metrics.aggregate_mean(s)]), reps=REPS)
+        point, interval = rly.get_interval_estimates(
+            {m: norm[m]}, lambda s: np.array([metrics.aggregate_mean(s)]), reps=REPS
+        )
         assert res["sbci_mean"][m]["mean"] == pytest.approx(point[m][0])
         assert res["sbci_mean"][m]["ci95"] == pytest.approx(np.ravel(interval[m]).tolist())
     np.random.seed(3)  # rliable's own probability_of_improvement, to the same resamples
-    point, interval = rly.get_interval_estimates({"x": (norm["camal"], norm["vanilla"])}, metrics.probability_of_improvement, reps=REPS)
+    point, interval = rly.get_interval_estimates(
+        {"x": (norm["camal"], norm["vanilla"])}, metrics.probability_of_improvement, reps=REPS
+    )
     poi = res["poi"]["vanilla"]
     assert poi["p"] == pytest.approx(point["x"]) and poi["ci95"] == pytest.approx(np.ravel(interval["x"]).tolist())
     assert poi["significant"] == (point["x"] > 0.5 and np.ravel(interval["x"])[0] > 0.5)
     # IoU is not normalised; every camal IoU beats every vanilla one, so P = 1 (Eq. 6)
     iou = drl["metrics"]["iou"]
-    assert np.array(iou["raw"]["vanilla"]) == pytest.approx(np.array([[truth[e, "vanilla", s][1] for e in drl["envs"]] for s in (1, 2, 3)]))
+    assert np.array(iou["raw"]["vanilla"]) == pytest.approx(
+        np.array([[truth[e, "vanilla", s][1] for e in drl["envs"]] for s in (1, 2, 3)])
+    )
     assert iou["poi"]["vanilla"]["p"] == 1.0
     reasons = " ".join(i["reason"] for i in stats["incomplete"])
     assert "seed 4 is left out" in reasons and "DefendLine has no vanilla run" in reasons
@@ -220,31 +254,55 @@ def test_vanilla_is_the_baseline_of_each_cam(st, tmp_path):
     for seed in (1, 2, 3):
         write_drl(tmp_path, "Basic", "camal", seed, 80.0, 0.30 + 0.01 * seed, cam="paper")
         write_drl(tmp_path, "Basic", "camal", seed, 81.0, 0.50 + 0.01 * seed, cam="abs")
-        write_drl(tmp_path, "Basic", "vanilla", seed, 79.0, 0.05, cam="paper", by_cam={"paper": 0.05, "abs": 0.60, "abs-target": 0.2})
+        write_drl(
+            tmp_path,
+            "Basic",
+            "vanilla",
+            seed,
+            79.0,
+            0.05,
+            cam="paper",
+            by_cam={"paper": 0.05, "abs": 0.60, "abs-target": 0.2},
+        )
     write_drl(tmp_path, "TakeCover", "camal", 1, 5.0, 0.2, cam="abs")
-    write_drl(tmp_path, "TakeCover", "vanilla", 1, 4.0, 0.1, cam="paper")  # an older eval.json: no by_cam, so no abs baseline
+    write_drl(
+        tmp_path, "TakeCover", "vanilla", 1, 4.0, 0.1, cam="paper"
+    )  # an older eval.json: no by_cam, so no abs baseline
     stats, _, _, _ = st.analyse(args_for(st, tmp_path))
     drl = stats["drl"]
     iou = drl["metrics"]["iou"]
     assert drl["envs"] == ["Basic [cam abs]", "Basic [cam paper]"]
     assert iou["raw"]["vanilla"] == [[0.60, 0.05]] * 3  # the same three runs, scored under each CAM
     assert iou["poi"]["vanilla"]["p"] == 0.5  # paper: camal above vanilla in every seed; abs: below in every seed
-    assert sorted(r["task"] for r in drl["runs"] if r["method"] == "vanilla") == ["Basic [cam abs]"] * 3 + ["Basic [cam paper]"] * 3
+    assert (
+        sorted(r["task"] for r in drl["runs"] if r["method"] == "vanilla")
+        == ["Basic [cam abs]"] * 3 + ["Basic [cam paper]"] * 3
+    )
     reasons = {i["run"]: i["reason"] for i in stats["incomplete"]}
-    assert any("TakeCover" in k and "has no vanilla run" in v for k, v in reasons.items())  # not compared under another CAM
+    assert any(
+        "TakeCover" in k and "has no vanilla run" in v for k, v in reasons.items()
+    )  # not compared under another CAM
     assert any("TakeCover" in k and "has no camal run" in v for k, v in reasons.items())
     # vanilla runs made before a setting existed (no reward_scale in their args.json) are the baseline of newer CAMAL
-    # runs; a vanilla run of another gamma is not, and neither is a setting that cannot change the result (frame_stack_on)
+    # runs; a vanilla run of another gamma is not, and neither is a setting that cannot change the result
+    # (frame_stack_on)
     newer = tmp_path / "newer"
     for seed in (1, 2):
         camal = write_drl(newer, "Basic", "camal", seed, 80.0, 0.4, cam="abs-target")
         (camal / "args.json").write_text(json.dumps({"gamma": 0.99, "reward_scale": 1.0, "frame_stack_on": "device"}))
-        older = write_drl(newer, "Basic", "vanilla", seed, 79.0, 0.05, cam="abs", by_cam={"abs": 0.05, "abs-target": 0.1})
+        older = write_drl(
+            newer, "Basic", "vanilla", seed, 79.0, 0.05, cam="abs", by_cam={"abs": 0.05, "abs-target": 0.1}
+        )
         (older / "args.json").write_text(json.dumps({"gamma": 0.99, "frame_stack_on": "env"}))
-        other = write_drl(newer / "other", "Basic", "vanilla", seed, 79.0, 0.05, cam="abs", by_cam={"abs": 0.05, "abs-target": 0.1})
+        other = write_drl(
+            newer / "other", "Basic", "vanilla", seed, 79.0, 0.05, cam="abs", by_cam={"abs": 0.05, "abs-target": 0.1}
+        )
         (other / "args.json").write_text(json.dumps({"gamma": 0.9}))
     stats, _, _, _ = st.analyse(args_for(st, newer))
-    assert stats["drl"]["envs"] == ["Basic [cam abs-target, gamma 0.99]"] and stats["drl"]["metrics"]["iou"]["raw"]["vanilla"] == [[0.1]] * 2
+    assert (
+        stats["drl"]["envs"] == ["Basic [cam abs-target, gamma 0.99]"]
+        and stats["drl"]["metrics"]["iou"]["raw"]["vanilla"] == [[0.1]] * 2
+    )
     reasons = [i["reason"] for i in stats["incomplete"]]
     assert sum("has no camal run" in r for r in reasons) == 2  # the gamma 0.9 runs
     # by_cam of the wrong shape is named, never a traceback
@@ -269,21 +327,28 @@ def test_probability_of_improvement_equals_rliables(st):
     assert st.probability_of_improvement(x, x.copy()) == 0.5 == metrics.probability_of_improvement(x, x.copy())
 
 
-def write_tb_run(root, env, method, seed, returns, per_step=100, batch_size=None, total_timesteps=None, eval_json=False):
-    """A ppo_camal_vizdoom.py run folder as TensorBoard sees it: the hyperparameters text and one value per iteration."""
+def write_tb_run(
+    root, env, method, seed, returns, per_step=100, batch_size=None, total_timesteps=None, eval_json=False
+):
+    """A ppo_camal_vizdoom.py run folder as TensorBoard sees it: the hyperparameters text and one value per
+    iteration."""
     from torch.utils.tensorboard import SummaryWriter
 
     run = root / f"{env}__ppo_camal_vizdoom__{method}__{seed}__0"
     writer = SummaryWriter(str(run))
     hp = {"env": env, "method": method, "seed": seed, "batch_size": batch_size, "total_timesteps": total_timesteps}
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hp.items() if v is not None))
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hp.items() if v is not None)
+    )
     for i, v in enumerate(returns):
         writer.add_scalar("charts/episodic_return", v, per_step * (i + 1))
         writer.add_scalar("charts/attention_iou", v / 100, per_step * (i + 1))
         writer.add_scalar("charts/SPS", 100.0, per_step * (i + 1))
     writer.close()
     if eval_json:
-        (run / "eval.json").write_text(json.dumps({"env": env, "method": method, "seed": seed, "mean_return": -1.0, "mean_iou": 0.0}))
+        (run / "eval.json").write_text(
+            json.dumps({"env": env, "method": method, "seed": seed, "mean_return": -1.0, "mean_iou": 0.0})
+        )
     return run
 
 
@@ -293,14 +358,18 @@ def test_tensorboard_scores(st, tmp_path):
     write_tb_run(tmp_path, "TakeCover", "camal", 7, [30.0] * 20, eval_json=True)
     stats, tables, _, _ = st.analyse(args_for(st, tmp_path, last_n=5, drl_score="training"))
     (fallback,) = [r for r in stats["drl"]["runs"] if r["method"] == "vanilla"]
-    assert fallback["return"] == pytest.approx(np.mean(returns[-5:])) and fallback["iou"] == pytest.approx(np.mean(returns[-5:]) / 100)
+    assert fallback["return"] == pytest.approx(np.mean(returns[-5:])) and fallback["iou"] == pytest.approx(
+        np.mean(returns[-5:]) / 100
+    )
     assert "last 5 of 20 charts/episodic_return (to step 2000)" in fallback["source"]
     runs_table = next(t for t in tables if t["name"] == "drl_runs")
     assert all(row[5].startswith("TensorBoard") for row in runs_table["rows"])  # never a mix with eval.json scores
     # learning curves from the same events: the mean of each run's values in each bin of the step grid
     curves = st.learning_curves([dict(r, dir=r["dir"]) for r in stats["drl"]["runs"] if r["method"] == "vanilla"], 4)
     c = curves["return"]["TakeCover"]["vanilla"]
-    assert c["steps"] == [500, 1000, 1500, 2000] and c["mean"] == pytest.approx([2.0, 7.0, 12.0, 17.0]) and c["runs"] == 1
+    assert (
+        c["steps"] == [500, 1000, 1500, 2000] and c["mean"] == pytest.approx([2.0, 7.0, 12.0, 17.0]) and c["runs"] == 1
+    )
     # the default scores from eval.json only: the same folders, other numbers, and the sources say so
     stats, tables, _, _ = st.analyse(args_for(st, tmp_path))
     assert {r["return"] for r in stats["drl"]["runs"]} == {-1.0}
@@ -312,21 +381,33 @@ def test_unfinished_and_unscored_drl_runs_are_left_out(st, tmp_path):
     normalisation or the curves; the note gives its steps and the checkpoint a resume would start from."""
     for seed in (1, 2):
         for method, ret in (("camal", 10.0), ("vanilla", 5.0)):
-            write_tb_run(tmp_path, "Basic", method, seed, [ret] * 10, batch_size=100, total_timesteps=1000, eval_json=True)
-    short = tmp_path / "short"  # stopped after 3 of 10 iterations, with a checkpoint at iteration 2 and a very high return
+            write_tb_run(
+                tmp_path, "Basic", method, seed, [ret] * 10, batch_size=100, total_timesteps=1000, eval_json=True
+            )
+    short = (
+        tmp_path / "short"
+    )  # stopped after 3 of 10 iterations, with a checkpoint at iteration 2 and a very high return
     run = write_tb_run(short, "Basic", "vanilla", 3, [99.0] * 3, batch_size=100, total_timesteps=1000)
     (run / "checkpoint.json").write_text(json.dumps({"iteration": 2, "global_step": 200}))
     noeval = write_tb_run(tmp_path / "noeval", "Basic", "camal", 3, [7.0] * 10, batch_size=100, total_timesteps=1000)
     write_tb_run(tmp_path / "noeval", "Basic", "vanilla", 3, [6.0] * 10, batch_size=100, total_timesteps=1000)
     stats, _, _, _ = st.analyse(args_for(st, tmp_path, drl_score="training"))
     reasons = {i["run"]: i["reason"] for i in stats["incomplete"]}
-    assert "its curves reach step 300 of 1000, its checkpoint step 200" in reasons[str(run)] and "--resume" in reasons[str(run)]
+    assert (
+        "its curves reach step 300 of 1000, its checkpoint step 200" in reasons[str(run)]
+        and "--resume" in reasons[str(run)]
+    )
     assert str(run) not in {r["dir"] for r in stats["drl"]["runs"]}
-    assert stats["drl"]["metrics"]["return"]["normalisation"] == {"Basic": [5.0, 10.0]}  # not 99 from the unfinished run
+    assert stats["drl"]["metrics"]["return"]["normalisation"] == {
+        "Basic": [5.0, 10.0]
+    }  # not 99 from the unfinished run
     assert str(noeval) in {r["dir"] for r in stats["drl"]["runs"]}  # finished: --drl-score training scores it
-    # --include-unfinished: scored from its curves up to its checkpoint (step 200: two values of 99), and named under Warnings
+    # --include-unfinished: scored from its curves up to its checkpoint (step 200: two values of 99), and named under
+    # Warnings
     stats, _, _, found = st.analyse(args_for(st, tmp_path, drl_score="training", include_unfinished=True))
-    (short_run,) = [r for r in found if r["dir"] == str(run)]  # scored (the matrix then keeps the newer seed-3 run of the cell)
+    (short_run,) = [
+        r for r in found if r["dir"] == str(run)
+    ]  # scored (the matrix then keeps the newer seed-3 run of the cell)
     assert short_run["return"] == 99.0 and "last 2 of 2 charts/episodic_return (to step 200)" in short_run["source"]
     assert any(w["run"] == str(run) and "unfinished, scored anyway" in w["reason"] for w in stats["warnings"])
     stats, _, _, _ = st.analyse(args_for(st, tmp_path))
@@ -353,7 +434,9 @@ def test_runs_of_other_settings_are_other_experiments(st, tmp_path):
     assert comps["epochs 20"]["test_accuracy"]["camal"]["values"] == [0.7] * 3
     assert not any("duplicate" in i["reason"] for i in stats["incomplete"])
     # a setting a run does not record (an older metrics.json) is no evidence of another experiment
-    assert st.variants([{"dir": "x", "settings": {"epochs": 2}}, {"dir": "y", "settings": {"epochs": None}}], lambda r: 0, ("epochs",)) == {
+    assert st.variants(
+        [{"dir": "x", "settings": {"epochs": 2}}, {"dir": "y", "settings": {"epochs": None}}], lambda r: 0, ("epochs",)
+    ) == {
         "x": "",
         "y": "",
     }
@@ -376,7 +459,9 @@ def test_cli_repeats_and_writes_everything(tmp_path):
     drl_folder(runs / "drl")
     outs = []
     for i in range(2):
-        proc = run_script("stats", [str(runs), "--reps", str(REPS), "--out", str(tmp_path / f"out{i}")], cwd=tmp_path, timeout=120)
+        proc = run_script(
+            "stats", [str(runs), "--reps", str(REPS), "--out", str(tmp_path / f"out{i}")], cwd=tmp_path, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(proc.stdout)
     assert outs[0].replace("out0", "out1") == outs[1]
@@ -406,18 +491,35 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
     envs = ("Basic", "DefendLine", "DefendCenter", "TakeCover")
     ppo = {(env, m): ppo_smoke_run(env, m) for env in envs for m in ("camal", "vanilla")}
     assert all(proc.returncode == 0 for proc, _ in ppo.values())
-    crashed = tmp_path / "crashed"  # a finished run without eval.json: scored only from its TensorBoard events (--drl-score training)
+    crashed = (
+        tmp_path / "crashed"
+    )  # a finished run without eval.json: scored only from its TensorBoard events (--drl-score training)
     shutil.copytree(ppo["TakeCover", "vanilla"][1] / "runs", crashed)
     (crashed_run,) = crashed.iterdir()
     (crashed_run / "eval.json").unlink()
-    paths = [shapes_root / "runs", crashed] + [cwd / "runs" for key, (_, cwd) in ppo.items() if key != ("TakeCover", "vanilla")]
-    proc = run_script("stats", [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--out", str(tmp_path / "out")], cwd=tmp_path, timeout=300)
+    paths = [shapes_root / "runs", crashed] + [
+        cwd / "runs" for key, (_, cwd) in ppo.items() if key != ("TakeCover", "vanilla")
+    ]
+    proc = run_script(
+        "stats",
+        [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
 
     (comp,) = stats["dl"]["comparisons"]
-    assert (comp["dataset"], comp["model"], comp["baseline"], len(comp["pairs"])) == ("shapes", "resnet18", "vanilla", 3)
-    metrics = {m: [json.loads(open(f"{r}/metrics.json").read()) for r in dl_runs if f"__{m}__" in r] for m in ("camal", "vanilla")}
+    assert (comp["dataset"], comp["model"], comp["baseline"], len(comp["pairs"])) == (
+        "shapes",
+        "resnet18",
+        "vanilla",
+        3,
+    )
+    metrics = {
+        m: [json.loads(open(f"{r}/metrics.json").read()) for r in dl_runs if f"__{m}__" in r]
+        for m in ("camal", "vanilla")
+    }
     x, y = ([r["test_accuracy"] for r in sorted(metrics[m], key=lambda r: r["fold"])] for m in ("camal", "vanilla"))
     acc = comp["test_accuracy"]
     assert acc["camal"]["values"] == x and acc["vanilla"]["values"] == y
@@ -425,12 +527,14 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
         assert acc["wilcoxon"]["p"] == pytest.approx(scipy.stats.wilcoxon(x, y, alternative="greater").pvalue)
     faith = [json.loads(open(f"{r}/faithfulness.json").read()) for r in dl_runs if "__camal__" in r]
     (res,) = stats["dl"]["faithfulness"]["vanilla"]
-    assert res["removal_auc"]["camal"]["mean"] == pytest.approx(np.mean([s["attention"]["removal_auc"] for f in faith for s in f["samples"]]))
+    assert res["removal_auc"]["camal"]["mean"] == pytest.approx(
+        np.mean([s["attention"]["removal_auc"] for f in faith for s in f["samples"]])
+    )
 
     drl = stats["drl"]
-    # Basic's vanilla run used the paper's CAM (--cam paper), its camal run the default: vanilla's eval.json measured it under
-    # every CAM, so it is scored under abs, as that camal run's baseline; the crashed copy finished but wrote no eval.json, so
-    # the default (eval.json) scores leave TakeCover out
+    # Basic's vanilla run used the paper's CAM (--cam paper), its camal run the default: vanilla's eval.json measured it
+    # under every CAM, so it is scored under abs, as that camal run's baseline; the crashed copy finished but wrote no
+    # eval.json, so the default (eval.json) scores leave TakeCover out
     assert drl["envs"] == ["Basic", "DefendLine", "DefendCenter"] and drl["methods"] == ["camal", "vanilla"]
     (basic,) = [r for r in drl["runs"] if (r["env"], r["method"]) == ("Basic", "vanilla")]
     (basic_run,) = (ppo["Basic", "vanilla"][1] / "runs").iterdir()
@@ -442,7 +546,17 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
 
     proc = run_script(
         "stats",
-        [*map(str, paths), "--reps", str(REPS), "--last-n", "3", "--drl-score", "training", "--out", str(tmp_path / "out")],
+        [
+            *map(str, paths),
+            "--reps",
+            str(REPS),
+            "--last-n",
+            "3",
+            "--drl-score",
+            "training",
+            "--out",
+            str(tmp_path / "out"),
+        ],
         cwd=tmp_path,
         timeout=300,
     )
@@ -507,13 +621,19 @@ FUZZ = {
 @pytest.mark.parametrize("name", ["metrics.json", "eval.json", "faithfulness.json"])
 @pytest.mark.parametrize("case", [*FUZZ, "wrong types"])
 def test_fuzzed_run_files_are_named(st, tmp_path, name, case):
-    """Every reader of run files: a clear error that names the file, for bytes, empty files, truncated JSON and wrong types."""
+    """Every reader of run files: a clear error that names the file, for bytes, empty files, truncated JSON and wrong
+    types."""
     runs = dl_folder(tmp_path / "runs")
     drl = write_drl(runs, "Basic", "camal", 1, 1.0, 0.5)
     write_drl(runs, "Basic", "vanilla", 1, 1.0, 0.5)
     metrics = sorted(runs.glob("**/metrics.json"))
-    if name == "faithfulness.json":  # every DL run evaluated, as eval_faithfulness.py leaves them, so the pairs read them
-        sample = {"label": 0, "attention": {"removal": [1, 0], "insertion": [0, 1], "removal_auc": 0.5, "insertion_auc": 0.5}}
+    if (
+        name == "faithfulness.json"
+    ):  # every DL run evaluated, as eval_faithfulness.py leaves them, so the pairs read them
+        sample = {
+            "label": 0,
+            "attention": {"removal": [1, 0], "insertion": [0, 1], "removal_auc": 0.5, "insertion_auc": 0.5},
+        }
         for m in metrics:
             (m.parent / name).write_text(json.dumps({"k": [0, 1], "samples": [sample]}))
     target = {"metrics.json": metrics[0], "eval.json": drl / name, "faithfulness.json": metrics[0].parent / name}[name]
