@@ -713,7 +713,7 @@ def main(args, checkpoint=None):
         # progress, images and videos, checkpoints, and a stop asked for during the update
         run.end_iteration(iteration, global_step, attention_scalars, obs, masks)
 
-    episodes = evaluate(agent, envs, args, device, run.stop, run.video()) if args.eval_episodes else None
+    episodes = evaluate(agent, envs, args, device, run.stop, run.eval_video) if args.eval_episodes else None
     run.finish(episodes)  # eval.json; a stop during the evaluation saves the trained state instead
 
 
@@ -738,7 +738,8 @@ class Run:
             self.run_name = f"{args.env}__{args.exp_name}__{args.method}__{args.seed}__{int(time.time())}"
             self.run_dir = f"runs/{self.run_name}"
         self.video_dir = f"videos/{self.run_name}" if args.capture_video else None
-        Run.active, self.resumed = self, checkpoint is not None
+        self.eval_video = self.video()  # env 0's evaluation episodes (--capture-video)
+        Run.active = self
         try:
             for folder in filter(None, (self.run_dir, self.video_dir)):
                 make_folder(folder)
@@ -840,9 +841,9 @@ class Run:
         if iteration == self.start_iteration and eta > 86400:
             tqdm.write(
                 f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 "
-                "want a GPU). A CPU run that trains a Basic agent in about 15 min: python "
-                f"{os.path.basename(__file__)} "
-                "--env Basic --frame-height 60 --frame-width 80 --total-timesteps 409600",
+                "want a GPU). A CPU run that trains a Basic agent in about 15 min: "
+                f"python {os.path.basename(__file__)} --env Basic --frame-height 60 --frame-width 80 "
+                "--total-timesteps 409600",
                 file=sys.stderr,
             )
         self.collapsed_for = self.collapsed_for + 1 if cam_empty > 0.5 else 0
