@@ -131,6 +131,8 @@ class Args:
     """log frame | mask | CAM images every this many iterations (0: never)"""
     eval_episodes: int = 10
     """episodes played with the trained policy at the end (0: no evaluation)"""
+    eval_max_steps: int = 5000
+    """an evaluation episode ends after this many steps (0: only by the scenario's own limit)"""
     checkpoint_every: int = 0
     """save a checkpoint every this many iterations (0: only when stopped)"""
     resume: Optional[str] = None
@@ -318,6 +320,11 @@ class VizDoomEnv(gym.Env):
             return {k: v.copy() for k, v in self.last.items()}, reward, not truncated, truncated, {}
         return self._observe(), reward, False, False, {}
 
+    def limit_episodes(self, tics):
+        """From the next episode on, end episodes after `tics` game tics too (truncated), or at the scenario's limit."""
+        own = self.game.get_episode_timeout()
+        self.game.set_episode_timeout(min(t for t in (own, tics) if t) if (own or tics) else 0)
+
     def close(self):
         self.game.close()
 
@@ -489,6 +496,7 @@ def evaluate(agent, envs, args, device, stop=None, video=None):
     iou_sum, iou_n, empty_n = np.zeros((len(CAM_KINDS), n)), np.zeros(n, dtype=int), np.zeros((len(CAM_KINDS), n))
     own = CAM_KINDS.index(args.cam)
     episodes = []
+    envs.unwrapped.call("limit_episodes", args.eval_max_steps * args.frame_skip)  # scenarios with no timeout end too
     obs, _ = envs.reset(seed=args.seed + 1_000_003)
     frames = torch.zeros((n, args.frame_stack) + size, dtype=torch.uint8, device=device)
     first = np.ones(n, dtype=bool)  # every game starts an episode
@@ -522,14 +530,33 @@ def evaluate(agent, envs, args, device, stop=None, video=None):
                     }
                     for k, kind in enumerate(CAM_KINDS)
                 }
-                episodes.append(
-                    {"return": float(ret[i]), "length": int(length[i]), **by_cam[args.cam], "by_cam": by_cam}
-                )
+                ep = {"return": float(ret[i]), "length": int(length[i]), "truncated": bool(trunc[i])}
+                episodes.append({**ep, **by_cam[args.cam], "by_cam": by_cam})
                 if i == 0 and video is not None:
                     video.write(f"eval-episode-{done_count[0]}.mp4")
                 done_count[i] += 1
             ret[i], length[i], iou_sum[:, i], iou_n[i], empty_n[:, i] = 0.0, 0, 0.0, 0, 0
     return episodes
+
+
+def random_returns(envs, args, stop=None):
+    """The returns of a uniformly random policy over the evaluation's episodes (the same seeds, quotas and limit):
+    what a trained agent's return is measured against. Its own generator, so nothing else draws differently. None if
+    stopped."""
+    rng, n = np.random.default_rng(args.seed), args.num_envs
+    quota = [args.eval_episodes // n + (i < args.eval_episodes % n) for i in range(n)]
+    returns, ret = [[] for _ in range(n)], np.zeros(n)
+    envs.reset(seed=args.seed + 1_000_003)
+    while any(len(r) < q for r, q in zip(returns, quota)):
+        if stop:
+            return None
+        _, reward, term, trunc, _ = envs.step(rng.integers(0, envs.single_action_space.n, n))
+        ret += reward
+        for i in np.flatnonzero(np.logical_or(term, trunc)):
+            if len(returns[i]) < quota[i]:
+                returns[i].append(float(ret[i]))
+            ret[i] = 0.0
+    return [r for env_returns in returns for r in env_returns]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,8 +740,12 @@ def main(args, checkpoint=None):
         # progress, images and videos, checkpoints, and a stop asked for during the update
         run.end_iteration(iteration, global_step, attention_scalars, obs, masks)
 
-    episodes = evaluate(agent, envs, args, device, run.stop, run.eval_video) if args.eval_episodes else None
-    run.finish(episodes)  # eval.json; a stop during the evaluation saves the trained state instead
+    # the trained policy, then a random one on the same games: what "learned" is measured against
+    episodes = by_chance = None
+    if args.eval_episodes:
+        episodes = evaluate(agent, envs, args, device, run.stop, run.eval_video)
+        by_chance = random_returns(envs, args, run.stop)
+    run.finish(episodes, by_chance)  # eval.json; a stop during the evaluation saves the trained state instead
 
 
 # ---------------------------------------------------------------------------------------------
@@ -895,10 +926,11 @@ class Run:
     def video(self):
         return Video(self.video_dir, 35 / self.args.frame_skip) if self.video_dir is not None else None
 
-    def finish(self, episodes):
-        """eval.json from the evaluation's episodes; a stop during it saves the trained state (with the generators
-        as the evaluation found them) and exits, so that --resume evaluates as this run would have."""
-        if self.args.eval_episodes and episodes is None:
+    def finish(self, episodes, by_chance):
+        """eval.json from the evaluation's episodes and the random policy's returns; a stop during them saves the
+        trained state (with the generators as the evaluation found them) and exits, so that --resume evaluates as this
+        run would have."""
+        if self.args.eval_episodes and (episodes is None or by_chance is None):
             restore_rng(self.trained_rng)
             self.save(*self.at_last_update)
             tqdm.write(
@@ -907,7 +939,7 @@ class Run:
             )
             sys.exit(self.stop.exit_code())
         if episodes is not None:
-            report_evaluation(episodes, self.args, self.writer, self.run_dir, self.at_last_update[1])
+            report_evaluation(episodes, by_chance, self.args, self.writer, self.run_dir, self.at_last_update[1])
         self.close()
 
     def close(self):
@@ -1030,7 +1062,7 @@ def log_attention(writer, agent, args, b_obs, b_masks, global_step):
     writer.add_image("attention/frame_mask_cam", np.concatenate(panels, axis=0), global_step, dataformats="HWC")
 
 
-def report_evaluation(episodes, args, writer, run_dir, global_step):
+def report_evaluation(episodes, by_chance, args, writer, run_dir, global_step):
     """The evaluation's episodes in TensorBoard and in eval.json (stats.py reads it), and its line."""
     for idx, ep in enumerate(episodes):
         writer.add_scalar("eval/episodic_return", ep["return"], idx)
@@ -1060,10 +1092,17 @@ def report_evaluation(episodes, args, writer, run_dir, global_step):
         "camal_coef": args.camal_coef,
         "reward_scale": args.reward_scale,
         "by_cam": by_cam,
+        "episodic_truncated": [ep["truncated"] for ep in episodes],  # ended by a time limit, not by the game
+        "eval_max_steps": args.eval_max_steps,
+        "random_returns": by_chance,  # a random policy's, over the same seeds and episodes
+        "random_mean_return": float(np.mean(by_chance)),
         "run_name": os.path.basename(run_dir),
     }
     write_json(os.path.join(run_dir, "eval.json"), result, indent=2)
-    print(f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes")
+    print(
+        f"eval: mean_return={result['mean_return']:.2f} mean_iou={result['mean_iou']} over {len(episodes)} episodes "
+        f"(a random policy: {result['random_mean_return']:.2f})"
+    )
 
 
 # Files: every file a run writes goes through atomic_write, every file it reads through read_json or read_torch.
@@ -1540,7 +1579,7 @@ def check_args(args):
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "frame_skip", "frame_stack"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_episodes", "image_every", "checkpoint_every", "collapse_patience"):
+    for name in ("eval_episodes", "eval_max_steps", "image_every", "checkpoint_every", "collapse_patience"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.total_timesteps <= 0:

@@ -34,7 +34,7 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     to the threshold, the figure and the verdicts; a rerun finds every run finished and trains nothing again."""
     train = "--num-envs 2 --num-steps 32 --eval-episodes 1 --image-every 0 --reward-scale 0.01"
     args = ["--out", "out", "--seeds", "1", "--total-timesteps", "1024", "--curve-points", "2", "--threshold", "-1000"]
-    args += ["--reference", "--reference-margin", "1e6", "--train-args", train]
+    args += ["--reference", "--reference-margin", "1e6", "--random-margin=-1e6", "--train-args", train]
     proc = check(args, tmp_path)
     # one seed: no probability of improvement can be significant, so the IoU verdict fails and the exit code says so
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,7 +43,17 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     assert "PASS: CAMAL lambda 1, --cam abs: evaluation return >= -1000 in every seed" in out
     assert "FAIL: CAMAL lambda 1, --cam abs: evaluation IoU above vanilla's (under --cam abs)" in out
     assert "PASS: our vanilla PPO's mean evaluation return" in out
+    # a random policy on the same games, per seed, and each method against it (a margin of -1e6: the verdict's wiring)
+    assert "PASS: vanilla: above the random policy by -1e+06 in every seed" in out
+    assert "PASS: CAMAL lambda 1, --cam abs: above the random policy by -1e+06 in every seed" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
+    evals = {
+        name: json.loads(
+            next((tmp_path / "out" / "cells").glob(f"drl__Basic__{name}__abs__1__*/runs/*/eval.json")).read_text()
+        )
+        for name in ("vanilla", "camal")
+    }
+    assert rows[2].split(" | ")[3] == f"{evals['vanilla']['random_mean_return']:.1f}"  # the random policy's column
     assert [r.split(" | ")[0] for r in rows[1:]] == [
         "| vanilla",
         "| CAMAL lambda 1, --cam abs",
@@ -87,6 +97,8 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
         (["--train-args", "--camal-coef 3"], "--train-args may not set"),
         (["--train-args=--cam=paper"], "--train-args may not set"),
         (["--cams", "relu"], "invalid choice"),
+        (["--env", "TakeCover"], "--threshold: TakeCover has no default yet"),
+        (["--threshold", "nan"], "must be numbers"),
     ],
 )
 def test_learning_check_bad_input(argv, message, capsys):

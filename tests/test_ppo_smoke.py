@@ -92,6 +92,12 @@ def test_smoke(ppo_smoke_run, env, method):
     assert by_cam["abs"]["cam_empty_fraction"] == 0.0 <= by_cam["paper"]["cam_empty_fraction"] <= 1.0
     if (env, method) == ("Basic", "vanilla"):
         assert by_cam["paper"]["cam_empty_fraction"] == 1.0 and by_cam["paper"]["mean_iou"] in (0.0, None)
+    # a random policy over the same episodes: what "learned" is measured against
+    assert len(result["random_returns"]) == 2 and result["random_mean_return"] == pytest.approx(
+        sum(result["random_returns"]) / 2
+    )
+    assert result["eval_max_steps"] == 5000 and len(result["episodic_truncated"]) == 2
+    assert all(isinstance(t, bool) for t in result["episodic_truncated"])
 
     if extra:
         assert (run_dir / "ppo_camal_vizdoom.cleanrl_model").is_file()
@@ -127,3 +133,24 @@ def test_attention_figure(ppo_smoke_run, tmp_path):
             fig.draw(fig.Args(runs=runs_given))
     bad = run_script("drl_attention_figure", [str(tmp_path / "nope"), str(runs[1])], cwd=tmp_path)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_evaluation_episodes_end_at_the_time_limit(tmp_path):
+    """TakeCover has no timeout: --eval-max-steps ends its evaluation episodes (truncated, at exactly the limit), for
+    the trained policy and the random one alike; an episode that ends by death first is not truncated."""
+    from conftest import PPO_TINY, run_script
+
+    args = ["--env", "TakeCover", *PPO_TINY, "--eval-episodes", "6", "--eval-max-steps", "30", "--image-every", "0"]
+    proc = run_script("ppo_camal_vizdoom", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    result = json.loads((run_dir / "eval.json").read_text())
+    lengths, truncated, returns = result["episodic_lengths"], result["episodic_truncated"], result["episodic_returns"]
+    assert len(lengths) == 6 and max(lengths) == 30 and any(truncated)
+    # TakeCover pays one point per tic alive: a truncated episode lasted the limit's 120 tics, one that was not died
+    # sooner
+    for n, t, r in zip(lengths, truncated, returns):
+        assert (n, r) == (30, 120) if t else r < 120, (lengths, truncated, returns)
+    assert max(result["random_returns"]) <= 30 * 4
+    assert "(a random policy: " in proc.stdout
