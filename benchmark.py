@@ -309,8 +309,7 @@ def summary(results):
     counts = {s: sum(1 for st, _ in results.values() if st == s) for s in ("done", "failed", "interrupted", "busy")}
     print(
         f"\n[benchmark] {counts['done']} done, {counts['failed']} failed, {counts['interrupted']} interrupted (a rerun "
-        "resumes them), "
-        f"{counts['busy']} run by another invocation",
+        f"resumes them), {counts['busy']} run by another invocation",
         file=sys.stderr,
     )
     if failed:
@@ -371,8 +370,7 @@ def run_local(cells, args):
     progress = Progress(len(cells), workers)
     print(
         f"[benchmark] {len(cells)} cells, {workers} at a time on this machine ({gpus} GPUs, {args.runs_per_gpu} run "
-        "per GPU; "
-        f"{threads} CPU threads each), in {Path(args.out).resolve()}",
+        f"per GPU; {threads} CPU threads each), in {Path(args.out).resolve()}",
         file=sys.stderr,
         flush=True,
     )
@@ -417,9 +415,8 @@ def slurm_executor(args):
     except ImportError:
         raise SystemExit("error: --backend slurm needs submitit: pip install submitit") from None
     folder = str(Path(args.out) / "slurm" / "%j")
-    if (
-        args.slurm_cluster == "local"
-    ):  # tests: the same pickled array tasks, time limit, signal and requeue, on this machine
+    # tests: the same pickled array tasks, time limit, signal and requeue, on this machine
+    if args.slurm_cluster == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.slurm_max_requeues)
         executor.update_parameters(timeout_min=args.slurm_time, signal_delay_s=args.slurm_signal_delay_s)
         return executor
@@ -505,9 +502,8 @@ def slurm_states(jobs):
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if (
-        out.returncode and "Invalid job id" not in out.stderr
-    ):  # the controller is busy or away: ask again at the next poll
+    # the controller is busy or away: ask again at the next poll
+    if out.returncode and "Invalid job id" not in out.stderr:
         return None
     return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
 
@@ -538,9 +534,8 @@ def wait_slurm(pending, executor, args, progress):
             outcome = read_outcome(job)
             if cell.finished():
                 yield cell, ("done", 0)
-            elif (
-                outcome is not None and outcome[0] == "failed"
-            ):  # the training failed, with its retries: log.txt says why
+            # the training failed, with its retries: log.txt says why
+            elif outcome is not None and outcome[0] == "failed":
                 yield cell, outcome
             elif state == "CANCELLED" or STOPPING["set"]:
                 yield cell, ("interrupted", None)
@@ -644,8 +639,7 @@ def parse(argv):
         nargs="+",
         choices=CAM_KINDS,
         help="DRL: the CAMAL cells' --cam (default: paper, the paper's Eq. 3); vanilla runs once, with the first, and "
-        "its evaluation "
-        "measures the IoU under each",
+        "its evaluation measures the IoU under each",
     )
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--models", nargs="+", choices=MODELS)
@@ -699,8 +693,7 @@ def parse(argv):
         type=int,
         default=20,
         help="how many times a task may reach its time limit and be requeued (submitit's max_num_timeout; its default "
-        "of 3 "
-        "would fail a long cell); a pre-emption does not count",
+        "of 3 would fail a long cell); a pre-emption does not count",
     )
     p.add_argument(
         "--slurm-extra",

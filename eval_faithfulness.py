@@ -698,8 +698,7 @@ def print_summary(groups):
                 f"warning: {name}'s models give the true class {np.mean(g['start']):.2f} on average before any pixel "
                 "is removed: its "
                 "removal AUC is low because the model is wrong from the start, not because its attention is faithful. "
-                "Compare "
-                "removal AUCs only between methods whose p(true) at k=0 is alike.",
+                "Compare removal AUCs only between methods whose p(true) at k=0 is alike.",
                 file=sys.stderr,
             )
     names = list(groups)

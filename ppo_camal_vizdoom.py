@@ -1422,12 +1422,8 @@ class StopRequest:
         print(f"\n{name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
 
     def catch(self):
-        for s in (
-            signal.SIGINT,
-            signal.SIGTERM,
-            signal.SIGUSR1,
-            signal.SIGUSR2,
-        ):  # the stops of a terminal, a scheduler
+        # the stops of a terminal, a scheduler
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(s, self.handle)
         return self
 

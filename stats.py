@@ -945,9 +945,8 @@ def drl_analysis(runs, args, incomplete, warnings_):
             "raw": {m: raw[m].tolist() for m in methods},
         }
         scores = raw
-        if (
-            metric == "return"
-        ):  # min-max per environment over the runs in the matrix (every method), so no env's scale dominates
+        # min-max per environment over the runs in the matrix (every method), so no env's scale dominates
+        if metric == "return":
             every = [[cells[m, e][i]["return"] for m in methods for i in range(k)] for e in envs]
             lo, hi = np.array([min(v) for v in every]), np.array([max(v) for v in every])
             span = np.where(hi > lo, hi - lo, 1.0)
@@ -1252,8 +1251,7 @@ def dl_tables(summary, comparisons, significance):
                     "rows": detail_rows,
                     "notes": [
                         "T = min(R+, R-) as in the paper's Eq. 5; p from scipy.stats.wilcoxon(camal, baseline, "
-                        "alternative='greater'). "
-                        "CI: mean ± 1.96 standard errors."
+                        "alternative='greater'). CI: mean ± 1.96 standard errors."
                     ],
                 }
             )
@@ -1343,13 +1341,11 @@ def faithfulness_tables(comparisons):
                 "rows": rows,
                 "notes": [
                     "Per-sample AUCs pooled over the paired folds that both have faithfulness.json. Removal: lower is "
-                    "better; "
-                    "insertion: higher is better. Change: CAMAL's mean relative to the baseline's "
+                    "better; insertion: higher is better. Change: CAMAL's mean relative to the baseline's "
                     "(the paper, against Prior: -39 % removal, +35.3 % insertion). p(true) at k=0: the mean "
                     "probability of "
                     "the true class on the intact images (CAMAL / baseline); removal starts there, so compare removal "
-                    "AUCs "
-                    "only where these are alike: a model wrong from the start has a low removal AUC for free."
+                    "AUCs only where these are alike: a model wrong from the start has a low removal AUC for free."
                 ],
                 "csv_header": [
                     "dataset",
@@ -1426,15 +1422,13 @@ def drl_tables(drl, args):
         if metric == "return":
             notes.append(
                 "Returns are min-max normalised per environment over the runs in the matrix, of every method, before "
-                "aggregation (min -> 0, "
-                "max -> 1; an environment where all are equal -> 0): "
+                "aggregation (min -> 0, max -> 1; an environment where all are equal -> 0): "
                 + ", ".join(f"{e} [{lo:g}, {hi:g}]" for e, (lo, hi) in res["normalisation"].items())
                 + "."
             )
         notes.append(
             f"SBCI: rliable get_interval_estimates with the mean aggregate, {args.reps} stratified bootstrap "
-            "resamples, "
-            f"numpy seeded with {args.seed}."
+            f"resamples, numpy seeded with {args.seed}."
         )
         sbci = [
             [
@@ -1495,8 +1489,7 @@ def drl_tables(drl, args):
                     ],
                     "notes": [
                         "rliable probability_of_improvement (Mann-Whitney per environment, averaged; the paper's Eq. "
-                        "6) with "
-                        "its stratified bootstrap CI. Significant when P > 0.5 and 0.5 is outside the CI."
+                        "6) with its stratified bootstrap CI. Significant when P > 0.5 and 0.5 is outside the CI."
                     ],
                     "csv_header": ["x", "y", "p", "ci_low", "ci_high", "significant"],
                     "csv_rows": [["camal", y, v["p"], *v["ci95"], v["significant"]] for y, v in res["poi"].items()],
@@ -1764,8 +1757,7 @@ def empty_cam_warnings(dl_runs, drl_runs, warnings_):
                 {
                     "run": name,
                     "reason": f"{np.mean(values):.0%} of its CAMs were empty (all zero) on average over "
-                    f"{len(values)} runs: its IoU comes mostly from empty maps and says little "
-                    "about where it looked",
+                    f"{len(values)} runs: its IoU comes mostly from empty maps and says little about where it looked",
                 }
             )
 

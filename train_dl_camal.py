@@ -960,8 +960,7 @@ class Run:
             start = "ImageNet weights" if self.imagenet else "random start"
             print(
                 f"{self.run_name}: {describe_device(self.device)}, {args.model} ({start}), {self.sizes[0]} training "
-                "and "
-                f"{self.sizes[1]} held-out images, {args.epochs} epochs of {len(loader)} batches\n  run folder: "
+                f"and {self.sizes[1]} held-out images, {args.epochs} epochs of {len(loader)} batches\n  run folder: "
                 f"{self.run_dir}   watch: tensorboard --logdir {os.path.dirname(self.run_dir) or '.'}   "
                 f"stop: Ctrl-C (saves a checkpoint; --resume {self.run_dir} continues)",
                 flush=True,
@@ -1464,12 +1463,8 @@ class StopRequest:
         print(f"\n{name}: {self.point}{pace}; Ctrl-C again stops at once, without saving", flush=True)
 
     def catch(self):
-        for s in (
-            signal.SIGINT,
-            signal.SIGTERM,
-            signal.SIGUSR1,
-            signal.SIGUSR2,
-        ):  # the stops of a terminal, a scheduler
+        # the stops of a terminal, a scheduler
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(s, self.handle)
         return self
 
@@ -1639,13 +1634,11 @@ def check_args(args):
     if args.dataset == "shapes":
         if not 1 <= args.shapes_classes <= len(SHAPE_NAMES):
             raise ValueError(f"--shapes-classes must lie in 1 .. {len(SHAPE_NAMES)}, got {args.shapes_classes}")
-        if (
-            args.shapes_per_class < args.folds
-        ):  # a class dealt round-robin over the folds: fewer images than folds empty some
+        # a class dealt round-robin over the folds: fewer images than folds empty some
+        if args.shapes_per_class < args.folds:
             raise ValueError(
                 f"--shapes-per-class {args.shapes_per_class} is less than --folds {args.folds}: some held-out folds "
-                "would lack a class "
-                "or be empty; give at least one image per class and fold"
+                "would lack a class or be empty; give at least one image per class and fold"
             )
     if args.image_size < 32:
         raise ValueError(f"--image-size must be at least 32, got {args.image_size}")
@@ -1701,9 +1694,8 @@ def setup(args):
         if args.learning_rate is None:
             args.learning_rate = 1e-4 if args.model in ("vit_b_16", "swin_v2_t", "maxvit_t") else 1e-3
     check_args(args)
-    for folder in ("runs",) + (
-        (args.prior_cache,) if METHODS[args.method]["clip_masks"] else ()
-    ):  # where the run writes: checked before any work
+    # where the run writes: checked before any work
+    for folder in ("runs",) + ((args.prior_cache,) if METHODS[args.method]["clip_masks"] else ()):
         if unwritable(folder):
             raise RunFileError(f"cannot write in {folder}: {unwritable(folder)}")
     if args.download and args.dataset != "shapes":

@@ -495,8 +495,7 @@ def main():
                 flush=True,
             )
             print(
-                "  "
-                f"{'model':<16}{'':<6}{'wall CE/CAMAL ms':>18}{'kernels ms':>16}{'kernels':>12}"
+                f"  {'model':<16}{'':<6}{'wall CE/CAMAL ms':>18}{'kernels ms':>16}{'kernels':>12}"
                 f"{'graphed ms':>16}{'graphed +%':>11}",
                 flush=True,
             )
@@ -522,8 +521,7 @@ def main():
                     else ""
                 )
                 print(
-                    "  "
-                    f"{name:<16}{precision:<6}{r['ce_wall_ms']:>8.1f}/{r['camal_wall_ms']:<9.1f}"
+                    f"  {name:<16}{precision:<6}{r['ce_wall_ms']:>8.1f}/{r['camal_wall_ms']:<9.1f}"
                     f"{r['ce_kernel_ms']:>7.1f}/{r['camal_kernel_ms']:<8.1f}"
                     f"{r['ce_kernels']:>5.0f}/{r['camal_kernels']:<6.0f}{graphed}",
                     flush=True,

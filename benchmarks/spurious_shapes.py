@@ -147,8 +147,7 @@ def main():
         help="each seed S trains with --seed S --split-seed S (its own data, split and initialisation). The settings "
         "were chosen on "
         "seeds 1 (split seed 0) and 5 (split seed 11); the verdicts took their final form after seeds 6-8 (where "
-        "'vanilla below 0.5' "
-        "failed on all three), and seed 9 was run after that (docs/results.md)",
+        "'vanilla below 0.5' failed on all three), and seed 9 was run after that (docs/results.md)",
     )
     p.add_argument(
         "--cue",

@@ -195,9 +195,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(ppo, tmp_path, monk
     no_space(monkeypatch, ppo)
     with pytest.raises(ppo.RunFileError, match=f"cannot write {path}: the disk is full"):
         ppo.write_json(str(path), {"good": 2})
-    with pytest.raises(
-        ppo.RunFileError, match="the disk is full"
-    ):  # a checkpoint: the current one and its predecessor untouched
+    # a checkpoint: the current one and its predecessor untouched
+    with pytest.raises(ppo.RunFileError, match="the disk is full"):
         ppo_state(ppo, tmp_path)
     assert json.loads(path.read_text()) == {"good": 1} and ckpt.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "checkpoint.pt", "eval.json"]  # no .tmp

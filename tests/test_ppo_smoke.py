@@ -66,10 +66,8 @@ def test_smoke(ppo_smoke_run, env, method):
         empty,
         proc.stderr[-2000:],
     )
-    if (env, method) == (
-        "Basic",
-        "vanilla",
-    ):  # the paper's CAM at seed 2: every critic map is empty (docs/ppo_camal_vizdoom.md, --cam)
+    # the paper's CAM at seed 2: every critic map is empty (docs/ppo_camal_vizdoom.md, --cam)
+    if (env, method) == ("Basic", "vanilla"):
         assert empty == [1.0, 1.0]
     else:  # the default |.| CAM is never empty
         assert empty == [0.0, 0.0]

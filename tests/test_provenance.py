@@ -118,10 +118,8 @@ def test_stats_warns_when_a_table_mixes_versions(tmp_path):
             write_dl(tmp_path, "shapes", "resnet18", "vanilla", fold, 0.5, 0.3, folds=3),
             torch="2.13.0" if fold == 0 else "2.14.1",
         )
-    for seed in (
-        1,
-        2,
-    ):  # the same versions: no warning for Basic; one run records nothing (older than the record): not compared
+    # the same versions: no warning for Basic; one run records nothing (older than the record): not compared
+    for seed in (1, 2):
         with_environment(write_drl(tmp_path, "Basic", "camal", seed, 80.0, 0.1))
         write_drl(tmp_path, "Basic", "vanilla", seed, 79.0, 0.02)
     (write_drl(tmp_path, "TakeCover", "camal", 1, 500.0, 0.1) / "environment.json").write_text("[{}]")

@@ -102,10 +102,8 @@ def test_pets_masks_follow_training_geometry(tmp_path):
     assert rs.dataset_records(args)[0] == records
     mask = rs.load_mask(args, records[0])
     assert torch.equal(torch.from_numpy(mask), dl.SegmentationDataset(records, dl_args, train=True)[0][1])
-    for how in (
-        "square",
-        "shorter-side",
-    ):  # the 300 x 400 masks differ between the two geometries; each matches training's
+    # the 300 x 400 masks differ between the two geometries; each matches training's
+    for how in ("square", "shorter-side"):
         dl_args.resize, args.resize = how, how
         assert torch.equal(
             torch.from_numpy(rs.load_mask(args, records[0])), dl.SegmentationDataset(records, dl_args, train=True)[0][1]

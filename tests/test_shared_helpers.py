@@ -190,9 +190,8 @@ def sync():
             out = target.splitlines(keepends=True)
             changed = []
             same = top_level_definitions.__wrapped__(script)  # uncached: the files change as they are synced
-            for name in sorted(
-                (n for n in names if n in found), key=lambda n: -found[n][0]
-            ):  # bottom up: lines stay put
+            # bottom up: lines stay put
+            for name in sorted((n for n in names if n in found), key=lambda n: -found[n][0]):
                 first, last = found[name]
                 if same[name] != top_level_definitions.__wrapped__(ROOT / origin)[name]:
                     out[first - 1 : last] = [texts[name]]

@@ -627,9 +627,8 @@ def test_fuzzed_run_files_are_named(st, tmp_path, name, case):
     drl = write_drl(runs, "Basic", "camal", 1, 1.0, 0.5)
     write_drl(runs, "Basic", "vanilla", 1, 1.0, 0.5)
     metrics = sorted(runs.glob("**/metrics.json"))
-    if (
-        name == "faithfulness.json"
-    ):  # every DL run evaluated, as eval_faithfulness.py leaves them, so the pairs read them
+    # every DL run evaluated, as eval_faithfulness.py leaves them, so the pairs read them
+    if name == "faithfulness.json":
         sample = {
             "label": 0,
             "attention": {"removal": [1, 0], "insertion": [0, 1], "removal_auc": 0.5, "insertion_auc": 0.5},
