@@ -516,8 +516,10 @@ def fold_sets(args, fold, records, prior_cams):
     return train_set, test_set
 
 
-def loaders(args, train_set, test_set, start_epoch):
-    """(train_loader, test_loader); under torchrun each process takes its share of every global batch."""
+def loaders(args, train_set, test_set):
+    """(train_loader, test_loader); under torchrun each process takes its share of every global batch. The training
+    order is drawn from the loader's own generator, which the loop seeds at every epoch (a resumed run draws the
+    same)."""
     distributed = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size() if distributed else 1
     sampler = None
@@ -531,7 +533,7 @@ def loaders(args, train_set, test_set, start_epoch):
         shuffle=sampler is None,
         sampler=sampler,
         num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed * 1000 + start_epoch),
+        generator=torch.Generator(),
         drop_last=len(train_set) > args.batch_size,
     )
     return train_loader, DataLoader(test_set, batch_size=args.batch_size, num_workers=args.num_workers)
@@ -838,12 +840,13 @@ def train_fold(args, fold, records, classes, run, checkpoint=None, prior_cams=No
     model = CamModel(args.model, len(classes), run.imagenet).to(run.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     start_epoch, forward = run.start_fold(fold, model, optimizer, checkpoint, train_set, test_set)  # DDP: its wrapper
-    train_loader, test_loader = loaders(args, train_set, test_set, start_epoch)
+    train_loader, test_loader = loaders(args, train_set, test_set)
     term = METHODS[args.method]["term"]  # what --method adds to the cross-entropy
 
     result = None
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
+        train_loader.generator.manual_seed(args.seed * 1000 + epoch)  # each epoch's order, whatever came before
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         sums = torch.zeros(len(EPOCH_SUMS), device=run.device)  # the epoch's figures, read once at its end
@@ -943,7 +946,13 @@ class Run:
             self.writer, self.tracked = open_logs(args, self.run_name, self.run_dir, purge_step=purge)
             record_environment(self.run_dir, self.device)  # which code and packages made this run (stats.py)
         Run.active = self
-        self.grid = next(iter(DataLoader(test_set, batch_size=min(8, len(test_set)))))  # held-out pictures
+        # held-out pictures, taken by index: a DataLoader would draw a seed from the generators a resume restored
+        grid = [test_set[i] for i in range(min(8, len(test_set)))]
+        self.grid = (
+            torch.stack([g[0] for g in grid]),
+            torch.stack([g[1] for g in grid]),
+            torch.tensor([g[2] for g in grid]),
+        )
         self.fold, self.sizes, self.start_epoch, self.announced = (
             fold,
             (len(train_set), len(test_set)),
