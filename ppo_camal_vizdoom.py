@@ -7,6 +7,7 @@
 import errno
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -273,15 +274,14 @@ class VizDoomEnv(gym.Env):
         self.game.set_screen_format(vzd.ScreenFormat.GRAY8)
         self.game.set_screen_resolution(render_resolution(frame_height, frame_width))
         self.game.set_labels_buffer_enabled(True)
-        # The engine starts ignoring a terminal's and a scheduler's stop signals (it inherits that): they reach the
-        # whole process group, and the learner stops the run and closes the games (a watchdog, if it cannot).
-        main_thread = threading.current_thread() is threading.main_thread()  # where signal.signal may be called
-        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS} if main_thread else {}
+        # The engine starts with a terminal's and a scheduler's stop signals blocked (it inherits the mask): they reach
+        # the whole process group, and the learner stops the run and closes the games (a watchdog, if it cannot). A
+        # signal that comes meanwhile waits, and reaches this process's handler when the mask is lifted.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self.game.init()
         finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         n = self.game.get_available_buttons_size()
         self.buttons = np.eye(n, dtype=bool).tolist()  # one button per action, as in ViZDoom's examples
         self.frame_skip, self.size = frame_skip, (frame_height, frame_width)
@@ -333,7 +333,9 @@ def make_envs(args):
     use_async = args.vector_env == "async" or (args.vector_env == "auto" and (os.cpu_count() or 1) > 2)
 
     def thunk():
-        if use_async:  # a worker process: the learner closes it, whatever stop signal the process group gets
+        # a worker process (not the learner, where gymnasium makes one env to read the spaces): the learner closes
+        # it, whatever stop signal the process group gets
+        if use_async and multiprocessing.parent_process() is not None:
             for s in STOP_SIGNALS:
                 signal.signal(s, signal.SIG_IGN)
         return VizDoomEnv(args.env, args.frame_skip, args.frame_height, args.frame_width)
@@ -562,8 +564,9 @@ def random_returns(envs, args, stop=None):
 # ---------------------------------------------------------------------------------------------
 # The training loop: CleanRL's PPO, with the CAMAL term added to its loss
 # ---------------------------------------------------------------------------------------------
-def main(args, checkpoint=None):
-    """Train an agent (or continue a resumed run from its `checkpoint`), evaluate it, write eval.json."""
+def main(args, checkpoint=None, stop=None):
+    """Train an agent (or continue a resumed run from its `checkpoint`), evaluate it, write eval.json. stop: the
+    StopRequest the signals set from the start (see the command line below)."""
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
@@ -580,7 +583,7 @@ def main(args, checkpoint=None):
     H, W = args.frame_height, args.frame_width
     agent = Agent(envs.single_action_space.n, args.frame_stack, H, W).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    run = Run(args, checkpoint, envs, agent, optimizer, device)  # folder, logs, stops, progress (below the banner)
+    run = Run(args, checkpoint, envs, agent, optimizer, device, stop)  # folder, logs, progress (below the banner)
     writer = run.writer
     camal = args.method == "camal"  # vanilla measures the CAM but does not train on it
 
@@ -759,9 +762,9 @@ class Run:
 
     active = None  # the run of this process, which the command line's error handler closes
 
-    def __init__(self, args, checkpoint, envs, agent, optimizer, device):
+    def __init__(self, args, checkpoint, envs, agent, optimizer, device, stop=None):
         self.args, self.envs, self.agent, self.optimizer, self.device = args, envs, agent, optimizer, device
-        self.writer = self.tracked = self.watchdog = None
+        self.writer = self.tracked = None
         if checkpoint is not None:
             self.run_dir = args.resume.rstrip("/")
             self.run_name = os.path.basename(self.run_dir)
@@ -793,12 +796,7 @@ class Run:
                     if all(n in ours or n.startswith("events.out.tfevents.") for n in os.listdir(folder)):
                         shutil.rmtree(folder, ignore_errors=True)
             exit_error(str(e))
-        self.watchdog = guard_games()
-        self.stop = StopRequest(
-            "saving a checkpoint and stopping within a step during a rollout (the model has not changed since the "
-            "last update), else after this update",
-            "iteration",
-        ).catch()
+        self.stop = stop if stop is not None else StopRequest(TRAINING_STOP, "iteration").catch()
         self.at_last_update = (self.start_iteration - 1, self.global_step)  # what a stop during a rollout saves
         self.start_time, self.collapsed_for, self.rollout_start = time.time(), 0, None
         kind = "async" if isinstance(envs.unwrapped, gym.vector.AsyncVectorEnv) else "sync"
@@ -951,19 +949,24 @@ class Run:
                 self.tracked.save(os.path.join(self.video_dir, name), base_path="videos", policy="now")
         close_logs(self.writer, self.tracked)
         self.writer = self.tracked = None
-        if self.watchdog is not None:
-            self.watchdog.stdin.close()  # its cue: the games are closed, nothing is left to end
-            self.watchdog = None
         Run.active = None
 
 
 class EnvMeter(gym.vector.VectorWrapper):
     """What the run reports of the games: the seconds spent stepping them (perf/env_seconds) and when the last step
-    returned, and the returns of the episodes that ended (RecordEpisodeStatistics's, for the progress line)."""
+    returned, and the returns of the episodes that ended (RecordEpisodeStatistics's, for the progress line). It also
+    starts the games' watchdog the moment they exist, and closes it with them."""
 
     def __init__(self, env):
         super().__init__(env)
         self.seconds, self.last_step_end, self.returns = 0.0, None, []
+        self.watchdog = guard_games()
+
+    def close(self, **kwargs):
+        super().close(**kwargs)
+        if self.watchdog is not None:
+            self.watchdog.stdin.close()  # its cue: the games are closed, nothing is left to end
+            self.watchdog = None
 
     def step(self, actions):
         start = time.perf_counter()
@@ -1614,10 +1617,17 @@ def parse_args():
     return args, checkpoint
 
 
+# what a stop during training does (the answer to a Ctrl-C or a scheduler's signal)
+TRAINING_STOP = (
+    "saving a checkpoint and stopping within a step during a rollout (the model has not changed since the last "
+    "update), else after this update"
+)
+
 if __name__ == "__main__":
+    stop = StopRequest(TRAINING_STOP, "iteration").catch()  # from the start: the games are shielded, this process not
     args, checkpoint = parse_args()
     try:
-        main(args, checkpoint)
+        main(args, checkpoint, stop)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print(
             "\nstopped at once, without a checkpoint; the last saved one (if any) is in the run folder", file=sys.stderr

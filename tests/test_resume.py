@@ -353,3 +353,26 @@ def test_a_killed_trainer_leaves_no_game_running(tmp_path, vector_env):
     while time.time() < deadline and any(alive(p, s) for p, s in games.items()):
         time.sleep(0.2)
     assert not [p for p, s in games.items() if alive(p, s)], "game processes outlived their trainer"
+
+
+@pytest.mark.slow
+def test_a_signal_during_start_up_leaves_no_game_running(tmp_path):
+    """A scheduler's signal that reaches the process group while the trainer is still starting (its games exist, its
+    loop has not begun; on a loaded node start-up takes seconds) stops it cleanly: no traceback, no killed trainer, and
+    none of its games left running."""
+    proc = start_ppo(tmp_path, [*ARGS, "--total-timesteps", "100000", "--vector-env", "sync"], own_session=True)
+    deadline, games = time.time() + 120, {}
+    while time.time() < deadline and len(games) < 2:  # the moment both engines exist
+        games = {p: s for p, s in descendants(proc.pid).items() if "vizdoom" in open(f"/proc/{p}/cmdline").read()}
+    assert len(games) == 2, games
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1 and "Traceback" not in err, (
+        proc.returncode,
+        out[-2000:],
+        err[-2000:],
+    )
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(p, s) for p, s in games.items()):
+        time.sleep(0.2)
+    assert not [p for p, s in games.items() if alive(p, s)], "game processes outlived their trainer"
