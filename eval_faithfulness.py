@@ -423,6 +423,17 @@ def load_run(run_dir):
             f"{run_dir}/model.pt is not this run's model (model.pt against metrics.json: "
             f"{'; '.join(differ) or 'its class count'})"
         )
+    # so must the samples (files of older versions name no run): another fold's held-out images were trained on here
+    differ = [
+        f"{k} {samples[k]!r} vs {metrics.get(k)!r}"
+        for k in ("run_name", "fold", "seed")
+        if k in samples and samples[k] != metrics.get(k)
+    ]
+    if differ:
+        raise RunError(
+            f"{run_dir}/faithfulness_samples.pt is not this run's held-out samples (against metrics.json: "
+            f"{'; '.join(differ)})"
+        )
     return model.eval(), samples, metrics
 
 

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Literal, Optional
+from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import cv2
 import gymnasium as gym
@@ -293,6 +294,7 @@ class VizDoomEnv(gym.Env):
             }
         )
         self.last = {"frame": np.zeros((frame_height, frame_width), np.uint8), "mask": np.zeros(self.size, np.uint8)}
+        self.seed_value, self.episodes, self.actions = None, 0, []  # where the game is (position, put_back)
 
     def _observe(self):
         state = self.game.get_state()
@@ -308,10 +310,13 @@ class VizDoomEnv(gym.Env):
         super().reset(seed=seed)
         if seed is not None:
             self.game.set_seed(seed)
+            self.seed_value, self.episodes = seed, 0
         self.game.new_episode()
+        self.episodes, self.actions = self.episodes + 1, []
         return self._observe(), {}
 
     def step(self, action):
+        self.actions.append(int(action))
         reward = self.game.make_action(self.buttons[int(action)], self.frame_skip)
         if self.game.is_episode_finished():
             timeout = self.game.get_episode_timeout()
@@ -319,6 +324,33 @@ class VizDoomEnv(gym.Env):
             # no state after the end: the autoreset replaces this observation anyway
             return {k: v.copy() for k, v in self.last.items()}, reward, not truncated, truncated, {}
         return self._observe(), reward, False, False, {}
+
+    def position(self):
+        """Where this game is: its seed, the episodes begun since, this episode's actions, and digests of the newest
+        frame and mask. The engine draws episode k after a seed the same whatever was played before, and plays the same
+        actions the same way, so this is enough to put a new game where this one is (put_back)."""
+        digest = [zlib.crc32(self.last[k].tobytes()) for k in ("frame", "mask")]
+        return {"seed": self.seed_value, "episodes": self.episodes, "actions": list(self.actions), "digest": digest}
+
+    def put_back(self, keep):
+        """Replay the position() set_attr gave this new game as `saved_position`; returns the last `keep` frames of the
+        episode (oldest first) and the newest mask, or raises RuntimeError when the replay does not reach the same frame
+        (another engine version)."""
+        position = self.saved_position
+        self.game.set_seed(position["seed"])
+        for _ in range(position["episodes"]):
+            self.game.new_episode()
+        frames, actions = [self._observe()["frame"]], position["actions"]
+        for i, a in enumerate(actions):
+            self.game.make_action(self.buttons[a], self.frame_skip)
+            if self.game.is_episode_finished():
+                raise RuntimeError(f"the episode ended after {i + 1} of its {len(actions)} replayed actions")
+            if i >= len(actions) - keep:  # only the frames the stack keeps
+                frames.append(self._observe()["frame"])
+        self.seed_value, self.episodes, self.actions = position["seed"], position["episodes"], list(actions)
+        if [zlib.crc32(self.last[k].tobytes()) for k in ("frame", "mask")] != list(position["digest"]):
+            raise RuntimeError("the replayed game shows another frame than the saved one")
+        return frames[-keep:], self.last["mask"].copy()
 
     def limit_episodes(self, tics):
         """From the next episode on, end episodes after `tics` game tics too (truncated), or at the scenario's limit."""
@@ -596,16 +628,10 @@ def main(args, checkpoint=None, stop=None):
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
 
-    # TRY NOT TO MODIFY: start the game
+    # TRY NOT TO MODIFY: start the game (a resumed run's games are played back to where its checkpoint left them)
     global_step = run.global_step
     start_time = time.time()
-    next_obs_np, _ = envs.reset(seed=args.seed + (run.start_iteration - 1) * args.num_envs)
-    next_obs = torch.zeros((args.num_envs, args.frame_stack, H, W), dtype=torch.uint8, device=device)
-    next_obs = stack_frames(
-        next_obs, torch.from_numpy(next_obs_np["frame"]), torch.ones(args.num_envs, dtype=torch.bool)
-    )
-    next_mask = torch.from_numpy(next_obs_np["mask"]).to(device).bool()
-    next_done = torch.zeros(args.num_envs, device=device)
+    next_obs, next_mask, next_done = run.start_games()
 
     for iteration in range(run.start_iteration, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
@@ -778,12 +804,14 @@ class Run:
             for folder in filter(None, (self.run_dir, self.video_dir)):
                 make_folder(folder)
             write_json(os.path.join(self.run_dir, "args.json"), asdict(args), indent=2)  # what the run is
-            self.start_iteration, self.global_step = 1, 0
+            self.start_iteration, self.global_step, self.games, self.games_lost = 1, 0, None, False
             if checkpoint is not None:  # the state after the checkpoint's iteration, generators included
                 agent.load_state_dict(checkpoint["agent"])
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 restore_rng(checkpoint["rng"])
                 self.start_iteration, self.global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
+                self.games = checkpoint.get("games")
+                self.games_lost = self.games is None and self.start_iteration <= args.num_iterations
             # purge_step: the events after the checkpoint's step are the ones a resumed run redoes
             purge = None if checkpoint is None else self.global_step + 1
             self.writer, self.tracked = open_logs(args, self.run_name, self.run_dir, purge_step=purge)
@@ -824,9 +852,65 @@ class Run:
         if self.start_iteration > args.num_iterations:  # resumed after its training: the outputs are what is left
             self.trained()
 
+    def start_games(self):
+        """The loop's first (next_obs, next_mask, next_done): new episodes (seeded with --seed), or a resumed run's
+        games played back to where its checkpoint left them, so that it goes on as the uninterrupted run would."""
+        args, n, device = self.args, self.args.num_envs, self.device
+        stack = torch.zeros((n, args.frame_stack, args.frame_height, args.frame_width), dtype=torch.uint8)
+        games = self.games if self.start_iteration <= args.num_iterations else None
+        if games is None:
+            if self.games_lost:  # resumed as older versions did, on episodes the run had not played
+                warn(
+                    "this checkpoint does not hold where its games were (it was saved by an older version): they "
+                    "start new episodes, so the resumed run is not the one an uninterrupted run would have made"
+                )
+            obs, _ = self.envs.reset(seed=args.seed + (self.start_iteration - 1) * n if self.games_lost else args.seed)
+            next_obs = stack_frames(stack.to(device), torch.from_numpy(obs["frame"]), torch.ones(n, dtype=torch.bool))
+            next_mask, next_done = torch.from_numpy(obs["mask"]).to(device).bool(), torch.zeros(n, device=device)
+        else:
+            started, why = time.perf_counter(), games_damage(games, n, self.envs.single_action_space.n)
+            try:
+                replayed = None if why else put_back_games(self.envs, games["games"], args.frame_stack)
+            except RuntimeError as e:
+                why = str(e)
+            if why:
+                self.close()
+                exit_error(f"--resume {self.run_dir}: its games cannot be put back where they were: {why}")
+            for i, (frames, _) in enumerate(replayed):
+                frames = [frames[0]] * (args.frame_stack - len(frames)) + frames  # a new episode's stack repeats
+                stack[i] = torch.from_numpy(np.stack(frames))
+            next_obs = stack.to(device)
+            next_mask = torch.from_numpy(np.stack([m for _, m in replayed])).to(device).bool()
+            # the step before the checkpoint ended an episode where a later one has no action yet
+            ended = [g["episodes"] > 1 and not g["actions"] for g in games["games"]]
+            next_done = torch.tensor(ended, dtype=torch.float32, device=device)
+            stats = self.envs.env  # RecordEpisodeStatistics: the returns of the episodes under way
+            stats.episode_returns[:] = games["episode_returns"]
+            stats.episode_lengths[:] = games["episode_lengths"]
+            steps = sum(len(g["actions"]) for g in games["games"])
+            print(
+                f"the games are where the checkpoint left them ({sum(g['episodes'] for g in games['games'])} episodes "
+                f"begun, {steps} steps replayed, {time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
+        self.snapshot()
+        return next_obs, next_mask, next_done
+
+    def snapshot(self):
+        """What a checkpoint of the state after this update holds besides the model: the generators and the games."""
+        stats = self.envs.env
+        self.saved_state = {
+            "rng": rng_state(),
+            "games": {
+                "games": self.envs.unwrapped.call("position"),
+                "episode_returns": stats.episode_returns.tolist(),
+                "episode_lengths": stats.episode_lengths.tolist(),
+            },
+        }
+
     def save(self, iteration, global_step):
         path = os.path.join(self.run_dir, "checkpoint.pt")
-        save_checkpoint(path, self.agent, self.optimizer, self.args, iteration, global_step)
+        save_checkpoint(path, self.agent, self.optimizer, self.args, iteration, global_step, **self.saved_state)
 
     def stop_in_rollout(self):
         """A stop asked for during a rollout: the model is as the last update left it, so that state is saved at once,
@@ -896,6 +980,7 @@ class Run:
                     clip.add(obs[t, 0, -1].cpu().numpy(), masks[t, 0].cpu().numpy(), cams[t])
                 clip.write(f"train-iter-{iteration:06d}.mp4")
         self.at_last_update = (iteration, global_step)
+        self.snapshot()
         if (args.checkpoint_every and iteration % args.checkpoint_every == 0) or (self.stop and not last):
             self.save(iteration, global_step)
         if self.stop and not last:
@@ -930,6 +1015,7 @@ class Run:
         run would have."""
         if self.args.eval_episodes and (episodes is None or by_chance is None):
             restore_rng(self.trained_rng)
+            self.snapshot()
             self.save(*self.at_last_update)
             tqdm.write(
                 f"stopped during the final evaluation; complete it with: python {os.path.basename(__file__)} "
@@ -993,6 +1079,32 @@ for pid, start in (a.split(":") for a in sys.argv[1:]):
     except (OSError, IndexError):
         pass
 """
+
+
+def games_damage(games, num_envs, num_actions):
+    """What is wrong with a checkpoint's games (Run.snapshot) for num_envs games of num_actions actions, or None."""
+    try:
+        lists = (games["games"], games["episode_returns"], games["episode_lengths"])
+        if any(len(v) != num_envs for v in lists):
+            return f"they are not {num_envs} games"
+        if not all(type(v) in (int, float) for v in [*lists[1], *lists[2]]):
+            return "their record is damaged"
+        for g in games["games"]:
+            ints = [g["seed"], g["episodes"], *g["actions"]]
+            if not all(type(v) is int for v in ints) or g["episodes"] < 1 or len(g["digest"]) != 2:
+                return "their record is damaged"
+            if not all(0 <= a < num_actions for a in g["actions"]):
+                return f"they hold actions outside this scenario's {num_actions}"
+    except (TypeError, KeyError):
+        return "their record is damaged"
+    return None
+
+
+def put_back_games(envs, positions, keep):
+    """A resumed run's games played back to their saved positions (VizDoomEnv.put_back), in the workers when async:
+    [(the last `keep` frames, the newest mask)] per game."""
+    envs.unwrapped.set_attr("saved_position", positions)
+    return envs.unwrapped.call("put_back", keep)
 
 
 def guard_games():
@@ -1357,7 +1469,24 @@ def read_resume(args, finished, keys, keep, retired=()):
         raise ValueError(
             f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}"
         )
+    hints = get_type_hints(type(args))
+    wrong = [f"{k}={v!r}" for k, v in saved.items() if not fits_type(v, hints[k])]
+    if wrong:
+        raise RunFileError(f"--resume {args.resume}: the checkpoint's settings are damaged: {', '.join(wrong)}")
     return type(args)(**saved), checkpoint
+
+
+def fits_type(value, hint):
+    """Whether a saved setting is a value of its Args field's type (bool, int, float, str, Optional, Literal)."""
+    if get_origin(hint) is Literal:
+        return value in get_args(hint)
+    if get_origin(hint) is Union:
+        return any(fits_type(value, h) for h in get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 PPO_CHECKPOINT_KEYS = ("args", "agent", "optimizer", "iteration", "global_step", "rng")
@@ -1366,9 +1495,12 @@ PPO_CHECKPOINT_KEYS = ("args", "agent", "optimizer", "iteration", "global_step",
 RETIRED_SETTINGS = ("frame_stack_on", "figure", "figure_frames", "figure_out")
 
 
-def save_checkpoint(path, agent, optimizer, args, iteration, global_step):
-    state = {"args": asdict(args), "agent": agent.state_dict(), "optimizer": optimizer.state_dict()}
-    write_checkpoint(path, {**state, "iteration": iteration, "global_step": global_step, "rng": rng_state()})
+def save_checkpoint(path, agent, optimizer, args, iteration, global_step, rng=None, games=None):
+    """rng and games: the generators and the games' positions as the update at `iteration` left them (Run.snapshot;
+    rng None: the generators now; games None: a checkpoint whose resumed run starts new episodes)."""
+    rng = rng_state() if rng is None else rng
+    state = {"args": asdict(args), "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
+    write_checkpoint(path, {**state, "iteration": iteration, "global_step": global_step, "games": games})
     # where a resume would start, for readers without torch (stats.py): events past this step are redone, not kept
     write_json(os.path.splitext(path)[0] + ".json", {"iteration": iteration, "global_step": global_step})
 
@@ -1526,8 +1658,17 @@ def record_environment(run_dir, device):
     path = os.path.join(run_dir, "environment.json")
     try:
         entries = read_json(path, kind=list) if os.path.exists(path) else []
-    except RunFileError:  # a damaged record is replaced, not a reason to stop the run
-        entries = []
+    except RunFileError as e:  # not a reason to stop the run; kept aside, and the new record says what it lost
+        kept = path + ".damaged"
+        try:
+            os.replace(path, kept)
+        except OSError:
+            kept = None
+        warn(
+            f"{first_line(e)}: which code and packages made this run before now is unknown; "
+            f"{f'kept as {kept}, and ' if kept else ''}the new record says so (stats.py warns)"
+        )
+        entries, entry["earlier_record_lost"] = [], True
     write_json(path, entries + [entry], indent=2)
 
 

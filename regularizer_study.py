@@ -589,8 +589,9 @@ def check_args(args):
             "--levels must lie in [3, 200] (a correlation needs three points; each level holds 3 maps per mask), got "
             f"{args.levels}"
         )
-    if args.shift_max <= 0 or args.dilate_max <= 0:
-        raise ValueError(f"--shift-max and --dilate-max must be positive, got {args.shift_max} and {args.dilate_max}")
+    for flag, value in (("--shift-max", args.shift_max), ("--dilate-max", args.dilate_max)):
+        if not (math.isfinite(value) and 0 < value <= 100):  # nan would pass a comparison and empty every map
+            raise ValueError(f"{flag} must be a number in (0, 100] (multiples of the mask's size), got {value}")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
     if not 0 < args.significance < 1:

@@ -302,7 +302,18 @@ def write_json(path, obj, **kw):
     atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
-NUMBER, TEXT, INTEGER = "a number", "a string", "a whole number below 2**31"
+NUMBER, TEXT, INTEGER = "a finite number of at most 1e15 in size", "a string", "a whole number below 2**31"
+FRACTION = "a number in [0, 1]"  # IoU, accuracy, shares: a value outside was not written by a trainer
+
+
+def finite_number(v, bound=1e15):
+    """A JSON number (not a bool) that a mean over many runs cannot overflow; 10**400 is one Python reads."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return abs(float(v)) <= bound
+    except OverflowError:
+        return False
 
 
 def check_types(path, obj, spec):
@@ -312,7 +323,8 @@ def check_types(path, obj, spec):
         ok = (
             (v is None and nullable)
             or (kind == TEXT and isinstance(v, str))
-            or (kind == NUMBER and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            or (kind == NUMBER and finite_number(v))
+            or (kind == FRACTION and finite_number(v) and 0 <= v <= 1)
             or (kind == INTEGER and isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**31)
         )
         if not ok:
@@ -327,16 +339,18 @@ DL_TYPES = {
     "folds": (INTEGER, False),
     "seed": (INTEGER, False),
     "split_seed": (INTEGER, False),
-    "test_accuracy": (NUMBER, True),
-    "test_iou": (NUMBER, True),
+    "test_accuracy": (FRACTION, True),
+    "test_iou": (FRACTION, True),
 }
 DRL_TYPES = {
     "env": (TEXT, False),
     "method": (TEXT, False),
     "seed": (INTEGER, False),
     "mean_return": (NUMBER, False),
-    "mean_iou": (NUMBER, True),
+    "mean_iou": (FRACTION, True),
 }
+
+BY_CAM_TYPES = {"mean_iou": (FRACTION, True), "cam_empty_fraction": (FRACTION, False)}
 
 
 def check_by_cam(path, by_cam):
@@ -347,7 +361,7 @@ def check_by_cam(path, by_cam):
     if not isinstance(by_cam, dict) or not all(isinstance(v, dict) for v in by_cam.values()):
         raise StatsError(f"{path}: by_cam is {by_cam!r}, expected an object of objects")
     for cam, v in by_cam.items():
-        check_types(f"{path} (by_cam {cam})", v, {"mean_iou": (NUMBER, True), "cam_empty_fraction": (NUMBER, False)})
+        check_types(f"{path} (by_cam {cam})", v, BY_CAM_TYPES)
     return by_cam
 
 
@@ -401,7 +415,8 @@ NUMBER_PACKAGES = ("torch", "torchvision", "vizdoom", "gymnasium", "numpy")
 
 def run_environment(run_dir, warnings_):
     """{package: sorted versions} a run was trained with, from the environment.json its trainer wrote (one entry per
-    start or resume); None for a run that records none (made before the record existed)."""
+    start or resume), with "code": its commits, whether a checkout had uncommitted changes, and whether an earlier
+    record was lost; None for a run that records none (made before the record existed)."""
     path = os.path.join(run_dir, "environment.json")
     if not os.path.isfile(path):
         return None
@@ -409,6 +424,12 @@ def run_environment(run_dir, warnings_):
         entries = read_json(path, kind=list)
         versions = {
             p: sorted({str(e["packages"][p]) for e in entries if e["packages"].get(p)}) for p in NUMBER_PACKAGES
+        }
+        gits = [e.get("git") for e in entries]
+        code = {
+            "commits": sorted({g["commit"] for g in gits if g and isinstance(g.get("commit"), str)}),
+            "dirty": any(g and g.get("dirty") is True for g in gits),
+            "lost": any(e.get("earlier_record_lost") is True for e in entries),
         }
     except (RunFileError, KeyError, TypeError, AttributeError) as e:
         warnings_.append(
@@ -419,11 +440,13 @@ def run_environment(run_dir, warnings_):
             }
         )
         return None
-    return {p: v for p, v in versions.items() if v}
+    return {**{p: v for p, v in versions.items() if v}, "code": code}
 
 
 def version_warnings(dl_runs, drl_runs, warnings_):
-    """A warning per table whose runs were trained with different versions of a package that changes the numbers."""
+    """A warning per table whose runs were trained with different versions of a package that changes the numbers, or
+    by different commits of the code, or by a checkout with uncommitted changes (whose code is on no record), or whose
+    record of an earlier part was lost."""
     tables = {}
     for r in dl_runs:
         tables.setdefault(f"{r['dataset']}", []).append(r)
@@ -445,6 +468,26 @@ def version_warnings(dl_runs, drl_runs, warnings_):
                         "a difference between methods may partly be one between versions (each run's environment.json)",
                     }
                 )
+        code = [r["environment"]["code"] for r in recorded if "code" in r["environment"]]
+        commits = sorted({c for k in code for c in k["commits"]})
+        if len(commits) > 1:
+            spans, shown = sum(len(k["commits"]) > 1 for k in code), ", ".join(c[:8] for c in commits)
+            across = f"; {spans} of them resumed under another commit than they started with" if spans else ""
+            warnings_.append(
+                {
+                    "run": name,
+                    "reason": f"its runs come from {len(commits)} commits of the code ({shown})"
+                    f"{across}: a code change between them may change the numbers (the trainers' golden runs, "
+                    "tests/test_golden.py, say whether one did)",
+                }
+            )
+        for what, why in (
+            ("dirty", "a checkout with uncommitted changes: the code that made them is on no record"),
+            ("lost", "a damaged environment.json: the record of the code that made their earlier part is lost"),
+        ):
+            n = sum(k[what] for k in code)
+            if n:
+                warnings_.append({"run": name, "reason": f"{n} of its runs were trained from {why}"})
 
 
 def package_version(name):
@@ -798,11 +841,7 @@ def check_faithfulness(path, f):
     """A faithfulness.json as eval_faithfulness.py writes it: k, and per sample two curves on k and two AUCs."""
 
     def numbers(v, n=None):
-        return (
-            isinstance(v, list)
-            and (n is None or len(v) == n)
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-        )
+        return isinstance(v, list) and (n is None or len(v) == n) and all(finite_number(x) for x in v)
 
     if not isinstance(f, dict) or not numbers(f.get("k")) or len(f["k"]) < 2 or not isinstance(f.get("samples"), list):
         raise StatsError(
@@ -1640,8 +1679,8 @@ def plot_curves(path, ks, groups):
 def check_args(args):
     if not args.paths:
         raise StatsError("give one or more folders to search for runs (e.g. runs/)")
-    if args.reps < 1:
-        raise StatsError(f"--reps must be at least 1, got {args.reps}")
+    if not 1 <= args.reps <= 10**6:  # the bootstrap holds reps x runs x tasks numbers at once
+        raise StatsError(f"--reps must lie in 1 .. 1,000,000 (rliable's default is 50,000), got {args.reps}")
     if args.last_n < 1:
         raise StatsError(f"--last-n must be at least 1, got {args.last_n}")
     if not 0 < args.significance < 1:

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Literal, Optional
+from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import cv2
 import numpy as np
@@ -1094,6 +1094,8 @@ def faithfulness_samples(test_set, classes, seed, fold):
         "masks": torch.stack(masks),
         "labels": torch.tensor(labels),
         "classes": classes,
+        "fold": fold,  # eval_faithfulness.py checks these against the run's metrics.json: another fold's samples are
+        "seed": seed,  # in this fold's training set
     }
 
 
@@ -1145,7 +1147,7 @@ def save_results(run_dir, metrics, classes, model, test_set, args):
         },
         "cam_layer": CAM_LAYERS[args.model],
     }
-    samples = faithfulness_samples(test_set, classes, args.seed, fold)
+    samples = {**faithfulness_samples(test_set, classes, args.seed, fold), "run_name": run_name}
     atomic_write(os.path.join(run_dir, "model.pt"), lambda f: torch.save(saved, f))
     atomic_write(os.path.join(run_dir, "faithfulness_samples.pt"), lambda f: torch.save(samples, f))
     write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)  # last: the mark of a finished run
@@ -1425,7 +1427,24 @@ def read_resume(args, finished, keys, keep, retired=()):
         raise ValueError(
             f"--resume {args.resume}: the checkpoint has settings this version does not know: {sorted(unknown)}"
         )
+    hints = get_type_hints(type(args))
+    wrong = [f"{k}={v!r}" for k, v in saved.items() if not fits_type(v, hints[k])]
+    if wrong:
+        raise RunFileError(f"--resume {args.resume}: the checkpoint's settings are damaged: {', '.join(wrong)}")
     return type(args)(**saved), checkpoint
+
+
+def fits_type(value, hint):
+    """Whether a saved setting is a value of its Args field's type (bool, int, float, str, Optional, Literal)."""
+    if get_origin(hint) is Literal:
+        return value in get_args(hint)
+    if get_origin(hint) is Union:
+        return any(fits_type(value, h) for h in get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 DL_CHECKPOINT_KEYS = ("args", "fold", "model", "optimizer", "epoch", "rng")
@@ -1573,8 +1592,17 @@ def record_environment(run_dir, device):
     path = os.path.join(run_dir, "environment.json")
     try:
         entries = read_json(path, kind=list) if os.path.exists(path) else []
-    except RunFileError:  # a damaged record is replaced, not a reason to stop the run
-        entries = []
+    except RunFileError as e:  # not a reason to stop the run; kept aside, and the new record says what it lost
+        kept = path + ".damaged"
+        try:
+            os.replace(path, kept)
+        except OSError:
+            kept = None
+        warn(
+            f"{first_line(e)}: which code and packages made this run before now is unknown; "
+            f"{f'kept as {kept}, and ' if kept else ''}the new record says so (stats.py warns)"
+        )
+        entries, entry["earlier_record_lost"] = [], True
     write_json(path, entries + [entry], indent=2)
 
 
@@ -1615,6 +1643,11 @@ def check_args(args):
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("--track needs wandb: pip install -r requirements-cluster.txt") from None
+    if args.weights is not None and not args.pretrained:  # it would be ignored: the run starts from random weights
+        raise ValueError(
+            f"--weights {args.weights} is the start of a --pretrained run, and this one starts from random weights "
+            "(shapes does unless --pretrained is given): add --pretrained"
+        )
     if args.folds < 2:
         raise ValueError(f"--folds must be at least 2, got {args.folds}")
     if args.fold != "all" and not (args.fold.isdigit() and int(args.fold) < args.folds):

@@ -29,6 +29,7 @@ def test_unknown_env_lists_the_four(tmp_path):
         (PPO, ["--total-timesteps", "100"], "less than one rollout"),
         (DL, ["--dataset", "pets"], "--data-dir"),
         (DL, ["--model", "resnet50"], "resnet18"),
+        ("regularizer_study", ["--dilate-max", "nan"], "--dilate-max must be a number in (0, 100]"),
     ],
 )
 def test_command_line(tmp_path, script, args, message):
@@ -98,7 +99,9 @@ def test_dl_pretrained_default_follows_the_dataset(dl):
         (["--fold", "10"], "--fold must be 0 to 9"),
         (["--method", "gradcam"], "prior"),
         (["--method", "prior"], "--prior-weights"),
-        (["--weights", "nope.pth"], "no such file"),
+        (["--weights", "nope.pth", "--pretrained"], "no such file"),
+        (["--weights", "w.pth"], "--weights w.pth is the start of a --pretrained run, and this one starts from random"),
+        (["--weights", "w.pth", "--no-pretrained", "--resize", "square"], "add --pretrained"),
         (["--resume", "no/such/run"], "--resume no/such/run does not exist"),
         (["--resume", "."], "no checkpoint.pt"),
         (["--image-size", "16"], "--image-size must be at least 32"),

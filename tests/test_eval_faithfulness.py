@@ -1,6 +1,7 @@
 """eval_faithfulness.py: curves on a model whose answer is known, end to end on shapes runs, bad input."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,22 @@ def test_samples_file_is_loaded_as_weights_only(tmp_path, shapes_runs):
         -2000:
     ]
     assert not (tmp_path / "ran").exists() and not (run / "faithfulness.json").exists()
+
+
+@pytest.mark.slow
+def test_samples_from_another_fold_are_refused(shapes_runs, tmp_path):
+    """A fold's held-out samples copied into another fold's run (where they were training images) are refused, as a
+    foreign model.pt is: the samples name their run, fold and seed."""
+    import shutil
+
+    _, runs, _ = shapes_runs
+    by_fold = {json.loads(open(f"{r}/metrics.json").read())["fold"]: r for r in runs if "__camal__" in r}
+    samples = torch.load(f"{by_fold[1]}/faithfulness_samples.pt", weights_only=True)
+    assert samples["fold"] == 1 and samples["run_name"] == os.path.basename(by_fold[1])
+    run = tmp_path / os.path.basename(by_fold[0])
+    shutil.copytree(by_fold[0], run)
+    shutil.copy(f"{by_fold[1]}/faithfulness_samples.pt", run / "faithfulness_samples.pt")
+    proc = run_script("eval_faithfulness", [str(run), "--steps", "3"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "faithfulness_samples.pt is not this run's held-out samples" in proc.stderr
+    assert "fold 1 vs 0" in proc.stderr, proc.stderr

@@ -608,10 +608,18 @@ def test_odd_values_are_messages_or_handled(st, tmp_path):
     (drl / "args.json").write_text("[1, 2]")
     with pytest.raises(st.StatsError, match="args.json holds a JSON list"):
         analyse(st, tmp_path / "args")
+    # values no trainer writes: an accuracy or an IoU outside [0, 1], a return a mean would overflow (10**400 is a
+    # number Python reads, not one a float holds): named, before they print as inf
     dl_pair(tmp_path / "huge", 2, [1e308, 1e308], [1.0, 1.0])
-    stats, tables, _, _ = analyse(st, tmp_path / "huge")
-    assert any("overflowed to infinity" in w["reason"] for w in stats["warnings"])
-    json.dumps(st.clean(stats), allow_nan=False)  # the JSON write no longer fails
+    with pytest.raises(st.StatsError, match=r"test_accuracy is 1e\+308, expected a number in \[0, 1\]"):
+        analyse(st, tmp_path / "huge")
+    write_drl(tmp_path / "iou", "Basic", "camal", 1, 80.0, 1.7e308)
+    with pytest.raises(st.StatsError, match=r"mean_iou is 1.7e\+308, expected a number in \[0, 1\]"):
+        analyse(st, tmp_path / "iou")
+    result = write_drl(tmp_path / "return", "Basic", "camal", 1, 80.0, 0.5) / "eval.json"
+    result.write_text(result.read_text().replace('"mean_return": 80.0', '"mean_return": ' + "9" * 400))
+    with pytest.raises(st.StatsError, match="mean_return is 9+, expected a finite number of at most 1e15 in size"):
+        analyse(st, tmp_path / "return")
     for bad, words in (
         ({"seed": -1}, "--seed must lie in 0"),
         ({"out": str(run / "metrics.json" / "sub")}, "is a file"),

@@ -78,9 +78,9 @@ def test_commit_and_changed_code_are_recorded(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resumed_run_appends_and_outside_git_is_null(ppo, tmp_path):
-    """One entry per start or resume; a copy of the script outside any checkout records git as null, a damaged record is
-    replaced."""
+def test_a_resumed_run_appends_and_outside_git_is_null(ppo, tmp_path, capsys):
+    """One entry per start or resume; a copy of the script outside any checkout records git as null; a damaged record
+    is kept aside with a warning, and the new one says that the run's earlier record was lost."""
     outside = tmp_path / "copy"
     outside.mkdir()
     shutil.copy(ROOT / "ppo_camal_vizdoom.py", outside)
@@ -101,12 +101,20 @@ def test_a_resumed_run_appends_and_outside_git_is_null(ppo, tmp_path):
     assert len(entries) == 2 and all(e["git"] is None for e in entries)
     (tmp_path / "environment.json").write_text("{not json")
     ppo.record_environment(str(tmp_path), torch.device("cpu"))
-    assert len(json.loads((tmp_path / "environment.json").read_text())) == 1
+    (entry,) = json.loads((tmp_path / "environment.json").read_text())
+    assert entry["earlier_record_lost"] is True and (tmp_path / "environment.json.damaged").read_text() == "{not json"
+    err = capsys.readouterr().err
+    assert "is not whole JSON" in err and "which code and packages made this run before now is unknown" in err, err
 
 
-def with_environment(run, **versions):
+def with_environment(run, commits=(None,), dirty=False, lost=False, **versions):
+    """An environment.json of one entry per commit (a run resumed under other code has two)."""
     packages = {p: installed(p) for p in PACKAGES} | versions
-    (run / "environment.json").write_text(json.dumps([{"packages": packages, "git": None, "device": "CPU"}]))
+    entries = [
+        {"packages": packages, "git": c and {"commit": c, "dirty": dirty}, "device": "CPU", "earlier_record_lost": lost}
+        for c in commits
+    ]
+    (run / "environment.json").write_text(json.dumps(entries))
 
 
 @pytest.mark.slow
@@ -158,3 +166,26 @@ def test_the_lock_pins_every_requirement_once():
                 named.add(canonical(line.split("<")[0].split(">")[0].split("=")[0].strip()))
     assert named - set(pinned) == set(), "remake the lock (requirements-lock.txt says how)"
     assert {"torch", "torchvision", "vizdoom", "scipy", "rliable", "ruff"} <= set(pinned)
+
+
+@pytest.mark.slow
+def test_stats_warns_when_a_table_mixes_commits_or_has_no_record_of_its_code(tmp_path):
+    """Runs of one table from different commits (one resumed under another commit), from a checkout with uncommitted
+    changes, or whose earlier record was damaged: each said once per table; a table from one clean commit: nothing."""
+    st = __import__("conftest").load_script("stats")
+    a, b = "a" * 40, "b" * 40
+    for seed in (1, 2):
+        with_environment(write_drl(tmp_path, "Basic", "camal", seed, 80.0, 0.1), commits=(a,))
+        with_environment(write_drl(tmp_path, "Basic", "vanilla", seed, 79.0, 0.02), commits=(a,))
+        resumed = (a, b) if seed == 1 else (a,)
+        with_environment(write_drl(tmp_path, "TakeCover", "camal", seed, 500.0, 0.1), commits=resumed)
+        with_environment(write_drl(tmp_path, "TakeCover", "vanilla", seed, 400.0, 0.02), commits=(b,), dirty=seed == 2)
+    with_environment(write_drl(tmp_path, "TakeCover", "vanilla", 3, 410.0, 0.03), commits=(b,), lost=True)
+    stats, _, _, _ = st.analyse(args_for(st, tmp_path))
+    said = [(w["run"], w["reason"]) for w in stats["warnings"] if "commit" in w["reason"] or "record" in w["reason"]]
+    assert not [r for run, r in said if run == "Basic"], said
+    reasons = [r for run, r in said if run == "TakeCover"]
+    assert len(reasons) == 3, said
+    assert reasons[0].startswith("its runs come from 2 commits of the code (aaaaaaaa, bbbbbbbb); 1 of them resumed")
+    assert "1 of its runs were trained from a checkout with uncommitted changes" in reasons[1]
+    assert "1 of its runs were trained from a damaged environment.json" in reasons[2]

@@ -146,7 +146,10 @@ def test_busi_normal_masks_are_left_out_and_bad_input(tmp_path):
     for args, message in (
         (rs.Args(levels=2), r"--levels must lie in \[3, 200\]"),
         (rs.Args(levels=201), r"--levels must lie in \[3, 200\]"),
-        (rs.Args(shift_max=0.0), "--shift-max and --dilate-max must be positive"),
+        (rs.Args(shift_max=0.0), r"--shift-max must be a number in \(0, 100\]"),
+        (rs.Args(shift_max=float("nan")), r"--shift-max must be a number in \(0, 100\].*got nan"),
+        (rs.Args(dilate_max=float("nan")), r"--dilate-max must be a number"),
+        (rs.Args(dilate_max=float("inf")), r"--dilate-max must be a number.*got inf"),
         (rs.Args(max_images=0), "--max-images must be at least 1"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -1,9 +1,11 @@
 """Checkpoints and --resume: a killed or interrupted run continues into the same TensorBoard run."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,6 +189,13 @@ def test_broken_or_unsafe_checkpoint_is_a_clear_error(tmp_path):
     write_code_running_file(run_dir / "checkpoint.pt", tmp_path / "ran", args={})
     assert refused_resume(run_dir) == "could run code, so it is refused"
     assert not (tmp_path / "ran").exists()
+    # settings of the wrong types (a hand-edited or foreign checkpoint): named, not a TypeError later
+    ppo = load_script("ppo_camal_vizdoom")
+    saved = {**dataclasses.asdict(ppo.Args()), "total_timesteps": "lots", "env": "Doom2", "target_kl": 0.5}
+    state = {"args": saved, "agent": {}, "optimizer": {}, "iteration": 1, "global_step": 8, "rng": {}}
+    torch.save(state, run_dir / "checkpoint.pt")
+    message = refused_resume(run_dir)
+    assert "the checkpoint's settings are damaged: env='Doom2', total_timesteps='lots'" in message, message
 
 
 @pytest.mark.parametrize("script", ["ppo_camal_vizdoom", "train_dl_camal"])
@@ -376,3 +385,68 @@ def test_a_signal_during_start_up_leaves_no_game_running(tmp_path):
     while time.time() < deadline and any(alive(p, s) for p, s in games.items()):
         time.sleep(0.2)
     assert not [p for p, s in games.items() if alive(p, s)], "game processes outlived their trainer"
+
+
+def run_record(run_dir):
+    """What a PPO run computed: its trained weights, eval.json's results and every curve but the clock's."""
+    acc = read_events(run_dir)
+    curves = {
+        tag: [(ev.step, ev.value) for ev in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if tag != "charts/SPS" and not tag.startswith("perf/")
+    }
+    result = json.loads((run_dir / "eval.json").read_text())
+    keys = ("episodic_returns", "episodic_lengths", "episodic_iou", "by_cam", "random_returns", "total_timesteps")
+    weights = torch.load(next(run_dir.glob("*.cleanrl_model")), weights_only=True)
+    return curves, {k: result[k] for k in keys}, weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c in a rollout, sync", "killed after a checkpoint, async"])
+def test_a_resumed_run_is_the_same_experiment(tmp_path, how):
+    """A run stopped (Ctrl-C, or SIGKILL and --checkpoint-every) and resumed ends bit for bit where the same run
+    uninterrupted ends: weights, evaluation and every curve. The games are mid-episode at the checkpoint (32-step
+    rollouts, Basic's episodes last up to 75 steps): the resumed run plays them back to where they were."""
+    vector_env = "async" if how.endswith("async") else "sync"
+    args = [*ARGS, "--num-steps", "32", "--total-timesteps", str(8 * 64), "--eval-episodes", "2", "--save-model"]
+    args += ["--checkpoint-every", "2", "--vector-env", vector_env, "--image-every", "3"]
+    records = {}
+    for name in ("whole", "stopped"):
+        (tmp_path / name).mkdir()
+        if name == "whole":
+            done = run_script("ppo_camal_vizdoom", args, cwd=tmp_path / name)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            proc = start_ppo(tmp_path / name, args, stderr=subprocess.STDOUT, own_session=True)
+            for line in proc.stdout:
+                if line.startswith("iter 3/") and vector_env == "sync":
+                    os.killpg(proc.pid, signal.SIGINT)  # saves the state after iteration 3 (or 4)
+                    break
+                if line.startswith("iter 5/") and vector_env == "async":
+                    os.killpg(proc.pid, signal.SIGKILL)  # the checkpoint of iteration 4 is the last
+                    break
+            out = proc.stdout.read()
+            proc.wait(timeout=120)
+            (run,) = (tmp_path / name / "runs").iterdir()
+            assert not (run / "eval.json").exists(), out[-2000:]
+            state = torch.load(run / "checkpoint.pt", weights_only=True)
+            assert any(g["actions"] for g in state["games"]["games"]), "no game was mid-episode at the checkpoint"
+            if vector_env == "sync":  # a damaged record of the games is refused, not replayed into another run
+                broken = tmp_path / "broken" / run.name
+                shutil.copytree(run, broken)
+                state["games"]["games"][0]["actions"].append(99)
+                torch.save(state, broken / "checkpoint.pt")
+                refused = run_script("ppo_camal_vizdoom", ["--resume", str(broken)], cwd=tmp_path / "broken")
+                assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+                assert "its games cannot be put back where they were: they hold actions outside" in refused.stderr
+            resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run)], cwd=tmp_path / name)
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            assert "the games are where the checkpoint left them" in resumed.stdout, resumed.stdout[-2000:]
+        (run,) = (tmp_path / name / "runs").iterdir()
+        records[name] = run_record(run)
+    (curves, result, weights), (curves2, result2, weights2) = records.values()
+    assert result == result2
+    assert curves.keys() == curves2.keys() and "charts/attention_iou" in curves
+    for tag in curves:
+        assert curves[tag] == curves2[tag], tag
+    assert weights.keys() == weights2.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)

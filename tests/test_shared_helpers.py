@@ -27,6 +27,7 @@ SHARED = [
             "previous_checkpoint",
             "read_checkpoint",
             "read_resume",
+            "fits_type",
             "write_json",
             "RunFileError",
             "first_line",

@@ -585,7 +585,8 @@ def test_end_to_end_on_real_runs(tmp_path, ppo_smoke_run, shapes_runs):
         ("missing", "does not exist"),
         ("broken", "is not whole JSON"),
         ("not_ours", "is not a metrics.json of train_dl_camal.py"),
-        ("reps", "--reps must be at least 1"),
+        ("reps", "--reps must lie in 1 .. 1,000,000"),
+        ("reps huge", "--reps must lie in 1 .. 1,000,000 (rliable's default is 50,000), got 100000000000"),
     ],
 )
 def test_bad_input(tmp_path, case, message):
@@ -604,8 +605,8 @@ def test_bad_input(tmp_path, case, message):
     elif case == "not_ours":
         (folder / "run").mkdir()
         (folder / "run" / "metrics.json").write_text(json.dumps({"accuracy": 1.0}))
-    elif case == "reps":
-        extra = ["--reps", "0"]
+    elif case.startswith("reps"):
+        extra = ["--reps", "100000000000" if case == "reps huge" else "0"]
     proc = run_script("stats", [str(folder), *extra], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
