@@ -954,9 +954,9 @@ class Run:
         if iteration == self.start_iteration and eta > 86400:
             tqdm.write(
                 f"warning: at {sps} SPS this run needs about {duration(eta)} more (the paper's 10M steps at 240 x 320 "
-                "want a GPU). A CPU run that trains a Basic agent in about 15 min: "
+                "want a GPU). A CPU run that trains a Basic agent in about 5 min: "
                 f"python {os.path.basename(__file__)} --env Basic --frame-height 60 --frame-width 80 "
-                "--total-timesteps 409600",
+                "--reward-scale 0.01 --total-timesteps 102400",
                 file=sys.stderr,
             )
         self.collapsed_for = self.collapsed_for + 1 if cam_empty > 0.5 else 0
