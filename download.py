@@ -16,7 +16,9 @@ import errno
 import os
 import pickle
 import shutil
+import socket
 import sys
+from contextlib import contextmanager
 
 import torch
 import torchvision
@@ -29,6 +31,32 @@ class DownloadError(ValueError):
 
 
 FLOWERS_SEGMENTATIONS = ("102segmentations.tgz", "51375996b6c4f367a4b9f4492d7ecef5")
+# what each archive puts in the dataset's folder: a tree that has them all (unpacked by hand or by torchvision) is used
+ENTRIES = {
+    "images.tar.gz": "images",
+    "annotations.tar.gz": "annotations",
+    "102flowers.tgz": "jpg",
+    "imagelabels.mat": "imagelabels.mat",
+    "setid.mat": "setid.mat",
+    "102segmentations.tgz": "segmim",
+}
+DOWNLOAD_TIMEOUT = 60  # seconds a server may send nothing before a download fails (urllib has no limit of its own)
+
+
+def timed_out(e):
+    """Whether a download failed on the socket timeout (urllib wraps one on connecting in a URLError)."""
+    return isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+
+
+@contextmanager
+def timeout_on_sockets(seconds):
+    """Sockets made meanwhile (torchvision's and torch.hub's urlopen) fail after `seconds` without a byte."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
 
 
 LAYOUTS = {
@@ -80,9 +108,12 @@ def fetch(url, folder, name, md5):
         print(f"download: {name} is there and matches its checksum", flush=True)
         return path
     part = path + ".part"
+    if os.path.lexists(part):  # left by a download that was killed: torchvision would take it for the file
+        os.remove(part)
     try:
         print(f"download: {url}", flush=True)
-        download_url(url, folder, os.path.basename(part))
+        with timeout_on_sockets(DOWNLOAD_TIMEOUT):
+            download_url(url, folder, os.path.basename(part))
         if not check_integrity(part, md5):
             raise DownloadError(
                 f"{url} does not match its checksum (md5 {md5}): cut short or corrupt, it was removed; try again"
@@ -91,7 +122,8 @@ def fetch(url, folder, name, md5):
     except DownloadError:
         raise
     except Exception as e:  # no network, a server that drops the connection, a full disk: nothing half-written stays
-        raise DownloadError(f"cannot download {url} ({first_line(e)})") from None
+        why = f"the server sent nothing for {DOWNLOAD_TIMEOUT} s" if timed_out(e) else first_line(e)
+        raise DownloadError(f"cannot download {url} ({why})") from None
     finally:
         if os.path.lexists(part):
             os.remove(part)
@@ -127,8 +159,19 @@ def download_dataset(dataset, data_dir, mirror=None):
                 verified = " and its archive matches its checksum" if os.path.isfile(archive) else ""
                 print(f"download: {name} is in place{verified}", flush=True)
                 continue
+            entry = os.path.join(root, ENTRIES[name])
+            if not os.path.isfile(done) and os.path.exists(entry) and (os.path.isfile(entry) or os.listdir(entry)):
+                # unpacked by hand or by torchvision: used as it is (the reader checks every file), so a job script
+                # that always passes --download runs offline
+                print(f"download: {ENTRIES[name]} is already in {root}: {name} is not fetched", flush=True)
+                continue
+            left = os.path.join(root, name)  # torchvision's own download keeps its archives there
             try:
-                archive = fetch(mirrored(url, mirror), cache, name, md5)
+                if check_integrity(left, md5):
+                    print(f"download: {name} is in {root} (torchvision's) and matches its checksum", flush=True)
+                    archive = left
+                else:
+                    archive = fetch(mirrored(url, mirror), cache, name, md5)
             except DownloadError as e:
                 by_hand = f"Without a network, put the files there by hand: {LAYOUTS[dataset]} (DATA is --data-dir)"
                 raise DownloadError(f"{e}. {by_hand}") from None
@@ -179,12 +222,14 @@ def imagenet_state_dict(name, weights_path, mirror=None):
         print(f"ImageNet weights for {name}: downloading {url} into {os.path.dirname(path)}", flush=True)
         try:
             folder = os.path.dirname(path)
-            torch.hub.load_state_dict_from_url(
-                url, model_dir=folder, file_name=filename, check_hash=True, weights_only=True
-            )
+            with timeout_on_sockets(DOWNLOAD_TIMEOUT):
+                torch.hub.load_state_dict_from_url(
+                    url, model_dir=folder, file_name=filename, check_hash=True, weights_only=True
+                )
         except Exception as e:  # no network, a dropped connection, a hash that does not match: torch.hub leaves no file
+            why = f"the server sent nothing for {DOWNLOAD_TIMEOUT} s" if timed_out(e) else first_line(e)
             raise RunFileError(
-                f"cannot download the ImageNet weights of {name} ({first_line(e)}): put {filename} (from {source}) at "
+                f"cannot download the ImageNet weights of {name} ({why}): put {filename} (from {source}) at "
                 f"{path}, or pass --weights PATH, or train from scratch with --no-pretrained"
             ) from None
     state = read_torch(path)
@@ -200,10 +245,12 @@ class RunFileError(ValueError):
     """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
 
 
-def first_line(e):
-    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file)."""
+def first_line(e, limit=300):
+    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file). A line
+    longer than `limit` is cut at a word and says so (a cut mid-word reads as the message)."""
     text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " [...]"
 
 
 WRITE_FAILURES = {

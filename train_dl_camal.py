@@ -1182,10 +1182,12 @@ class RunFileError(ValueError):
     """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
 
 
-def first_line(e):
-    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file)."""
+def first_line(e, limit=300):
+    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file). A line
+    longer than `limit` is cut at a word and says so (a cut mid-word reads as the message)."""
     text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " [...]"
 
 
 WRITE_FAILURES = {

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -33,6 +34,9 @@ class Handler(SimpleHTTPRequestHandler):
 
     def do_GET(self):
         self.server.gets.append(self.path)
+        if self.path in self.server.stall:  # a server that takes the connection and never answers
+            time.sleep(30)
+            return
         self.send_head_and_body(body=True)
 
     def do_HEAD(self):
@@ -62,7 +66,7 @@ class Handler(SimpleHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.gets, srv.drop = {}, [], set()
+    srv.files, srv.gets, srv.drop, srv.stall = {}, [], set(), set()
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -193,6 +197,49 @@ def test_a_bad_download_leaves_nothing(server, monkeypatch, tmp_path, fault):
     gets = len(server.gets)
     download.download_dataset("pets", str(data), server.url)
     assert set(server.gets[gets:]) == {bad} and len(dl.pets_records(str(data))[0]) == 6
+
+
+def test_a_server_that_never_answers_times_out(server, monkeypatch, tmp_path):
+    """A download from a server that takes the connection and sends nothing fails after DOWNLOAD_TIMEOUT, with a
+    message, for the datasets and for torch.hub's weights alike (urllib itself would wait for ever)."""
+    paths = serve_official(server, monkeypatch, tmp_path, "pets")
+    server.stall.update(paths)
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT", 1)
+    start = time.time()
+    with pytest.raises(download.DownloadError, match="the server sent nothing for 1 s"):
+        download.download_dataset("pets", str(tmp_path / "data"), server.url)
+    url = urlsplit(download.weights_url("resnet18")).path
+    server.stall.add(url)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(download.RunFileError, match="the server sent nothing for 1 s"):
+        download.imagenet_state_dict("resnet18", None, server.url)
+    assert time.time() - start < 20 and not list((tmp_path / "data").glob("**/*.part"))
+
+
+def test_what_is_already_there_is_used_and_a_stale_part_is_not(server, monkeypatch, tmp_path, capsys):
+    """A tree unpacked by hand is used without a request (a job script that always passes --download runs offline);
+    archives torchvision's own download left in the dataset's folder are used, not fetched again; a .part a killed
+    download left is fetched over, not taken for the file."""
+    from test_dl_data import make_pets
+
+    paths = serve_official(server, monkeypatch, tmp_path, "pets")
+    by_name = {name: server.files[path] for path, name in paths.items()}
+    by_hand = tmp_path / "by_hand"
+    make_pets(by_hand)
+    download.download_dataset("pets", str(by_hand), "http://127.0.0.1:9")  # nothing listens there
+    assert "images is already in" in capsys.readouterr().out and len(dl.pets_records(str(by_hand))[0]) == 6
+    left = tmp_path / "left" / "oxford-iiit-pet"
+    left.mkdir(parents=True)
+    for name, blob in by_name.items():
+        (left / name).write_bytes(blob)
+    download.download_dataset("pets", str(left.parent), server.url)
+    assert not server.gets and len(dl.pets_records(str(left.parent))[0]) == 6
+    stale = tmp_path / "stale" / "oxford-iiit-pet" / ".downloads"
+    stale.mkdir(parents=True)
+    (stale / "annotations.tar.gz.part").write_bytes(by_name["annotations.tar.gz"][:50])  # killed halfway
+    download.download_dataset("pets", str(stale.parent.parent), server.url)
+    assert set(server.gets) == set(paths)  # the annotations fetched too: the stale .part was not taken for them
+    assert len(dl.pets_records(str(stale.parent.parent))[0]) == 6
 
 
 @pytest.mark.slow

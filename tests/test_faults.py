@@ -668,3 +668,13 @@ def test_an_unreadable_folder_is_listed(st, tmp_path, monkeypatch):
     finally:
         hidden.chmod(0o755)
     assert any(s["run"] == str(hidden) and "cannot be read" in s["reason"] for s in stats["skipped"])
+
+
+def test_a_long_message_is_cut_at_a_word_and_says_so(ppo):
+    """first_line keeps a message whole up to 300 characters; a longer one ends at a word with [...], never mid-word
+    (an offline --prior-pretrained once ended "Last error: An err")."""
+    long = "Last error: " + " ".join(["An error happened while trying to locate the file on the Hub"] * 8)
+    cut = ppo.first_line(RuntimeError(long + "\nsecond line"))
+    assert cut.endswith(" [...]") and len(cut) <= 306 and long.startswith(cut[: -len(" [...]")])
+    assert cut[: -len(" [...]")].split(" ")[-1] in long.split(" ")  # a whole word before the mark
+    assert ppo.first_line(ValueError("short\nmore")) == "short" and ppo.first_line(EOFError()) == "EOFError"
