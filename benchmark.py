@@ -9,6 +9,8 @@
 #   python benchmark.py --preset dl --datasets pets --data-dir DATA --backend slurm --slurm-partition gpu
 #   python benchmark.py --preset drl --envs Basic --frame-height 60 --frame-width 80   # unknown flags go to the script
 import argparse
+import ast
+import difflib
 import fcntl
 import hashlib
 import os
@@ -120,7 +122,7 @@ def grid(args, passthrough):
     preset = PRESETS[args.preset]
     passthrough = absolute_paths(passthrough)
     kind = preset["kind"]
-    pick = lambda axis: getattr(args, axis) or preset[axis]  # noqa: E731
+    pick = lambda axis: list(dict.fromkeys(getattr(args, axis) or preset[axis]))  # noqa: E731  (--methods a a: once)
     if kind == "dl" and not args.folds:
         args.folds = list(range(args.num_folds))
     cells = []
@@ -156,6 +158,20 @@ def grid(args, passthrough):
 # ---------------------------------------------------------------------------------------------
 # Running one cell: a lock, the command in the cell's folder, its log; retried, resumed
 # ---------------------------------------------------------------------------------------------
+# Starts a cell's command (argv[2:]) with SIGTERM asked for when the benchmark (pid argv[1]) dies, however it dies: the
+# trainer then saves a checkpoint and stops, as for a scheduler's signal. Linux's PR_SET_PDEATHSIG (1), kept through
+# exec; elsewhere the command starts without it.
+LAUNCH = """import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(128 + signal.SIGTERM)  # the benchmark died before the request was made
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 def run_cell(cell, retries, env=None, on_start=None):
     """Run a cell to the end unless another invocation holds it. Returns (status, exit code): status is done, failed,
     interrupted (it saved a checkpoint; a rerun resumes it) or busy (locked by another invocation)."""
@@ -181,8 +197,17 @@ def run_cell(cell, retries, env=None, on_start=None):
                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n"
                 )
                 log.flush()
+                # through LAUNCH: the trainer is told to stop if this process dies (SIGKILL included), and it holds
+                # the cell's lock while it lives, so a rerun cannot start a second trainer on the same run folder
+                launch = [sys.executable, "-c", LAUNCH, str(os.getpid()), *cmd]
                 proc = subprocess.Popen(
-                    cmd, cwd=cell.folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    launch,
+                    cwd=cell.folder,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=(lock.fileno(),),
                 )
                 CHILDREN.add(proc)
                 try:
@@ -742,11 +767,30 @@ def parse(argv):
             f"these flags are the grid's own or the benchmark's: {taken}; use --envs, --methods, --cams, --seeds, "
             "--models, --datasets, --folds"
         )
+    script = {"drl": "ppo_camal_vizdoom.py", "dl": "train_dl_camal.py", "study": "regularizer_study.py"}[kind]
+    known = trainer_flags(script)
+    for flag in dict.fromkeys(a.split("=")[0] for a in passthrough if a.startswith("--")):
+        if flag.replace("_", "-") not in known:  # each cell would fail on it, after its start-up
+            near = difflib.get_close_matches(flag.replace("_", "-"), sorted(known), n=1)
+            problems.append(f"{script} has no {flag}" + (f" (did you mean {near[0]}?)" if near else ""))
     if unwritable(args.out):  # checked now, before any cell runs
         problems.append(f"--out {args.out}: {unwritable(args.out)}")
     if problems:
         p.exit(2, "error: " + "; ".join(problems) + "\n")
     return args, passthrough
+
+
+def trainer_flags(script):
+    """The flags a script's Args takes (--name, and --no-name for a bool), read from its source: no import, no torch."""
+    tree = ast.parse((ROOT / script).read_text())
+    (args,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args"]
+    flags = {"--help", "-h"}
+    for field in args.body:
+        if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name):
+            name = "--" + field.target.id.replace("_", "-")
+            is_bool = isinstance(field.annotation, ast.Name) and field.annotation.id == "bool"
+            flags.update([name, "--no-" + name[2:]] if is_bool else [name])
+    return flags
 
 
 def main(argv=None):

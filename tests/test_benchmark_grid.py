@@ -71,6 +71,8 @@ def bench(args, cwd, timeout=600, env=None):
         (["--preset", "dl-suppress"], 360),
         (["--preset", "study"], 2),
         (["--preset", "drl", "--envs", "Basic", "TakeCover", "--seeds", "1", "2", "3"], 12),
+        (["--preset", "drl", "--envs", "Basic", "Basic", "--methods", "camal", "camal", "--seeds", "1", "1"], 1),
+        (["--preset", "drl", "--seeds", "1", "--no-cuda", "--frame_height=60", "--no-track"], 8),  # tyro's spellings
         (
             ["--preset", "drl", "--cams", "paper", "abs", "abs-target"],
             80,
@@ -165,6 +167,10 @@ def test_the_paper_grid_runs_the_papers_cam(tmp_path):
         (["--preset", "nope"], "invalid choice"),
         (["--preset", "dl", "--runs-per-gpu", "0"], "--runs-per-gpu must be at least 1"),
         (["--preset", "drl", "--envs", "Doom2"], "invalid choice"),
+        # misspelt or unknown flags are refused before any cell starts (each cell failed on them after its start-up)
+        (["--preset", "drl", "--total-timestep", "256"], "has no --total-timestep (did you mean --total-timesteps?)"),
+        (["--preset", "dl", "--dry-run", "--bogus-flag", "3"], "train_dl_camal.py has no --bogus-flag"),
+        (["--preset", "study", "--epochs", "3"], "regularizer_study.py has no --epochs"),
     ],
 )
 def test_bad_input(tmp_path, args, message):
@@ -292,6 +298,37 @@ def test_a_crashed_cell_is_retried_from_its_checkpoint(tmp_path):
     assert log.count("(attempt ") == 2 and "--resume runs/" in log and "resuming" in log
     (run,) = (cell / "runs").iterdir()
     assert [e.step for e in read_events(run).Scalars("charts/SPS")] == [per_iter * i for i in range(1, iters + 1)]
+
+
+@pytest.mark.slow
+def test_a_killed_benchmark_leaves_no_trainer_behind(tmp_path):
+    """benchmark.py killed with SIGKILL (no handler of its own runs): its cell's trainer is told to stop, saves a
+    checkpoint and exits, instead of running on unseen; and while it lives it holds the cell's lock, so a rerun cannot
+    start a second trainer on the same run folder (before, "fold 0: results" came twice in one cell's log)."""
+    import torch
+
+    iters = 400
+    args = [*CELL, "--checkpoint-every", "2", *long_cell(iters)]
+    proc, cell = start_until_checkpoint(args, tmp_path)
+    (trainer,) = [
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit()
+        and "ppo_camal_vizdoom.py" in open(f"/proc/{p}/cmdline").read()
+        and os.readlink(f"/proc/{p}/cwd") == str(cell)
+    ]
+    held = [os.readlink(f"/proc/{trainer}/fd/{fd}") for fd in os.listdir(f"/proc/{trainer}/fd")]
+    assert str(cell / "lock") in held, held
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while os.path.exists(f"/proc/{trainer}") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{trainer}"), "the trainer outlived its benchmark"
+    log = (cell / "log.txt").read_text()
+    assert "SIGTERM: saving a checkpoint" in log and "Traceback" not in log, log[-2000:]
+    (run,) = (cell / "runs").iterdir()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] < iters
 
 
 @pytest.mark.slow
