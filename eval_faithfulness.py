@@ -196,7 +196,9 @@ def faithfulness_curves(predict, image, ranking, steps):
     top = (rank_of[None, :] < torch.from_numpy(counts)[:, None]).view(len(ks), 1, h, w).to(image.device)
     removal = image[None] * ~top
     insertion = image[None] * top
-    scores = predict(torch.cat([removal, insertion]))
+    batch = torch.cat([removal, insertion])
+    # in chunks: the model's activations for hundreds of images at once would not fit (a 409 GB allocation once)
+    scores = np.concatenate([np.asarray(predict(batch[i : i + 64])) for i in range(0, len(batch), 64)])
     return ks, scores[: len(ks)], scores[len(ks) :]
 
 
@@ -620,8 +622,8 @@ def check_inputs(args):
     fails after the scoring); bad input raises RunError."""
     if not args.runs:
         raise RunError("give one or more run folders of train_dl_camal.py (runs/...)")
-    if args.steps < 1:
-        raise RunError(f"--steps must be at least 1, got {args.steps}")
+    if not 1 <= args.steps <= 1000:  # finer than 0.1 % of the pixels only repeats the same images
+        raise RunError(f"--steps must lie in 1 .. 1000, got {args.steps}")
     if args.figure_samples < 1:
         raise RunError(f"--figure-samples must be at least 1, got {args.figure_samples}")
     if args.baseline not in (None, "random"):

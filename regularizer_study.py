@@ -114,19 +114,24 @@ def require(path):
 def pets_records(data_dir):
     """Oxford-IIIT-Pet, torchvision's layout; mask = trimap foreground (1) plus boundary (3)."""
     root = os.path.join(data_dir, "oxford-iiit-pet")
-    records, names = [], {}
+    entries, names = [], {}
     for split in ("trainval.txt", "test.txt"):  # official lists pooled: the k-fold split decides
-        with open(require(os.path.join(root, "annotations", split))) as f:
-            for line in f:
+        path = require(os.path.join(root, "annotations", split))
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
                 if not line.strip() or line.startswith("#"):
                     continue
-                stem, class_id = line.split()[:2]
-                label = int(class_id) - 1
-                names[label] = stem.rsplit("_", 1)[0].replace("_", " ")  # "american_bulldog_12" -> "american bulldog"
+                fields = line.split()
+                if len(fields) < 2 or not fields[1].isdigit() or int(fields[1]) < 1:
+                    raise DataError(f"{path}, line {n}: expected 'IMAGE CLASS-ID ...', CLASS-ID from 1: {line!r}")
+                stem, class_id = fields[0], int(fields[1])
+                names[class_id] = stem.rsplit("_", 1)[0].replace("_", " ")  # "american_bulldog_1" -> "american bulldog"
                 image = require(os.path.join(root, "images", f"{stem}.jpg"))
                 trimap = require(os.path.join(root, "annotations", "trimaps", f"{stem}.png"))
-                records.append((image, (trimap,), label))
-    return records, [names[i] for i in range(len(names))]
+                entries.append((image, (trimap,), class_id))
+    # a tree that keeps some of the 37 breeds under their official CLASS-IDs: labels 0..n-1 in CLASS-ID order
+    label = {class_id: i for i, class_id in enumerate(sorted(names))}
+    return [(image, masks, label[c]) for image, masks, c in entries], [names[c] for c in sorted(names)]
 
 
 def flowers_records(data_dir):

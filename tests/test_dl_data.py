@@ -34,6 +34,22 @@ def make_pets(root, n_per_class=3, breeds=("Abyssinian", "beagle")):
         (base / "annotations" / name).write_text("\n".join(ls) + "\n")
 
 
+def test_pets_with_some_of_the_breeds_under_their_official_ids(tmp_path):
+    """A tree that keeps breeds 1 and 3 of the 37 (their official CLASS-IDs): labels 0 and 1, in CLASS-ID order (it
+    raised KeyError: 2); a list line that is not 'IMAGE CLASS-ID ...' is named."""
+    make_pets(tmp_path, breeds=("Abyssinian", "american_bulldog", "beagle"))
+    lists = tmp_path / "oxford-iiit-pet" / "annotations"
+    for name in ("trainval.txt", "test.txt"):
+        kept = [line for line in (lists / name).read_text().splitlines() if " 2 1 2" not in line]
+        (lists / name).write_text("\n".join(kept) + "\n")
+    records, classes = dl.pets_records(str(tmp_path))
+    assert classes == ["Abyssinian", "beagle"] and sorted({label for *_, label in records}) == [0, 1]
+    assert all(("beagle" in image) == (label == 1) for image, _, label in records)
+    (lists / "test.txt").write_text("Abyssinian_2 cat\n")
+    with pytest.raises(dl.DataError, match="test.txt, line 1: expected 'IMAGE CLASS-ID ...'"):
+        dl.pets_records(str(tmp_path))
+
+
 def test_pets(tmp_path):
     make_pets(tmp_path)
     records, classes = dl.dataset_records(args_for("pets", tmp_path))

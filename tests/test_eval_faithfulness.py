@@ -270,3 +270,26 @@ def test_samples_from_another_fold_are_refused(shapes_runs, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "faithfulness_samples.pt is not this run's held-out samples" in proc.stderr
     assert "fold 1 vs 0" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_many_steps_go_through_the_model_in_chunks_and_too_many_are_refused(shapes_runs, tmp_path):
+    """--steps 100 (202 images per curve pair) goes through the model 64 at a time, with the numbers of one batch;
+    --steps beyond 1000 is refused at once (10**8 steps once asked for a 409 GB allocation)."""
+    _, runs, _ = shapes_runs
+    model, samples, _ = ef.load_run(runs[0])
+    image, label = samples["images"][0], int(samples["labels"][0])
+    sizes = []
+
+    def predict(batch):
+        sizes.append(len(batch))
+        with torch.no_grad():
+            logits, _ = model(ef.normalise(batch, torch.float32))
+        return torch.softmax(logits, dim=1)[:, label].numpy()
+
+    ranking = np.random.default_rng(0).permutation(image.shape[1] * image.shape[2])
+    ks, removal, insertion = ef.faithfulness_curves(predict, image, ranking, 100)
+    assert sizes == [64, 64, 64, 10] and len(removal) == len(insertion) == len(ks) == 101
+    assert removal[0] == pytest.approx(insertion[-1], abs=1e-5)  # both the intact image
+    proc = run_script("eval_faithfulness", [runs[0], "--steps", "100000000"], cwd=tmp_path)
+    assert proc.returncode == 2 and "--steps must lie in 1 .. 1000, got 100000000" in proc.stderr, proc.stderr[-2000:]
