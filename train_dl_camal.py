@@ -7,12 +7,14 @@
 import errno
 import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -589,19 +591,47 @@ def prior_cache_path(args, records, prompts):
     return os.path.join(args.prior_cache, f"{args.dataset}__{args.prior_model}__{key}.pt")
 
 
+@contextmanager
+def hub_offline_when_unreachable():
+    """Hugging Face's hub told it is offline when its host does not resolve, so that it looks in its cache only (it
+    retried for a minute and wrote 47 lines before failing); its and open_clip's log lines held back meanwhile (the
+    caller's message says what failed and what to do)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        constants = None
+    before = getattr(constants, "HF_HUB_OFFLINE", True)
+    if not before:
+        try:
+            socket.getaddrinfo(constants.ENDPOINT.split("//")[-1].split("/")[0], 443)
+        except OSError:  # no name service, or no network at all
+            constants.HF_HUB_OFFLINE = True
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = before
+
+
 def load_clip(args, device):
     """(the CLIP model of --prior-model with its weights, its Grad-CAM layer, that layer's output as NCHW or None)."""
     try:
         import open_clip
     except ImportError as e:
         raise ValueError("--method prior needs open_clip: pip install -r requirements-prior.txt") from e
+    logging.disable(logging.WARNING)  # open_clip's "initialized randomly": the weights come next
     try:
         clip = open_clip.create_model(args.prior_model, pretrained=None)
     except RuntimeError as e:
         raise ValueError(f"--prior-model {args.prior_model}: {e}") from e
+    finally:
+        logging.disable(logging.NOTSET)
     if args.prior_pretrained is not None:  # open_clip's own mechanism: its hub or URL, its cache, its checks
         try:
-            clip = open_clip.create_model(args.prior_model, pretrained=args.prior_pretrained)
+            with hub_offline_when_unreachable():
+                clip = open_clip.create_model(args.prior_model, pretrained=args.prior_pretrained)
         except Exception as e:  # offline, or a download that failed
             raise ValueError(
                 f"cannot get open_clip's {args.prior_model} weights '{args.prior_pretrained}' ({first_line(e)}): on a "

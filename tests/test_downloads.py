@@ -336,3 +336,27 @@ def test_clip_prior_weights_come_through_open_clip(tmp_path):
         dl.check_args(
             dl.Args(method="prior", prior_model="ViT-B-32", prior_pretrained="nonsense", learning_rate=1e-3, epochs=1)
         )
+
+
+@pytest.mark.slow
+def test_clip_prior_without_a_name_service_fails_at_once(tmp_path):
+    """Not told it is offline, with a hub whose host does not resolve (.invalid never does): one message within
+    seconds, not a minute of Hugging Face's retries and 47 lines of its warnings."""
+    pytest.importorskip("open_clip", reason="requirements-prior.txt")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "c"))
+    args = ["--method", "prior", "--prior-model", "ViT-B-32", "--prior-pretrained", "openai", "--epochs", "1"]
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_dl_camal.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 2 and "cannot get open_clip's ViT-B-32 weights 'openai'" in proc.stderr, proc.stderr
+    assert "Retrying" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert time.time() - start < 40
