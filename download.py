@@ -233,11 +233,34 @@ def imagenet_state_dict(name, weights_path, mirror=None):
                 f"{path}, or pass --weights PATH, or train from scratch with --no-pretrained"
             ) from None
     state = read_torch(path)
+    model = getattr(torchvision.models, name)(weights=None)
     try:
-        getattr(torchvision.models, name)(weights=None).load_state_dict(state)
+        model.load_state_dict(state)
     except Exception as e:  # another model's weights, or not a state dict at all
-        raise RunFileError(f"{path} is not ImageNet weights of {name} ({first_line(e)})") from None
+        why = state_mismatch(model.state_dict(), state) or first_line(e)
+        raise RunFileError(f"{path} is not ImageNet weights of {name}: {why}") from None
     return state
+
+
+def state_mismatch(expected, got):
+    """How a state dict differs from a model's (torch's own message puts that on its later lines), or None."""
+    if not isinstance(got, dict):
+        return f"it holds a {type(got).__name__}, not a state dict"
+
+    def shape(t):
+        return " x ".join(str(n) for n in t.shape) if hasattr(t, "shape") else type(t).__name__
+
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    other = [k for k in expected if k in got and shape(got[k]) != shape(expected[k])]
+    parts = [f"{len(missing)} of {len(expected)} tensors missing (e.g. {missing[0]})"] if missing else []
+    if extra:
+        parts.append(f"{len(extra)} tensors the model does not have (e.g. {extra[0]})")
+    if other:
+        k = other[0]
+        example = f"{k}: {shape(got[k])} in the file, {shape(expected[k])} wanted"
+        parts.append(f"{len(other)} of another shape (e.g. {example})")
+    return "; ".join(parts) or None
 
 
 # Files: copied unchanged from ppo_camal_vizdoom.py; tests/test_shared_helpers.py keeps the copies identical.
@@ -245,12 +268,11 @@ class RunFileError(ValueError):
     """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
 
 
-def first_line(e, limit=300):
-    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file). A line
-    longer than `limit` is cut at a word and says so (a cut mid-word reads as the message)."""
+def first_line(e):
+    """An exception's first line, whole (a cut one once ended "Last error: An err"), or its type's name when it has no
+    message (an EOFError from an empty file)."""
     text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " [...]"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 WRITE_FAILURES = {

@@ -1226,12 +1226,11 @@ class RunFileError(ValueError):
     """A file that cannot be written or read as it should be; the message names the file and says what is wrong."""
 
 
-def first_line(e, limit=300):
-    """An exception's first line, or its type's name when it has no message (an EOFError from an empty file). A line
-    longer than `limit` is cut at a word and says so (a cut mid-word reads as the message)."""
+def first_line(e):
+    """An exception's first line, whole (a cut one once ended "Last error: An err"), or its type's name when it has no
+    message (an EOFError from an empty file)."""
     text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " [...]"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 WRITE_FAILURES = {

@@ -264,3 +264,22 @@ def test_a_resumed_run_is_the_same_experiment(tmp_path):
         assert [(e.step, e.value) for e in curves[0].Scalars(tag)] == [
             (e.step, e.value) for e in curves[1].Scalars(tag)
         ]
+
+
+@pytest.mark.slow
+def test_the_share_of_empty_masks_is_reported(tmp_path):
+    """BUSI's normal images have empty masks (a third of this tree): each epoch's line, the curves and metrics.json
+    say how many training and held-out images had none after the crop, and the first epoch warns."""
+    from test_dl_data import make_busi
+
+    make_busi(tmp_path / "data")
+    args = ["--dataset", "busi", "--data-dir", str(tmp_path / "data"), "--no-pretrained", "--epochs", "1"]
+    proc = run_script("train_dl_camal", [*args, "--folds", "3", "--fold", "0", "--image-size", "64"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["train_mask_empty_fraction"] == pytest.approx(2 / 6) and m["test_mask_empty_fraction"] == pytest.approx(
+        1 / 3
+    )
+    assert "mask_empty=0.33" in proc.stdout and "33% of the training images have an empty mask" in proc.stderr
+    assert {"train/mask_empty_fraction", "test/mask_empty_fraction"} <= set(read_events(run_dir).Tags()["scalars"])

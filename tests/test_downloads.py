@@ -360,3 +360,18 @@ def test_clip_prior_without_a_name_service_fails_at_once(tmp_path):
     assert proc.returncode == 2 and "cannot get open_clip's ViT-B-32 weights 'openai'" in proc.stderr, proc.stderr
     assert "Retrying" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert time.time() - start < 40
+
+
+def test_another_models_weights_are_named_with_what_differs(tmp_path):
+    """A --weights file of another model (resnet34's for resnet18, a resnet18 with 10 classes) says what differs, not
+    only torch's first line ("Error(s) in loading state_dict for ResNet:")."""
+    path = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(
+        download.RunFileError, match=r"is not ImageNet weights of resnet18: .*tensors the model does not"
+    ):
+        download.imagenet_state_dict("resnet18", str(path))
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), path)
+    words = r"2 of another shape \(e.g. fc.weight: 10 x 512 in the file, 1000 x 512 wanted\)"
+    with pytest.raises(download.RunFileError, match=words):
+        download.imagenet_state_dict("resnet18", str(path))
