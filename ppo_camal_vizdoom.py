@@ -1732,6 +1732,20 @@ def check_args(args):
         )
     if batch_size % args.num_minibatches:
         raise ValueError(f"num-envs x num-steps = {batch_size} does not split into {args.num_minibatches} minibatches")
+    # the rollout's frames and masks (uint8, on the device) and the games (about 100 MB each): refused now, with the
+    # figure, rather than by the kernel's OOM killer an iteration in
+    frames = args.num_steps * args.num_envs * (args.frame_stack + 1) * args.frame_height * args.frame_width
+    gpu = args.cuda and torch.cuda.is_available()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    room = torch.cuda.get_device_properties(0).total_memory if gpu else ram - args.num_envs * 100 * 2**20
+    if frames > 0.8 * room:
+        where = "the GPU's" if gpu else "this machine's (less the games')"
+        raise ValueError(
+            f"a rollout of --num-envs {args.num_envs} x --num-steps {args.num_steps} frames of "
+            f"{args.frame_stack + 1} x {args.frame_height} x {args.frame_width} bytes needs about "
+            f"{frames / 2**30:.1f} GiB, more than 80 % of "
+            f"{where} {max(room, 0) / 2**30:.1f} GiB: lower --num-envs, --num-steps or the frame size"
+        )
     if not 0.0 <= args.tau < 1.0:
         raise ValueError(f"--tau must lie in [0, 1), got {args.tau}")
     if not 0 <= args.seed < 2**31:

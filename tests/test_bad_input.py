@@ -58,6 +58,10 @@ def test_ppo_resume(ppo, capsys, tmp_path, monkeypatch, args, message):
         (["--total-timesteps", "-100"], "--total-timesteps must be positive"),
         (["--num-envs", "3", "--num-steps", "5"], "does not split into 4 minibatches"),
         (["--tau", "1.5"], "--tau"),
+        (
+            ["--num-envs", "64", "--num-steps", "100000", "--total-timesteps", "6400000"],
+            "needs about 2288.8 GiB, more than 80 %",
+        ),
         (["--method", "gradcam"], "camal"),
         (["--cam", "relu"], "abs-target"),
         (["--collapse-patience", "-1"], "--collapse-patience must not be negative"),
