@@ -43,9 +43,12 @@ ENTRIES = {
 DOWNLOAD_TIMEOUT = 60  # seconds a server may send nothing before a download fails (urllib has no limit of its own)
 
 
-def timed_out(e):
-    """Whether a download failed on the socket timeout (urllib wraps one on connecting in a URLError)."""
-    return isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+def why_failed(e):
+    """Why a download failed, in words: the socket timeout (urllib wraps one on connecting in a URLError), or the error
+    itself."""
+    if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+        return f"the server sent nothing for {DOWNLOAD_TIMEOUT} s"
+    return first_line(e)
 
 
 @contextmanager
@@ -122,8 +125,7 @@ def fetch(url, folder, name, md5):
     except DownloadError:
         raise
     except Exception as e:  # no network, a server that drops the connection, a full disk: nothing half-written stays
-        why = f"the server sent nothing for {DOWNLOAD_TIMEOUT} s" if timed_out(e) else first_line(e)
-        raise DownloadError(f"cannot download {url} ({why})") from None
+        raise DownloadError(f"cannot download {url} ({why_failed(e)})") from None
     finally:
         if os.path.lexists(part):
             os.remove(part)
@@ -227,9 +229,8 @@ def imagenet_state_dict(name, weights_path, mirror=None):
                     url, model_dir=folder, file_name=filename, check_hash=True, weights_only=True
                 )
         except Exception as e:  # no network, a dropped connection, a hash that does not match: torch.hub leaves no file
-            why = f"the server sent nothing for {DOWNLOAD_TIMEOUT} s" if timed_out(e) else first_line(e)
             raise RunFileError(
-                f"cannot download the ImageNet weights of {name} ({why}): put {filename} (from {source}) at "
+                f"cannot download the ImageNet weights of {name} ({why_failed(e)}): put {filename} (from {source}) at "
                 f"{path}, or pass --weights PATH, or train from scratch with --no-pretrained"
             ) from None
     state = read_torch(path)

@@ -329,8 +329,15 @@ class VizDoomEnv(gym.Env):
         """Where this game is: its seed, the episodes begun since, this episode's actions, and digests of the newest
         frame and mask. The engine draws episode k after a seed the same whatever was played before, and plays the same
         actions the same way, so this is enough to put a new game where this one is (put_back)."""
-        digest = [zlib.crc32(self.last[k].tobytes()) for k in ("frame", "mask")]
-        return {"seed": self.seed_value, "episodes": self.episodes, "actions": list(self.actions), "digest": digest}
+        return {
+            "seed": self.seed_value,
+            "episodes": self.episodes,
+            "actions": list(self.actions),
+            "digest": self.digest(),
+        }
+
+    def digest(self):
+        return [zlib.crc32(self.last[k].tobytes()) for k in ("frame", "mask")]
 
     def put_back(self, keep):
         """Replay the position() set_attr gave this new game as `saved_position`; returns the last `keep` frames of the
@@ -348,7 +355,7 @@ class VizDoomEnv(gym.Env):
             if i >= len(actions) - keep:  # only the frames the stack keeps
                 frames.append(self._observe()["frame"])
         self.seed_value, self.episodes, self.actions = position["seed"], position["episodes"], list(actions)
-        if [zlib.crc32(self.last[k].tobytes()) for k in ("frame", "mask")] != list(position["digest"]):
+        if self.digest() != list(position["digest"]):
             raise RuntimeError("the replayed game shows another frame than the saved one")
         return frames[-keep:], self.last["mask"].copy()
 
@@ -997,7 +1004,6 @@ class Run:
         self.bar.close()  # before the evaluation's own output
         self.stop.point = "the training is done; saving its state and stopping (--resume completes the evaluation)"
         self.stop.last_pass_seconds = None  # the last iteration's time says nothing about the evaluation's
-        self.trained_rng = rng_state()  # the evaluation's draws, as an uninterrupted run makes them
         if self.args.save_model:
             model_path = f"{self.run_dir}/{self.args.exp_name}.cleanrl_model"
             state = self.agent.state_dict()
@@ -1014,8 +1020,7 @@ class Run:
         trained state (with the generators as the evaluation found them) and exits, so that --resume evaluates as this
         run would have."""
         if self.args.eval_episodes and (episodes is None or by_chance is None):
-            restore_rng(self.trained_rng)
-            self.snapshot()
+            # the last snapshot holds the generators as the last update left them: those the evaluation started from
             self.save(*self.at_last_update)
             tqdm.write(
                 f"stopped during the final evaluation; complete it with: python {os.path.basename(__file__)} "
