@@ -567,6 +567,7 @@ def wait_slurm(pending, executor, args, progress):
             elif tries[cell] < args.retries:
                 tries[cell] += 1
                 retry = executor.submit(CellJob(args.retries), cell)
+                cell.folder.mkdir(parents=True, exist_ok=True)  # a task that never started made no folder
                 with open(cell.folder / "log.txt", "a") as log:
                     log.write(
                         f"\nSLURM task {job.job_id} ended {state} without finishing the cell: submitted again as job "

@@ -95,6 +95,14 @@ def made_once(tmp_path_factory, name, make):
     return folder, json.loads(done.read_text())
 
 
+def proc_read(pid, what="cmdline"):
+    """/proc/<pid>/<what>, or "" when the process ended meanwhile (a listing of /proc is stale when read)."""
+    try:
+        return open(f"/proc/{pid}/{what}").read()
+    except OSError:
+        return ""
+
+
 def process_record(proc):
     return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
 

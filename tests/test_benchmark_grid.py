@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import PPO_TINY, ROOT, read_events
+from conftest import PPO_TINY, ROOT, proc_read, read_events
 
 TINY_DRL = [*PPO_TINY, "--eval-episodes", "2", "--image-every", "0"]
 # one camal cell on Basic that runs long enough to be interrupted: 2 envs x 32 steps per iteration, 64 steps
@@ -313,9 +313,7 @@ def test_a_killed_benchmark_leaves_no_trainer_behind(tmp_path):
     (trainer,) = [
         int(p)
         for p in os.listdir("/proc")
-        if p.isdigit()
-        and "ppo_camal_vizdoom.py" in open(f"/proc/{p}/cmdline").read()
-        and os.readlink(f"/proc/{p}/cwd") == str(cell)
+        if p.isdigit() and "ppo_camal_vizdoom.py" in proc_read(p) and os.path.realpath(f"/proc/{p}/cwd") == str(cell)
     ]
     held = [os.readlink(f"/proc/{trainer}/fd/{fd}") for fd in os.listdir(f"/proc/{trainer}/fd")]
     assert str(cell / "lock") in held, held

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, load_script, read_events, run_script
+from conftest import ROOT, load_script, proc_read, read_events, run_script
 
 ITERS, PER_ITER = 12, 32
 ARGS = [
@@ -352,7 +352,7 @@ def test_a_killed_trainer_leaves_no_game_running(tmp_path, vector_env):
     for line in proc.stdout:
         if line.startswith("iter 1/"):
             break
-    found = {p: (s, open(f"/proc/{p}/cmdline").read()) for p, s in descendants(proc.pid).items()}
+    found = {p: (s, proc_read(p)) for p, s in descendants(proc.pid).items()}
     games = {p: s for p, (s, cmd) in found.items() if "sys.stdin.read()" not in cmd}  # all but the watchdog
     assert sum("vizdoom -iwad" in cmd.replace("\0", " ") for _, cmd in found.values()) == 2, found  # the two engines
     assert len(games) == (4 if vector_env == "async" else 2), found  # async: and their two workers
@@ -372,7 +372,7 @@ def test_a_signal_during_start_up_leaves_no_game_running(tmp_path):
     proc = start_ppo(tmp_path, [*ARGS, "--total-timesteps", "100000", "--vector-env", "sync"], own_session=True)
     deadline, games = time.time() + 120, {}
     while time.time() < deadline and len(games) < 2:  # the moment both engines exist
-        games = {p: s for p, s in descendants(proc.pid).items() if "vizdoom" in open(f"/proc/{p}/cmdline").read()}
+        games = {p: s for p, s in descendants(proc.pid).items() if "vizdoom" in proc_read(p)}
     assert len(games) == 2, games
     os.killpg(proc.pid, signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)

@@ -111,8 +111,22 @@ def one_value_per_iteration(cell, iterations, per_iter=64):
     assert [e.step for e in read_events(run).Scalars("charts/SPS")] == [per_iter * i for i in range(1, iterations + 1)]
 
 
+EARLY_SIGNAL = """import os, signal
+if os.environ.get("SLURM_ARRAY_TASK_ID") == "1":  # the array's second task, once: killed before any code of ours runs
+    try:
+        os.close(os.open(os.path.join(os.path.dirname(__file__), "struck"), os.O_CREAT | os.O_EXCL))
+        os.kill(os.getpid(), signal.SIGUSR2)
+    except FileExistsError:
+        pass
+"""
+
+
 def test_dl_and_drl_grids_with_their_analysis(cluster, tmp_path):
+    """Both presets' grids through the cluster, analysed. The DL grid's second task dies of a signal before it has made
+    its cell's folder (SLURM sent a time limit's SIGUSR2 0.15 s into a task on a loaded node): it is submitted again."""
     (tmp_path / "dl").mkdir()
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "sitecustomize.py").write_text(EARLY_SIGNAL)
     dl = bench(
         [
             "--preset",
@@ -130,10 +144,11 @@ def test_dl_and_drl_grids_with_their_analysis(cluster, tmp_path):
             *TINY_DL,
         ],
         tmp_path / "dl",
-        env=cluster,
+        env=dict(cluster, PYTHONPATH=str(tmp_path / "early")),
     )
     assert dl.returncode == 0, dl.stderr[-3000:]
     assert "2 cells submitted as a SLURM array" in dl.stderr and "2 done, 0 failed" in dl.stderr
+    assert (tmp_path / "early" / "struck").exists() and "submitted again" in dl.stderr, dl.stderr[-3000:]
     quiet(dl.stderr)
     stats = json.loads((tmp_path / "dl" / "benchmark_runs" / "analysis" / "stats.json").read_text())
     (comp,) = stats["dl"]["comparisons"]
