@@ -1770,6 +1770,36 @@ def check_args(args):
             raise ValueError(f"--prior-threshold must lie in [0, 1), got {args.prior_threshold}")
     if args.weights is not None and not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights {args.weights}: no such file")
+    need = step_bytes(args.model, args.batch_size // int(os.environ.get("WORLD_SIZE", 1)), args.image_size)
+    gpu = args.cuda and torch.cuda.is_available()
+    room = (
+        torch.cuda.get_device_properties(0).total_memory
+        if gpu
+        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
+    if need > 0.8 * room:  # refused now, with the figure, rather than by the OOM killer in the first step
+        raise ValueError(
+            f"a training step of {args.model} on --batch-size {args.batch_size} images of {args.image_size} x "
+            f"{args.image_size} keeps about {need / 2**30:.1f} GiB of activations, more than 80 % of "
+            f"{'the GPU' if gpu else 'this machine'}'s {room / 2**30:.1f} GiB: lower --batch-size or --image-size"
+        )
+
+
+def step_bytes(name, batch, side):
+    """About a training step's memory: every layer's float32 output for one batch (the graph keeps them for the
+    backward; CAMAL's double backward keeps more), from a forward on the meta device (shapes only, no memory)."""
+    sizes = []
+    with torch.device("meta"):
+        model = build_model(name, 2)[0]
+        for m in model.modules():
+            if not list(m.children()):
+                m.register_forward_hook(lambda m, i, out: sizes.append(out.numel() if torch.is_tensor(out) else 0))
+        try:
+            with torch.no_grad():
+                model(torch.empty(1, 3, side, side))
+        except RuntimeError:  # a size the model cannot take: its first step says so
+            sizes.clear()
+    return 4 * batch * (sum(sizes) + 4 * side * side)  # and the batch itself: image and mask
 
 
 def setup(args):

@@ -29,6 +29,7 @@ def test_unknown_env_lists_the_four(tmp_path):
         (PPO, ["--total-timesteps", "100"], "less than one rollout"),
         (DL, ["--dataset", "pets"], "--data-dir"),
         (DL, ["--model", "resnet50"], "resnet18"),
+        (DL, ["--batch-size", "100000"], "keeps about 2860.1 GiB of activations, more than 80 %"),
         ("regularizer_study", ["--dilate-max", "nan"], "--dilate-max must be a number in (0, 100]"),
     ],
 )
@@ -109,6 +110,7 @@ def test_dl_pretrained_default_follows_the_dataset(dl):
         (["--resume", "no/such/run"], "--resume no/such/run does not exist"),
         (["--resume", "."], "no checkpoint.pt"),
         (["--image-size", "16"], "--image-size must be at least 32"),
+        (["--batch-size", "4", "--image-size", "20000"], "keeps about 912.0 GiB of activations"),
         (["--image-size", "112", "--model", "vit_b_16"], "takes 224 x 224 images only"),
         (["--image-size", "112", "--method", "prior", "--prior-weights", "random"], "CLIP's input"),
         (["--shapes-cue", "stripes"], "background"),
