@@ -3,6 +3,7 @@
 # Reads only run folders (model.pt, faithfulness_samples.pt, metrics.json). Single-file in CleanRL's style.
 import errno
 import json
+import math
 import os
 import pickle
 import shutil
@@ -30,6 +31,8 @@ class Args:
     """k goes from 0 to 100 % of the pixels in this many equal steps"""
     baseline: Optional[str] = None
     """`random`: also score a random pixel ranking per sample, the floor every method must beat"""
+    fill: str = "zero"
+    """what removed pixels become: zero (black, the paper's), mean (the mean colour) or blur (the image blurred)"""
     plot: Optional[str] = None
     """write removal and insertion curves per method, with 95 % bands, to this PNG"""
     figures: Optional[str] = None
@@ -180,11 +183,28 @@ def pixel_ranking(cam, rng):
     return np.lexsort((rng.random(cam.size), -cam))
 
 
-def faithfulness_curves(predict, image, ranking, steps):
+FILLS = ("zero", "mean", "blur")
+
+
+def fill_image(image, fill):
+    """What removed pixels become (uint8, like the image). zero: black, the paper's; the removed region stays a black
+    silhouette, which a model that reads shapes can still read. mean: the image's mean colour, no black edge. blur: the
+    image under a Gaussian blur of sigma 1/32 of its longer side (RISE's canvas), colours kept and edges gone."""
+    if fill == "zero":
+        return torch.zeros_like(image)
+    if fill == "mean":
+        return image.float().mean((1, 2), keepdim=True).round().to(image.dtype).expand_as(image)
+    sigma = max(image.shape[1:]) / 32
+    k = 2 * math.ceil(3 * sigma) + 1
+    blurred = torchvision.transforms.functional.gaussian_blur(image.float()[None], [k, k], [sigma, sigma])[0]
+    return blurred.round().clamp(0, 255).to(image.dtype)
+
+
+def faithfulness_curves(predict, image, ranking, steps, fill="zero"):
     """Removal and insertion curves of one uint8 image (3 x H x W) for a pixel ranking.
 
-    Removal sets the top k % of pixels to 0 (black, in pixel space); insertion starts from all zeros and
-    restores them. predict: uint8 batch -> the ground-truth class's probability per image. All k of one
+    Removal replaces the top k % of pixels by fill_image's (black by default, in pixel space); insertion starts from
+    that image and restores them. predict: uint8 batch -> the ground-truth class's probability per image. All k of one
     curve go through `predict` in one batch. Returns k (fractions), removal scores, insertion scores.
     """
     c, h, w = image.shape
@@ -194,8 +214,9 @@ def faithfulness_curves(predict, image, ranking, steps):
     rank_of = torch.empty(h * w, dtype=torch.long)
     rank_of[torch.from_numpy(ranking)] = torch.arange(h * w)
     top = (rank_of[None, :] < torch.from_numpy(counts)[:, None]).view(len(ks), 1, h, w).to(image.device)
-    removal = image[None] * ~top
-    insertion = image[None] * top
+    canvas = fill_image(image, fill)
+    removal = torch.where(top, canvas[None], image[None])
+    insertion = torch.where(top, image[None], canvas[None])
     batch = torch.cat([removal, insertion])
     # in chunks: the model's activations for hundreds of images at once would not fit (a 409 GB allocation once)
     scores = np.concatenate([np.asarray(predict(batch[i : i + 64])) for i in range(0, len(batch), 64)])
@@ -463,7 +484,7 @@ def evaluate_run(model, samples, args, device, tie_rng, random_rng):
             rankings["random"] = random_rng.permutation(cam[0].numel())
         entry = {"label": label, "correct": bool(int(logits[0].argmax()) == label)}
         for kind, ranking in rankings.items():
-            ks, removal, insertion = faithfulness_curves(predict, image, ranking, args.steps)
+            ks, removal, insertion = faithfulness_curves(predict, image, ranking, args.steps, args.fill)
             # the paper's AUCs, and the same over curves divided by the intact image's probability (removal starts
             # there: a model that is wrong from the start has a low removal AUC for free); only where that probability
             # is at least NORMALISE_FLOOR, so a ratio stays below 1 / NORMALISE_FLOOR instead of exploding for a
@@ -627,6 +648,8 @@ def check_inputs(args):
         raise RunError(f"--figure-samples must be at least 1, got {args.figure_samples}")
     if args.baseline not in (None, "random"):
         raise RunError(f"--baseline must be random, got {args.baseline!r}")
+    if args.fill not in FILLS:
+        raise RunError(f"--fill must be one of {', '.join(FILLS)}, got {args.fill!r}")
     if not 0 <= args.seed < 2**31:
         raise RunError(f"--seed must lie in 0 .. 2**31 - 1, got {args.seed}")
     if not 0.0 <= args.tau < 1.0:
@@ -735,7 +758,14 @@ def score_runs(loaded, args, device, groups, figure_runs):
     for run, model, samples, metrics in loaded:
         # one key per held-out sample: runs of different methods on the same fold and seed hold the same samples
         sample_keys = [
-            (metrics["dataset"], metrics.get("split_seed"), metrics["fold"], metrics["seed"], i)
+            (
+                metrics["dataset"],
+                metrics.get("split_seed"),
+                metrics["fold"],
+                metrics["seed"],
+                samples.get("per_class", 1),
+                i,
+            )
             for i in range(len(samples["labels"]))
         ]
         ks, entries, cams = evaluate_run(model.to(device), samples, args, device, tie_rng, random_rng)
@@ -749,6 +779,7 @@ def score_runs(loaded, args, device, groups, figure_runs):
             "dataset": metrics["dataset"],
             "fold": metrics["fold"],
             "steps": args.steps,
+            "fill": args.fill,
             "k": ks.tolist(),
             "samples": entries,
             "attention": summarise(ks, entries, "attention"),
@@ -765,7 +796,7 @@ def score_runs(loaded, args, device, groups, figure_runs):
         a = result["attention"]
         tqdm.write(
             f"{run}: removal AUC {a['removal_auc']['mean']:.4f}, insertion AUC {a['insertion_auc']['mean']:.4f} "
-            f"over {a['n']} samples -> faithfulness.json"
+            f"over {a['n']} samples (removed pixels: {args.fill}) -> faithfulness.json"
         )
     return ks
 

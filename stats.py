@@ -79,6 +79,7 @@ NOT_SETTINGS = {
     "resume",
     "checkpoint_every",
     "collapse_patience",
+    "faithfulness_per_class",  # DL: how many held-out images eval_faithfulness.py gets, not how the model trains
     "num_workers",  # DL: DataLoader processes
     "data_dir",  # DL: the same data and ImageNet weights at another path are the same experiment
     "weights",
@@ -828,11 +829,18 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
                     "reason": f"no faithfulness.json: {fold_label(k)} left out of the faithfulness of camal vs {base}",
                 }
             )
-    pooled, grid = {}, None
+    pooled, grid, fills = {}, None, {}
     for name, runs in (("camal", cam), (base, other)):
         for k in have:
             f = load_json(runs[k]["faithfulness"])
             check_faithfulness(runs[k]["faithfulness"], f)
+            fills.setdefault(str(f.get("fill", "zero")), runs[k]["faithfulness"])  # files before --fill: zero
+            if len(fills) > 1:
+                raise StatsError(
+                    "faithfulness.json files scored with different --fill ("
+                    + ", ".join(f"{fill} in {path}" for fill, path in fills.items())
+                    + "): score every run of a comparison the same way with eval_faithfulness.py"
+                )
             grid = f["k"] if grid is None else grid  # both methods on one grid, so their curves plot together
             pool_samples(pooled.setdefault(name, {"k": grid}), f["k"], [s["attention"] for s in f["samples"]])
     return pooled

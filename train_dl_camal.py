@@ -144,6 +144,8 @@ class Args:
     # Outputs
     checkpoint_every: int = 0
     """save a checkpoint every this many epochs (0: only when stopped)"""
+    faithfulness_per_class: int = 1
+    """held-out images per class kept for eval_faithfulness.py (the paper's 1; 0: every held-out image)"""
     resume: Optional[str] = None
     """a run folder (runs/{run_name}) to continue from its last checkpoint"""
 
@@ -1128,23 +1130,32 @@ def attention_panel(image, mask, cam, titles=("image", "mask", "CAM")):
     return np.concatenate(parts, axis=1)
 
 
-def faithfulness_samples(test_set, classes, seed, fold):
-    """One held-out image per class (a seeded choice that differs between folds), uint8, for eval_faithfulness.py."""
+def faithfulness_samples(test_set, classes, seed, fold, per_class=1):
+    """per_class held-out images per class (0: all; a seeded choice that differs between folds), uint8, for
+    eval_faithfulness.py."""
     rng = np.random.default_rng([seed, fold])
     by_class = {}
     for i, (_, _, label) in enumerate(test_set.records):
         by_class.setdefault(label, []).append(i)
     images, masks, labels = [], [], []
     for c in sorted(by_class):
-        img, m, y = test_set[int(rng.choice(by_class[c]))]
-        images.append(img)
-        masks.append(m.to(torch.uint8))
-        labels.append(y)
+        if per_class == 1:  # the paper's protocol, drawn as before so earlier runs keep their samples
+            chosen = [int(rng.choice(by_class[c]))]
+        elif per_class == 0 or per_class >= len(by_class[c]):
+            chosen = by_class[c]
+        else:
+            chosen = sorted(int(i) for i in rng.choice(by_class[c], size=per_class, replace=False))
+        for i in chosen:
+            img, m, y = test_set[i]
+            images.append(img)
+            masks.append(m.to(torch.uint8))
+            labels.append(y)
     return {
         "images": torch.stack(images),
         "masks": torch.stack(masks),
         "labels": torch.tensor(labels),
         "classes": classes,
+        "per_class": per_class,  # eval_faithfulness.py pairs the samples of runs that drew them alike
         "fold": fold,  # eval_faithfulness.py checks these against the run's metrics.json: another fold's samples are
         "seed": seed,  # in this fold's training set
     }
@@ -1199,7 +1210,10 @@ def save_results(run_dir, metrics, classes, model, test_set, args):
         },
         "cam_layer": CAM_LAYERS[args.model],
     }
-    samples = {**faithfulness_samples(test_set, classes, args.seed, fold), "run_name": run_name}
+    samples = {
+        **faithfulness_samples(test_set, classes, args.seed, fold, args.faithfulness_per_class),
+        "run_name": run_name,
+    }
     atomic_write(os.path.join(run_dir, "model.pt"), lambda f: torch.save(saved, f))
     atomic_write(os.path.join(run_dir, "faithfulness_samples.pt"), lambda f: torch.save(samples, f))
     write_json(os.path.join(run_dir, "metrics.json"), metrics, indent=2)  # last: the mark of a finished run
@@ -1708,7 +1722,7 @@ def check_args(args):
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("num_workers", "checkpoint_every", "collapse_patience"):
+    for name in ("num_workers", "checkpoint_every", "collapse_patience", "faithfulness_per_class"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("seed", "split_seed"):
@@ -1811,7 +1825,7 @@ def setup(args):
             args,
             ("metrics.json", " (a --fold all run continues from the newest fold's folder)"),
             DL_CHECKPOINT_KEYS,
-            keep=("resume", "cuda", "num_workers"),
+            keep=("resume", "cuda", "num_workers", "faithfulness_per_class"),
         )
     else:
         if args.epochs is None:

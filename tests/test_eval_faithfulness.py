@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import load_script, run_script
+from conftest import DL_TINY, load_script, run_script
 
 ef = load_script("eval_faithfulness")
 
@@ -293,3 +294,74 @@ def test_many_steps_go_through_the_model_in_chunks_and_too_many_are_refused(shap
     assert removal[0] == pytest.approx(insertion[-1], abs=1e-5)  # both the intact image
     proc = run_script("eval_faithfulness", [runs[0], "--steps", "100000000"], cwd=tmp_path)
     assert proc.returncode == 2 and "--steps must lie in 1 .. 1000, got 100000000" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_removal_fills():
+    """zero blacks the removed pixels (the paper's); mean gives them the image's mean colour; blur gives them the
+    blurred image, which on a flat image is the image itself, so nothing changes however many pixels go."""
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    image[0], image[1, :16], image[2] = 200, 100, 30  # top half (200, 100, 30), bottom half (200, 0, 30)
+    seen = []
+
+    def predict(batch):
+        seen.append(batch.clone())
+        return np.zeros(len(batch))
+
+    ranking = np.arange(32 * 32)  # raster order: k = 50 % removes the top half
+    for fill in ef.FILLS:
+        ef.faithfulness_curves(predict, image, ranking, steps=2, fill=fill)
+    zero, mean, blur = (b[1] for b in seen)  # removal at k = 50 %
+    assert zero[:, :16].eq(0).all() and zero[:, 16:].equal(image[:, 16:])
+    assert mean[:, :16, 0].tolist() == [[200] * 16, [50] * 16, [30] * 16] and mean[:, 16:].equal(image[:, 16:])
+    flat = torch.full((3, 32, 32), 77, dtype=torch.uint8)
+    assert ef.fill_image(flat, "blur").equal(flat)
+    assert not blur[:, :16].equal(image[:, :16]) and blur[0].eq(200).all()  # the edge is smeared, the flat red kept
+    for b, fill in zip(seen, ef.FILLS):  # insertion at k = 0 is the fill itself, at 100 % the image
+        assert b[3].equal(ef.fill_image(image, fill)) and b[5].equal(image)
+
+
+@pytest.mark.slow
+def test_fill_end_to_end_and_mixed_fills_in_stats(shapes_runs, tmp_path):
+    """--fill blur on a real run: recorded in faithfulness.json and printed; other AUCs than zero's on the same samples.
+    stats.py refuses to compare runs scored with different fills; a bad --fill is refused at the door."""
+    _, runs, _ = shapes_runs
+    aucs = {}
+    for fill in ("zero", "blur"):
+        for run in runs:
+            shutil.copytree(run, tmp_path / fill / os.path.basename(run))
+        copies = sorted(str(p) for p in (tmp_path / fill).iterdir())
+        proc = run_script("eval_faithfulness", [*copies, "--fill", fill, "--steps", "4"], cwd=tmp_path)
+        assert proc.returncode == 0 and f"(removed pixels: {fill})" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+        faith = [json.loads((Path(c) / "faithfulness.json").read_text()) for c in copies]
+        assert all(f["fill"] == fill for f in faith)
+        aucs[fill] = [s["attention"]["removal_auc"] for f in faith for s in f["samples"]]
+    assert len(aucs["zero"]) == len(aucs["blur"]) and aucs["zero"] != aucs["blur"]
+    camal = next(p for p in (tmp_path / "blur").iterdir() if "__camal__" in p.name)
+    shutil.copy(tmp_path / "zero" / camal.name / "faithfulness.json", camal / "faithfulness.json")
+    proc = run_script("stats", [str(tmp_path / "blur"), "--out", str(tmp_path / "stats")], cwd=tmp_path)
+    assert proc.returncode == 2 and "scored with different --fill (" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    proc = run_script("eval_faithfulness", [runs[0], "--fill", "noise"], cwd=tmp_path)
+    assert proc.returncode == 2 and "--fill must be one of zero, mean, blur, got 'noise'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_every_held_out_image_or_a_number_per_class(tmp_path):
+    """--faithfulness-per-class 0 keeps every held-out image of the fold for eval_faithfulness.py, which scores all;
+    2 keeps two per class (the default, the paper's one, is what every other run here keeps)."""
+    tiny = [*DL_TINY, "--shapes-per-class", "9", "--fold", "0"]  # 3 held-out images per class
+    counts = {}
+    for per_class in ("0", "2"):
+        (tmp_path / per_class).mkdir()
+        done = run_script("train_dl_camal", [*tiny, "--faithfulness-per-class", per_class], cwd=tmp_path / per_class)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (run,) = (tmp_path / per_class / "runs").iterdir()
+        samples = torch.load(run / "faithfulness_samples.pt", weights_only=True)
+        labels = samples["labels"].tolist()
+        counts[per_class] = [labels.count(c) for c in range(3)]
+        assert samples["per_class"] == int(per_class) and len(samples["images"]) == len(labels)
+        scored = run_script("eval_faithfulness", [str(run), "--steps", "4"], cwd=tmp_path)
+        assert scored.returncode == 0, scored.stderr[-2000:]
+        faith = json.loads((run / "faithfulness.json").read_text())
+        assert len(faith["samples"]) == len(labels)
+    assert counts == {"0": [3, 3, 3], "2": [2, 2, 2]}
