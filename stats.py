@@ -842,7 +842,13 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
                     + "): score every run of a comparison the same way with eval_faithfulness.py"
                 )
             grid = f["k"] if grid is None else grid  # both methods on one grid, so their curves plot together
-            pool_samples(pooled.setdefault(name, {"k": grid}), f["k"], [s["attention"] for s in f["samples"]])
+            pool = pooled.setdefault(name, {"k": grid})
+            pool_samples(pool, f["k"], [s["attention"] for s in f["samples"]])
+            # each run's mean AUCs, in the pairs' order for both methods: the unit of the paired Wilcoxon test
+            means = [
+                float(np.mean([s["attention"][a] for s in f["samples"]])) for a in ("removal_auc", "insertion_auc")
+            ]
+            pool.setdefault("runs", []).append(means)
     return pooled
 
 
@@ -879,15 +885,25 @@ def pool_samples(pool, k, samples):
             pool.setdefault(curve, []).append(np.interp(pool["k"], k, s[curve]).tolist())
 
 
-def faithfulness_summary(pooled, base):
-    """Mean, CI and the relative change of each AUC, and the mean curves."""
+def p_text(w):
+    """A Wilcoxon result's p for a table, or why there is none."""
+    return f"{w['p']:.3g}" if w["p"] is not None else w["verdict"]
+
+
+def faithfulness_summary(pooled, base, significance):
+    """Mean, CI and the relative change of each AUC, the mean curves, and the one-tailed Wilcoxon test over the paired
+    runs (folds and seeds) of each run's mean AUC: H1 CAMAL's removal AUC lower, its insertion AUC higher."""
     out = {}
-    for auc in ("removal_auc", "insertion_auc"):
+    for j, auc in enumerate(("removal_auc", "insertion_auc")):
         c, b = describe(pooled["camal"][auc]), describe(pooled[base][auc])
+        cam_runs, base_runs = ([r[j] for r in pooled[m]["runs"]] for m in ("camal", base))
+        better, worse = (base_runs, cam_runs) if auc == "removal_auc" else (cam_runs, base_runs)
         out[auc] = {
             "camal": c,
             base: b,
             "relative_change_percent": 100 * (c["mean"] / b["mean"] - 1) if b["mean"] else float("nan"),
+            "paired_runs": len(cam_runs),
+            "wilcoxon": wilcoxon_greater(better, worse, significance),  # verdict "significant": CAMAL better
         }
     # the removal curve starts at the intact image's probability: a model wrong from the start has a low removal AUC for
     # free
@@ -1311,10 +1327,11 @@ def merge_pools(pools):
     keys = ("removal_auc", "insertion_auc", "removal", "insertion")
     for p in pools:
         pool_samples(out, p["k"], [dict(zip(keys, v)) for v in zip(*(p[key] for key in keys))])
+        out.setdefault("runs", []).extend(p["runs"])
     return out
 
 
-def faithfulness_tables(comparisons):
+def faithfulness_tables(comparisons, significance):
     """Per baseline: a table of AUCs per model-dataset pair and pooled over all of them (as the paper's Figure 5)."""
     tables, results, curves = [], {}, {}
     for base in BASELINES:
@@ -1329,7 +1346,7 @@ def faithfulness_tables(comparisons):
         curves[base] = entries[-1][3]
         rows, csv_rows, results[base] = [], [], []
         for ds, variant, model, pooled in entries:
-            s = faithfulness_summary(pooled, base)
+            s = faithfulness_summary(pooled, base, significance)
             results[base].append({"dataset": ds, "variant": variant, "model": model, **s})
             r, i = s["removal_auc"], s["insertion_auc"]
             fmt = lambda d: f"{d['mean']:.4f} {ci_text(d, 1.0, 4)}"  # noqa: E731
@@ -1343,9 +1360,11 @@ def faithfulness_tables(comparisons):
                     fmt(r["camal"]),
                     fmt(r[base]),
                     f"{r['relative_change_percent']:+.1f} %",
+                    p_text(r["wilcoxon"]),
                     fmt(i["camal"]),
                     fmt(i[base]),
                     f"{i['relative_change_percent']:+.1f} %",
+                    p_text(i["wilcoxon"]),
                 ]
             )
             csv_rows.append(
@@ -1362,11 +1381,14 @@ def faithfulness_tables(comparisons):
                     r[base]["mean"],
                     *r[base]["ci95"],
                     r["relative_change_percent"],
+                    r["wilcoxon"]["p"],
                     i["camal"]["mean"],
                     *i["camal"]["ci95"],
                     i[base]["mean"],
                     *i[base]["ci95"],
                     i["relative_change_percent"],
+                    i["wilcoxon"]["p"],
+                    r["paired_runs"],
                 ]
             )
         b = method_name(base)
@@ -1382,15 +1404,19 @@ def faithfulness_tables(comparisons):
                     "Removal CAMAL [95 % CI]",
                     f"Removal {b}",
                     "Change",
+                    "p",
                     "Insertion CAMAL",
                     f"Insertion {b}",
                     "Change",
+                    "p",
                 ],
                 "rows": rows,
                 "notes": [
                     "Per-sample AUCs pooled over the paired folds that both have faithfulness.json. Removal: lower is "
                     "better; insertion: higher is better. Change: CAMAL's mean relative to the baseline's "
-                    "(the paper, against Prior: -39 % removal, +35.3 % insertion). p(true) at k=0: the mean "
+                    "(the paper, against Prior: -39 % removal, +35.3 % insertion). p: one-tailed Wilcoxon "
+                    "signed-rank test over the paired runs (folds and seeds) of each run's mean AUC, H1: CAMAL's "
+                    "removal lower, its insertion higher (scipy.stats.wilcoxon). p(true) at k=0: the mean "
                     "probability of "
                     "the true class on the intact images (CAMAL / baseline); removal starts there, so compare removal "
                     "AUCs only where these are alike: a model wrong from the start has a low removal AUC for free."
@@ -1410,6 +1436,7 @@ def faithfulness_tables(comparisons):
                     f"removal_{base}_ci_low",
                     f"removal_{base}_ci_high",
                     "removal_change_percent",
+                    "removal_wilcoxon_p",
                     "insertion_camal",
                     "insertion_camal_ci_low",
                     "insertion_camal_ci_high",
@@ -1417,6 +1444,8 @@ def faithfulness_tables(comparisons):
                     f"insertion_{base}_ci_low",
                     f"insertion_{base}_ci_high",
                     "insertion_change_percent",
+                    "insertion_wilcoxon_p",
+                    "paired_runs",
                 ],
                 "csv_rows": csv_rows,
             }
@@ -1732,7 +1761,7 @@ def analyse(args):
         drl = drl_analysis(drl_runs, args, incomplete, warnings_) if drl_runs else None
     empty_cam_warnings(dl_runs, drl_runs, warnings_)
     tables = dl_tables(summary, comparisons, args.significance)
-    faith_tables, faithfulness, curves = faithfulness_tables(comparisons)
+    faith_tables, faithfulness, curves = faithfulness_tables(comparisons, args.significance)
     tables += faith_tables
     if drl:
         tables += drl_tables(drl, args)

@@ -18,6 +18,26 @@ def st():
     return load_script("stats")
 
 
+def test_faithfulness_wilcoxon_over_paired_runs(st, tmp_path):
+    """Each run's mean AUC is one value of the paired test (folds here, and seeds), against scipy called directly:
+    H1 CAMAL's removal lower and its insertion higher; the table carries both p."""
+    cam = {0: ([0.2, 0.3], [0.7, 0.8]), 1: ([0.25], [0.75]), 2: ([0.3], [0.6]), 3: ([0.5, 0.1], [0.5, 0.2])}
+    base = {0: ([0.4, 0.5], [0.5, 0.6]), 1: ([0.45], [0.55]), 2: ([0.35], [0.62]), 3: ([0.45], [0.4])}
+    for fold in cam:
+        write_dl(tmp_path, "pets", "resnet18", "camal", fold, 0.8, 0.5, faithfulness=cam[fold])
+        write_dl(tmp_path, "pets", "resnet18", "vanilla", fold, 0.8, 0.1, faithfulness=base[fold])
+    stats, tables, _, _ = st.analyse(args_for(st, tmp_path))
+    (res,) = stats["dl"]["faithfulness"]["vanilla"]
+    means = {m: [[np.mean(v[f][j]) for f in sorted(v)] for j in (0, 1)] for m, v in (("camal", cam), ("vanilla", base))}
+    removal = scipy.stats.wilcoxon(np.subtract(means["vanilla"][0], means["camal"][0]), alternative="greater")
+    insertion = scipy.stats.wilcoxon(np.subtract(means["camal"][1], means["vanilla"][1]), alternative="greater")
+    assert res["removal_auc"]["wilcoxon"]["p"] == pytest.approx(removal.pvalue)
+    assert res["insertion_auc"]["wilcoxon"]["p"] == pytest.approx(insertion.pvalue)
+    assert res["removal_auc"]["paired_runs"] == 4 and res["removal_auc"]["camal"]["n"] == 6  # runs, and samples
+    (table,) = [t for t in tables if t["name"] == "dl_faithfulness_camal_vs_vanilla"]
+    assert table["csv_rows"][0][table["csv_header"].index("removal_wilcoxon_p")] == pytest.approx(removal.pvalue)
+
+
 def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, faithfulness=None, epochs=2):
     run = root / f"{dataset}__{model}__{method}__fold{fold}__{seed}__0"
     run.mkdir(parents=True)
