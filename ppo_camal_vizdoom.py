@@ -341,8 +341,8 @@ class VizDoomEnv(gym.Env):
 
     def put_back(self, keep):
         """Replay the position() set_attr gave this new game as `saved_position`; returns the last `keep` frames of the
-        episode (oldest first) and the newest mask, or raises RuntimeError when the replay does not reach the same frame
-        (another engine version)."""
+        episode (oldest first) and the newest mask, or why the replay did not reach the same frame (a string: an error
+        raised in an async env's worker would leave the env unusable)."""
         position = self.saved_position
         self.game.set_seed(position["seed"])
         for _ in range(position["episodes"]):
@@ -351,12 +351,12 @@ class VizDoomEnv(gym.Env):
         for i, a in enumerate(actions):
             self.game.make_action(self.buttons[a], self.frame_skip)
             if self.game.is_episode_finished():
-                raise RuntimeError(f"the episode ended after {i + 1} of its {len(actions)} replayed actions")
+                return f"the episode ended after {i + 1} of its {len(actions)} replayed actions"
             if i >= len(actions) - keep:  # only the frames the stack keeps
                 frames.append(self._observe()["frame"])
         self.seed_value, self.episodes, self.actions = position["seed"], position["episodes"], list(actions)
         if self.digest() != list(position["digest"]):
-            raise RuntimeError("the replayed game shows another frame than the saved one")
+            return "the replayed game shows another frame than the saved one"
         return frames[-keep:], self.last["mask"].copy()
 
     def limit_episodes(self, tics):
@@ -867,22 +867,24 @@ class Run:
         games = self.games if self.start_iteration <= args.num_iterations else None
         if games is None:
             if self.games_lost:  # resumed as older versions did, on episodes the run had not played
+                why = "this checkpoint does not hold where its games were (it was saved by an older version)"
                 warn(
-                    "this checkpoint does not hold where its games were (it was saved by an older version): they "
-                    "start new episodes, so the resumed run is not the one an uninterrupted run would have made"
+                    f"{self.games_lost if isinstance(self.games_lost, str) else why}: they start new episodes, so the "
+                    "resumed run is not the one an uninterrupted run would have made"
                 )
             obs, _ = self.envs.reset(seed=args.seed + (self.start_iteration - 1) * n if self.games_lost else args.seed)
             next_obs = stack_frames(stack.to(device), torch.from_numpy(obs["frame"]), torch.ones(n, dtype=torch.bool))
             next_mask, next_done = torch.from_numpy(obs["mask"]).to(device).bool(), torch.zeros(n, device=device)
         else:
             started, why = time.perf_counter(), games_damage(games, n, self.envs.single_action_space.n)
-            try:
-                replayed = None if why else put_back_games(self.envs, games["games"], args.frame_stack)
-            except RuntimeError as e:
-                why = str(e)
             if why:
                 self.close()
                 exit_error(f"--resume {self.run_dir}: its games cannot be put back where they were: {why}")
+            replayed = put_back_games(self.envs, games["games"], args.frame_stack)
+            failed = [r for r in replayed if isinstance(r, str)]
+            if failed:  # a run that can never resume is worse than one resumed on new episodes, said loudly
+                self.games, self.games_lost = None, f"its games could not be put back where they were ({failed[0]})"
+                return self.start_games()
             for i, (frames, _) in enumerate(replayed):
                 frames = [frames[0]] * (args.frame_stack - len(frames)) + frames  # a new episode's stack repeats
                 stack[i] = torch.from_numpy(np.stack(frames))
