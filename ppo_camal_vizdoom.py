@@ -811,14 +811,17 @@ class Run:
             for folder in filter(None, (self.run_dir, self.video_dir)):
                 make_folder(folder)
             write_json(os.path.join(self.run_dir, "args.json"), asdict(args), indent=2)  # what the run is
-            self.start_iteration, self.global_step, self.games, self.games_lost = 1, 0, None, False
+            self.start_iteration, self.global_step, self.games, self.games_lost = 1, 0, None, ""
             if checkpoint is not None:  # the state after the checkpoint's iteration, generators included
                 agent.load_state_dict(checkpoint["agent"])
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 restore_rng(checkpoint["rng"])
                 self.start_iteration, self.global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
                 self.games = checkpoint.get("games")
-                self.games_lost = self.games is None and self.start_iteration <= args.num_iterations
+                if self.games is None and self.start_iteration <= args.num_iterations:  # why the games start anew
+                    self.games_lost = (
+                        "this checkpoint does not hold where its games were (it was saved by an older version)"
+                    )
             # purge_step: the events after the checkpoint's step are the ones a resumed run redoes
             purge = None if checkpoint is None else self.global_step + 1
             self.writer, self.tracked = open_logs(args, self.run_name, self.run_dir, purge_step=purge)
@@ -866,11 +869,10 @@ class Run:
         stack = torch.zeros((n, args.frame_stack, args.frame_height, args.frame_width), dtype=torch.uint8)
         games = self.games if self.start_iteration <= args.num_iterations else None
         if games is None:
-            if self.games_lost:  # resumed as older versions did, on episodes the run had not played
-                why = "this checkpoint does not hold where its games were (it was saved by an older version)"
+            if self.games_lost:  # resumed on episodes the run had not played
                 warn(
-                    f"{self.games_lost if isinstance(self.games_lost, str) else why}: they start new episodes, so the "
-                    "resumed run is not the one an uninterrupted run would have made"
+                    f"{self.games_lost}: they start new episodes, so the resumed run is not the one an uninterrupted "
+                    "run would have made"
                 )
             obs, _ = self.envs.reset(seed=args.seed + (self.start_iteration - 1) * n if self.games_lost else args.seed)
             next_obs = stack_frames(stack.to(device), torch.from_numpy(obs["frame"]), torch.ones(n, dtype=torch.bool))

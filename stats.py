@@ -834,15 +834,11 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
         for k in have:
             f = load_json(runs[k]["faithfulness"])
             check_faithfulness(runs[k]["faithfulness"], f)
-            fills.setdefault(str(f.get("fill", "zero")), runs[k]["faithfulness"])  # files before --fill: zero
-            if len(fills) > 1:
-                raise StatsError(
-                    "faithfulness.json files scored with different --fill ("
-                    + ", ".join(f"{fill} in {path}" for fill, path in fills.items())
-                    + "): score every run of a comparison the same way with eval_faithfulness.py"
-                )
+            fill = str(f.get("fill", "zero"))  # files from before --fill: zero
+            fills.setdefault(fill, runs[k]["faithfulness"])
+            same_fill(fills)
             grid = f["k"] if grid is None else grid  # both methods on one grid, so their curves plot together
-            pool = pooled.setdefault(name, {"k": grid})
+            pool = pooled.setdefault(name, {"k": grid, "fill": fill})
             pool_samples(pool, f["k"], [s["attention"] for s in f["samples"]])
             # each run's mean AUCs, in the pairs' order for both methods: the unit of the paired Wilcoxon test
             means = [
@@ -850,6 +846,16 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
             ]
             pool.setdefault("runs", []).append(means)
     return pooled
+
+
+def same_fill(fills):
+    """StatsError when AUCs scored with different --fill ({fill: a file or a table scored so}) would be compared."""
+    if len(fills) > 1:
+        raise StatsError(
+            "faithfulness.json files scored with different --fill ("
+            + ", ".join(f"{fill} in {where}" for fill, where in fills.items())
+            + "): score every run of a comparison the same way with eval_faithfulness.py"
+        )
 
 
 def check_faithfulness(path, f):
@@ -1322,8 +1328,9 @@ def dl_tables(summary, comparisons, significance):
     return tables
 
 
-def merge_pools(pools):
-    out = {"k": pools[0]["k"]}
+def merge_pools(pools, where):
+    same_fill({p["fill"]: w for p, w in zip(pools, where)})  # the pooled row of several comparisons too
+    out = {"k": pools[0]["k"], "fill": pools[0]["fill"]}
     keys = ("removal_auc", "insertion_auc", "removal", "insertion")
     for p in pools:
         pool_samples(out, p["k"], [dict(zip(keys, v)) for v in zip(*(p[key] for key in keys))])
@@ -1341,7 +1348,18 @@ def faithfulness_tables(comparisons, significance):
         entries = [(c["dataset"], c["variant"], c["model"], c["faithfulness"]) for c in comps]
         if len(comps) > 1:
             entries.append(
-                ("all", "", "all", {m: merge_pools([c["faithfulness"][m] for c in comps]) for m in ("camal", base)})
+                (
+                    "all",
+                    "",
+                    "all",
+                    {
+                        m: merge_pools(
+                            [c["faithfulness"][m] for c in comps],
+                            [f"the {c['dataset']} {c['model']} comparison" for c in comps],
+                        )
+                        for m in ("camal", base)
+                    },
+                )
             )
         curves[base] = entries[-1][3]
         rows, csv_rows, results[base] = [], [], []

@@ -452,6 +452,15 @@ def test_a_resumed_run_is_the_same_experiment(tmp_path):
                     "its games could not be put back where they were (the replayed game shows another frame than the "
                     "saved one): they start new episodes" in went_on.stderr
                 ), went_on.stderr[-2000:]
+                older = tmp_path / "older" / run.name  # a checkpoint from before the games were recorded
+                shutil.copytree(run, older)
+                torch.save({k: v for k, v in state.items() if k != "games"}, older / "checkpoint.pt")
+                went_on = run_script("ppo_camal_vizdoom", ["--resume", str(older)], cwd=tmp_path / "older")
+                assert went_on.returncode == 0 and (older / "eval.json").is_file(), went_on.stderr[-2000:]
+                assert (
+                    "this checkpoint does not hold where its games were (it was saved by an older version): they "
+                    "start new episodes" in went_on.stderr
+                ), went_on.stderr[-2000:]
             resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run)], cwd=tmp_path / name)
             assert resumed.returncode == 0, resumed.stderr[-3000:]
             assert "the games are where the checkpoint left them" in resumed.stdout, resumed.stdout[-2000:]

@@ -38,6 +38,22 @@ def test_faithfulness_wilcoxon_over_paired_runs(st, tmp_path):
     assert table["csv_rows"][0][table["csv_header"].index("removal_wilcoxon_p")] == pytest.approx(removal.pvalue)
 
 
+def test_faithfulness_pooled_over_comparisons_of_other_fills_is_refused(st, tmp_path):
+    """Each comparison scored alike, but Pets with zero and Flowers with blur: their pooled row would mix the fills."""
+    for dataset, fill in (("pets", None), ("flowers102", "blur")):
+        for fold in (0, 1):
+            for method in ("camal", "vanilla"):
+                run = write_dl(tmp_path, dataset, "resnet18", method, fold, 0.8, 0.5, faithfulness=([0.3], [0.6]))
+                if fill:
+                    faith = json.loads((run / "faithfulness.json").read_text())
+                    (run / "faithfulness.json").write_text(json.dumps({**faith, "fill": fill}))
+    with pytest.raises(st.StatsError) as err:
+        st.analyse(args_for(st, tmp_path))
+    assert "scored with different --fill (blur in the flowers102 resnet18 comparison, zero in the pets" in str(
+        err.value
+    ) or "scored with different --fill (zero in the pets resnet18 comparison, blur in the flowers102" in str(err.value)
+
+
 def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, faithfulness=None, epochs=2):
     run = root / f"{dataset}__{model}__{method}__fold{fold}__{seed}__0"
     run.mkdir(parents=True)
