@@ -520,9 +520,11 @@ def summarise(ks, entries, kind):
 
 
 def plot_curves(path, ks, groups):
-    """Removal and insertion curves per group: mean and 95 % band, the band clipped to [0, 1] (a probability's range).
-    A method keeps one colour in every plot; "method/random" (its random-ranking floor) is a dashed line in the method's
-    colour, without a band, so a plot with floors stays readable."""
+    """Removal and insertion curves per group, mean and 95 % band, in the views (rows) of print_summary's tables:
+    every sample; the samples every method classifies correctly at k=0 (where the groups say, by "keys" and "correct");
+    each curve divided by its p(true) at k=0, where that is at least NORMALISE_FLOOR. A method keeps one colour in every
+    plot; "method/random" (its random-ranking floor) is a dashed line in the method's colour, without a band, so a plot
+    with floors stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,26 +537,54 @@ def plot_curves(path, ks, groups):
         "suppress": "tab:red",
         "supp. only": "tab:red",
     }
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, curve in zip(axes, ("removal", "insertion")):
-        for name, curves in groups.items():
-            method, _, floor = name.partition("/")
-            colour = colours.get(method.lower(), "tab:gray")
-            c = np.array(curves[curve])
-            mean = c.mean(0)
-            if floor:
-                ax.plot(100 * ks, mean, color=colour, linestyle="--", linewidth=1, label=name)
-                continue
-            band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
-            ax.plot(100 * ks, mean, color=colour, label=name)
-            ax.fill_between(100 * ks, np.clip(mean - band, 0, 1), np.clip(mean + band, 0, 1), color=colour, alpha=0.2)
-        ax.set_title(f"{curve} of the top k % attended pixels")
+    # (title, keep sample i of group g, its scale, the view's top)
+    views = [("every sample", lambda g, i: True, lambda g, i: 1.0, 1.0)]
+    if all(len(g.get("correct", {})) == len(g["removal"]) for g in groups.values()):
+        common = correct_by_all(groups)
+        views.append(
+            (
+                f"the {len(common)} samples every method classifies correctly",
+                lambda g, i: g["keys"][i] in common,
+                lambda g, i: 1.0,
+                1.0,
+            )
+        )
+    views.append(
+        (
+            f"divided by p(true) at k=0 (where it is at least {NORMALISE_FLOOR})",
+            lambda g, i: g["removal"][i][0] >= NORMALISE_FLOOR,
+            lambda g, i: g["removal"][i][0],
+            1 / NORMALISE_FLOOR,
+        )
+    )
+    fig, axes = plt.subplots(len(views), 2, figsize=(10, 3.6 * len(views)), squeeze=False)
+    for row, (view, keep, scale, top) in enumerate(views):
+        for ax, curve in zip(axes[row], ("removal", "insertion")):
+            for name, g in groups.items():
+                method, _, floor = name.partition("/")
+                colour = colours.get(method.lower(), "tab:gray")
+                picked = [i for i in range(len(g[curve])) if keep(g, i)]
+                if not picked:
+                    continue
+                c = np.array([np.asarray(g[curve][i]) / scale(g, i) for i in picked])
+                mean = c.mean(0)
+                label = f"{name} (n={len(c)})"
+                if floor:
+                    ax.plot(100 * ks, mean, color=colour, linestyle="--", linewidth=1, label=label)
+                    continue
+                band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
+                ax.plot(100 * ks, mean, color=colour, label=label)
+                ax.fill_between(
+                    100 * ks, np.clip(mean - band, 0, top), np.clip(mean + band, 0, top), color=colour, alpha=0.2
+                )
+            ax.set_title(f"{curve} of the top k % attended pixels:\n{view}", fontsize=9)
+            ax.set_ylim(0, top)
+            ax.legend(fontsize=7)
+        axes[row, 0].set_ylabel("p(true class)" + (" / p at k=0" if top != 1.0 else ""))
+    for ax in axes[-1]:
         ax.set_xlabel("k (%)")
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel("probability of the true class")
-    axes[1].legend()
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -678,7 +708,7 @@ POOLED = ("removal", "insertion", "removal_auc", "insertion_auc", "removal_auc_n
 
 def new_group():
     """A method's pooled per-sample figures over its runs (e.g. its folds); correct and aucs are keyed by sample."""
-    return {**{c: [] for c in POOLED}, "start": [], "correct": {}, "aucs": {}}
+    return {**{c: [] for c in POOLED}, "start": [], "keys": [], "correct": {}, "aucs": {}}
 
 
 def pool(group, entries, sample_keys, kind):
@@ -687,8 +717,15 @@ def pool(group, entries, sample_keys, kind):
         for c in POOLED:
             group[c].append(e[kind][c])
         group["start"].append(e["start_probability"])
+        group["keys"].append(key)
         group["correct"][key] = e["correct"]
         group["aucs"][key] = (e[kind]["removal_auc"], e[kind]["insertion_auc"])
+
+
+def correct_by_all(groups):
+    """The keys of the samples that every method's model (not the random floors) classifies correctly at k=0."""
+    methods = [n for n in groups if "/" not in n]
+    return set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
 
 
 def auc_cell(values):
@@ -720,10 +757,7 @@ def print_summary(groups):
         r = [v for v in g["removal_auc_normalised"] if v is not None]
         i = [v for v in g["insertion_auc_normalised"] if v is not None]
         print(f"{name:<16}{len(r):>8}{'':>29}{auc_cell(r):>32}{auc_cell(i):>34}")
-    methods = [n for n in groups if "/" not in n]
-    common = (
-        set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
-    )
+    common = correct_by_all(groups)
     print(f"\nover the {len(common)} samples that every method's model classifies correctly at k=0")
     for name, g in groups.items():
         if common:
@@ -780,6 +814,7 @@ def score_runs(loaded, args, device, groups, figure_runs):
             "fold": metrics["fold"],
             "steps": args.steps,
             "fill": args.fill,
+            "per_class": samples.get("per_class", 1),  # which held-out images: runs compared must hold the same
             "k": ks.tolist(),
             "samples": entries,
             "attention": summarise(ks, entries, "attention"),

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -275,12 +276,21 @@ class VizDoomEnv(gym.Env):
         self.game.set_screen_format(vzd.ScreenFormat.GRAY8)
         self.game.set_screen_resolution(render_resolution(frame_height, frame_width))
         self.game.set_labels_buffer_enabled(True)
+        # The engine reads its settings file at start and rewrites it at close: by default _vizdoom.ini in the working
+        # directory, shared by every game there. One cut short (an engine killed while writing it) changed what every
+        # later game drew (movebob=0. stills the weapon), so a resumed run's games could never be put back. Each game
+        # has a file of its own, from the engine's defaults.
+        self.config_dir = tempfile.mkdtemp(prefix="vizdoom-")
+        self.game.set_doom_config_path(os.path.join(self.config_dir, "_vizdoom.ini"))
         # The engine starts with a terminal's and a scheduler's stop signals blocked (it inherits the mask): they reach
         # the whole process group, and the learner stops the run and closes the games (a watchdog, if it cannot). A
         # signal that comes meanwhile waits, and reaches this process's handler when the mask is lifted.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self.game.init()
+        except BaseException:
+            shutil.rmtree(self.config_dir, ignore_errors=True)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         n = self.game.get_available_buttons_size()
@@ -366,6 +376,7 @@ class VizDoomEnv(gym.Env):
 
     def close(self):
         self.game.close()
+        shutil.rmtree(self.config_dir, ignore_errors=True)
 
 
 def make_envs(args):

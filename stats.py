@@ -95,7 +95,8 @@ NOT_SETTINGS = {
     "figure_frames",
     "figure_out",
 }
-CELL = {"dataset", "model", "method", "fold", "seed", "env"}
+# split_seed: which k-fold split, a replicate like the fold and the seed (runs of several split seeds pair per split)
+CELL = {"dataset", "model", "method", "fold", "seed", "split_seed", "env"}
 # Settings only the runs of these methods carry (vanilla has no camal_coef to match); they tell experiments of one
 # method apart.
 METHOD_SETTINGS = {
@@ -829,17 +830,31 @@ def faithfulness_pairs(cam, other, paired, base, incomplete):
                     "reason": f"no faithfulness.json: {fold_label(k)} left out of the faithfulness of camal vs {base}",
                 }
             )
+    files = {}
+    for k in have:
+        for r in (cam[k], other[k]):
+            files[r["faithfulness"]] = load_json(r["faithfulness"])
+            check_faithfulness(r["faithfulness"], files[r["faithfulness"]])
+        # a pair's two runs scored on the same held-out images, or their mean AUCs are not comparable
+        drawn = {r["faithfulness"]: files[r["faithfulness"]].get("per_class", 1) for r in (cam[k], other[k])}
+        if len(set(drawn.values())) > 1:
+            raise StatsError(
+                f"{fold_label(k)}: the camal and {base} runs' faithfulness samples were drawn differently ("
+                + ", ".join(f"--faithfulness-per-class {n} in {path}" for path, n in drawn.items())
+                + "): train both with the same --faithfulness-per-class"
+            )
     pooled, grid, fills = {}, None, {}
     for name, runs in (("camal", cam), (base, other)):
         for k in have:
-            f = load_json(runs[k]["faithfulness"])
-            check_faithfulness(runs[k]["faithfulness"], f)
+            f = files[runs[k]["faithfulness"]]
             fill = str(f.get("fill", "zero"))  # files from before --fill: zero
             fills.setdefault(fill, runs[k]["faithfulness"])
             same_fill(fills)
             grid = f["k"] if grid is None else grid  # both methods on one grid, so their curves plot together
             pool = pooled.setdefault(name, {"k": grid, "fill": fill})
-            pool_samples(pool, f["k"], [s["attention"] for s in f["samples"]])
+            samples = f["samples"]
+            keys = [(k, i) for i in range(len(samples))]
+            pool_samples(pool, f["k"], [s["attention"] for s in samples], keys, [s.get("correct") for s in samples])
             # each run's mean AUCs, in the pairs' order for both methods: the unit of the paired Wilcoxon test
             means = [
                 float(np.mean([s["attention"][a] for s in f["samples"]])) for a in ("removal_auc", "insertion_auc")
@@ -882,13 +897,19 @@ def check_faithfulness(path, f):
             )
 
 
-def pool_samples(pool, k, samples):
-    """Add per-sample AUCs and curves to a pool; curves of runs evaluated with other --steps go onto the pool's grid."""
-    for s in samples:
+def pool_samples(pool, k, samples, keys, correct):
+    """Add per-sample AUCs and curves to a pool; curves of runs evaluated with other --steps go onto the pool's grid.
+    keys name the samples (the same in both methods' pools of a pair) and correct says whether the model classified
+    each at k=0 (None in files from before eval_faithfulness.py recorded it), for plot_curves' view of the samples every
+    method classifies correctly."""
+    for s, key, ok in zip(samples, keys, correct):
         pool.setdefault("removal_auc", []).append(s["removal_auc"])
         pool.setdefault("insertion_auc", []).append(s["insertion_auc"])
         for curve in ("removal", "insertion"):
             pool.setdefault(curve, []).append(np.interp(pool["k"], k, s[curve]).tolist())
+        pool.setdefault("keys", []).append(key)
+        if isinstance(ok, bool):
+            pool.setdefault("correct", {})[key] = ok
 
 
 def p_text(w):
@@ -1332,8 +1353,10 @@ def merge_pools(pools, where):
     same_fill({p["fill"]: w for p, w in zip(pools, where)})  # the pooled row of several comparisons too
     out = {"k": pools[0]["k"], "fill": pools[0]["fill"]}
     keys = ("removal_auc", "insertion_auc", "removal", "insertion")
-    for p in pools:
-        pool_samples(out, p["k"], [dict(zip(keys, v)) for v in zip(*(p[key] for key in keys))])
+    for p, w in zip(pools, where):
+        samples = [dict(zip(keys, v)) for v in zip(*(p[key] for key in keys))]
+        correct = [p.get("correct", {}).get(key) for key in p["keys"]]
+        pool_samples(out, p["k"], samples, [(w, key) for key in p["keys"]], correct)
         out.setdefault("runs", []).extend(p["runs"])
     return out
 
@@ -1693,10 +1716,21 @@ def plot_faithfulness(curves, out):
 
 
 # copied unchanged from eval_faithfulness.py (tests/test_shared_helpers.py checks)
+NORMALISE_FLOOR = 0.5  # the normalised AUCs use samples whose p(true) at k=0 is at least this (ratios below 2)
+
+
+def correct_by_all(groups):
+    """The keys of the samples that every method's model (not the random floors) classifies correctly at k=0."""
+    methods = [n for n in groups if "/" not in n]
+    return set.intersection(*[{k for k, c in groups[n]["correct"].items() if c} for n in methods]) if methods else set()
+
+
 def plot_curves(path, ks, groups):
-    """Removal and insertion curves per group: mean and 95 % band, the band clipped to [0, 1] (a probability's range).
-    A method keeps one colour in every plot; "method/random" (its random-ranking floor) is a dashed line in the method's
-    colour, without a band, so a plot with floors stays readable."""
+    """Removal and insertion curves per group, mean and 95 % band, in the views (rows) of print_summary's tables:
+    every sample; the samples every method classifies correctly at k=0 (where the groups say, by "keys" and "correct");
+    each curve divided by its p(true) at k=0, where that is at least NORMALISE_FLOOR. A method keeps one colour in every
+    plot; "method/random" (its random-ranking floor) is a dashed line in the method's colour, without a band, so a plot
+    with floors stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1709,26 +1743,54 @@ def plot_curves(path, ks, groups):
         "suppress": "tab:red",
         "supp. only": "tab:red",
     }
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, curve in zip(axes, ("removal", "insertion")):
-        for name, curves in groups.items():
-            method, _, floor = name.partition("/")
-            colour = colours.get(method.lower(), "tab:gray")
-            c = np.array(curves[curve])
-            mean = c.mean(0)
-            if floor:
-                ax.plot(100 * ks, mean, color=colour, linestyle="--", linewidth=1, label=name)
-                continue
-            band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
-            ax.plot(100 * ks, mean, color=colour, label=name)
-            ax.fill_between(100 * ks, np.clip(mean - band, 0, 1), np.clip(mean + band, 0, 1), color=colour, alpha=0.2)
-        ax.set_title(f"{curve} of the top k % attended pixels")
+    # (title, keep sample i of group g, its scale, the view's top)
+    views = [("every sample", lambda g, i: True, lambda g, i: 1.0, 1.0)]
+    if all(len(g.get("correct", {})) == len(g["removal"]) for g in groups.values()):
+        common = correct_by_all(groups)
+        views.append(
+            (
+                f"the {len(common)} samples every method classifies correctly",
+                lambda g, i: g["keys"][i] in common,
+                lambda g, i: 1.0,
+                1.0,
+            )
+        )
+    views.append(
+        (
+            f"divided by p(true) at k=0 (where it is at least {NORMALISE_FLOOR})",
+            lambda g, i: g["removal"][i][0] >= NORMALISE_FLOOR,
+            lambda g, i: g["removal"][i][0],
+            1 / NORMALISE_FLOOR,
+        )
+    )
+    fig, axes = plt.subplots(len(views), 2, figsize=(10, 3.6 * len(views)), squeeze=False)
+    for row, (view, keep, scale, top) in enumerate(views):
+        for ax, curve in zip(axes[row], ("removal", "insertion")):
+            for name, g in groups.items():
+                method, _, floor = name.partition("/")
+                colour = colours.get(method.lower(), "tab:gray")
+                picked = [i for i in range(len(g[curve])) if keep(g, i)]
+                if not picked:
+                    continue
+                c = np.array([np.asarray(g[curve][i]) / scale(g, i) for i in picked])
+                mean = c.mean(0)
+                label = f"{name} (n={len(c)})"
+                if floor:
+                    ax.plot(100 * ks, mean, color=colour, linestyle="--", linewidth=1, label=label)
+                    continue
+                band = 1.96 * c.std(0, ddof=1) / np.sqrt(len(c)) if len(c) > 1 else np.zeros_like(mean)
+                ax.plot(100 * ks, mean, color=colour, label=label)
+                ax.fill_between(
+                    100 * ks, np.clip(mean - band, 0, top), np.clip(mean + band, 0, top), color=colour, alpha=0.2
+                )
+            ax.set_title(f"{curve} of the top k % attended pixels:\n{view}", fontsize=9)
+            ax.set_ylim(0, top)
+            ax.legend(fontsize=7)
+        axes[row, 0].set_ylabel("p(true class)" + (" / p at k=0" if top != 1.0 else ""))
+    for ax in axes[-1]:
         ax.set_xlabel("k (%)")
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel("probability of the true class")
-    axes[1].legend()
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 

@@ -3,6 +3,7 @@
     python benchmarks/spurious_shapes.py  # camal and vanilla, 5 folds, seeds 7 8 9, stats.py per seed
     python benchmarks/spurious_shapes.py --seeds 1 --methods camal vanilla suppress
     python benchmarks/spurious_shapes.py --cue corner         # the stress case: a compact 24 x 24 corner cue
+    python benchmarks/spurious_shapes.py --methods camal vanilla suppress --faithfulness zero blur mean
 
 The data is train_dl_camal.py's built-in shapes with a class-coloured background (--shapes-cue background): in
 training, 95 % of the images of a class sit on its own colour (Waterbirds' share); held out, every image sits on another
@@ -19,10 +20,18 @@ chance is 0.25); CAMAL's accuracy CI and IoU CI above each baseline's; accuracy 
 0.53 over the seeds measured), so it is shown, not judged. A line says PASS when its criterion holds on every seed.
 Exit code 0 when every criterion holds on every seed, 1 when one fails, 2 on bad input. About 12 minutes per seed on 2
 CPU cores for the default two methods (docs/results.md).
+
+With --faithfulness, every held-out image of every run (--faithfulness-per-class 0) is then scored by
+eval_faithfulness.py once per fill (what removed pixels become), and stats.py tests CAMAL against each baseline over
+the paired runs of all seeds (one-tailed Wilcoxon on each run's mean AUC). Per fill: faithfulness_<fill>.log (the AUC
+tables: every sample, the samples every method classifies correctly, normalised by p(true) at k=0),
+faithfulness_<fill>.png (the curves with 95 % bands in those three views), faithfulness_<fill>/ (stats.py's report)
+and each run's faithfulness_<fill>.json. The faithfulness table is shown, not judged.
 """
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +92,8 @@ def run_seed(args, out, seed):
         str(seed),
         "--split-seed",
         str(seed),
+        "--faithfulness-per-class",
+        str(args.faithfulness_per_class),
     ]
     settings += args.train_args.split()
     for method in args.methods:
@@ -116,6 +127,58 @@ def run_seed(args, out, seed):
         print(f"error: stats.py exited with {code}; see {folder / 'stats.md'}", file=sys.stderr)
         sys.exit(1)
     return json.loads((folder / "stats" / "stats.json").read_text())
+
+
+def score_faithfulness(args, out, fill):
+    """eval_faithfulness.py on every run of every seed with one fill, then stats.py over them all; stats.py's
+    faithfulness results per baseline."""
+    runs = sorted(str(p.parent) for p in out.glob("seed_*/runs/*/metrics.json"))
+    t = time.time()
+    cmd = [sys.executable, str(ROOT / "eval_faithfulness.py"), *runs, "--fill", fill]
+    code = run([*cmd, "--plot", str(out / f"faithfulness_{fill}.png")], out, out / f"faithfulness_{fill}.log")
+    if code:
+        log = out / f"faithfulness_{fill}.log"
+        print(f"error: eval_faithfulness.py exited with {code}; see {log}", file=sys.stderr)
+        sys.exit(1)
+    samples = sum(len(json.loads((Path(r) / "faithfulness.json").read_text())["samples"]) for r in runs)
+    print(
+        f"faithfulness, removed pixels {fill}: {samples} images of {len(runs)} runs in {time.time() - t:.0f} s "
+        f"({samples / (time.time() - t):.2f} images/s; log: {out / f'faithfulness_{fill}.log'})",
+        flush=True,
+    )
+    folders = sorted({str(Path(r).parent) for r in runs})
+    report = out / f"faithfulness_{fill}"
+    code = run([sys.executable, str(ROOT / "stats.py"), *folders, "--out", str(report)], out, out / f"{report}.md")
+    if code:
+        print(f"error: stats.py exited with {code}; see {report}.md", file=sys.stderr)
+        sys.exit(1)
+    for r in runs:  # the next fill's scoring writes faithfulness.json again: each fill's copy stays
+        shutil.copyfile(os.path.join(r, "faithfulness.json"), os.path.join(r, f"faithfulness_{fill}.json"))
+    return json.loads((report / "stats.json").read_text())["dl"]["faithfulness"]
+
+
+def faithfulness_table(results):
+    """{fill: stats.py's faithfulness per baseline} as one markdown table."""
+    print(
+        "\n| removed pixels | camal vs | images (camal / other) | p(true) at k=0 | removal AUC, camal | other "
+        "| p (removal lower) | insertion AUC, camal | other | p (insertion higher) | paired runs |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for fill, per_base in results.items():
+        for base, (res,) in per_base.items():
+            r, i, p0 = res["removal_auc"], res["insertion_auc"], res["start_probability"]
+
+            def cell(d):
+                return f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+
+            def p(w):
+                return f"{w['p']:.3g}" if w["p"] is not None else w["verdict"]
+
+            print(
+                f"| {fill} | {base} | {r['camal']['n']} / {r[base]['n']} | {p0['camal']:.2f} / {p0[base]:.2f} "
+                f"| {cell(r['camal'])} | {cell(r[base])} | {p(r['wilcoxon'])} | {cell(i['camal'])} | {cell(i[base])} "
+                f"| {p(i['wilcoxon'])} | {r['paired_runs']} |"
+            )
 
 
 def criteria(comp):
@@ -156,6 +219,20 @@ def main():
         help="the shortcut: background (the benchmark) or corner, the compact-cue stress case for mean-based alpha and "
         "beta",
     )
+    p.add_argument(
+        "--faithfulness",
+        nargs="*",
+        default=[],
+        choices=["zero", "mean", "blur"],
+        help="after training, score every run with eval_faithfulness.py once per fill given (what removed pixels "
+        "become)",
+    )
+    p.add_argument(
+        "--faithfulness-per-class",
+        type=int,
+        default=0,
+        help="held-out images per class each run keeps for eval_faithfulness.py (0: all of them; 1: the paper's)",
+    )
     p.add_argument("--train-args", default="", help="extra train_dl_camal.py flags, one string (tests: tiny settings)")
     args = p.parse_args()
     problems = []
@@ -163,14 +240,19 @@ def main():
         problems.append("--methods needs camal and at least one baseline")
     if args.folds < 2:
         problems.append(f"--folds must be at least 2, got {args.folds}")
+    if args.faithfulness_per_class < 0:
+        problems.append(f"--faithfulness-per-class must be 0 (all) or more, got {args.faithfulness_per_class}")
+    if len(set(args.faithfulness)) != len(args.faithfulness):
+        problems.append(f"--faithfulness: each fill once, got {' '.join(args.faithfulness)}")
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         problems.append(f"--seeds must be distinct and not negative, got {args.seeds}")
     if any(
-        f.split("=")[0] in ("--seed", "--split-seed", "--method", "--fold", "--folds") for f in args.train_args.split()
+        f.split("=")[0] in ("--seed", "--split-seed", "--method", "--fold", "--folds", "--faithfulness-per-class")
+        for f in args.train_args.split()
     ):
         problems.append(
-            "--train-args may not set --seed, --split-seed, --method, --fold or --folds: use --seeds, --methods, "
-            "--folds"
+            "--train-args may not set --seed, --split-seed, --method, --fold, --folds or --faithfulness-per-class: use "
+            "--seeds, --methods, --folds, --faithfulness-per-class"
         )
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
@@ -224,6 +306,8 @@ def main():
             f"{'PASS' if len(held) == len(verdicts) else 'FAIL'}: {name} (seeds {' '.join(map(str, held)) or 'none'} "
             f"of {' '.join(map(str, verdicts))})"
         )
+    if args.faithfulness:
+        faithfulness_table({fill: score_faithfulness(args, out, fill) for fill in args.faithfulness})
     sys.exit(0 if all(ok for checks in verdicts.values() for _, ok in checks) else 1)
 
 

@@ -216,24 +216,52 @@ def test_curve_plot_bands_stay_in_range_and_colours_follow_the_method(tmp_path, 
     figures = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
     ks = np.linspace(0, 1, 5)
-    noisy = {"removal": [[0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]], "insertion": [[0.0] * 5, [1.0] * 5]}
-    ef.plot_curves(tmp_path / "a.png", ks, {"vanilla": noisy, "camal": noisy, "camal/random": noisy})
-    ef.plot_curves(tmp_path / "b.png", ks, {"camal": noisy})
+
+    def group(starts, correct):
+        """A method's pooled samples: removal falls from its start, insertion rises to 1."""
+        g, entries = ef.new_group(), []
+        for p, ok in zip(starts, correct):
+            curves = {"removal": [p, p / 2, 0.0, 0.0, 0.0], "insertion": [0.0, 0.5, 1.0, 1.0, 1.0]}
+            normalised = {
+                f"{c}_auc_normalised": ef.auc(ks, np.array(curves[c]) / p) if p >= 0.5 else None for c in curves
+            }
+            aucs = {f"{c}_auc": ef.auc(ks, np.array(curves[c])) for c in curves}
+            attention = {**curves, **aucs, **normalised}
+            entries.append({"attention": attention, "random": attention, "start_probability": p, "correct": ok})
+        ef.pool(g, entries, list(range(len(entries))), "attention")
+        return g
+
+    both = group([0.0, 1.0, 0.9, 0.6], [False, True, True, True])
+    other = group([0.2, 0.9, 0.3, 0.8], [False, True, False, True])
+    ef.plot_curves(tmp_path / "a.png", ks, {"vanilla": other, "camal": both, "camal/random": both})
+    ef.plot_curves(tmp_path / "b.png", ks, {"camal": both})
     colour = {}
     for fig in figures:
-        for ax in fig.axes:
-            for band in ax.collections:  # 95 % bands of a probability: never below 0 or above 1
+        assert len(fig.axes) == 6  # every sample, the correct ones, normalised; removal and insertion
+        for row, ax in enumerate(fig.axes):
+            top = 1 / ef.NORMALISE_FLOOR if row >= 4 else 1.0
+            for band in ax.collections:  # 95 % bands of a probability (or a ratio below top): never outside
                 ys = band.get_paths()[0].vertices[:, 1]
-                assert ys.min() >= 0 and ys.max() <= 1
+                assert ys.min() >= 0 and ys.max() <= top
             assert len(ax.collections) == sum(
                 1 for line in ax.lines if line.get_linestyle() == "-"
             )  # floors have no band
             for line in ax.lines:
-                name = line.get_label().split("/")[0]
+                name = line.get_label().split(" (n=")[0].split("/")[0]
                 colour.setdefault(name, set()).add(matplotlib.colors.to_hex(line.get_color()))
     assert (
         all(len(c) == 1 for c in colour.values()) and colour["camal"] != colour["vanilla"]
     )  # one colour per method, in every plot
+    n = [
+        {line.get_label().split(" (n=")[0]: line.get_label()[:-1].split("n=")[1] for line in ax.lines}
+        for ax in figures[0].axes[::2]
+    ]
+    # samples 1 and 3 are correct for both methods; camal has three starts of at least 0.5, vanilla two
+    assert n[0] == {"vanilla": "4", "camal": "4", "camal/random": "4"}
+    assert n[1] == {"vanilla": "2", "camal": "2", "camal/random": "2"}
+    assert n[2] == {"vanilla": "2", "camal": "3", "camal/random": "3"}
+    normalised = figures[0].axes[4].lines[1].get_ydata()  # camal's removal over its starts: 1 at k=0
+    assert normalised[0] == pytest.approx(1.0)
 
 
 @pytest.mark.slow

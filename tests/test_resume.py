@@ -474,3 +474,46 @@ def test_a_resumed_run_is_the_same_experiment(tmp_path):
         for tag in curves:
             assert curves[tag] == curves2[tag], (name, tag)
         assert weights.keys() == weights2.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)
+
+
+def test_a_cut_settings_file_in_the_working_directory_changes_no_game(tmp_path, monkeypatch):
+    """The engine's settings file, cut short where an engine was killed writing it (movebob=0. stills the weapon):
+    once read from the working directory by every later game, it made a resumed run's replay miss its saved frames on
+    every retry. Each game now keeps a settings file of its own, so the games draw the same frames, the replay lands,
+    and nothing is left behind."""
+    import vizdoom as vzd
+
+    ppo = load_script("ppo_camal_vizdoom")
+    game = vzd.DoomGame()  # a whole settings file, as the engine writes it
+    game.load_config(os.path.join(vzd.scenarios_path, "basic.cfg"))
+    game.set_window_visible(False)
+    game.set_doom_config_path(str(tmp_path / "whole.ini"))
+    game.init()
+    game.close()
+    whole = (tmp_path / "whole.ini").read_text()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "_vizdoom.ini").write_text(whole[: whole.index("movebob=0.") + len("movebob=0.")])
+    clean = tmp_path / "clean"
+    clean.mkdir()
+
+    def play(folder):
+        monkeypatch.chdir(folder)
+        env = ppo.VizDoomEnv("Basic", frame_skip=4, frame_height=60, frame_width=80)
+        env.reset(seed=3)
+        digests = [env.digest()]
+        for a in [0, 1, 2, 0, 2] * 4:
+            env.step(a)
+            digests.append(env.digest())
+        return env, digests
+
+    first, seen = play(clean)
+    second, seen_there = play(cut)
+    assert seen_there == seen
+    replay = ppo.VizDoomEnv("Basic", frame_skip=4, frame_height=60, frame_width=80)
+    replay.saved_position = first.position()
+    assert not isinstance(replay.put_back(4), str)
+    folders = [env.config_dir for env in (first, second, replay)]
+    for env in (first, second, replay):
+        env.close()
+    assert not any(os.path.exists(f) for f in folders) and not (clean / "_vizdoom.ini").exists()

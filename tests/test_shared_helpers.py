@@ -71,7 +71,7 @@ SHARED = [
             "RESIZE, CROP",
         ),
     ),
-    ("eval_faithfulness.py", ("mean_ci", "plot_curves")),
+    ("eval_faithfulness.py", ("mean_ci", "plot_curves", "correct_by_all", "NORMALISE_FLOOR")),
     ("stats.py", ("DATASET_NAMES",)),
     ("benchmarks/spurious_shapes.py", ("fresh_folder",)),
 ]

@@ -1,4 +1,5 @@
-"""benchmarks/spurious_shapes.py end to end at a tiny size: both methods on every fold, stats.py, the verdict lines."""
+"""benchmarks/spurious_shapes.py end to end at a tiny size: both methods on every fold of two seeds, stats.py, the
+verdict lines, and the faithfulness of every held-out image with two fills."""
 
 import json
 import subprocess
@@ -24,6 +25,10 @@ def test_pipeline_runs_and_judges(tmp_path):
             "corner",
             "--seeds",
             "3",
+            "4",
+            "--faithfulness",
+            "zero",
+            "blur",
             "--train-args",
             tiny,
         ],
@@ -38,7 +43,7 @@ def test_pipeline_runs_and_judges(tmp_path):
     assert "| 3 | camal | " in out and "| 3 | vanilla | " in out
     assert "Table 5" in (tmp_path / "b" / "seed_3" / "stats.md").read_text()  # stats.py's IoU table against vanilla
     verdicts = [line for line in out.splitlines() if line.startswith(("PASS: ", "FAIL: "))]
-    assert len(verdicts) == 5 and all(v.endswith(" of 3)") for v in verdicts)
+    assert len(verdicts) == 5 and all(v.endswith(" of 3 4)") for v in verdicts)
     assert (proc.returncode == 0) == all(v.startswith("PASS") for v in verdicts)
     runs = sorted(p.name for p in (tmp_path / "b" / "seed_3" / "runs").iterdir())
     assert len(runs) == 4 and sum("__camal__" in r for r in runs) == 2
@@ -50,6 +55,19 @@ def test_pipeline_runs_and_judges(tmp_path):
     )  # the stress case
     assert (settings["seed"], settings["split_seed"]) == (3, 3)  # a seed is the data, the split and the initialisation
     assert (tmp_path / "b" / "seed_3" / "stats" / "stats.json").is_file()
+    # every held-out image (2 classes x 4, half held out per fold: 8 per seed and method), two seeds, two fills
+    for fill in ("zero", "blur"):
+        assert f"faithfulness, removed pixels {fill}: 32 images of 8 runs in" in out
+        (row,) = [line for line in out.splitlines() if line.startswith(f"| {fill} | vanilla | ")]
+        assert row.startswith(f"| {fill} | vanilla | 16 / 16 |") and row.endswith("| 4 |")  # 2 folds x 2 seeds
+        assert (tmp_path / "b" / f"faithfulness_{fill}.png").stat().st_size > 10000
+        log = (tmp_path / "b" / f"faithfulness_{fill}.log").read_text()
+        assert "samples that every method's model classifies correctly at k=0" in log
+        stats = json.loads((tmp_path / "b" / f"faithfulness_{fill}" / "stats.json").read_text())
+        assert len(stats["dl"]["comparisons"][0]["pairs"]) == 4
+        for r in runs:
+            faith = json.loads((tmp_path / "b" / "seed_3" / "runs" / r / f"faithfulness_{fill}.json").read_text())
+            assert (faith["fill"], faith["per_class"], len(faith["samples"])) == (fill, 0, 4)
 
 
 def test_bad_input(tmp_path):

@@ -54,8 +54,72 @@ def test_faithfulness_pooled_over_comparisons_of_other_fills_is_refused(st, tmp_
     ) or "scored with different --fill (zero in the pets resnet18 comparison, blur in the flowers102" in str(err.value)
 
 
-def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, faithfulness=None, epochs=2):
-    run = root / f"{dataset}__{model}__{method}__fold{fold}__{seed}__0"
+def test_split_seeds_are_replicates_of_one_experiment(st, tmp_path):
+    """Runs on three k-fold splits (the spurious-shapes benchmark's seeds): one comparison, paired per split, fold."""
+    for split in (7, 8, 9):
+        for fold in (0, 1):
+            faith = ([0.2 + 0.01 * split], [0.7])
+            write_dl(
+                tmp_path,
+                "shapes",
+                "resnet18",
+                "camal",
+                fold,
+                0.9,
+                0.5,
+                seed=split,
+                split_seed=split,
+                faithfulness=faith,
+            )
+            write_dl(
+                tmp_path,
+                "shapes",
+                "resnet18",
+                "vanilla",
+                fold,
+                0.5,
+                0.1,
+                seed=split,
+                split_seed=split,
+                faithfulness=([0.4], [0.5]),
+            )
+    stats, _, _, _ = st.analyse(args_for(st, tmp_path))
+    (comp,) = stats["dl"]["comparisons"]
+    assert comp["variant"] == "" and len(comp["pairs"]) == 6
+    assert {(p["fold"], p["seed"]) for p in comp["pairs"]} == {(f, s) for f in (0, 1) for s in (7, 8, 9)}
+    (res,) = stats["dl"]["faithfulness"]["vanilla"]
+    assert res["removal_auc"]["paired_runs"] == 6
+
+
+def test_a_pair_scored_on_other_samples_is_refused(st, tmp_path):
+    """CAMAL's run kept every held-out image for eval_faithfulness.py, vanilla's one per class: their mean AUCs are
+    over other images, so the pair is not a pair."""
+    for fold in (0, 1):
+        write_dl(tmp_path, "pets", "resnet18", "camal", fold, 0.8, 0.5, faithfulness=([0.3], [0.6]), per_class=0)
+        write_dl(
+            tmp_path,
+            "pets",
+            "resnet18",
+            "vanilla",
+            fold,
+            0.8,
+            0.5,
+            faithfulness=([0.3], [0.6]),
+            per_class=1 if fold else 0,
+        )
+    with pytest.raises(st.StatsError) as err:
+        st.analyse(args_for(st, tmp_path))
+    assert (
+        "fold 1 of 5 (split seed 0), seed 1: the camal and vanilla runs' faithfulness samples were drawn "
+        in str(err.value)
+        and "--faithfulness-per-class 0 in" in str(err.value)
+        and "--faithfulness-per-class 1 in" in str(err.value)
+    )
+
+
+def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, faithfulness=None, epochs=2, **saved):
+    split_seed, per_class = saved.get("split_seed", 0), saved.get("per_class", 1)
+    run = root / f"{dataset}__{model}__{method}__fold{fold}__{seed}__{split_seed}"
     run.mkdir(parents=True)
     metrics = {
         "dataset": dataset,
@@ -64,7 +128,7 @@ def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, fait
         "fold": fold,
         "folds": folds,
         "seed": seed,
-        "split_seed": 0,
+        "split_seed": split_seed,
         "test_accuracy": acc,
         "test_iou": iou,
         "epochs": epochs,
@@ -85,7 +149,8 @@ def write_dl(root, dataset, model, method, fold, acc, iou, seed=1, folds=5, fait
             }
             for r, i in zip(*faithfulness)
         ]
-        (run / "faithfulness.json").write_text(json.dumps({"k": k, "samples": samples, "method": method}))
+        faith = {"k": k, "samples": samples, "method": method, "per_class": per_class}
+        (run / "faithfulness.json").write_text(json.dumps(faith))
     return run
 
 
