@@ -140,10 +140,11 @@ def score_faithfulness(args, out, fill):
         log = out / f"faithfulness_{fill}.log"
         print(f"error: eval_faithfulness.py exited with {code}; see {log}", file=sys.stderr)
         sys.exit(1)
+    seconds = time.time() - t
     samples = sum(len(json.loads((Path(r) / "faithfulness.json").read_text())["samples"]) for r in runs)
     print(
-        f"faithfulness, removed pixels {fill}: {samples} images of {len(runs)} runs in {time.time() - t:.0f} s "
-        f"({samples / (time.time() - t):.2f} images/s; log: {out / f'faithfulness_{fill}.log'})",
+        f"faithfulness, removed pixels {fill}: {samples} images of {len(runs)} runs in {seconds:.0f} s "
+        f"({samples / seconds:.2f} images/s; log: {out / f'faithfulness_{fill}.log'})",
         flush=True,
     )
     folders = sorted({str(Path(r).parent) for r in runs})
@@ -164,16 +165,16 @@ def faithfulness_table(results):
         "| p (removal lower) | insertion AUC, camal | other | p (insertion higher) | paired runs |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(d):
+        return f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+
+    def p(w):  # stats.py's p_text
+        return f"{w['p']:.3g}" if w["p"] is not None else w["verdict"]
+
     for fill, per_base in results.items():
         for base, (res,) in per_base.items():
             r, i, p0 = res["removal_auc"], res["insertion_auc"], res["start_probability"]
-
-            def cell(d):
-                return f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
-
-            def p(w):
-                return f"{w['p']:.3g}" if w["p"] is not None else w["verdict"]
-
             print(
                 f"| {fill} | {base} | {r['camal']['n']} / {r[base]['n']} | {p0['camal']:.2f} / {p0[base]:.2f} "
                 f"| {cell(r['camal'])} | {cell(r[base])} | {p(r['wilcoxon'])} | {cell(i['camal'])} | {cell(i[base])} "

@@ -214,6 +214,7 @@ def write_code_running_file(path, marker, **entries):
 LONG_FIRST = (
     "test_slurm.py",
     "test_stats.py",
+    "test_spurious_benchmark.py",  # two seeds trained and scored with two fills: about 2.5 min
     "test_drl_learning.py",
     "test_gpu_check.py",
     "test_resume.py",

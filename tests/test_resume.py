@@ -441,26 +441,31 @@ def test_a_resumed_run_is_the_same_experiment(tmp_path):
                 refused = run_script("ppo_camal_vizdoom", ["--resume", str(broken)], cwd=tmp_path / "broken")
                 assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
                 assert "its games cannot be put back where they were: they hold actions outside" in refused.stderr
-            if name == "killed":  # a replay that does not reach the saved frame: resumed on new episodes, said loudly
-                other = tmp_path / "other" / run.name  # (a SLURM cell once failed so on its second resume; cause open)
-                shutil.copytree(run, other)
+            if name == "killed":
+
+                def resume_copy(folder, checkpoint):
+                    """A copy of the run with another checkpoint, resumed: it must finish, saying why its games
+                    start new episodes."""
+                    copy = tmp_path / folder / run.name
+                    shutil.copytree(run, copy)
+                    torch.save(checkpoint, copy / "checkpoint.pt")
+                    went_on = run_script("ppo_camal_vizdoom", ["--resume", str(copy)], cwd=tmp_path / folder)
+                    assert went_on.returncode == 0 and (copy / "eval.json").is_file(), went_on.stderr[-2000:]
+                    return went_on.stderr
+
+                # a replay that does not reach the saved frame (as after a cut _vizdoom.ini): new episodes, said loudly
                 state["games"]["games"][0]["digest"][0] ^= 1
-                torch.save(state, other / "checkpoint.pt")
-                went_on = run_script("ppo_camal_vizdoom", ["--resume", str(other)], cwd=tmp_path / "other")
-                assert went_on.returncode == 0 and (other / "eval.json").is_file(), went_on.stderr[-2000:]
+                stderr = resume_copy("other", state)
                 assert (
                     "its games could not be put back where they were (the replayed game shows another frame than the "
-                    "saved one): they start new episodes" in went_on.stderr
-                ), went_on.stderr[-2000:]
-                older = tmp_path / "older" / run.name  # a checkpoint from before the games were recorded
-                shutil.copytree(run, older)
-                torch.save({k: v for k, v in state.items() if k != "games"}, older / "checkpoint.pt")
-                went_on = run_script("ppo_camal_vizdoom", ["--resume", str(older)], cwd=tmp_path / "older")
-                assert went_on.returncode == 0 and (older / "eval.json").is_file(), went_on.stderr[-2000:]
+                    "saved one): they start new episodes" in stderr
+                ), stderr[-2000:]
+                # a checkpoint from before the games were recorded
+                stderr = resume_copy("older", {k: v for k, v in state.items() if k != "games"})
                 assert (
                     "this checkpoint does not hold where its games were (it was saved by an older version): they "
-                    "start new episodes" in went_on.stderr
-                ), went_on.stderr[-2000:]
+                    "start new episodes" in stderr
+                ), stderr[-2000:]
             resumed = run_script("ppo_camal_vizdoom", ["--resume", str(run)], cwd=tmp_path / name)
             assert resumed.returncode == 0, resumed.stderr[-3000:]
             assert "the games are where the checkpoint left them" in resumed.stdout, resumed.stdout[-2000:]
