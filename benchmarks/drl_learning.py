@@ -5,6 +5,7 @@
     python benchmarks/drl_learning.py --cams abs paper abs-target       # ... and per CAM formulation
     python benchmarks/drl_learning.py --reference                       # + Stable-Baselines3's PPO on the same frames
     python benchmarks/drl_learning.py --train-args "--reward-scale 0.01" --out drl_learning_scaled
+    python benchmarks/drl_learning.py --env TakeCover --total-timesteps 1024000 --records docs/runs/drl
 
 Table 8's settings throughout (ppo_camal_vizdoom.py's defaults), at a CPU-sized frame and for a budget in which both
 methods learn the game (409,600 steps: measured, docs/results.md). The cells run through benchmark.py (resumable: a
@@ -16,11 +17,15 @@ reach --threshold, and the evaluation return and IoU at the end. --reference add
 sb3_ppo_vizdoom.py) on the same frames and hyperparameters: a defect in our PPO would show as a gap between the curves.
 
 Verdicts (exit code 0 when all hold, 1 otherwise, 2 on bad input): vanilla and each CAMAL configuration reach a mean
-evaluation return of at least --threshold in every seed (Basic 50, DefendCenter 10; DefendLine and TakeCover have no
+evaluation return of at least --threshold in every seed (Basic 50, DefendCenter 10, TakeCover 500; DefendLine has no
 default yet: a budget seed chooses it), and above a random policy's on the same games by --random-margin (each
 eval.json holds the random policy's returns); each CAMAL configuration's evaluation IoU is above vanilla's (under its
 CAM) in every seed, with a significant probability of improvement; with --reference, our vanilla's evaluation return is
 at least SB3's minus --reference-margin in the mean over seeds.
+
+--records DIR keeps what stats.py needs of each run, a few kB (eval.json, args.json, environment.json and the run's
+binned curves), in DIR/<cell>/: the runs' checkpoints and events can go, and `python stats.py DIR` still compares every
+scenario recorded there (the paper's Figure 4 across scenarios).
 """
 
 import argparse
@@ -48,9 +53,9 @@ def load(name):
 
 # stats.py's curve helpers; benchmark.py's cells, as its runs name them
 stats, benchmark = load("stats"), load("benchmark")
-# the return a learned agent reaches: Basic's trained agents score 75-85 (docs/results.md), and public DefendCenter
-# agents about 11 after 150k-260k steps (a random agent about 0); DefendLine and TakeCover: not chosen yet
-THRESHOLDS = {"Basic": 50.0, "DefendCenter": 10.0}
+# the return a learned agent reaches: Basic agents score 75-85 (docs/results.md), public DefendCenter agents
+# about 11 after 150k-260k steps (random about 0), TakeCover budget seed 11 passed 500 (random 432); DefendLine: not yet
+THRESHOLDS = {"Basic": 50.0, "DefendCenter": 10.0, "TakeCover": 500.0}
 
 
 def parse(argv):
@@ -100,6 +105,7 @@ def parse(argv):
     )
     p.add_argument("--workers", type=int, default=2, help="runs at a time (each gets cores / workers CPU threads)")
     p.add_argument("--curve-points", type=int, default=40, help="points of the step grid of the curves")
+    p.add_argument("--records", help="a folder to keep each run's record in (eval.json, args.json, curves)")
     p.add_argument(
         "--train-args",
         default="",
@@ -126,8 +132,9 @@ def parse(argv):
         problems.append(
             f"--train-args may not set what the benchmark sets (--camal-coef, --cam, --method, --seed, --env): {flags}"
         )
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        problems.append(f"--out {args.out} is a file")
+    for flag, folder in (("--out", args.out), ("--records", args.records)):
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            problems.append(f"{flag} {folder} is a file")
     if problems:
         p.exit(2, "error: " + "; ".join(problems) + "\n")
     return args
@@ -302,6 +309,19 @@ def plot(path, groups, edges, env, threshold):
     plt.close(fig)
 
 
+def keep_records(folder, runs, edges, group):
+    """Each run's record in folder/<cell>/: what stats.py reads (eval.json, args.json), which code made it
+    (environment.json) and its binned training curves (group: tag -> one row per run); a record there is replaced."""
+    for i, run in enumerate(runs):
+        record = Path(folder) / run.parent.parent.name
+        record.mkdir(parents=True, exist_ok=True)
+        for name in ("eval.json", "args.json", "environment.json"):
+            if (run / name).is_file():
+                stats.write_json(str(record / name), json.loads((run / name).read_text()), indent=1)
+        rows = {tag: group[tag][i].tolist() for tag in group}
+        stats.write_json(str(record / "curves.json"), stats.clean({"steps": edges[1:].tolist(), **rows}), indent=1)
+
+
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.out).resolve()
@@ -322,6 +342,7 @@ def main(argv=None):
         "iou": [curve(r, "charts/attention_iou", edges) for r in vanilla],
     }
     reach = {"vanilla": [first_reach(c, edges, args.threshold) for c in groups[name]["return"]]}
+    kept = [(name, vanilla)]
     checks.append(
         (
             f"vanilla: evaluation return >= {args.threshold:g} in every seed",
@@ -343,6 +364,7 @@ def main(argv=None):
             "iou": [curve(r, "charts/attention_iou", edges) for r in runs],
         }
         reach[name] = [first_reach(c, edges, args.threshold) for c in groups[name]["return"]]
+        kept.append((name, runs))
         st = run_stats(out, f"camal_{coef:g}_{cam}", runs + vanilla)
         # e.g. runs of two experiments: stats.py says why it paired nothing
         if set(st["drl"]["metrics"]) != {"return", "iou"}:
@@ -420,6 +442,8 @@ def main(argv=None):
     for name, r in reach.items():
         print(f"- {name}: " + ", ".join(f"seed {s}: {'never' if v is None else v}" for s, v in zip(args.seeds, r)))
     plot(out / "drl_learning.png", groups, edges, args.env, args.threshold)
+    for name, runs in kept if args.records else []:
+        keep_records(args.records, runs, edges, groups[name])
     summary = {name: {k: [row.tolist() for row in v] for k, v in g.items()} for name, g in groups.items()}
     stats.write_json(
         str(out / "curves.json"), stats.clean({"steps": edges[1:].tolist(), "groups": summary, "first_reach": reach})

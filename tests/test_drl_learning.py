@@ -1,5 +1,5 @@
 """benchmarks/drl_learning.py and benchmarks/sb3_ppo_vizdoom.py: a tiny learning check end to end, and their bad
-input."""
+input; benchmarks/ppo_sps.py's timing of the reference beside our PPO."""
 
 import importlib.util
 import json
@@ -35,7 +35,7 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     train = "--num-envs 2 --num-steps 32 --eval-episodes 1 --image-every 0 --reward-scale 0.01"
     args = ["--out", "out", "--seeds", "1", "--total-timesteps", "1024", "--curve-points", "2", "--threshold", "-1000"]
     args += ["--reference", "--reference-margin", "1e6", "--random-margin=-1e6", "--train-args", train]
-    proc = check(args, tmp_path)
+    proc = check(args + ["--records", "records"], tmp_path)
     # one seed: no probability of improvement can be significant, so the IoU verdict fails and the exit code says so
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -74,6 +74,26 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     (run,) = (cell / "runs").iterdir()
     assert json.loads((run / "args.json").read_text())["reward_scale"] == 0.01  # --train-args reach every run
     assert json.loads((run / "eval.json").read_text())["reward_scale"] == 0.01
+    # the records alone (no checkpoints, no events) are enough for stats.py, and carry each run's curves
+    records = sorted((tmp_path / "records").iterdir())
+    assert [r.name for r in records] == sorted(c.name for c in (folder / "cells").iterdir())
+    for record in records:
+        assert sorted(f.name for f in record.iterdir()) == ["args.json", "curves.json", "environment.json", "eval.json"]
+    kept = json.loads((records[0] / "curves.json").read_text())
+    assert (
+        kept["steps"] == [512.0, 1024.0]
+        and kept["return"] == curves["groups"]["CAMAL lambda 1, --cam abs"]["return"][0]
+    )
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "stats.py"), "records", "--out", "records_stats"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    st = json.loads((tmp_path / "records_stats" / "stats.json").read_text())
+    assert st["drl"]["metrics"]["return"]["raw"]["camal"] == [[evals["camal"]["mean_return"]]]
     again = check(args, tmp_path)
     assert again.returncode == 1 and "2 done, 0 failed" in again.stderr and "SB3 PPO seed" not in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows
@@ -89,6 +109,24 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_speed_of_both_ppos_in_one_run(tmp_path):
+    """ppo_sps.py --reference times SB3's PPO on the same games after ours, and prints our vanilla's SPS over SB3's per
+    round; a rollout length SB3 is not run with is refused."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ppo_sps.py"), "--env", "Basic", "--vector", "sync", "--reference"]
+    cmd += ["--iterations", "2", "--rounds", "1", "--env-seconds", "0.5", "--num-envs", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    sync = next(line.split() for line in lines if line.startswith("sync "))
+    sb3 = next(line for line in lines if line.startswith("sb3 (in-process games): "))
+    ratio = next(line for line in lines if line.startswith("vanilla (sync) / sb3: "))
+    sb3_sps = float(sb3.split(": ")[1].split()[0])
+    assert sb3_sps > 0 and float(ratio.split()[4]) == pytest.approx(float(sync[2]) / sb3_sps, rel=0.02)
+    bad = subprocess.run(cmd + ["--num-steps", "64"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "128-step rollouts" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -97,7 +135,7 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
         (["--train-args", "--camal-coef 3"], "--train-args may not set"),
         (["--train-args=--cam=paper"], "--train-args may not set"),
         (["--cams", "relu"], "invalid choice"),
-        (["--env", "TakeCover"], "--threshold: TakeCover has no default yet"),
+        (["--env", "DefendLine"], "--threshold: DefendLine has no default yet"),
         (["--threshold", "nan"], "must be numbers"),
     ],
 )
