@@ -110,6 +110,42 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
 
 
 @pytest.mark.slow
+def test_more_evaluation_episodes_of_saved_agents(ppo_smoke_run, tmp_path):
+    """drl_eval.py: each saved run plays --episodes episodes beside a random policy, into an eval.json of the trainer's
+    format that stats.py scores; the same call plays the same episodes; a run without a saved model is refused."""
+    runs = [next((ppo_smoke_run("Basic", m)[1] / "runs").iterdir()) for m in ("camal", "vanilla")]
+    script = [sys.executable, str(ROOT / "benchmarks" / "drl_eval.py")]
+
+    def call(*argv):
+        return subprocess.run([*script, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    for out in ("a", "b"):
+        proc = call(*map(str, runs), "--episodes", "3", "--out", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in runs:
+        got = json.loads((tmp_path / "a" / run.name / "eval.json").read_text())
+        assert len(got["episodic_returns"]) == len(got["random_returns"]) == 3 and got["method"] in ("camal", "vanilla")
+        assert got == json.loads((tmp_path / "b" / run.name / "eval.json").read_text())
+        assert json.loads((tmp_path / "a" / run.name / "reevaluation.json").read_text())["run"] == str(run)
+        assert (tmp_path / "a" / run.name / "args.json").read_text() == (run / "args.json").read_text()
+    st = subprocess.run(
+        [sys.executable, str(ROOT / "stats.py"), "a", "--out", "a_stats"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert st.returncode == 0, st.stderr[-3000:]
+    drl = json.loads((tmp_path / "a_stats" / "stats.json").read_text())["drl"]
+    assert sorted(r["method"] for r in drl["runs"]) == ["camal", "vanilla"]
+    unsaved = next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir())
+    for argv, message in (
+        ((str(unsaved), "--out", "c"), "--save-model"),
+        ((str(runs[0]), "--episodes", "0", "--out", "c"), "--episodes must be at least 1"),
+        ((str(runs[0]), str(runs[0]), "--out", "c"), "share a folder name"),
+    ):
+        bad = call(*argv)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
 def test_speed_of_both_ppos_in_one_run(tmp_path):
     """ppo_sps.py --reference times SB3's PPO on the same games after ours, and prints our vanilla's SPS over SB3's per
     round; a rollout length SB3 is not run with is refused."""
