@@ -24,8 +24,10 @@ CAM) in every seed, with a significant probability of improvement; with --refere
 at least SB3's minus --reference-margin in the mean over seeds.
 
 --records DIR keeps what stats.py needs of each run, a few kB (eval.json, args.json, environment.json and the run's
-binned curves), in DIR/<cell>/: the runs' checkpoints and events can go, and `python stats.py DIR` still compares every
-scenario recorded there (the paper's Figure 4 across scenarios).
+binned curves), in DIR/<cell>/, and SB3's (reference_eval.json, curves) in DIR/reference__<env>__<frame>__<steps>__seed_N/:
+the runs' checkpoints and events can go, and `python stats.py DIR` still compares every scenario recorded there (the
+paper's Figure 4 across scenarios). --reference-episodes gives SB3's agents as many evaluation episodes as drl_eval.py
+gives ours (TakeCover needs about 100).
 """
 
 import argparse
@@ -100,6 +102,7 @@ def parse(argv):
         action="store_true",
         help="also train Stable-Baselines3's PPO on the same frames (requirements-bench.txt)",
     )
+    p.add_argument("--reference-episodes", type=int, default=10, help="evaluation episodes of each SB3 agent")
     p.add_argument(
         "--reference-margin", type=float, default=15.0, help="how far below SB3's mean evaluation return ours may fall"
     )
@@ -117,8 +120,10 @@ def parse(argv):
         problems.append(f"--seeds must be distinct and not negative, got {args.seeds}")
     if any(not (np.isfinite(c) and c > 0) for c in args.camal_coefs):
         problems.append(f"--camal-coefs must be positive numbers, got {args.camal_coefs}")
-    if args.workers < 1 or args.curve_points < 2 or args.total_timesteps < 1:
-        problems.append("--workers and --total-timesteps must be at least 1, --curve-points at least 2")
+    if args.workers < 1 or args.curve_points < 2 or args.total_timesteps < 1 or args.reference_episodes < 1:
+        problems.append(
+            "--workers, --total-timesteps and --reference-episodes must be at least 1, --curve-points at least 2"
+        )
     if args.threshold is None:
         args.threshold = THRESHOLDS.get(args.env)
         if args.threshold is None:
@@ -228,6 +233,7 @@ def run_references(args, out):
         cmd = [sys.executable, str(ROOT / "benchmarks" / "sb3_ppo_vizdoom.py"), "--env", args.env, "--seed", str(seed)]
         cmd += ["--frame-height", str(args.frame_height), "--frame-width", str(args.frame_width)]
         cmd += ["--total-timesteps", str(args.total_timesteps), "--reward-scale", str(scale), "--out", str(folder)]
+        cmd += ["--eval-episodes", str(args.reference_episodes)]
         env = dict(os.environ, OMP_NUM_THREADS=threads)
         with open(ref / f"seed_{seed}.log", "w") as log:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -309,13 +315,14 @@ def plot(path, groups, edges, env, threshold):
     plt.close(fig)
 
 
-def keep_records(folder, runs, edges, group):
-    """Each run's record in folder/<cell>/: what stats.py reads (eval.json, args.json), which code made it
-    (environment.json) and its binned training curves (group: tag -> one row per run); a record there is replaced."""
+def keep_records(folder, runs, edges, group, names=None):
+    """Each run's record in folder/<cell>/ (or folder/<names[i]>/): what stats.py reads (eval.json, args.json), which
+    code made it (environment.json), SB3's reference_eval.json, and its binned training curves (group: tag -> one row
+    per run); a record there is replaced."""
     for i, run in enumerate(runs):
-        record = Path(folder) / run.parent.parent.name
+        record = Path(folder) / (names[i] if names else run.parent.parent.name)
         record.mkdir(parents=True, exist_ok=True)
-        for name in ("eval.json", "args.json", "environment.json"):
+        for name in ("eval.json", "args.json", "environment.json", "reference_eval.json"):
             if (run / name).is_file():
                 stats.write_json(str(record / name), json.loads((run / name).read_text()), indent=1)
         rows = {tag: group[tag][i].tolist() for tag in group}
@@ -444,6 +451,12 @@ def main(argv=None):
     plot(out / "drl_learning.png", groups, edges, args.env, args.threshold)
     for name, runs in kept if args.records else []:
         keep_records(args.records, runs, edges, groups[name])
+    if args.records and refs:  # stats.py passes these folders by: they hold no eval.json
+        names = [
+            f"reference__{args.env}__{args.frame_height}x{args.frame_width}__{args.total_timesteps}__{r.name}"
+            for r in refs
+        ]
+        keep_records(args.records, refs, edges, groups["SB3 PPO (reference)"], names)
     summary = {name: {k: [row.tolist() for row in v] for k, v in g.items()} for name, g in groups.items()}
     stats.write_json(
         str(out / "curves.json"), stats.clean({"steps": edges[1:].tolist(), "groups": summary, "first_reach": reach})

@@ -34,7 +34,8 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     to the threshold, the figure and the verdicts; a rerun finds every run finished and trains nothing again."""
     train = "--num-envs 2 --num-steps 32 --eval-episodes 1 --image-every 0 --reward-scale 0.01"
     args = ["--out", "out", "--seeds", "1", "--total-timesteps", "1024", "--curve-points", "2", "--threshold", "-1000"]
-    args += ["--reference", "--reference-margin", "1e6", "--random-margin=-1e6", "--train-args", train]
+    args += ["--reference", "--reference-episodes", "2", "--reference-margin", "1e6", "--random-margin=-1e6"]
+    args += ["--train-args", train]
     proc = check(args + ["--records", "records"], tmp_path)
     # one seed: no probability of improvement can be significant, so the IoU verdict fails and the exit code says so
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,14 +70,20 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
         "SB3 PPO (reference)",
     }
     ref = json.loads((folder / "reference" / "seed_1" / "reference_eval.json").read_text())
-    assert ref["total_timesteps"] == 1024 and len(ref["episodic_returns"]) == 10
+    assert ref["total_timesteps"] == 1024 and len(ref["episodic_returns"]) == 2
     (cell,) = (folder / "cells").glob("drl__Basic__camal__abs__1__*")
     (run,) = (cell / "runs").iterdir()
     assert json.loads((run / "args.json").read_text())["reward_scale"] == 0.01  # --train-args reach every run
     assert json.loads((run / "eval.json").read_text())["reward_scale"] == 0.01
     # the records alone (no checkpoints, no events) are enough for stats.py, and carry each run's curves
-    records = sorted((tmp_path / "records").iterdir())
+    records = sorted((tmp_path / "records").glob("drl__*"))
     assert [r.name for r in records] == sorted(c.name for c in (folder / "cells").iterdir())
+    (sb3,) = (tmp_path / "records").glob("reference__*")  # SB3's agent and curve, which stats.py passes by
+    assert sb3.name == "reference__Basic__60x80__1024__seed_1"
+    assert json.loads((sb3 / "reference_eval.json").read_text()) == ref
+    assert (
+        json.loads((sb3 / "curves.json").read_text())["return"] == curves["groups"]["SB3 PPO (reference)"]["return"][0]
+    )
     for record in records:
         assert sorted(f.name for f in record.iterdir()) == ["args.json", "curves.json", "environment.json", "eval.json"]
     kept = json.loads((records[0] / "curves.json").read_text())
@@ -173,6 +180,7 @@ def test_speed_of_both_ppos_in_one_run(tmp_path):
         (["--cams", "relu"], "invalid choice"),
         (["--env", "DefendLine"], "--threshold: DefendLine has no default yet"),
         (["--threshold", "nan"], "must be numbers"),
+        (["--reference-episodes", "0"], "--reference-episodes must be at least 1"),
     ],
 )
 def test_learning_check_bad_input(argv, message, capsys):
