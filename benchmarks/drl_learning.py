@@ -24,10 +24,10 @@ CAM) in every seed, with a significant probability of improvement; with --refere
 at least SB3's minus --reference-margin in the mean over seeds.
 
 --records DIR keeps what stats.py needs of each run, a few kB (eval.json, args.json, environment.json and the run's
-binned curves), in DIR/<cell>/, and SB3's (reference_eval.json, curves) in DIR/reference__<env>__<frame>__<steps>__seed_N/:
-the runs' checkpoints and events can go, and `python stats.py DIR` still compares every scenario recorded there (the
-paper's Figure 4 across scenarios). --reference-episodes gives SB3's agents as many evaluation episodes as drl_eval.py
-gives ours (TakeCover needs about 100).
+binned curves), in DIR/<cell>/, and SB3's (reference_eval.json, curves) in
+DIR/reference__<env>__<frame>__<steps>__seed_N/: the runs' checkpoints and events can go, and `python stats.py DIR`
+still compares every scenario recorded there (the paper's Figure 4 across scenarios). --reference-episodes gives SB3's
+agents as many evaluation episodes as drl_eval.py gives ours (TakeCover needs about 100).
 """
 
 import argparse

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from conftest import load_script, read_events, run_script
+from conftest import ROOT, load_script, read_events, run_script
 
 REPS = 1000  # enough to exercise the bootstrap; the equality checks below do not depend on it
 
@@ -583,6 +583,24 @@ def test_cli_repeats_and_writes_everything(tmp_path):
     } <= files
     csv_rows = (tmp_path / "out0" / "dl_test_accuracy_camal_vs_vanilla.csv").read_text().splitlines()
     assert csv_rows[0].startswith("dataset,variant,model,pairs,camal_mean") and len(csv_rows) == 3
+
+
+@pytest.mark.parametrize("folder", ["drl_eval100"])
+def test_committed_records_are_scored_whole(tmp_path, folder):
+    """docs/runs holds the records docs/results.md quotes: stats.py scores every run there, none left out, skipped or
+    warned about, each with its own eval.json's return and IoU (SB3's records, without an eval.json, are passed by)."""
+    root = ROOT / "docs" / "runs" / folder
+    evals = [json.loads(p.read_text()) for p in sorted(root.glob("*/eval.json"))]
+    assert len(evals) >= 6
+    proc = run_script("stats", [str(root), "--out", "s", "--reps", "2000"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert result["incomplete"] == [] and result["skipped"] == [] and result["warnings"] == []
+    for metric, key in (("return", "mean_return"), ("iou", "mean_iou")):
+        raw = result["drl"]["metrics"][metric]["raw"]
+        for method in ("camal", "vanilla"):
+            got = sorted(v for row in raw[method] for v in row)
+            assert got == pytest.approx(sorted(e[key] for e in evals if e["method"] == method), abs=1e-6)
 
 
 @pytest.mark.slow
