@@ -154,7 +154,9 @@ def score_faithfulness(args, out, fill):
         print(f"error: stats.py exited with {code}; see {report}.md", file=sys.stderr)
         sys.exit(1)
     for r in runs:  # the next fill's scoring writes faithfulness.json again: each fill's copy stays
-        shutil.copyfile(os.path.join(r, "faithfulness.json"), os.path.join(r, f"faithfulness_{fill}.json"))
+        tmp = os.path.join(r, f".faithfulness_{fill}.json.tmp")  # renamed whole, so a crash never leaves half a copy
+        shutil.copyfile(os.path.join(r, "faithfulness.json"), tmp)
+        os.replace(tmp, os.path.join(r, f"faithfulness_{fill}.json"))
     return json.loads((report / "stats.json").read_text())["dl"]["faithfulness"]
 
 

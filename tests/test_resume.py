@@ -224,7 +224,7 @@ def test_first_run_explains_itself(tmp_path):
         tmp_path,
         [
             "--env",
-            "Basic",
+            "TakeCover",  # the users' first command
             "--num-envs",
             "2",
             "--num-steps",
@@ -247,12 +247,15 @@ def test_first_run_explains_itself(tmp_path):
     out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGINT, err[-3000:]
     assert ": CPU (" in lines[0] and "2 sync envs at 60 x 80, 781250 iterations of 128 steps" in lines[0]
-    assert "watch: tensorboard --logdir runs" in lines[1] and "--resume runs/Basic__" in lines[1]
+    assert "watch: tensorboard --logdir runs" in lines[1] and "--resume runs/TakeCover__" in lines[1]
     eta = lines[-1].split(" eta=")[1].split(" episodes=")[0]
     assert eta.endswith("h") and "d " in eta  # days and hours
     assert (
-        "warning: at " in err and "more (the paper's 10M steps" in err and "--frame-height 60 --frame-width 80" in err
+        "warning: at " in err
+        and "more (the paper's 10M steps" in err
+        and "--env Basic --frame-height 60 --frame-width 80" in err
     )
+    assert "TakeCover at 60 x 80 in about 40 min: python ppo_camal_vizdoom.py --env TakeCover --frame-height 60" in err
     assert (
         "SIGINT: saving a checkpoint and stopping" in out
         and "continue with: python ppo_camal_vizdoom.py --resume" in out

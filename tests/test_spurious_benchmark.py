@@ -68,6 +68,7 @@ def test_pipeline_runs_and_judges(tmp_path):
         for r in runs:
             faith = json.loads((tmp_path / "b" / "seed_3" / "runs" / r / f"faithfulness_{fill}.json").read_text())
             assert (faith["fill"], faith["per_class"], len(faith["samples"])) == (fill, 0, 4)
+    assert not list((tmp_path / "b").rglob("*.tmp"))  # each per-fill copy was renamed into place
 
 
 def test_bad_input(tmp_path):
