@@ -31,9 +31,11 @@ def check(args, cwd):
 @pytest.mark.slow
 def test_tiny_learning_check_with_the_reference(tmp_path):
     """Cells through benchmark.py, SB3's PPO on the same frames, stats.py per CAMAL configuration, the table, the steps
-    to the threshold, the figure and the verdicts; a rerun finds every run finished and trains nothing again."""
+    to the threshold, the figure and the verdicts; a rerun finds every run finished and trains nothing again. On
+    TakeCover: the users' scenario, with SB3's curve in docs/results.md (Basic's grids are in test_benchmark_grid)."""
     train = "--num-envs 2 --num-steps 32 --eval-episodes 1 --image-every 0 --reward-scale 0.01"
-    args = ["--out", "out", "--seeds", "1", "--total-timesteps", "1024", "--curve-points", "2", "--threshold", "-1000"]
+    args = ["--out", "out", "--env", "TakeCover", "--seeds", "1", "--total-timesteps", "1024", "--curve-points", "2"]
+    args += ["--threshold", "-1000"]
     args += ["--reference", "--reference-episodes", "2", "--reference-margin", "1e6", "--random-margin=-1e6"]
     args += ["--train-args", train]
     proc = check(args + ["--records", "records"], tmp_path)
@@ -50,7 +52,7 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     evals = {
         name: json.loads(
-            next((tmp_path / "out" / "cells").glob(f"drl__Basic__{name}__abs__1__*/runs/*/eval.json")).read_text()
+            next((tmp_path / "out" / "cells").glob(f"drl__TakeCover__{name}__abs__1__*/runs/*/eval.json")).read_text()
         )
         for name in ("vanilla", "camal")
     }
@@ -71,7 +73,7 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     }
     ref = json.loads((folder / "reference" / "seed_1" / "reference_eval.json").read_text())
     assert ref["total_timesteps"] == 1024 and len(ref["episodic_returns"]) == 2
-    (cell,) = (folder / "cells").glob("drl__Basic__camal__abs__1__*")
+    (cell,) = (folder / "cells").glob("drl__TakeCover__camal__abs__1__*")
     (run,) = (cell / "runs").iterdir()
     assert json.loads((run / "args.json").read_text())["reward_scale"] == 0.01  # --train-args reach every run
     assert json.loads((run / "eval.json").read_text())["reward_scale"] == 0.01
@@ -79,7 +81,7 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     records = sorted((tmp_path / "records").glob("drl__*"))
     assert [r.name for r in records] == sorted(c.name for c in (folder / "cells").iterdir())
     (sb3,) = (tmp_path / "records").glob("reference__*")  # SB3's agent and curve, which stats.py passes by
-    assert sb3.name == "reference__Basic__60x80__1024__seed_1"
+    assert sb3.name == "reference__TakeCover__60x80__1024__seed_1"
     assert json.loads((sb3 / "reference_eval.json").read_text()) == ref
     assert (
         json.loads((sb3 / "curves.json").read_text())["return"] == curves["groups"]["SB3 PPO (reference)"]["return"][0]
@@ -105,7 +107,7 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     assert again.returncode == 1 and "2 done, 0 failed" in again.stderr and "SB3 PPO seed" not in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows
     # runs that stats.py cannot pair (vanilla of another gamma) are a message, not a traceback
-    (cell,) = (folder / "cells").glob("drl__Basic__vanilla__abs__1__*")
+    (cell,) = (folder / "cells").glob("drl__TakeCover__vanilla__abs__1__*")
     (run,) = (cell / "runs").iterdir()
     (run / "args.json").write_text(json.dumps(dict(json.loads((run / "args.json").read_text()), gamma=0.5)))
     unpaired = check(args, tmp_path)
