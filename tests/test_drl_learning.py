@@ -180,7 +180,6 @@ def test_speed_of_both_ppos_in_one_run(tmp_path):
         (["--train-args", "--camal-coef 3"], "--train-args may not set"),
         (["--train-args=--cam=paper"], "--train-args may not set"),
         (["--cams", "relu"], "invalid choice"),
-        (["--env", "DefendLine"], "--threshold: DefendLine has no default yet"),
         (["--threshold", "nan"], "must be numbers"),
         (["--reference-episodes", "0"], "--reference-episodes must be at least 1"),
     ],
@@ -189,6 +188,16 @@ def test_learning_check_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         load("drl_learning").parse(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "env, threshold", [("Basic", 50), ("DefendCenter", 10), ("DefendLine", 15), ("TakeCover", 500)]
+)
+def test_every_scenario_has_a_threshold(env, threshold):
+    """Each scenario's default threshold, chosen on its budget seed (docs/results.md); --threshold overrides it."""
+    check = load("drl_learning")
+    assert check.parse(["--env", env]).threshold == threshold
+    assert check.parse(["--env", env, "--threshold", "3"]).threshold == 3
 
 
 @pytest.mark.parametrize(
