@@ -6,6 +6,10 @@ The first run's policy plays its scenario. Frames with an object on screen are p
 row shows the frame, its object mask and each agent's critic CAM (under the --cam it trained with) with its IoU. Both
 runs must have been trained with --save-model, on the same scenario and frame geometry. Bad input: a message and exit
 code 2, checked before the play.
+
+It also prints each agent's mean IoU over every frame with an object beside that of two fixed maps, the same for every
+frame: the agent's CAMs averaged, and the masks averaged (where objects usually are). A CAM that beats neither marks a
+place, not the objects.
 """
 
 import importlib.util
@@ -113,6 +117,19 @@ def play(run_args, agent, seed):
     return torch.stack(frames), torch.stack(masks)
 
 
+def fixed_map_ious(cams, masks, tau):
+    """Mean IoU over frames of each frame's own CAM, of one fixed map (the CAMs' mean over the frames, scaled to [0, 1])
+    and of the masks' mean as a map: a CAM that only marks where objects usually are scores the fixed maps' IoU."""
+
+    def iou(maps):
+        return ppo.attention_iou(maps.expand_as(masks).contiguous(), masks, tau)[0].mean().item()
+
+    def scaled(m):
+        return (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+
+    return iou(cams), iou(scaled(cams.mean(0, keepdim=True))), iou(scaled(masks.float().mean(0, keepdim=True)))
+
+
 def draw(args):
     """Play, pick the frames, draw frame | mask | each run's CAM; the PNG's path."""
     import matplotlib
@@ -126,6 +143,16 @@ def draw(args):
         if getattr(args_a, name) != getattr(args_b, name):
             raise ValueError(f"the runs differ in {name} ({getattr(args_a, name)} and {getattr(args_b, name)})")
     frames, masks = play(args_a, agent_a, args.seed)
+    for a, agent in ((args_a, agent_a), (args_b, agent_b)):
+        with torch.no_grad():
+            every = torch.cat(
+                [agent.critic_cam(frames[i : i + 256], a.cam).detach() for i in range(0, len(frames), 256)]
+            )
+        own, fixed, prior = fixed_map_ious(every, masks, args.tau)
+        print(
+            f"{a.method} ({a.cam} CAM), mean IoU over all {len(frames)} frames with an object: its own maps {own:.3f}, "
+            f"their mean as one fixed map {fixed:.3f}; the masks' mean as a fixed map {prior:.3f}"
+        )
     pick = np.linspace(0, len(frames) - 1, min(args.frames, len(frames))).round().astype(int)
     obs, mask = frames[pick], masks[pick]
     cams = [agent.critic_cam(obs, a.cam) for a, agent in ((args_a, agent_a), (args_b, agent_b))]

@@ -110,7 +110,9 @@ def test_smoke(ppo_smoke_run, env, method):
 
 @pytest.mark.slow
 def test_attention_figure(ppo_smoke_run, tmp_path):
-    """The paper's Figure 11 from two saved runs: frame | mask | each agent's CAM on the same frames."""
+    """The paper's Figure 11 from two saved runs: frame | mask | each agent's CAM on the same frames; the IoU of fixed
+    maps beside the agents' own."""
+    import torch
     from PIL import Image
 
     from conftest import load_script, run_script
@@ -120,8 +122,27 @@ def test_attention_figure(ppo_smoke_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with Image.open(tmp_path / "fig.png") as im:
         assert im.size[0] > 2 * im.size[1] > 0  # two rows of four panels
-    # bad input: a missing folder, a run without a saved model (in-process: the script prints the message, exit 2)
+    lines = [line for line in proc.stdout.splitlines() if "mean IoU over all" in line]
+    assert [line.split(" (")[0] for line in lines] == [
+        "camal",
+        "vanilla",
+    ] and "the masks' mean as a fixed map 0." in lines[0]
+    # the fixed maps' IoUs against cases with a known answer: maps that never change score their mean's IoU, and masks
+    # that never change are their own mean (IoU 1)
     fig = load_script("drl_attention_figure")
+    masks = torch.zeros(3, 6, 8, dtype=torch.bool)
+    masks[:, 1:3, 2:5] = True
+    cam = torch.rand(1, 6, 8)
+    cams = ((cam - cam.min()) / (cam.max() - cam.min())).expand(3, 6, 8)  # scaled to [0, 1], as a CAM is
+    own, fixed, prior = fig.fixed_map_ious(cams, masks, 0.7)
+    assert own == pytest.approx(fixed) and prior == pytest.approx(1.0)
+    masks[1] = False
+    masks[1, 4:6, 6:8] = (
+        True  # an object elsewhere in one frame: the mean mask misses it, a map on each object does not
+    )
+    own, fixed, prior = fig.fixed_map_ious(masks.float(), masks, 0.7)
+    assert own == pytest.approx(1.0) and prior == pytest.approx(2 / 3) and fixed == pytest.approx(2 / 3)
+    # bad input: a missing folder, a run without a saved model (in-process: the script prints the message, exit 2)
     other = next((ppo_smoke_run("DefendLine", "camal")[1] / "runs").iterdir())
     for runs_given, message in (
         ((str(tmp_path / "nope"), str(runs[1])), "does not exist"),
