@@ -143,19 +143,18 @@ def draw(args):
         if getattr(args_a, name) != getattr(args_b, name):
             raise ValueError(f"the runs differ in {name} ({getattr(args_a, name)} and {getattr(args_b, name)})")
     frames, masks = play(args_a, agent_a, args.seed)
+    every = []  # each agent's CAM of every played frame, in batches: the figure's rows are some of them
     for a, agent in ((args_a, agent_a), (args_b, agent_b)):
-        with torch.no_grad():
-            every = torch.cat(
-                [agent.critic_cam(frames[i : i + 256], a.cam).detach() for i in range(0, len(frames), 256)]
-            )
-        own, fixed, prior = fixed_map_ious(every, masks, args.tau)
+        cam = torch.cat([agent.critic_cam(frames[i : i + 256], a.cam).detach() for i in range(0, len(frames), 256)])
+        own, fixed, prior = fixed_map_ious(cam, masks, args.tau)
         print(
             f"{a.method} ({a.cam} CAM), mean IoU over all {len(frames)} frames with an object: its own maps {own:.3f}, "
             f"their mean as one fixed map {fixed:.3f}; the masks' mean as a fixed map {prior:.3f}"
         )
+        every.append(cam)
     pick = np.linspace(0, len(frames) - 1, min(args.frames, len(frames))).round().astype(int)
     obs, mask = frames[pick], masks[pick]
-    cams = [agent.critic_cam(obs, a.cam) for a, agent in ((args_a, agent_a), (args_b, agent_b))]
+    cams = [cam[pick] for cam in every]
     size = (args_a.frame_height, args_a.frame_width)
     fig, axes = plt.subplots(len(pick), 4, figsize=(4 * 2.6, len(pick) * 2.6 * size[0] / size[1] + 0.6), squeeze=False)
     for row in range(len(pick)):

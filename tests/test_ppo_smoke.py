@@ -123,10 +123,8 @@ def test_attention_figure(ppo_smoke_run, tmp_path):
     with Image.open(tmp_path / "fig.png") as im:
         assert im.size[0] > 2 * im.size[1] > 0  # two rows of four panels
     lines = [line for line in proc.stdout.splitlines() if "mean IoU over all" in line]
-    assert [line.split(" (")[0] for line in lines] == [
-        "camal",
-        "vanilla",
-    ] and "the masks' mean as a fixed map 0." in lines[0]
+    assert [line.split(" (")[0] for line in lines] == ["camal", "vanilla"]
+    assert "the masks' mean as a fixed map 0." in lines[0]
     # the fixed maps' IoUs against cases with a known answer: maps that never change score their mean's IoU, and masks
     # that never change are their own mean (IoU 1)
     fig = load_script("drl_attention_figure")
@@ -136,10 +134,9 @@ def test_attention_figure(ppo_smoke_run, tmp_path):
     cams = ((cam - cam.min()) / (cam.max() - cam.min())).expand(3, 6, 8)  # scaled to [0, 1], as a CAM is
     own, fixed, prior = fig.fixed_map_ious(cams, masks, 0.7)
     assert own == pytest.approx(fixed) and prior == pytest.approx(1.0)
+    # an object elsewhere in one frame: the mean mask misses it, a map on each object does not
     masks[1] = False
-    masks[1, 4:6, 6:8] = (
-        True  # an object elsewhere in one frame: the mean mask misses it, a map on each object does not
-    )
+    masks[1, 4:6, 6:8] = True
     own, fixed, prior = fig.fixed_map_ious(masks.float(), masks, 0.7)
     assert own == pytest.approx(1.0) and prior == pytest.approx(2 / 3) and fixed == pytest.approx(2 / 3)
     # bad input: a missing folder, a run without a saved model (in-process: the script prints the message, exit 2)
