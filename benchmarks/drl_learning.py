@@ -26,7 +26,9 @@ at least SB3's minus --reference-margin in the mean over seeds.
 --records DIR keeps what stats.py needs of each run, a few kB (eval.json, args.json, environment.json and the run's
 binned curves), in DIR/<cell>/, and SB3's (reference_eval.json, curves) in
 DIR/reference__<env>__<frame>__<steps>__seed_N/: the runs' checkpoints and events can go, and `python stats.py DIR`
-still compares every scenario recorded there (the paper's Figure 4 across scenarios). --reference-episodes gives SB3's
+still compares every scenario recorded there (the paper's Figure 4 across scenarios). --from-records DIR redoes this
+script's analysis (table, steps to the threshold, figure, stats.py, verdicts) from such records alone: seeds run in
+different sessions, whose run folders are gone, are analysed together. --reference-episodes gives SB3's
 agents as many evaluation episodes as drl_eval.py gives ours (TakeCover needs about 100).
 """
 
@@ -110,6 +112,10 @@ def parse(argv):
     p.add_argument("--curve-points", type=int, default=40, help="points of the step grid of the curves")
     p.add_argument("--records", help="a folder to keep each run's record in (eval.json, args.json, curves)")
     p.add_argument(
+        "--from-records",
+        help="analyse the runs kept in this --records folder instead of training them (no checkpoints, no events)",
+    )
+    p.add_argument(
         "--train-args",
         default="",
         help="more ppo_camal_vizdoom.py flags for every run, one string (e.g. --reward-scale 0.01)",
@@ -136,6 +142,10 @@ def parse(argv):
     for flag, folder in (("--out", args.out), ("--records", args.records)):
         if folder and Path(folder).exists() and not Path(folder).is_dir():
             problems.append(f"{flag} {folder} is a file")
+    if args.from_records and not Path(args.from_records).is_dir():
+        problems.append(f"--from-records {args.from_records} is not a folder")
+    if args.from_records and args.records:
+        problems.append("--from-records analyses records already kept: --records would only copy them")
     if problems:
         p.exit(2, "error: " + "; ".join(problems) + "\n")
     return args
@@ -240,12 +250,47 @@ def run_references(args, out):
         codes = list(pool.map(one, args.seeds))
     if any(codes):
         raise SystemExit(f"error: the SB3 reference failed; see {ref}/seed_*.log")
-    return sorted(ref.glob("seed_*/"))
+    return [ref / f"seed_{s}" for s in args.seeds]
 
 
-def curve(run_dir, tag, edges):
-    acc = stats.read_tensorboard(str(run_dir))
-    steps, values = stats.scalar_series(acc, tag)
+def reference_name(args, seed):
+    """SB3's record folder of one seed under --records."""
+    return f"reference__{args.env}__{args.frame_height}x{args.frame_width}__{args.total_timesteps}__seed_{seed}"
+
+
+def recorded_runs(args, grid):
+    """Under --from-records: the record folder of each cell's run, and SB3's per seed with --reference; exit 2 naming
+    every record that is not there."""
+    names = [c.id for found in grid.values() for c in found]
+    names += [reference_name(args, s) for s in args.seeds] if args.reference else []
+    missing = [n for n in names if not (Path(args.from_records) / n / "curves.json").is_file()]
+    if missing:
+        bad(
+            f"--from-records {args.from_records} has no record of {', '.join(missing)} (kept by a run of this "
+            "command with the same settings and --records)"
+        )
+    return {n: Path(args.from_records) / n for n in names}
+
+
+def bad(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def curve(run_dir, key, edges):
+    """A run's training curve ("return" or "iou") binned on the step grid: from its events, or from the curves.json
+    of its record (exit 2 where that was binned on another grid)."""
+    kept = Path(run_dir) / "curves.json"
+    if kept.is_file() and not list(Path(run_dir).glob("events.out.tfevents.*")):
+        record = json.loads(kept.read_text())
+        if len(record["steps"]) != len(edges) - 1 or not np.allclose(record["steps"], edges[1:]):
+            bad(
+                f"{run_dir}'s curves were binned on another step grid (--total-timesteps, --curve-points) than this "
+                "command's"
+            )
+        return np.array([np.nan if v is None else v for v in record[key]], dtype=float)
+    tag = {"return": "charts/episodic_return", "iou": "charts/attention_iou"}[key]
+    steps, values = stats.scalar_series(stats.read_tensorboard(str(run_dir)), tag)
     return stats.binned(steps, values, edges)
 
 
@@ -330,19 +375,28 @@ def main(argv=None):
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    run_cells(args, out)
     grid = cells(args, out)
-    refs = run_references(args, out) if args.reference else []
+    if args.from_records:  # a session's runs are gone, their records are not: the analysis needs no more
+        record_of = recorded_runs(args, grid)
+
+        def finished(found):
+            return [record_of[c.id] for c in found]
+
+        refs = [record_of[reference_name(args, s)] for s in args.seeds] if args.reference else []
+    else:
+        run_cells(args, out)
+        finished = finished_runs
+        refs = run_references(args, out) if args.reference else []
     print(f"[drl_learning] runs done in {time.time() - start:.0f} s; analysing", flush=True)
 
     edges = np.linspace(0, args.total_timesteps, args.curve_points + 1)
-    vanilla = finished_runs(grid["vanilla"])
+    vanilla = finished(grid["vanilla"])
     groups, rows, checks = {}, [], []
     van_eval = [json.loads((r / "eval.json").read_text()) for r in vanilla]
     name = f"vanilla (IoU curve: --cam {grid['vanilla'][0].axes['cam']})"
     groups[name] = {
-        "return": [curve(r, "charts/episodic_return", edges) for r in vanilla],
-        "iou": [curve(r, "charts/attention_iou", edges) for r in vanilla],
+        "return": [curve(r, "return", edges) for r in vanilla],
+        "iou": [curve(r, "iou", edges) for r in vanilla],
     }
     reach = {"vanilla": [first_reach(c, edges, args.threshold) for c in groups[name]["return"]]}
     kept = [(name, vanilla)]
@@ -360,11 +414,11 @@ def main(argv=None):
     )
     for coef, cam in configs(args):
         name = f"CAMAL lambda {coef:g}, --cam {cam}"
-        runs = finished_runs(grid[coef, cam])
+        runs = finished(grid[coef, cam])
         evals = [json.loads((r / "eval.json").read_text()) for r in runs]
         groups[name] = {
-            "return": [curve(r, "charts/episodic_return", edges) for r in runs],
-            "iou": [curve(r, "charts/attention_iou", edges) for r in runs],
+            "return": [curve(r, "return", edges) for r in runs],
+            "iou": [curve(r, "iou", edges) for r in runs],
         }
         reach[name] = [first_reach(c, edges, args.threshold) for c in groups[name]["return"]]
         kept.append((name, runs))
@@ -401,7 +455,7 @@ def main(argv=None):
         )
     if refs:
         ref_eval = [json.loads((r / "reference_eval.json").read_text()) for r in refs]
-        groups["SB3 PPO (reference)"] = {"return": [curve(r, "charts/episodic_return", edges) for r in refs]}
+        groups["SB3 PPO (reference)"] = {"return": [curve(r, "return", edges) for r in refs]}
         reach["SB3 PPO (reference)"] = [
             first_reach(c, edges, args.threshold) for c in groups["SB3 PPO (reference)"]["return"]
         ]
@@ -448,10 +502,7 @@ def main(argv=None):
     for name, runs in kept if args.records else []:
         keep_records(args.records, runs, edges, groups[name])
     if args.records and refs:  # stats.py passes these folders by: they hold no eval.json
-        names = [
-            f"reference__{args.env}__{args.frame_height}x{args.frame_width}__{args.total_timesteps}__{r.name}"
-            for r in refs
-        ]
+        names = [reference_name(args, s) for s in args.seeds]
         keep_records(args.records, refs, edges, groups["SB3 PPO (reference)"], names)
     summary = {name: {k: [row.tolist() for row in v] for k, v in g.items()} for name, g in groups.items()}
     stats.write_json(

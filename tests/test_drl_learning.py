@@ -103,6 +103,24 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     st = json.loads((tmp_path / "records_stats" / "stats.json").read_text())
     assert st["drl"]["metrics"]["return"]["raw"]["camal"] == [[evals["camal"]["mean_return"]]]
+    # the records alone also give this script's whole analysis: the same table, steps, curves and verdicts
+    redo = check(args + ["--from-records", "records", "--out", "redo"], tmp_path)
+    assert redo.returncode == 1 and "[benchmark]" not in redo.stderr, redo.stderr[-3000:]
+    assert [line for line in redo.stdout.splitlines() if line.startswith(("| ", "- ", "PASS", "FAIL"))] == [
+        line for line in out.splitlines() if line.startswith(("| ", "- ", "PASS", "FAIL"))
+    ]
+    assert json.loads((tmp_path / "redo" / "curves.json").read_text()) == curves
+    assert not (tmp_path / "redo" / "cells").exists() and (tmp_path / "redo" / "drl_learning.png").is_file()
+    for more, messages in (
+        (
+            ["--seeds", "1", "2"],  # every missing record is named at once
+            ["has no record of drl__TakeCover__vanilla__abs__2__", "drl__TakeCover__camal__abs__2__", "1024__seed_2"],
+        ),
+        (["--curve-points", "4"], ["binned on another step grid"]),
+    ):
+        wrong = check(args + ["--from-records", "records", "--out", "wrong"] + more, tmp_path)
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
+        assert all(m in wrong.stderr for m in messages), wrong.stderr
     again = check(args, tmp_path)
     assert again.returncode == 1 and "2 done, 0 failed" in again.stderr and "SB3 PPO seed" not in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows
@@ -182,6 +200,8 @@ def test_speed_of_both_ppos_in_one_run(tmp_path):
         (["--cams", "relu"], "invalid choice"),
         (["--threshold", "nan"], "must be numbers"),
         (["--reference-episodes", "0"], "--reference-episodes must be at least 1"),
+        (["--from-records", "no_such_folder"], "--from-records no_such_folder is not a folder"),
+        (["--from-records", ".", "--records", "r"], "--from-records analyses records already kept"),
     ],
 )
 def test_learning_check_bad_input(argv, message, capsys):
