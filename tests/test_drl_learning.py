@@ -3,6 +3,7 @@ input; benchmarks/ppo_sps.py's timing of the reference beside our PPO."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -111,12 +112,15 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     ]
     assert json.loads((tmp_path / "redo" / "curves.json").read_text()) == curves
     assert not (tmp_path / "redo" / "cells").exists() and (tmp_path / "redo" / "drl_learning.png").is_file()
+    shutil.copytree(tmp_path / "records", tmp_path / "damaged")
+    (next((tmp_path / "damaged").glob("drl__*")) / "curves.json").write_text('{"steps": [512.0, 10')
     for more, messages in (
         (
             ["--seeds", "1", "2"],  # every missing record is named at once
             ["has no record of drl__TakeCover__vanilla__abs__2__", "drl__TakeCover__camal__abs__2__", "1024__seed_2"],
         ),
         (["--curve-points", "4"], ["binned on another step grid"]),
+        (["--from-records", "damaged"], ["curves.json cannot be read"]),
     ):
         wrong = check(args + ["--from-records", "records", "--out", "wrong"] + more, tmp_path)
         assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
