@@ -585,7 +585,7 @@ def test_cli_repeats_and_writes_everything(tmp_path):
     assert csv_rows[0].startswith("dataset,variant,model,pairs,camal_mean") and len(csv_rows) == 3
 
 
-@pytest.mark.parametrize("folder", ["drl", "drl_eval100"])
+@pytest.mark.parametrize("folder", ["drl", "drl_eval100", "drl_quick"])
 def test_committed_records_are_scored_whole(tmp_path, folder):
     """docs/runs holds the records docs/results.md quotes: stats.py scores every run there, none left out, skipped or
     warned about, each with its own eval.json's return and IoU (SB3's records, without an eval.json, are passed by)."""
