@@ -28,7 +28,9 @@ binned curves), in DIR/<cell>/, and SB3's (reference_eval.json, curves) in
 DIR/reference__<env>__<frame>__<steps>__seed_N/: the runs' checkpoints and events can go, and `python stats.py DIR`
 still compares every scenario recorded there (the paper's Figure 4 across scenarios). --from-records DIR redoes this
 script's analysis (table, steps to the threshold, figure, stats.py, verdicts) from such records alone: seeds run in
-different sessions, whose run folders are gone, are analysed together. --reference-episodes gives SB3's
+different sessions, whose run folders are gone, are analysed together. A run kept in --records DIR and absent from
+--out is not trained again, its record standing in: a configuration added later (--cams abs paper) trains alone.
+--reference-episodes gives SB3's
 agents as many evaluation episodes as drl_eval.py gives ours (TakeCover needs about 100).
 """
 
@@ -183,24 +185,33 @@ def cells(args, out):
     return found
 
 
-def run_cells(args, out):
-    """benchmark.py over vanilla and every CAMAL configuration (one invocation per lambda), all in out/cells."""
-    base = [
-        sys.executable,
-        str(ROOT / "benchmark.py"),
-        "--preset",
-        "drl",
-        "--envs",
-        args.env,
-        "--seeds",
-        *map(str, args.seeds),
-    ]
-    base += ["--out", str(out), "--workers", str(args.workers), "--no-analysis", "--cams", *dict.fromkeys(args.cams)]
-    coefs = list(dict.fromkeys(args.camal_coefs))
-    calls = [["--methods", "vanilla", *(["camal"] if 1.0 in coefs else [])]]
-    calls += [["--methods", "camal", *coef_flags(c)] for c in coefs if c != 1.0]
-    for call in calls:
-        cmd = base + passthrough(args) + call
+def recorded(args, cell):
+    """Whether a cell is kept under --records and has no run in --out: its record stands in for it, untrained again."""
+    record = Path(args.records or "") / cell.id
+    return bool(args.records) and not cell.runs() and all((record / f).is_file() for f in ("eval.json", "curves.json"))
+
+
+def run_cells(args, out, grid):
+    """benchmark.py over vanilla and every CAMAL configuration (one invocation per lambda), all in out/cells; where
+    --records already holds some cells, one invocation per configuration, over the seeds that still need a run."""
+    base = [sys.executable, str(ROOT / "benchmark.py"), "--preset", "drl", "--envs", args.env, "--out", str(out)]
+    base += ["--workers", str(args.workers), "--no-analysis"]
+    coefs, cams = list(dict.fromkeys(args.camal_coefs)), ["--cams", *dict.fromkeys(args.cams)]
+    calls = [(args.seeds, cams + ["--methods", "vanilla", *(["camal"] if 1.0 in coefs else [])])]
+    calls += [(args.seeds, cams + ["--methods", "camal", *coef_flags(c)]) for c in coefs if c != 1.0]
+    if any(recorded(args, c) for found in grid.values() for c in found):
+        calls = []
+        for key, found in grid.items():
+            kept = [c.axes["seed"] for c in found if recorded(args, c)]
+            seeds = [s for s in args.seeds if s not in kept]
+            method, coef = ("vanilla", []) if key == "vanilla" else ("camal", coef_flags(key[0]))
+            name = "vanilla" if key == "vanilla" else f"CAMAL lambda {key[0]:g}, --cam {key[1]}"
+            if seeds:
+                calls.append((seeds, ["--cams", found[0].axes["cam"], "--methods", method, *coef]))
+            if kept:
+                print(f"[drl_learning] {name}: seeds {kept} from their records in {args.records}", flush=True)
+    for seeds, call in calls:
+        cmd = base + ["--seeds", *map(str, seeds)] + passthrough(args) + call
         print(f"[drl_learning] {' '.join(cmd[1:])}", flush=True)
         code = subprocess.run(cmd, cwd=out).returncode
         if code:
@@ -222,8 +233,8 @@ def finished_runs(cells):
 
 
 def run_references(args, out):
-    """SB3's PPO per seed into out/reference/seed_N (skipped where its reference_eval.json is there), --workers at a
-    time."""
+    """SB3's PPO per seed into out/reference/seed_N (skipped where its reference_eval.json is there, or its record under
+    --records), --workers at a time."""
     ref = out / "reference"
     ref.mkdir(exist_ok=True)
     scale = next(
@@ -233,7 +244,7 @@ def run_references(args, out):
 
     def one(seed):
         folder = ref / f"seed_{seed}"
-        if (folder / "reference_eval.json").is_file():
+        if (folder / "reference_eval.json").is_file() or kept_reference(args, out, seed):
             return 0
         shutil.rmtree(folder, ignore_errors=True)  # an interrupted SB3 run restarts: it keeps no checkpoint
         cmd = [sys.executable, str(ROOT / "benchmarks" / "sb3_ppo_vizdoom.py"), "--env", args.env, "--seed", str(seed)]
@@ -250,7 +261,15 @@ def run_references(args, out):
         codes = list(pool.map(one, args.seeds))
     if any(codes):
         raise SystemExit(f"error: the SB3 reference failed; see {ref}/seed_*.log")
-    return [ref / f"seed_{s}" for s in args.seeds]
+    return [kept_reference(args, out, s) or ref / f"seed_{s}" for s in args.seeds]
+
+
+def kept_reference(args, out, seed):
+    """SB3's record of a seed under --records, standing in for a run that out/reference lacks (None: none there)."""
+    record = Path(args.records or "") / reference_name(args, seed)
+    trained = out / "reference" / f"seed_{seed}" / "reference_eval.json"
+    files = all((record / f).is_file() for f in ("reference_eval.json", "curves.json"))
+    return record if args.records and files and not trained.is_file() else None
 
 
 def reference_name(args, seed):
@@ -372,6 +391,8 @@ def keep_records(folder, runs, edges, group, names=None):
     code made it (environment.json), SB3's reference_eval.json, and its binned training curves (group: tag -> one row
     per run); a record there is replaced."""
     for i, run in enumerate(runs):
+        if run.parent.resolve() == Path(folder).resolve():  # a record standing in for its run: already kept
+            continue
         record = Path(folder) / (names[i] if names else run.parent.parent.name)
         record.mkdir(parents=True, exist_ok=True)
         for name in ("eval.json", "args.json", "environment.json", "reference_eval.json"):
@@ -395,8 +416,11 @@ def main(argv=None):
 
         refs = [record_of[reference_name(args, s)] for s in args.seeds] if args.reference else []
     else:
-        run_cells(args, out)
-        finished = finished_runs
+        run_cells(args, out, grid)
+
+        def finished(found):
+            return [Path(args.records) / c.id if recorded(args, c) else finished_runs([c])[0] for c in found]
+
         refs = run_references(args, out) if args.reference else []
     print(f"[drl_learning] runs done in {time.time() - start:.0f} s; analysing", flush=True)
 

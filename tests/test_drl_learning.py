@@ -112,8 +112,22 @@ def test_tiny_learning_check_with_the_reference(tmp_path):
     ]
     assert json.loads((tmp_path / "redo" / "curves.json").read_text()) == curves
     assert not (tmp_path / "redo" / "cells").exists() and (tmp_path / "redo" / "drl_learning.png").is_file()
+    # a configuration added later trains alone: the cells kept in --records stand in for their runs, untouched
+    before = {f: f.read_bytes() for f in (tmp_path / "records").rglob("*.json")}
+    more = check(args + ["--records", "records", "--cams", "abs", "paper", "--out", "more"], tmp_path)
+    assert more.returncode == 1 and "2 cells" not in more.stderr, more.stderr[-3000:]
+    assert [c.name.split("__1__")[0] for c in (tmp_path / "more" / "cells").iterdir()] == [
+        "drl__TakeCover__camal__paper"
+    ]
+    assert "vanilla: seeds [1] from their records in records" in more.stdout
+    assert "CAMAL lambda 1, --cam abs: seeds [1] from their records in records" in more.stdout
+    table = [line for line in more.stdout.splitlines() if line.startswith("| ")]
+    assert table[:3] + table[4:] == rows and table[3].startswith("| CAMAL lambda 1, --cam paper |")
+    assert "SB3 PPO seed" not in more.stdout and not (tmp_path / "more" / "reference" / "seed_1").exists()
+    assert {f: f.read_bytes() for f in before} == before  # the kept records are not rewritten
+    assert len(list((tmp_path / "records").glob("drl__TakeCover__camal__paper__1__*/curves.json"))) == 1
     shutil.copytree(tmp_path / "records", tmp_path / "damaged")
-    (next((tmp_path / "damaged").glob("drl__*")) / "curves.json").write_text('{"steps": [512.0, 10')
+    (next((tmp_path / "damaged").glob("drl__TakeCover__vanilla__*")) / "curves.json").write_text('{"steps": [512.0, 10')
     for more, messages in (
         (
             ["--seeds", "1", "2"],  # every missing record is named at once
