@@ -291,7 +291,7 @@ def recorded_runs(args, grid):
     return {n: Path(args.from_records) / n for n in names}
 
 
-def read_json(path, *keys):
+def read_record(path, *keys):
     """A run's or record's JSON file holding these keys; exit 2 naming a damaged one (a record may be hand-copied)."""
     try:
         found = json.loads(Path(path).read_text())
@@ -312,7 +312,7 @@ def curve(run_dir, key, edges):
     of its record (exit 2 where that was binned on another grid)."""
     kept = Path(run_dir) / "curves.json"
     if kept.is_file() and not list(Path(run_dir).glob("events.out.tfevents.*")):
-        record = read_json(kept, "steps", key)
+        record = read_record(kept, "steps", key)
         if len(record["steps"]) != len(edges) - 1 or not np.allclose(record["steps"], edges[1:]):
             bad(
                 f"{run_dir}'s curves were binned on another step grid (--total-timesteps, --curve-points) than this "
@@ -427,7 +427,7 @@ def main(argv=None):
     edges = np.linspace(0, args.total_timesteps, args.curve_points + 1)
     vanilla = finished(grid["vanilla"])
     groups, rows, checks = {}, [], []
-    van_eval = [read_json(r / "eval.json", "mean_return") for r in vanilla]
+    van_eval = [read_record(r / "eval.json", "mean_return") for r in vanilla]
     name = f"vanilla (IoU curve: --cam {grid['vanilla'][0].axes['cam']})"
     groups[name] = {
         "return": [curve(r, "return", edges) for r in vanilla],
@@ -450,7 +450,7 @@ def main(argv=None):
     for coef, cam in configs(args):
         name = f"CAMAL lambda {coef:g}, --cam {cam}"
         runs = finished(grid[coef, cam])
-        evals = [read_json(r / "eval.json", "mean_return") for r in runs]
+        evals = [read_record(r / "eval.json", "mean_return") for r in runs]
         groups[name] = {
             "return": [curve(r, "return", edges) for r in runs],
             "iou": [curve(r, "iou", edges) for r in runs],
@@ -489,7 +489,7 @@ def main(argv=None):
             )
         )
     if refs:
-        ref_eval = [read_json(r / "reference_eval.json", "mean_return") for r in refs]
+        ref_eval = [read_record(r / "reference_eval.json", "mean_return") for r in refs]
         groups["SB3 PPO (reference)"] = {"return": [curve(r, "return", edges) for r in refs]}
         reach["SB3 PPO (reference)"] = [
             first_reach(c, edges, args.threshold) for c in groups["SB3 PPO (reference)"]["return"]
