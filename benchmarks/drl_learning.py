@@ -185,10 +185,17 @@ def cells(args, out):
     return found
 
 
+def has_record(folder, name):
+    """Whether folder/name holds a whole record: its curves and its evaluation (ours or SB3's)."""
+    record = Path(folder) / name
+    return (record / "curves.json").is_file() and any(
+        (record / f).is_file() for f in ("eval.json", "reference_eval.json")
+    )
+
+
 def recorded(args, cell):
     """Whether a cell is kept under --records and has no run in --out: its record stands in for it, untrained again."""
-    record = Path(args.records or "") / cell.id
-    return bool(args.records) and not cell.runs() and all((record / f).is_file() for f in ("eval.json", "curves.json"))
+    return bool(args.records) and not cell.runs() and has_record(args.records, cell.id)
 
 
 def run_cells(args, out, grid):
@@ -266,10 +273,9 @@ def run_references(args, out):
 
 def kept_reference(args, out, seed):
     """SB3's record of a seed under --records, standing in for a run that out/reference lacks (None: none there)."""
-    record = Path(args.records or "") / reference_name(args, seed)
     trained = out / "reference" / f"seed_{seed}" / "reference_eval.json"
-    files = all((record / f).is_file() for f in ("reference_eval.json", "curves.json"))
-    return record if args.records and files and not trained.is_file() else None
+    kept = bool(args.records) and has_record(args.records, reference_name(args, seed))
+    return Path(args.records) / reference_name(args, seed) if kept and not trained.is_file() else None
 
 
 def reference_name(args, seed):
@@ -282,7 +288,7 @@ def recorded_runs(args, grid):
     every record that is not there."""
     names = [c.id for found in grid.values() for c in found]
     names += [reference_name(args, s) for s in args.seeds] if args.reference else []
-    missing = [n for n in names if not (Path(args.from_records) / n / "curves.json").is_file()]
+    missing = [n for n in names if not has_record(args.from_records, n)]
     if missing:
         bad(
             f"--from-records {args.from_records} has no record of {', '.join(missing)} (kept by a run of this "
@@ -292,13 +298,14 @@ def recorded_runs(args, grid):
 
 
 def read_record(path, *keys):
-    """A run's or record's JSON file holding these keys; exit 2 naming a damaged one (a record may be hand-copied)."""
+    """A run's or record's JSON object holding these keys (stats.py's reader); exit 2 naming a damaged one (a record may
+    be hand-copied)."""
     try:
-        found = json.loads(Path(path).read_text())
-        if not isinstance(found, dict) or any(k not in found for k in keys):
-            raise ValueError(f"it lacks one of {', '.join(keys)}")
-    except (OSError, ValueError) as e:
+        found = stats.read_json(str(path))
+    except stats.RunFileError as e:
         bad(f"{path} cannot be read ({e})")
+    if any(k not in found for k in keys):
+        bad(f"{path} cannot be read (it lacks one of {', '.join(keys)})")
     return found
 
 
